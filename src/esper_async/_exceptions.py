@@ -1,0 +1,171 @@
+"""The exceptions esper_async raises.
+
+Every error derives from :class:`EsperError`, so ``except EsperError`` catches anything the
+framework raises on purpose. Errors of dependencies (torch, sqlite, the OS) are mapped at the
+boundary where they occur and chained with ``raise ... from exc``.
+
+::
+
+    EsperError
+    ├── BlueprintError            a blueprint is malformed or does not fit a slot
+    ├── LifecycleError            an illegal seed-lifecycle transition
+    ├── KernelError
+    │   ├── CompileError          a blueprint could not be turned into a kernel
+    │   │   └── CompileTimeoutError
+    │   ├── KernelValidationError a kernel failed validation (carries the report)
+    │   └── KernelIntegrityError  artifact bytes do not match the kernel's id
+    ├── StoreError
+    │   └── StoreIntegrityError   a stored blob or row is corrupt or missing
+    ├── SelectionError
+    │   └── NoLegalArmError       every (slot, blueprint) pair is ruled out
+    ├── SurgeryError              an architecture change was rejected; nothing was changed
+    └── SeedRuntimeError          a grafted kernel failed or produced non-finite values
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = (
+    "BlueprintError",
+    "CompileError",
+    "CompileTimeoutError",
+    "EsperError",
+    "KernelError",
+    "KernelIntegrityError",
+    "KernelValidationError",
+    "LifecycleError",
+    "NoLegalArmError",
+    "SeedRuntimeError",
+    "SelectionError",
+    "StoreError",
+    "StoreIntegrityError",
+    "SurgeryError",
+)
+
+
+class EsperError(Exception):
+    """Base class of every error raised by esper_async."""
+
+
+class BlueprintError(EsperError, ValueError):
+    """A blueprint is malformed, or its shape contract does not fit the slot it was offered to.
+
+    :ivar blueprint: the offending blueprint's name (or ``None`` when it could not be read).
+    """
+
+    def __init__(self, message: str, *, blueprint: str | None = None) -> None:
+        super().__init__(message)
+        self.blueprint = blueprint
+
+
+class LifecycleError(EsperError):
+    """A seed was asked to make a transition its lifecycle does not allow.
+
+    :ivar slot: the slot's name.
+    :ivar source: the state the seed was in.
+    :ivar target: the state it was asked to enter.
+    """
+
+    def __init__(self, message: str, *, slot: str, source: Any, target: Any) -> None:
+        super().__init__(message)
+        self.slot = slot
+        self.source = source
+        self.target = target
+
+
+class KernelError(EsperError):
+    """Base class of errors about kernels.
+
+    :ivar blueprint: the blueprint's name, where known.
+    :ivar kernel_id: the kernel's id (sha256 of its artifact), where known.
+    """
+
+    def __init__(
+        self, message: str, *, blueprint: str | None = None, kernel_id: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.blueprint = blueprint
+        self.kernel_id = kernel_id
+
+
+class CompileError(KernelError):
+    """A blueprint could not be compiled into a kernel. Nothing was persisted."""
+
+
+class CompileTimeoutError(CompileError, TimeoutError):
+    """A compile ran past its timeout and was cancelled."""
+
+
+class KernelValidationError(KernelError):
+    """A kernel failed validation and must not be grafted.
+
+    :ivar report: the validator's structured report (a mapping), where available.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        blueprint: str | None = None,
+        kernel_id: str | None = None,
+        report: Any = None,
+    ) -> None:
+        super().__init__(message, blueprint=blueprint, kernel_id=kernel_id)
+        self.report = report
+
+
+class KernelIntegrityError(KernelError):
+    """A kernel's artifact bytes do not hash to the kernel's id; they are never loaded."""
+
+
+class StoreError(EsperError):
+    """Base class of kernel-store errors."""
+
+
+class StoreIntegrityError(StoreError):
+    """A stored artifact or row is corrupt or missing.
+
+    :ivar key: the store key concerned, where known.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class SelectionError(EsperError):
+    """Base class of seed-selection errors."""
+
+
+class NoLegalArmError(SelectionError):
+    """No (slot, blueprint) pair satisfies the selector's constraints.
+
+    :ivar reasons: for each ruled-out arm, why it was ruled out.
+    """
+
+    def __init__(self, message: str, *, reasons: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = dict(reasons or {})
+
+
+class SurgeryError(EsperError):
+    """An architecture change was rejected; the model and optimizer are as they were.
+
+    :ivar operation: a short description of the operation concerned.
+    """
+
+    def __init__(self, message: str, *, operation: str | None = None) -> None:
+        super().__init__(message)
+        self.operation = operation
+
+
+class SeedRuntimeError(EsperError):
+    """A grafted kernel raised or produced non-finite values while running.
+
+    :ivar slot: the slot whose seed failed.
+    """
+
+    def __init__(self, message: str, *, slot: str) -> None:
+        super().__init__(message)
+        self.slot = slot

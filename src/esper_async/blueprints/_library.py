@@ -1,0 +1,33 @@
+"""The standard blueprint library: the designs the controller offers for each kind of slot."""
+
+from __future__ import annotations
+
+from ._ir import Blueprint, SlotKind
+
+__all__ = ("library",)
+
+
+def library(kind: SlotKind | str | None = None) -> tuple[Blueprint, ...]:
+    """The standard blueprints, optionally only those for one kind of slot.
+
+    Conv slots get 7 designs, linear slots 5; each is a :class:`Blueprint` with explicit options,
+    so its id is stable across releases that keep the same defaults.
+    """
+    designs = (
+        Blueprint("residual_conv", {"kernel_size": 3, "expansion": 1}),
+        Blueprint("depthwise_separable", {"kernel_size": 3}),
+        Blueprint("bottleneck", {"reduction": 2}),
+        Blueprint("squeeze_excitation", {"reduction": 4}),
+        Blueprint("conv_norm"),
+        Blueprint("projection_1x1"),
+        Blueprint("residual_conv", {"kernel_size": 3, "expansion": 2}),
+        Blueprint("low_rank", {"rank": 4}),
+        Blueprint("mlp", {"hidden_mult": 2}),
+        Blueprint("gated_mlp", {"hidden_mult": 2}),
+        Blueprint("linear_norm"),
+        Blueprint("mlp", {"hidden_mult": 4}),
+    )
+    if kind is None:
+        return designs
+    wanted = SlotKind(kind)
+    return tuple(bp for bp in designs if bp.slot_kind is wanted)
