@@ -1,0 +1,38 @@
+"""The kernel store: a persistent, content-addressed kernel library shared between processes.
+
+Rows (metadata, lineage, validation reports, usage) live in SQLite in WAL mode; artifacts live
+in content-addressed files written atomically and verified on every read. See
+:class:`KernelStore`.
+"""
+
+from ._bundle import BundleEntry as BundleEntry
+from ._keys import STORE_ENV_VAR as STORE_ENV_VAR
+from ._keys import default_store_path as default_store_path
+from ._keys import kernel_key as kernel_key
+from ._lru import ByteLRU as ByteLRU
+from ._lru import LRUStats as LRUStats
+from ._queries import BlueprintRecord as BlueprintRecord
+from ._records import GcReport as GcReport
+from ._records import KernelRecord as KernelRecord
+from ._records import KernelStatus as KernelStatus
+from ._records import StoreStats as StoreStats
+from ._records import VerifyReport as VerifyReport
+from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
+from ._store import KernelStore as KernelStore
+
+__all__ = (
+    "SCHEMA_VERSION",
+    "STORE_ENV_VAR",
+    "BlueprintRecord",
+    "BundleEntry",
+    "ByteLRU",
+    "GcReport",
+    "KernelRecord",
+    "KernelStatus",
+    "KernelStore",
+    "LRUStats",
+    "StoreStats",
+    "VerifyReport",
+    "default_store_path",
+    "kernel_key",
+)

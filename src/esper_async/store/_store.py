@@ -1,0 +1,667 @@
+"""The kernel store: SQLite (through aiosqlite) for rows, content-addressed files for artifacts.
+
+Resource handling: a :class:`KernelStore` is opened with ``async with``. Opening creates the
+directories, connects, switches the database to WAL mode, migrates the schema and starts one
+background task (the usage flusher) in a task group the store owns. Closing cancels that task,
+then flushes usage counts and closes the connection shielded from cancellation.
+
+Write order (the crash-safety argument): a put writes its blob atomically first, then commits its
+row in one ``BEGIN IMMEDIATE`` transaction. A crash before the commit leaves at most an
+unreferenced blob (garbage collection removes it after a grace period) and never a row without
+its blob; a committed row is durable (WAL with ``synchronous=FULL``).
+
+Error handling: sqlite and OS errors are mapped to :class:`StoreError` ``from`` the original;
+a blob that is missing or does not hash to its kernel id is quarantined and reported as
+:class:`StoreIntegrityError`, and its bytes are never returned. Busy databases (other processes
+writing) are waited on through SQLite's busy timeout and retried with backoff, all within
+``db_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiosqlite
+import anyio
+import structlog
+
+from .._exceptions import KernelIntegrityError, StoreError, StoreIntegrityError
+from ..blueprints import Blueprint
+from ..kernels import Kernel, KernelMetadata
+from ._blobs import BlobStore, sha256_hex
+from ._keys import default_store_path
+from ._lru import ByteLRU
+from ._queries import StoreQueries
+from ._records import KernelStatus
+from ._schema import SCHEMA_VERSION, migrate
+
+__all__ = ("KernelStore",)
+
+T = TypeVar("T")
+_log = structlog.get_logger("esper_async.store")
+
+#: Default bound on the bytes of kernels kept in memory.
+DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024
+#: How long one SQLite call waits on another process's lock before reporting busy.
+DEFAULT_BUSY_TIMEOUT_S = 10.0
+#: Deadline for one store operation against the database, retries included.
+DEFAULT_DB_TIMEOUT_S = 60.0
+#: Retries after a busy/locked error that outlived the busy timeout.
+DEFAULT_RETRIES = 8
+#: Usage counts are batched in memory and written this often (and at close), so a hit does
+#: not cost a durable write.
+DEFAULT_USAGE_FLUSH_S = 5.0
+
+_DB_NAME = "store.sqlite3"
+_SQLITE_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+CompileFn = Callable[[], Awaitable[Kernel]]
+_Mode = Literal["read", "snapshot", "write"]
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return (code & 0xFF) in _SQLITE_BUSY_CODES
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class _Flight:
+    """One in-process compile that concurrent ``get_or_compile`` calls for a key share."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.kernel: Kernel | None = None
+        self.error: BaseException | None = None
+
+
+class KernelStore(StoreQueries):
+    """A persistent, content-addressed library of kernels, shared safely between processes.
+
+    :param path: the store's root directory; default :func:`default_store_path` (``run_dir``).
+    :param run_dir: the run's directory, used for the default path when ``path`` is not given.
+    :param memory_bytes: bound on the bytes of kernels kept in memory (0: no memory cache).
+    :param busy_timeout_s: SQLite busy timeout of each call.
+    :param db_timeout_s: deadline of each database operation, retries included.
+    :param retries: retries after a busy error that outlived the busy timeout.
+    :param usage_flush_s: how often batched usage counts are written.
+    :param clock: seconds since the epoch; injectable so tests of gc do not sleep.
+    :raises ValueError: if a bound or timeout is not positive.
+
+    Example::
+
+        async with KernelStore(tmp_path / "kernels") as store:
+            kernel = await store.get_or_compile(key, compile_fn)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        run_dir: str | os.PathLike[str] | None = None,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        db_timeout_s: float = DEFAULT_DB_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        usage_flush_s: float = DEFAULT_USAGE_FLUSH_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if busy_timeout_s <= 0 or db_timeout_s <= 0 or usage_flush_s <= 0 or retries < 0:
+            raise ValueError(
+                "busy_timeout_s, db_timeout_s and usage_flush_s must be positive and retries "
+                f">= 0, got {busy_timeout_s}, {db_timeout_s}, {usage_flush_s}, {retries}"
+            )
+        self.path = Path(path) if path is not None else default_store_path(run_dir)
+        self._blobs = BlobStore(self.path)
+        self._db_path = self.path / _DB_NAME
+        self._lru: ByteLRU[str, Kernel] = ByteLRU(memory_bytes, lambda k: k.nbytes)
+        self._busy_timeout_s = busy_timeout_s
+        self._db_timeout_s = db_timeout_s
+        self._retries = retries
+        self._usage_flush_s = usage_flush_s
+        self._clock = clock
+        self._conn: aiosqlite.Connection | None = None
+        self._db_lock = anyio.Lock()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._flights: dict[str, _Flight] = {}
+        self._pending_usage: dict[str, tuple[int, float]] = {}
+        self._disk_hits = 0
+        self._compiles = 0
+        self._shared_waits = 0
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> KernelStore:
+        if self._conn is not None:
+            raise StoreError(f"the kernel store at {self.path} is already open")
+        await self._blobs.ensure_dirs()
+        try:
+            with anyio.fail_after(self._db_timeout_s):
+                self._conn = await aiosqlite.connect(
+                    self._db_path, timeout=self._busy_timeout_s, isolation_level=None
+                )
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the store database {self._db_path}: {exc}") from exc
+        except TimeoutError as exc:
+            raise StoreError(f"opening {self._db_path} took over {self._db_timeout_s} s") from exc
+        try:
+            await self._setup_database()
+            self._task_group = anyio.create_task_group()
+            await self._task_group.__aenter__()
+            await self._task_group.start(self._flush_usage_loop)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._close_connection()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            if self._task_group is not None:
+                self._task_group.cancel_scope.cancel()
+                await self._task_group.__aexit__(None, None, None)
+        finally:
+            self._task_group = None
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._flush_usage()
+                except StoreError as exc:
+                    _log.warning("store.usage_flush_failed", path=str(self.path), error=str(exc))
+                finally:
+                    await self._close_connection()
+
+    async def _setup_database(self) -> None:
+        async def pragmas(conn: aiosqlite.Connection) -> str:
+            async with conn.execute("PRAGMA journal_mode=WAL") as cursor:
+                row = await cursor.fetchone()
+            await conn.execute("PRAGMA synchronous=FULL")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            return str(row[0]) if row else "?"
+
+        journal = await self._db("configure the database", pragmas, mode="read")
+        if journal.lower() != "wal":
+            _log.warning("store.no_wal", path=str(self._db_path), journal_mode=journal)
+        before, after = await self._db("migrate the schema", migrate, mode="write")
+        if before != after:
+            _log.info("store.migrated", path=str(self.path), from_version=before, to_version=after)
+
+    async def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except sqlite3.Error as exc:
+                _log.warning("store.close_failed", path=str(self.path), error=str(exc))
+
+    # -- database access ---------------------------------------------------------------------
+
+    async def _db(
+        self,
+        operation: str,
+        fn: Callable[[aiosqlite.Connection], Awaitable[T]],
+        *,
+        mode: _Mode,
+    ) -> T:
+        """Run ``fn`` on the connection: alone (``read``), in a read transaction (``snapshot``)
+        or in a ``BEGIN IMMEDIATE`` write transaction (``write``), retrying busy errors.
+
+        :raises StoreError: on a database error or when ``db_timeout_s`` passes.
+        """
+        conn = self._conn
+        if conn is None:
+            raise StoreError(
+                f"the kernel store at {self.path} is not open; use `async with KernelStore(...)`"
+            )
+        delay = 0.01
+        try:
+            with anyio.fail_after(self._db_timeout_s):
+                for attempt in range(self._retries + 1):
+                    try:
+                        async with self._db_lock:
+                            return await self._run_once(conn, fn, mode)
+                    except sqlite3.OperationalError as exc:
+                        if not _is_busy(exc) or attempt == self._retries:
+                            raise
+                        _log.debug("store.busy_retry", operation=operation, attempt=attempt)
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, 1.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"could not {operation} in {self._db_path}: {exc}") from exc
+        except TimeoutError as exc:
+            raise StoreError(
+                f"could not {operation} in {self._db_path} within {self._db_timeout_s} s; "
+                "another process may hold the database"
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    async def _run_once(
+        conn: aiosqlite.Connection, fn: Callable[[aiosqlite.Connection], Awaitable[T]], mode: _Mode
+    ) -> T:
+        if mode == "read":
+            return await fn(conn)
+        try:
+            await conn.execute("BEGIN IMMEDIATE" if mode == "write" else "BEGIN")
+            result = await fn(conn)
+            with anyio.CancelScope(shield=True):
+                await conn.execute("COMMIT")
+        except BaseException:
+            # Also after a cancelled BEGIN: it still runs on the connection's thread, and the
+            # rollback queued behind it ends the transaction it may have opened.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # no transaction was open
+            raise
+        return result
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Kernel | None:
+        """The kernel stored under ``key``, from memory or from disk, or ``None`` on a miss.
+
+        Bytes read from disk are checked against the kernel id first. Entries that are not
+        ready (quarantined, rejected) are misses.
+
+        :raises StoreIntegrityError: if the blob is missing or corrupt; it has been quarantined,
+            and the caller recompiles (see :meth:`get_or_compile`).
+        :raises StoreError: on database or file errors.
+        """
+        kernel = self._lru.get(key)
+        if kernel is not None:
+            self._note_use(key)
+            return kernel
+        return await self._get_from_disk(key)
+
+    async def _get_from_disk(self, key: str) -> Kernel | None:
+        async def fetch(conn: aiosqlite.Connection) -> Any:
+            sql = "SELECT kernel_id, metadata_json, status FROM kernels WHERE key = ?"
+            async with conn.execute(sql, (key,)) as cursor:
+                return await cursor.fetchone()
+
+        row = await self._db("read a kernel row", fetch, mode="read")
+        if row is None or row[2] != KernelStatus.READY.value:
+            return None
+        kernel_id, metadata_json = str(row[0]), str(row[1])
+        try:
+            artifact = await self._blobs.read(kernel_id)
+            metadata = KernelMetadata.from_json(json.loads(metadata_json))
+            if metadata.sha256 != kernel_id:
+                raise StoreIntegrityError(
+                    f"row metadata names kernel {metadata.sha256[:12]}, not {kernel_id[:12]}",
+                    key=key,
+                )
+        except StoreIntegrityError as exc:
+            await self._quarantine(kernel_id, key, str(exc))
+            raise StoreIntegrityError(
+                f"kernel {kernel_id[:12]} under key {key[:12]} failed verification and was "
+                f"quarantined ({exc}); recompile it, e.g. with store.get_or_compile",
+                key=key,
+            ) from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            await self._quarantine(kernel_id, key, f"unreadable metadata: {exc}")
+            raise StoreIntegrityError(
+                f"the row of key {key[:12]} has unreadable metadata and was quarantined: {exc}",
+                key=key,
+            ) from exc
+        kernel = Kernel(artifact=artifact, metadata=metadata)
+        self._lru.put(key, kernel)
+        self._disk_hits += 1
+        self._note_use(key)
+        return kernel
+
+    async def get_or_compile(
+        self, key: str, compile_fn: CompileFn, *, tags: Iterable[str] = ()
+    ) -> Kernel:
+        """The kernel under ``key``; on a miss (or a quarantined blob) compile, store, return it.
+
+        Single-flight: concurrent calls for one key in this process share one compile. If the
+        leading call is cancelled, a waiting call takes over. When another process stored a
+        different kernel under the key first, that stored kernel is returned, so every process
+        runs the same bytes.
+
+        :param key: the store key (see :func:`kernel_key`).
+        :param compile_fn: an async callable returning a validated :class:`Kernel`.
+        :param tags: tags for a newly stored kernel.
+        :raises StoreError: on database or file errors, or if ``compile_fn`` does not return a
+            kernel.
+        :raises Exception: whatever ``compile_fn`` raises (e.g. ``CompileError``), to every
+            caller that shared the compile.
+        """
+        while True:
+            kernel = self._lru.get(key)
+            if kernel is not None:
+                self._note_use(key)
+                return kernel
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            self._shared_waits += 1
+            await flight.done.wait()
+            if flight.kernel is not None:
+                return flight.kernel
+            if flight.error is not None:
+                raise flight.error
+            # The leader was cancelled: loop and lead.
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            flight.kernel = await self._load_or_compile(key, compile_fn, tuple(tags))
+            return flight.kernel
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+    async def _load_or_compile(
+        self, key: str, compile_fn: CompileFn, tags: tuple[str, ...]
+    ) -> Kernel:
+        try:
+            stored = await self._get_from_disk(key)
+        except StoreIntegrityError as exc:
+            _log.warning("store.recompiling", key=key, reason=str(exc))
+            stored = None
+        if stored is not None:
+            return stored
+        kernel = await compile_fn()
+        if not isinstance(kernel, Kernel):
+            raise StoreError(
+                f"compile_fn for key {key[:12]} returned {type(kernel).__name__}, not a Kernel"
+            )
+        self._compiles += 1
+        winner = await self.put(key, kernel, tags=tags)
+        if winner != kernel.kernel_id:
+            try:
+                stored = await self._get_from_disk(key)
+            except StoreIntegrityError:
+                stored = None
+            if stored is not None:
+                return stored
+        return kernel
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def put(
+        self,
+        key: str,
+        kernel: Kernel,
+        *,
+        tags: Iterable[str] = (),
+        validation_report: Mapping[str, Any] | None = None,
+        status: KernelStatus | str = KernelStatus.READY,
+    ) -> str:
+        """Store ``kernel`` under ``key``; idempotent.
+
+        The first ready kernel stored under a key stays (puts of another kernel under that key
+        leave it, so every process serves the same bytes); a quarantined or rejected entry is
+        replaced. Tags are added in every case; a validation report is recorded when the row
+        was created or replaced.
+
+        :param key: the store key (see :func:`kernel_key`).
+        :param kernel: the kernel; its artifact must hash to its id.
+        :param tags: labels to list kernels by.
+        :param validation_report: the validator's report (JSON-ready).
+        :param status: ``READY``, or ``REJECTED`` to keep a kernel that failed validation.
+        :returns: the kernel id stored under ``key`` after the put.
+        :raises KernelIntegrityError: if the artifact does not hash to the kernel id.
+        :raises StoreError: on database or file errors.
+        """
+        if not isinstance(key, str) or not key:
+            raise StoreError(f"a store key must be a non-empty string, got {key!r}")
+        status = KernelStatus(status)
+        digest = sha256_hex(kernel.artifact)
+        if digest != kernel.kernel_id:
+            raise KernelIntegrityError(
+                f"kernel {kernel.kernel_id[:12]} artifact hashes to {digest[:12]}; not stored",
+                kernel_id=kernel.kernel_id,
+            )
+        blueprint = Blueprint.from_json(kernel.metadata.blueprint_json)
+        await self._blobs.put(kernel.artifact, digest)
+        tag_list = sorted(set(tags))
+        now = self._clock()
+
+        async def insert(conn: aiosqlite.Connection) -> str:
+            await conn.execute(
+                "INSERT OR IGNORE INTO blueprints (blueprint_id, family, blueprint_json, "
+                "first_seen_at) VALUES (?, ?, ?, ?)",
+                (blueprint.id, blueprint.family, blueprint.to_json(), now),
+            )
+            sql = "SELECT kernel_id, status FROM kernels WHERE key = ?"
+            async with conn.execute(sql, (key,)) as cursor:
+                existing = await cursor.fetchone()
+            values = (
+                kernel.kernel_id,
+                blueprint.id,
+                blueprint.to_json(),
+                json.dumps(kernel.metadata.to_json(), sort_keys=True),
+                kernel.nbytes,
+                now,
+                status.value,
+                kernel.metadata.torch_version,
+                kernel.metadata.device_kind,
+            )
+            changed = True
+            if existing is None:
+                await conn.execute(
+                    "INSERT INTO kernels (kernel_id, blueprint_id, blueprint_json, metadata_json, "
+                    "nbytes, created_at, status, torch_version, device_kind, key) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*values, key),
+                )
+            elif existing[1] == KernelStatus.READY.value:
+                changed = False
+            else:
+                await conn.execute(
+                    "UPDATE kernels SET kernel_id = ?, blueprint_id = ?, blueprint_json = ?, "
+                    "metadata_json = ?, nbytes = ?, created_at = ?, status = ?, "
+                    "torch_version = ?, device_kind = ? WHERE key = ?",
+                    (*values, key),
+                )
+            await conn.executemany(
+                "INSERT OR IGNORE INTO tags (key, tag) VALUES (?, ?)", [(key, t) for t in tag_list]
+            )
+            if changed and validation_report is not None:
+                await conn.execute(
+                    "INSERT INTO validation_reports (key, passed, report_json, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (
+                        key,
+                        int(status is not KernelStatus.REJECTED),
+                        json.dumps(dict(validation_report), sort_keys=True, default=str),
+                        now,
+                    ),
+                )
+            if existing is None or changed:
+                return kernel.kernel_id
+            return str(existing[0])
+
+        winner = await self._db("store a kernel", insert, mode="write")
+        if winner == kernel.kernel_id and status is KernelStatus.READY:
+            self._lru.put(key, kernel)
+        _log.info(
+            "store.put",
+            key=key,
+            kernel_id=kernel.kernel_id,
+            blueprint=blueprint.name,
+            stored=winner == kernel.kernel_id,
+            nbytes=kernel.nbytes,
+        )
+        return winner
+
+    async def delete(self, key: str) -> bool:
+        """Delete the entry ``key`` (and its blob, if no other entry uses it).
+
+        :returns: whether there was such an entry.
+        :raises StoreError: on database or file errors.
+        """
+        removed, orphaned = await self._delete_keys([key])
+        for kernel_id in orphaned:
+            await self._blobs.remove(kernel_id)
+        return bool(removed)
+
+    async def _delete_keys(self, keys: list[str]) -> tuple[list[str], list[str]]:
+        """Delete rows in one transaction; the deleted keys and the kernel ids now unused."""
+
+        async def delete(conn: aiosqlite.Connection) -> tuple[list[str], list[str]]:
+            removed: list[str] = []
+            ids: set[str] = set()
+            for key in keys:
+                sql = "DELETE FROM kernels WHERE key = ? RETURNING kernel_id"
+                async with conn.execute(sql, (key,)) as cursor:
+                    row = await cursor.fetchone()
+                if row is not None:
+                    removed.append(key)
+                    ids.add(str(row[0]))
+            orphaned: list[str] = []
+            for kernel_id in sorted(ids):
+                sql = "SELECT 1 FROM kernels WHERE kernel_id = ? LIMIT 1"
+                async with conn.execute(sql, (kernel_id,)) as cursor:
+                    if await cursor.fetchone() is None:
+                        orphaned.append(kernel_id)
+            return removed, orphaned
+
+        removed, orphaned = await self._db("delete kernels", delete, mode="write")
+        gone = set(removed)
+        self._lru.discard_where(lambda k, _: k in gone)
+        for key in removed:
+            self._pending_usage.pop(key, None)
+        return removed, orphaned
+
+    async def tag(self, key: str, *tags: str) -> None:
+        """Add ``tags`` to the entry ``key``.
+
+        :raises StoreError: if there is no such entry, or on database errors.
+        """
+
+        async def add(conn: aiosqlite.Connection) -> bool:
+            async with conn.execute("SELECT 1 FROM kernels WHERE key = ?", (key,)) as cursor:
+                if await cursor.fetchone() is None:
+                    return False
+            await conn.executemany(
+                "INSERT OR IGNORE INTO tags (key, tag) VALUES (?, ?)", [(key, t) for t in tags]
+            )
+            return True
+
+        if not await self._db("tag a kernel", add, mode="write"):
+            raise StoreError(f"no kernel under key {key[:12]} in {self.path}; nothing was tagged")
+
+    async def add_validation_report(
+        self, key: str, report: Mapping[str, Any], *, passed: bool
+    ) -> None:
+        """Record a validation report for the entry ``key``; a failed one marks it rejected.
+
+        :raises StoreError: if there is no such entry, or on database errors.
+        """
+        now = self._clock()
+
+        async def add(conn: aiosqlite.Connection) -> bool:
+            async with conn.execute("SELECT 1 FROM kernels WHERE key = ?", (key,)) as cursor:
+                if await cursor.fetchone() is None:
+                    return False
+            await conn.execute(
+                "INSERT INTO validation_reports (key, passed, report_json, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (key, int(passed), json.dumps(dict(report), sort_keys=True, default=str), now),
+            )
+            if not passed:
+                await conn.execute(
+                    "UPDATE kernels SET status = ? WHERE key = ?",
+                    (KernelStatus.REJECTED.value, key),
+                )
+            return True
+
+        if not await self._db("record a validation report", add, mode="write"):
+            raise StoreError(f"no kernel under key {key[:12]} in {self.path}; report not recorded")
+        if not passed:
+            self._lru.pop(key)
+
+    async def _quarantine(self, kernel_id: str, key: str | None, reason: str) -> None:
+        """Move a bad blob aside, mark every entry using it, log it; never raises StoreError."""
+        self._lru.discard_where(lambda _, k: k.kernel_id == kernel_id)
+        moved: Path | None = None
+        try:
+            moved = await self._blobs.quarantine(kernel_id)
+        except StoreError as exc:
+            _log.error("store.quarantine_move_failed", kernel_id=kernel_id, error=str(exc))
+        now = self._clock()
+
+        async def mark(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "UPDATE kernels SET status = ? WHERE kernel_id = ? AND status = ?",
+                (KernelStatus.QUARANTINED.value, kernel_id, KernelStatus.READY.value),
+            )
+            await conn.execute(
+                "INSERT INTO quarantine (kernel_id, key, reason, path, quarantined_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (kernel_id, key, reason, str(moved) if moved else None, now),
+            )
+
+        try:
+            await self._db("quarantine a kernel", mark, mode="write")
+        except StoreError as exc:
+            _log.error("store.quarantine_mark_failed", kernel_id=kernel_id, error=str(exc))
+        _log.warning(
+            "store.kernel_quarantined",
+            kernel_id=kernel_id,
+            key=key,
+            reason=reason,
+            moved_to=str(moved) if moved else None,
+        )
+
+    # -- usage -------------------------------------------------------------------------------
+
+    def _note_use(self, key: str) -> None:
+        hits, _ = self._pending_usage.get(key, (0, 0.0))
+        self._pending_usage[key] = (hits + 1, self._clock())
+
+    async def _flush_usage(self) -> None:
+        """Write the batched usage counts; on failure they are kept for the next flush."""
+        if not self._pending_usage or self._conn is None:
+            return
+        pending, self._pending_usage = self._pending_usage, {}
+        rows = [(key, hits, used, key) for key, (hits, used) in pending.items()]
+
+        async def write(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(
+                "INSERT INTO usage (key, hits, last_used_at) "
+                "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM kernels WHERE key = ?) "
+                "ON CONFLICT (key) DO UPDATE SET hits = hits + excluded.hits, "
+                "last_used_at = MAX(COALESCE(last_used_at, 0), excluded.last_used_at)",
+                rows,
+            )
+
+        try:
+            await self._db("record usage", write, mode="write")
+        except BaseException:
+            for key, (hits, used) in pending.items():
+                more, last = self._pending_usage.get(key, (0, 0.0))
+                self._pending_usage[key] = (hits + more, max(used, last))
+            raise
+
+    async def _flush_usage_loop(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            await anyio.sleep(self._usage_flush_s)
+            try:
+                await self._flush_usage()
+            except StoreError as exc:
+                _log.warning("store.usage_flush_failed", path=str(self.path), error=str(exc))
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version this code writes."""
+        return SCHEMA_VERSION
