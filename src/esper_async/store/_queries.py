@@ -1,4 +1,4 @@
-"""Queries and care of a kernel store: listing, statistics, gc, verify, export and import.
+"""Queries and care of a kernel store: listing, tags, reports, statistics, gc, verify, bundles.
 
 :class:`StoreQueries` is the half of :class:`KernelStore` that reads many rows or walks the blob
 directory; the other half (``_store.py``) owns the connection, reads and writes single kernels.
@@ -243,6 +243,56 @@ class StoreQueries:
             compiles=self._compiles,
             shared_waits=self._shared_waits,
         )
+
+    # -- labels and reports -------------------------------------------------------------------
+
+    async def tag(self, key: str, *tags: str) -> None:
+        """Add ``tags`` to the entry ``key``.
+
+        :raises StoreError: if there is no such entry, or on database errors.
+        """
+
+        async def add(conn: aiosqlite.Connection) -> bool:
+            async with conn.execute("SELECT 1 FROM kernels WHERE key = ?", (key,)) as cursor:
+                if await cursor.fetchone() is None:
+                    return False
+            await conn.executemany(
+                "INSERT OR IGNORE INTO tags (key, tag) VALUES (?, ?)", [(key, t) for t in tags]
+            )
+            return True
+
+        if not await self._db("tag a kernel", add, mode="write"):
+            raise StoreError(f"no kernel under key {key[:12]} in {self.path}; nothing was tagged")
+
+    async def add_validation_report(
+        self, key: str, report: Mapping[str, Any], *, passed: bool
+    ) -> None:
+        """Record a validation report for the entry ``key``; a failed one marks it rejected.
+
+        :raises StoreError: if there is no such entry, or on database errors.
+        """
+        now = self._clock()
+
+        async def add(conn: aiosqlite.Connection) -> bool:
+            async with conn.execute("SELECT 1 FROM kernels WHERE key = ?", (key,)) as cursor:
+                if await cursor.fetchone() is None:
+                    return False
+            await conn.execute(
+                "INSERT INTO validation_reports (key, passed, report_json, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (key, int(passed), json.dumps(dict(report), sort_keys=True, default=str), now),
+            )
+            if not passed:
+                await conn.execute(
+                    "UPDATE kernels SET status = ? WHERE key = ?",
+                    (KernelStatus.REJECTED.value, key),
+                )
+            return True
+
+        if not await self._db("record a validation report", add, mode="write"):
+            raise StoreError(f"no kernel under key {key[:12]} in {self.path}; report not recorded")
+        if not passed:
+            self._lru.pop(key)
 
     # -- care --------------------------------------------------------------------------------
 

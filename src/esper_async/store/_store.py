@@ -202,6 +202,13 @@ class KernelStore(StoreQueries):
 
     # -- database access ---------------------------------------------------------------------
 
+    def _require_open(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise StoreError(
+                f"the kernel store at {self.path} is not open; use `async with KernelStore(...)`"
+            )
+        return self._conn
+
     async def _db(
         self,
         operation: str,
@@ -214,11 +221,7 @@ class KernelStore(StoreQueries):
 
         :raises StoreError: on a database error or when ``db_timeout_s`` passes.
         """
-        conn = self._conn
-        if conn is None:
-            raise StoreError(
-                f"the kernel store at {self.path} is not open; use `async with KernelStore(...)`"
-            )
+        conn = self._require_open()
         delay = 0.01
         try:
             with anyio.fail_after(self._db_timeout_s):
@@ -275,6 +278,7 @@ class KernelStore(StoreQueries):
             and the caller recompiles (see :meth:`get_or_compile`).
         :raises StoreError: on database or file errors.
         """
+        self._require_open()
         kernel = self._lru.get(key)
         if kernel is not None:
             self._note_use(key)
@@ -336,6 +340,7 @@ class KernelStore(StoreQueries):
         :raises Exception: whatever ``compile_fn`` raises (e.g. ``CompileError``), to every
             caller that shared the compile.
         """
+        self._require_open()
         while True:
             kernel = self._lru.get(key)
             if kernel is not None:
@@ -418,6 +423,7 @@ class KernelStore(StoreQueries):
         :raises KernelIntegrityError: if the artifact does not hash to the kernel id.
         :raises StoreError: on database or file errors.
         """
+        self._require_open()
         if not isinstance(key, str) or not key:
             raise StoreError(f"a store key must be a non-empty string, got {key!r}")
         status = KernelStatus(status)
@@ -538,54 +544,6 @@ class KernelStore(StoreQueries):
         for key in removed:
             self._pending_usage.pop(key, None)
         return removed, orphaned
-
-    async def tag(self, key: str, *tags: str) -> None:
-        """Add ``tags`` to the entry ``key``.
-
-        :raises StoreError: if there is no such entry, or on database errors.
-        """
-
-        async def add(conn: aiosqlite.Connection) -> bool:
-            async with conn.execute("SELECT 1 FROM kernels WHERE key = ?", (key,)) as cursor:
-                if await cursor.fetchone() is None:
-                    return False
-            await conn.executemany(
-                "INSERT OR IGNORE INTO tags (key, tag) VALUES (?, ?)", [(key, t) for t in tags]
-            )
-            return True
-
-        if not await self._db("tag a kernel", add, mode="write"):
-            raise StoreError(f"no kernel under key {key[:12]} in {self.path}; nothing was tagged")
-
-    async def add_validation_report(
-        self, key: str, report: Mapping[str, Any], *, passed: bool
-    ) -> None:
-        """Record a validation report for the entry ``key``; a failed one marks it rejected.
-
-        :raises StoreError: if there is no such entry, or on database errors.
-        """
-        now = self._clock()
-
-        async def add(conn: aiosqlite.Connection) -> bool:
-            async with conn.execute("SELECT 1 FROM kernels WHERE key = ?", (key,)) as cursor:
-                if await cursor.fetchone() is None:
-                    return False
-            await conn.execute(
-                "INSERT INTO validation_reports (key, passed, report_json, created_at) "
-                "VALUES (?, ?, ?, ?)",
-                (key, int(passed), json.dumps(dict(report), sort_keys=True, default=str), now),
-            )
-            if not passed:
-                await conn.execute(
-                    "UPDATE kernels SET status = ? WHERE key = ?",
-                    (KernelStatus.REJECTED.value, key),
-                )
-            return True
-
-        if not await self._db("record a validation report", add, mode="write"):
-            raise StoreError(f"no kernel under key {key[:12]} in {self.path}; report not recorded")
-        if not passed:
-            self._lru.pop(key)
 
     async def _quarantine(self, kernel_id: str, key: str | None, reason: str) -> None:
         """Move a bad blob aside, mark every entry using it, log it; never raises StoreError."""
