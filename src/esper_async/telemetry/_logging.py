@@ -1,0 +1,89 @@
+"""structlog set-up: JSON lines carrying ``trace_id``/``span_id``, or a console view.
+
+:func:`add_trace_context` is a structlog processor; any structlog chain can use it. The ids are
+those of the span current where the log call runs, so a log line of a compile points at the
+compile's span in the trace viewer.
+
+structlog's configuration is process-wide; :func:`configure_logging` is for the entry point (the
+CLI, an example script, a worker process's initializer), never for library code.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from opentelemetry import trace
+from opentelemetry.trace import format_span_id, format_trace_id
+
+__all__ = ("add_trace_context", "configure_logging")
+
+
+def add_trace_context(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: add ``trace_id`` and ``span_id`` (hex) of the current span.
+
+    Nothing is added outside a span, and keys the caller set are kept.
+
+    :param logger: the wrapped logger (unused).
+    :param method_name: the log method's name (unused).
+    :param event_dict: the event being logged.
+    :returns: ``event_dict``.
+    """
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event_dict.setdefault("trace_id", format_trace_id(ctx.trace_id))
+        event_dict.setdefault("span_id", format_span_id(ctx.span_id))
+    return event_dict
+
+
+def configure_logging(
+    json: bool | None = None,
+    *,
+    level: int | str = logging.INFO,
+    stream: TextIO | None = None,
+    cache_loggers: bool = False,
+) -> None:
+    """Configure structlog for the process.
+
+    :param json: ``True``: one JSON object per line; ``False``: coloured console output;
+        ``None``: console when ``stream`` is a terminal, JSON otherwise.
+    :param level: the lowest level written (``logging.INFO`` or ``"debug"`` ...).
+    :param stream: where logs go; stderr when omitted.
+    :param cache_loggers: cache bound loggers on first use (faster; later reconfiguration
+        does not reach loggers already used).
+    :raises ValueError: when ``level`` is not a known level name.
+    """
+    stream = stream or sys.stderr
+    if isinstance(level, str):
+        number = logging.getLevelName(level.upper())
+        if not isinstance(number, int):
+            raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
+        level = number
+    if json is None:
+        json = not (hasattr(stream, "isatty") and stream.isatty())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_context,
+        structlog.processors.StackInfoRenderer(),
+    ]
+    if json:
+        processors += [
+            structlog.processors.format_exc_info,
+            structlog.processors.UnicodeDecoder(),
+            structlog.processors.JSONRenderer(),
+        ]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=cache_loggers,
+    )
