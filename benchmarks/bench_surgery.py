@@ -1,0 +1,223 @@
+"""Benchmark: latency of each surgery operation, validation included, and of rollback.
+
+Model: a ResNet-18 built here (BasicBlock ×[2, 2, 2, 2], 64–512 channels, 11.7 M parameters; no
+torchvision) with an Adam optimizer that has taken one step (so moments exist and are carried). Each
+sample is one whole transaction: snapshot, the operation, commit validation (probe forward with the
+function-preservation check, gradient reachability, budget) — then the change is rolled back outside the
+timed region so every sample starts from the same model. Rollback is timed separately: a transaction
+whose block raises after staging a widening.
+
+Usage: ``python benchmarks/bench_surgery.py [--quick] [--threads N] [--out PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+from torch import nn
+
+from esper_async.surgery import (
+    AddResidual,
+    AddSkip,
+    InsertAfter,
+    ModelSurgeon,
+    RemoveLayer,
+    Widen,
+    identity_conv2d,
+)
+
+RESULTS = Path(__file__).parent / "results" / "surgery.json"
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block: two 3×3 convs with batch norm and a (projected) identity shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (ImageNet layout) for ``classes`` outputs."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths, c_in = (64, 128, 256, 512), 64
+        for index, width in enumerate(widths, start=1):
+            stride = 1 if index == 1 else 2
+            blocks = nn.Sequential(BasicBlock(c_in, width, stride), BasicBlock(width, width, 1))
+            setattr(self, f"layer{index}", blocks)
+            c_in = width
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def operations() -> dict[str, Any]:
+    """Fresh operation factories (inserted modules must be new objects each time)."""
+    return {
+        "widen_conv": lambda: Widen("layer2.0.conv1", 160),
+        "widen_conv_layer4": lambda: Widen("layer4.1.conv1", 640),
+        "insert_identity_conv": lambda: InsertAfter("layer3.0.bn1", identity_conv2d(256)),
+        "remove_block": lambda: RemoveLayer("layer4.1"),
+        "remove_strided_block": lambda: RemoveLayer("layer3.0"),
+        "add_residual": lambda: AddResidual("layer2.1.conv2"),
+        "add_skip_fx": lambda: AddSkip("layer1.0", "layer1.1", scope="layer1"),
+    }
+
+
+async def one(
+    surgeon: ModelSurgeon, model: nn.Module, optimizer: torch.optim.Optimizer, probe: torch.Tensor,
+    factory: Any,
+) -> float:
+    """Commit one operation in its own transaction; return the seconds it took."""
+    started = time.perf_counter()
+    async with surgeon.transaction(model, optimizer, probe=probe) as tx:
+        await tx.stage(factory())
+    return time.perf_counter() - started
+
+
+class _Abort(Exception):
+    pass
+
+
+async def measure(quick: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = ResNet18()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch, size = (2, 32) if quick else (4, 64)
+    probe = torch.randn(batch, 3, size, size)
+    model(torch.randn(batch, 3, size, size)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    surgeon = ModelSurgeon()
+    repeats = 5 if quick else 21
+    results: dict[str, Any] = {}
+    for name, factory in operations().items():
+        commit_ms: list[float] = []
+        for _ in range(repeats):
+            state = _Reset(model, optimizer)
+            seconds = await one(surgeon, model, optimizer, probe, factory)
+            commit_ms.append(seconds * 1e3)
+            state.restore()
+        results[name] = {"p50_ms": statistics.median(commit_ms), "max_ms": max(commit_ms)}
+    rollback_ms: list[float] = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        try:
+            async with surgeon.transaction(model, optimizer, probe=probe) as tx:
+                await tx.stage(Widen("layer2.0.conv1", 160))
+                staged = time.perf_counter()
+                raise _Abort
+        except _Abort:
+            pass
+        rollback_ms.append((time.perf_counter() - staged) * 1e3)
+        del started
+    forward_ms: list[float] = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.eval()
+            model(probe)
+            model.train()
+        forward_ms.append((time.perf_counter() - started) * 1e3)
+    op_p50 = {name: round(r["p50_ms"], 3) for name, r in results.items()}
+    return {
+        "benchmark": "surgery",
+        "quick": quick,
+        "model": "ResNet18 (built in benchmarks/bench_surgery.py, ImageNet layout, 1000 classes)",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "probe_shape": list(probe.shape),
+        "repeats": repeats,
+        "op_p50_ms": op_p50,
+        "op_max_ms": {name: round(r["max_ms"], 3) for name, r in results.items()},
+        "op_max_p50_ms": max(op_p50.values()),
+        "rollback_p50_ms": round(statistics.median(rollback_ms), 3),
+        "probe_forward_p50_ms": round(statistics.median(forward_ms), 3),
+        "seed_target_ms": 100,
+        "goal_ms": 20,
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+class _Reset:
+    """Puts the benchmark model back after a committed sample, so every sample starts alike.
+
+    Operations never write into existing modules or tensors, so restoring each module's child table and
+    the optimizer's groups and state (snapshotted before the sample) undoes a committed change.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        from esper_async.surgery._context import OptimizerSnapshot
+
+        self._model = model
+        self._children = {
+            name: (module, dict(module._modules)) for name, module in model.named_modules()
+        }
+        self._optimizer = OptimizerSnapshot(optimizer)
+
+    def restore(self) -> None:
+        for module, children in self._children.values():
+            module._modules.clear()
+            module._modules.update(children)
+        self._optimizer.restore()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller probe")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result = anyio.run(measure, args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

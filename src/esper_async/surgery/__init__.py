@@ -1,0 +1,55 @@
+"""Runtime architecture modification with validation and exact rollback (the surgeon).
+
+Operations (:class:`InsertAfter`, :class:`RemoveLayer`, :class:`Widen`, :class:`AddResidual`,
+:class:`AddSkip`, :class:`FxRewire`) are staged in a :class:`SurgeryTransaction` opened by
+:meth:`ModelSurgeon.transaction`, validated against a probe batch and committed, or rolled back bitwise.
+:class:`SurgeryPolicy` proposes widenings for the controller.
+"""
+
+from __future__ import annotations
+
+from ._context import SurgeryContext as SurgeryContext
+from ._fx import AddSkip as AddSkip
+from ._fx import FxRewire as FxRewire
+from ._modules import GatedResidual as GatedResidual
+from ._modules import GatedShortcut as GatedShortcut
+from ._modules import SkipAround as SkipAround
+from ._modules import identity_conv2d as identity_conv2d
+from ._modules import identity_linear as identity_linear
+from ._operations import AddResidual as AddResidual
+from ._operations import InsertAfter as InsertAfter
+from ._operations import RemoveLayer as RemoveLayer
+from ._operations import SurgeryOperation as SurgeryOperation
+from ._policy import SurgeryPolicy as SurgeryPolicy
+from ._policy import SurgeryPolicyConfig as SurgeryPolicyConfig
+from ._transaction import ModelSurgeon as ModelSurgeon
+from ._transaction import SurgeryTransaction as SurgeryTransaction
+from ._validation import RegionCheck as RegionCheck
+from ._validation import SurgeryBudget as SurgeryBudget
+from ._validation import ValidationConfig as ValidationConfig
+from ._validation import ValidationReport as ValidationReport
+from ._widen import Widen as Widen
+
+__all__ = (
+    "AddResidual",
+    "AddSkip",
+    "FxRewire",
+    "GatedResidual",
+    "GatedShortcut",
+    "InsertAfter",
+    "ModelSurgeon",
+    "RegionCheck",
+    "RemoveLayer",
+    "SkipAround",
+    "SurgeryBudget",
+    "SurgeryContext",
+    "SurgeryOperation",
+    "SurgeryPolicy",
+    "SurgeryPolicyConfig",
+    "SurgeryTransaction",
+    "ValidationConfig",
+    "ValidationReport",
+    "Widen",
+    "identity_conv2d",
+    "identity_linear",
+)

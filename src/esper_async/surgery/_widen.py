@@ -1,0 +1,359 @@
+"""Net2Wider: widen a Linear or Conv2d (and the batch norms and consumers it feeds), preserving function.
+
+Widening ``producer`` from ``n`` to ``m`` units maps each new unit ``j`` to an old unit ``g(j)``
+(``g(j) = j`` for ``j < n``, a random old unit otherwise). The producer's rows (and any batch norm's
+per-channel parameters and statistics) are copied along ``g``; each consumer's input columns are copied
+along ``g`` and multiplied by fractions ``f_j`` that sum to one over the replicas of a unit, so
+``Σ_j f_j · V[:, g(j)] · h_{g(j)} = V · h``: the output is unchanged. The fractions are drawn at random
+rather than ``1/count`` so that the replicas receive different gradients and can diverge (symmetry
+breaking without noise, hence exact preservation).
+
+Optimizer state is carried along ``g`` too. A consumer column's gradient equals the original column's, so
+its moments are copied; a producer replica's gradient is ``f_j`` times the original's, so first moments
+are scaled by ``f_j`` and second moments by ``f_j²``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .._exceptions import SurgeryError
+from ._context import SurgeryContext
+
+__all__ = ("Widen", "find_consumers")
+
+# Modules and functions that act on each unit independently: a widened unit's replicas stay replicas.
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Dropout,
+    nn.Dropout2d, nn.Identity, nn.Hardswish, nn.Mish, nn.Softplus,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.dropout, F.hardswish, F.mish,
+    torch.relu, torch.tanh, torch.sigmoid, torch.sigmoid_, torch.relu_, F.relu_,
+    F.softplus, F.dropout2d,
+}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "sigmoid", "clamp", "clamp_min"}
+# Optimizer state entries that are running means of squared gradients (scaled by f² on producers).
+_SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class _ChildLeafTracer(fx.Tracer):
+    """Traces one module, treating each of its direct children as a leaf (cheap: one level deep)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self._children = {id(child) for child in root.children()}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self._children or super().is_leaf_module(m, module_qualified_name)
+
+
+def find_consumers(
+    model: nn.Module, target: str, width: int, *, operation: str
+) -> tuple[list[str], list[str]]:
+    """Find the batch norms and the Linear/Conv2d consumers fed by the module at ``target``.
+
+    Traces ``target``'s parent one level deep with torch.fx and follows the target's output through
+    batch norms and elementwise functions.
+
+    :param model: the root module.
+    :param target: dotted name of the producer (not the root).
+    :param width: the producer's current output width.
+    :param operation: the operation's description, for errors.
+    :return: ``(norm_paths, consumer_paths)`` as dotted names from the root.
+    :raises SurgeryError: the parent cannot be traced, or the output reaches something whose input width
+        cannot simply grow (an addition, a concatenation, a reshape, the parent's output); pass
+        ``consumers=`` (and ``norms=``) explicitly then.
+    """
+    parent_path, _, name = target.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    prefix = f"{parent_path}." if parent_path else ""
+    hint = "pass consumers= (and norms=) to Widen explicitly"
+    try:
+        graph = _ChildLeafTracer(parent).trace(parent)
+    except Exception as exc:
+        raise SurgeryError(
+            f"{operation}: cannot trace {parent_path or 'the root'!r} with torch.fx to find what "
+            f"{target!r} feeds ({exc}); {hint}",
+            operation=operation,
+        ) from exc
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if len(calls) != 1:
+        raise SurgeryError(
+            f"{operation}: {target!r} is called {len(calls)} times in its parent's forward; {hint}",
+            operation=operation,
+        )
+    norms: list[str] = []
+    consumers: list[str] = []
+    frontier, seen = list(calls[0].users), set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        kind = _classify(parent, node, width)
+        if kind == "consumer":
+            consumers.append(prefix + str(node.target))
+            continue
+        if kind == "norm":
+            norms.append(prefix + str(node.target))
+        if kind is None:
+            raise SurgeryError(
+                f"{operation}: the output of {target!r} reaches {node.format_node()}, which cannot "
+                f"simply take a wider input; {hint}",
+                operation=operation,
+            )
+        frontier.extend(node.users)
+    if not consumers:
+        raise SurgeryError(f"{operation}: {target!r} feeds no consumer; {hint}", operation=operation)
+    return sorted(set(norms)), sorted(set(consumers))
+
+
+def _classify(parent: nn.Module, node: fx.Node, width: int) -> str | None:
+    """``"consumer"``, ``"norm"``, ``"pass"`` (elementwise) or ``None`` (unsupported) for one fx node."""
+    if node.op == "call_module":
+        module = parent.get_submodule(str(node.target))
+        if isinstance(module, nn.Linear) and module.in_features == width:
+            return "consumer"
+        if isinstance(module, nn.Conv2d) and module.in_channels == width and module.groups == 1:
+            return "consumer"
+        if isinstance(module, _NORMS) and module.num_features == width:
+            return "norm"
+        if isinstance(module, _ELEMENTWISE_MODULES):
+            return "pass"
+        return None
+    if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+        return "pass" if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+        return "pass"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class Widen:
+    """Widen the Linear or Conv2d at ``target`` to ``width`` outputs, with its norms and consumers.
+
+    :param target: dotted name of a Linear, or a Conv2d with ``groups == 1``.
+    :param width: the new number of output features or channels (larger than the current one).
+    :param consumers: dotted names of the layers that read ``target``'s output; found with torch.fx when
+        omitted.
+    :param norms: dotted names of batch norms between ``target`` and its consumers (only read together
+        with ``consumers``).
+    :param seed: seeds the choice of replicated units and split fractions (reproducible surgery).
+    """
+
+    target: str
+    width: int
+    consumers: tuple[str, ...] | None = None
+    norms: tuple[str, ...] = ()
+    seed: int = 0
+
+    @property
+    def preserves_function(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return f"widen {self.target!r} to {self.width}"
+
+    def apply(self, ctx: SurgeryContext) -> None:
+        operation = self.describe()
+        producer = ctx.resolve(self.target, operation=operation)
+        ctx.parent_of(self.target, operation=operation)
+        old_width = _width_of(producer, operation)
+        if self.width <= old_width:
+            raise SurgeryError(
+                f"{operation}: the new width must exceed the current {old_width}", operation=operation
+            )
+        if self.consumers is None:
+            norm_paths, consumer_paths = find_consumers(
+                ctx.model, self.target, old_width, operation=operation
+            )
+        else:
+            norm_paths, consumer_paths = list(self.norms), list(self.consumers)
+            if not consumer_paths:
+                raise SurgeryError(f"{operation}: consumers= is empty", operation=operation)
+        norms = [ctx.resolve(p, operation=operation) for p in norm_paths]
+        consumers = [ctx.resolve(p, operation=operation) for p in consumer_paths]
+        _check_fit(norm_paths, norms, consumer_paths, consumers, old_width, operation)
+
+        weight = producer.weight
+        mapping, fractions = _replication(old_width, self.width, self.seed, weight.device)
+        swaps: list[tuple[str, nn.Module, nn.Module]] = []
+        new_producer = _widened_producer(producer, mapping)
+        swaps.append((self.target, producer, new_producer))
+        for path, norm in zip(norm_paths, norms, strict=True):
+            swaps.append((path, norm, _widened_norm(norm, mapping)))
+        for path, consumer in zip(consumer_paths, consumers, strict=True):
+            swaps.append((path, consumer, _widened_consumer(consumer, mapping, fractions)))
+
+        for path, old, new in swaps:
+            is_consumer = path in consumer_paths
+            for key, old_param in old.named_parameters(recurse=False):
+                new_param = getattr(new, key)
+                if new_param is old_param:
+                    continue
+                state = _carry_state(ctx, old_param, mapping, fractions, is_consumer)
+                ctx.replace_parameter(old_param, new_param, state)
+            ctx.replace(path, new, operation=operation)
+
+
+def _width_of(module: nn.Module, operation: str) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return module.out_channels
+    raise SurgeryError(
+        f"{operation}: only nn.Linear and nn.Conv2d with groups=1 can be widened, not "
+        f"{type(module).__name__}",
+        operation=operation,
+    )
+
+
+def _check_fit(
+    norm_paths: list[str],
+    norms: list[nn.Module],
+    consumer_paths: list[str],
+    consumers: list[nn.Module],
+    width: int,
+    operation: str,
+) -> None:
+    for path, norm in zip(norm_paths, norms, strict=True):
+        if not isinstance(norm, _NORMS) or norm.num_features != width:
+            raise SurgeryError(
+                f"{operation}: norm {path!r} must be a BatchNorm1d/2d over {width} features",
+                operation=operation,
+            )
+    for path, consumer in zip(consumer_paths, consumers, strict=True):
+        fits = (isinstance(consumer, nn.Linear) and consumer.in_features == width) or (
+            isinstance(consumer, nn.Conv2d) and consumer.groups == 1 and consumer.in_channels == width
+        )
+        if not fits:
+            raise SurgeryError(
+                f"{operation}: consumer {path!r} ({type(consumer).__name__}) does not read {width} "
+                "input features or channels",
+                operation=operation,
+            )
+
+
+def _replication(
+    old: int, new: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unit map ``g`` (long, length ``new``) and split fractions ``f`` (float64, sum 1 per unit)."""
+    generator = torch.Generator().manual_seed(seed)
+    extra = torch.randint(0, old, (new - old,), generator=generator)
+    mapping = torch.cat([torch.arange(old), extra])
+    counts = torch.bincount(mapping, minlength=old)
+    shares = torch.empty(new, dtype=torch.float64).uniform_(0.5, 1.5, generator=generator)
+    shares = torch.where(counts[mapping] > 1, shares, torch.ones_like(shares))
+    totals = torch.zeros(old, dtype=torch.float64).index_add_(0, mapping, shares)
+    return mapping.to(device), (shares / totals[mapping]).to(device)
+
+
+def _widened_producer(producer: nn.Module, mapping: torch.Tensor) -> nn.Module:
+    weight, bias = producer.weight, producer.bias
+    kwargs: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
+    new: nn.Module
+    if isinstance(producer, nn.Linear):
+        new = nn.utils.skip_init(
+            nn.Linear, producer.in_features, len(mapping), bias=bias is not None, **kwargs
+        )
+    else:
+        assert isinstance(producer, nn.Conv2d)
+        new = nn.utils.skip_init(
+            nn.Conv2d, producer.in_channels, len(mapping), producer.kernel_size,
+            stride=producer.stride, padding=producer.padding, dilation=producer.dilation,
+            bias=bias is not None, padding_mode=producer.padding_mode, **kwargs,
+        )
+    with torch.no_grad():
+        new.weight.copy_(weight.index_select(0, mapping))
+        if bias is not None:
+            new.bias.copy_(bias.index_select(0, mapping))
+    new.weight.requires_grad_(weight.requires_grad)
+    if bias is not None:
+        new.bias.requires_grad_(bias.requires_grad)
+    return new
+
+
+def _widened_norm(norm: nn.Module, mapping: torch.Tensor) -> nn.Module:
+    assert isinstance(norm, _NORMS)
+    anchor = norm.weight if norm.weight is not None else norm.running_mean
+    new = nn.utils.skip_init(
+        type(norm), len(mapping), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+        track_running_stats=norm.track_running_stats,
+        device=None if anchor is None else anchor.device,
+        dtype=None if anchor is None else anchor.dtype,
+    )
+    with torch.no_grad():
+        for key in ("weight", "bias"):
+            old = getattr(norm, key)
+            if old is not None:
+                getattr(new, key).copy_(old.index_select(0, mapping))
+                getattr(new, key).requires_grad_(old.requires_grad)
+        if norm.track_running_stats:
+            new.running_mean.copy_(norm.running_mean.index_select(0, mapping))
+            new.running_var.copy_(norm.running_var.index_select(0, mapping))
+            new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    return new
+
+
+def _widened_consumer(
+    consumer: nn.Module, mapping: torch.Tensor, fractions: torch.Tensor
+) -> nn.Module:
+    weight = consumer.weight
+    kwargs: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
+    new: nn.Module
+    if isinstance(consumer, nn.Linear):
+        new = nn.utils.skip_init(
+            nn.Linear, len(mapping), consumer.out_features, bias=consumer.bias is not None, **kwargs
+        )
+        scale = fractions.to(weight.dtype).view(1, -1)
+    else:
+        assert isinstance(consumer, nn.Conv2d)
+        new = nn.utils.skip_init(
+            nn.Conv2d, len(mapping), consumer.out_channels, consumer.kernel_size,
+            stride=consumer.stride, padding=consumer.padding, dilation=consumer.dilation,
+            bias=consumer.bias is not None, padding_mode=consumer.padding_mode, **kwargs,
+        )
+        scale = fractions.to(weight.dtype).view(1, -1, 1, 1)
+    with torch.no_grad():
+        new.weight.copy_(weight.index_select(1, mapping) * scale)
+    new.weight.requires_grad_(weight.requires_grad)
+    if consumer.bias is not None:
+        new.bias = consumer.bias  # unchanged in shape and value: the same Parameter carries over
+    return new
+
+
+def _carry_state(
+    ctx: SurgeryContext,
+    old: nn.Parameter,
+    mapping: torch.Tensor,
+    fractions: torch.Tensor,
+    is_consumer: bool,
+) -> dict[str, Any] | None:
+    """The optimizer state of ``old`` remapped to the widened shape (``None`` when it has none)."""
+    if ctx.optimizer is None or old not in ctx.optimizer.state:
+        return None
+    dim = 1 if is_consumer else 0
+    carried: dict[str, Any] = {}
+    for key, value in ctx.optimizer.state[old].items():
+        if isinstance(value, torch.Tensor) and value.shape == old.shape and value.dim() > dim:
+            moved = value.index_select(dim, mapping)
+            if not is_consumer:
+                power = 2 if key in _SECOND_MOMENTS else 1
+                shape = [-1] + [1] * (value.dim() - 1)
+                moved = moved * fractions.to(value.dtype).pow(power).view(shape)
+            carried[key] = moved
+        elif isinstance(value, torch.Tensor):
+            carried[key] = value.clone()
+        else:
+            carried[key] = value
+    return carried
