@@ -246,19 +246,35 @@ def _signal_url(endpoint: str, signal: str) -> str:
     return endpoint.rstrip("/") + f"/v1/{signal}"
 
 
+def _resolve_url(endpoint: str | None, env: Mapping[str, str] | None, signal: str) -> str | None:
+    """The full URL for ``signal``: ``endpoint`` (a base URL), else the signal's own variable
+    (a full URL), else ``OTEL_EXPORTER_OTLP_ENDPOINT`` (a base URL), else ``None`` (the
+    exporter's default, ``http://localhost:4318/v1/<signal>``)."""
+    if endpoint:
+        return _signal_url(endpoint, signal)
+    env = os.environ if env is None else env
+    if full := env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"):
+        return full
+    if base := env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return _signal_url(base, signal)
+    return None
+
+
 def otlp_span_exporter(
     endpoint: str | None = None,
     *,
     headers: Mapping[str, str] | None = None,
     timeout_s: float | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> SpanExporter:
     """An OTLP/HTTP (protobuf) span exporter.
 
     :param endpoint: the collector's base URL (``http://host:4318``); ``/v1/traces`` is appended.
-        When omitted the exporter reads ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
-        ``OTEL_EXPORTER_OTLP_ENDPOINT`` (default ``http://localhost:4318``).
+        When omitted: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (a full URL), else
+        ``OTEL_EXPORTER_OTLP_ENDPOINT`` (a base URL), else ``http://localhost:4318``.
     :param headers: extra HTTP headers (an API key); default from ``OTEL_EXPORTER_OTLP_HEADERS``.
     :param timeout_s: the export timeout; default from ``OTEL_EXPORTER_OTLP_TIMEOUT`` (10 s).
+    :param env: the environment to read; ``os.environ`` when omitted.
     :raises TelemetryConfigError: when the exporter package is not installed or the endpoint is
         not an http(s) URL.
     """
@@ -269,19 +285,24 @@ def otlp_span_exporter(
             f"OTLP export was asked for but {_OTLP_PACKAGE} is not installed: "
             f"pip install {_OTLP_PACKAGE}"
         ) from exc
-    url = _signal_url(endpoint, "traces") if endpoint else None
     return OTLPSpanExporter(
-        endpoint=url, headers=dict(headers) if headers else None, timeout=timeout_s
+        endpoint=_resolve_url(endpoint, env, "traces"),
+        headers=dict(headers) if headers else None,
+        timeout=timeout_s,
     )
 
 
 def otlp_metric_exporter(
-    endpoint: str | None = None, *, headers: Mapping[str, str] | None = None
+    endpoint: str | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> MetricExporter:
     """An OTLP/HTTP metric exporter (``/v1/metrics``), configured like :func:`otlp_span_exporter`.
 
     :param endpoint: the collector's base URL; the ``OTEL_*`` variables when omitted.
     :param headers: extra HTTP headers.
+    :param env: the environment to read; ``os.environ`` when omitted.
     :raises TelemetryConfigError: when the exporter package is not installed.
     """
     try:
@@ -291,9 +312,8 @@ def otlp_metric_exporter(
             f"OTLP metric export was asked for but {_OTLP_PACKAGE} is not installed: "
             f"pip install {_OTLP_PACKAGE}"
         ) from exc
-    url = _signal_url(endpoint, "metrics") if endpoint else None
     return OTLPMetricExporter(
-        endpoint=url,
+        endpoint=_resolve_url(endpoint, env, "metrics"),
         headers=dict(headers) if headers else None,
         preferred_temporality={},
     )

@@ -192,8 +192,9 @@ async def monitor_loop_lag(
 ) -> None:
     """Sample event-loop lag forever: sleep ``interval_s`` and record how late the wake-up was.
 
-    Start it in the run's task group with ``await tg.start(monitor_loop_lag, metrics)``; it
-    reports readiness at once and ends when its task group is cancelled.
+    Start it in the run's task group with ``await tg.start(monitor_loop_lag, metrics)`` (wrap it
+    in ``functools.partial`` for the keyword options); it reports readiness at once and ends when
+    its task group is cancelled.
 
     :param metrics: where the samples go.
     :param interval_s: time between samples.

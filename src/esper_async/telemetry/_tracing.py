@@ -30,7 +30,6 @@ from types import TracebackType
 from typing import Any, Final, Literal
 
 import anyio
-import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -70,8 +69,6 @@ __all__ = (
     "extract_context",
     "inject_context",
 )
-
-_log = structlog.get_logger(__name__)
 
 _SCOPE: Final = "esper_async"
 #: W3C trace-context propagator; stateless, so one shared instance is safe.
@@ -327,13 +324,15 @@ class Telemetry:
         )
         if use_otlp:
             exporters.append(
-                otlp_span_exporter(config.otlp_endpoint, headers=config.otlp_headers or None)
+                otlp_span_exporter(
+                    config.otlp_endpoint, headers=config.otlp_headers or None, env=env
+                )
             )
             if config.otlp_metrics:
                 readers.append(
                     PeriodicExportingMetricReader(
                         otlp_metric_exporter(
-                            config.otlp_endpoint, headers=config.otlp_headers or None
+                            config.otlp_endpoint, headers=config.otlp_headers or None, env=env
                         ),
                         export_interval_millis=config.metric_interval_s * 1000,
                     )

@@ -1,0 +1,107 @@
+"""The ``esper-async`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import anyio
+import structlog
+
+from .controller import EpochReport
+from .demo import DemoConfig, DemoResult, run_demo
+from .seeds import SeedState
+from .trainer import FitResult
+
+__all__ = ("main",)
+
+
+def _configure_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+class _Progress:
+    """One status line per run: rewritten in place on a terminal, printed every 10 epochs if not."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, label: str, report: EpochReport, fit: FitResult) -> None:
+        done = report.epoch + 1
+        bar = "#" * (20 * done // self.epochs)
+        live = sum(
+            1 for e in fit.events if e.target == SeedState.GERMINATED.value
+        ) - fit.count(SeedState.FOSSILIZED) - fit.count(SeedState.CULLED)
+        line = (
+            f"{label:>7} [{bar:<20}] epoch {done:>3}/{self.epochs}  val_acc {report.val_acc:.3f}  "
+            f"val_loss {report.val_loss:.3f}  fossilized {fit.count(SeedState.FOSSILIZED)}  "
+            f"culled {fit.count(SeedState.CULLED)}  live {live}"
+        )
+        if self.tty:
+            end = "\n" if done == self.epochs else ""
+            print("\r" + line, end=end, file=sys.stderr, flush=True)
+        elif done % 10 == 0 or done == self.epochs:
+            print(line, file=sys.stderr, flush=True)
+
+
+def format_table(result: DemoResult) -> str:
+    """The demo's closing table."""
+    rows = [("run", "test acc", "params", "fossilized", "culled", "wall s")]
+    for run in (result.static, result.growth):
+        rows.append((
+            run.label, f"{run.test_acc:.4f}", str(run.params), str(run.fossilized),
+            str(run.culled), f"{run.wall_s:.1f}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    cfg = DemoConfig(epochs=args.epochs, seed=args.seed)
+    print(
+        f"esper_async demo: digits (8x8, bundled), impaired conv host, {cfg.epochs} epochs, "
+        f"seed {cfg.seed}; slots {', '.join(cfg.slots)}"
+    )
+    result = anyio.run(lambda: run_demo(cfg, progress=_Progress(cfg.epochs)))
+    print()
+    print(format_table(result))
+    print()
+    for event in result.growth.fit.events:
+        if event.target in (SeedState.GERMINATED.value, SeedState.FOSSILIZED.value,
+                            SeedState.CULLED.value):
+            print(f"  epoch {event.epoch:>3}  {event.slot:<6} {event.target:<10} {event.reason}")
+    gain = result.growth.test_acc - result.static.test_acc
+    print(f"\ngrowth vs static: {gain:+.4f} test accuracy")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (one sub-command per job)."""
+    parser = argparse.ArgumentParser(prog="esper-async", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log lifecycle events")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train the digits host statically and with growth")
+    demo.add_argument("--epochs", type=int, default=DemoConfig.epochs)
+    demo.add_argument("--seed", type=int, default=DemoConfig.seed)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``esper-async``."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

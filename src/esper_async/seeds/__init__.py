@@ -1,0 +1,21 @@
+"""The seed layer: slots in a host model, their lifecycle and blending."""
+
+from ._lifecycle import LIVE_STATES as LIVE_STATES
+from ._lifecycle import TRANSITIONS as TRANSITIONS
+from ._lifecycle import Lifecycle as Lifecycle
+from ._lifecycle import SeedState as SeedState
+from ._slot import HealthSignals as HealthSignals
+from ._slot import SeedSlot as SeedSlot
+from ._wrap import find_slots as find_slots
+from ._wrap import wrap as wrap
+
+__all__ = (
+    "LIVE_STATES",
+    "TRANSITIONS",
+    "HealthSignals",
+    "Lifecycle",
+    "SeedSlot",
+    "SeedState",
+    "find_slots",
+    "wrap",
+)

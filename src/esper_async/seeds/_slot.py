@@ -1,0 +1,223 @@
+"""``SeedSlot``: a host module with a place for one seed beside it.
+
+The slot's output is ``h + contribution``, where ``h = host(x)`` and the contribution depends on the
+seed's state:
+
+==============  ==========================================  ======================================
+state           output                                      who learns
+==============  ==========================================  ======================================
+no seed         ``h``                                       the host
+TRAINING        ``h + (s - s.detach())`` with ``s = seed(h.detach())``
+                                                            host as before; the seed learns from
+                                                            the host's loss as if it were blended,
+                                                            while the output value stays ``h``
+BLENDING        ``h + α·seed(h)``, α ramping 0 → 1           both
+PROBATION,      ``h + seed(h)``                              both
+FOSSILIZED
+==============  ==========================================  ======================================
+
+In TRAINING, ``s - s.detach()`` is exactly zero in value, so the host's output, loss and gradients
+are untouched, but the gradient of the loss reaches the seed's parameters. Detaching ``h`` at the
+seed's input keeps the seed's backward pass from adding to the host's gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._exceptions import LifecycleError
+from ..blueprints import Blueprint, SlotContract
+from ._lifecycle import Lifecycle, SeedState
+
+__all__ = ("HealthSignals", "SeedSlot")
+
+
+@dataclass(frozen=True)
+class HealthSignals:
+    """Per-slot health figures the controller reads at an epoch boundary.
+
+    :ivar grad_norm: L2 norm of the host module's parameter gradients at the last step.
+    :ivar act_mean: mean of the host's output over the last observed batch.
+    :ivar act_std: standard deviation of the host's output.
+    :ivar dead_fraction: fraction of output elements that were exactly zero (dead ReLUs).
+    :ivar seed_grad_norm: L2 norm of the seed's parameter gradients (``nan`` with no seed).
+    :ivar finite: whether every observed value was finite.
+    """
+
+    grad_norm: float
+    act_mean: float
+    act_std: float
+    dead_fraction: float
+    seed_grad_norm: float
+    finite: bool
+
+    def as_features(self) -> list[float]:
+        """The signals as a feature vector for contextual selection (non-finite → 0)."""
+        values = (self.grad_norm, self.act_mean, self.act_std, self.dead_fraction)
+        return [v if math.isfinite(v) else 0.0 for v in values]
+
+
+def _grad_norm(module: nn.Module | None) -> float:
+    if module is None:
+        return math.nan
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+class SeedSlot(nn.Module):
+    """A host module wrapped with a place for a seed. Made by :func:`esper_async.wrap`.
+
+    While dormant the slot costs one Python call: it returns the host's output untouched.
+
+    :param host: the wrapped module; its output, shape ``(N, *contract.shape)``, is what a seed
+        reads and adds to.
+    :param name: the slot's name (the host's path in the model).
+    :param contract: the shape contract, found by probing the model (see :func:`wrap`).
+    """
+
+    def __init__(self, host: nn.Module, *, name: str, contract: SlotContract | None = None) -> None:
+        super().__init__()
+        self.host = host
+        self.seed: nn.Module | None = None
+        self.slot_name = name
+        self.contract = contract
+        self.lifecycle = Lifecycle(name)
+        self.blueprint: Blueprint | None = None
+        self.kernel_id: str | None = None
+        self.alpha = 0.0
+        self.blend_steps = 1
+        self.observe = False
+        self._ablated = False
+        self._act_stats: tuple[float, float, float, bool] = (math.nan, math.nan, math.nan, True)
+
+    @property
+    def state(self) -> SeedState:
+        """The seed's lifecycle state."""
+        return self.lifecycle.state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.host(x)
+        if self.observe:
+            self._record(h)
+        seed = self.seed
+        if seed is None or self._ablated:
+            return h
+        state = self.lifecycle.state
+        if state is SeedState.TRAINING:
+            s = seed(h.detach())
+            return h + (s - s.detach())
+        s = seed(h)
+        if state is SeedState.BLENDING:
+            return h + self.alpha * s
+        return h + s
+
+    @torch.no_grad()
+    def _record(self, h: torch.Tensor) -> None:
+        hf = h.float()
+        self._act_stats = (
+            float(hf.mean()),
+            float(hf.std()) if hf.numel() > 1 else 0.0,
+            float((hf == 0).float().mean()),
+            bool(torch.isfinite(hf).all()),
+        )
+
+    def health(self) -> HealthSignals:
+        """The slot's current health signals (gradients from the last backward pass, activation
+        statistics from the last batch seen while :attr:`observe` was on)."""
+        mean, std, dead, finite = self._act_stats
+        return HealthSignals(
+            grad_norm=_grad_norm(self.host),
+            act_mean=mean,
+            act_std=std,
+            dead_fraction=dead,
+            seed_grad_norm=_grad_norm(self.seed),
+            finite=finite,
+        )
+
+    @contextmanager
+    def ablated(self) -> Iterator[None]:
+        """Within the block the seed contributes nothing (as at α = 0): for counterfactuals."""
+        previous, self._ablated = self._ablated, True
+        try:
+            yield
+        finally:
+            self._ablated = previous
+
+    # --- lifecycle actions: called by the trainer at step boundaries only ----------------------
+
+    def germinate(self, blueprint: Blueprint, reason: str = "") -> None:
+        """Reserve the slot for ``blueprint``; its kernel is being compiled.
+
+        :raises BlueprintError: if the blueprint does not fit the slot's contract.
+        :raises LifecycleError: unless the slot is dormant.
+        """
+        if self.contract is None:
+            raise LifecycleError(
+                f"slot {self.slot_name!r} has no shape contract; was it made by wrap()?",
+                slot=self.slot_name, source=self.state, target=SeedState.GERMINATED,
+            )
+        blueprint.check_fits(self.contract)
+        self.lifecycle.to(SeedState.GERMINATED, reason)
+        self.blueprint = blueprint
+
+    def graft(self, kernel: nn.Module, kernel_id: str, reason: str = "kernel ready") -> None:
+        """Put a loaded kernel in the slot and start training it (GERMINATED → TRAINING).
+
+        The host's output is unchanged by this (function preservation).
+        """
+        self.lifecycle.to(SeedState.TRAINING, reason)
+        param = next(self.host.parameters(), None)
+        self.seed = kernel.to(param.device) if param is not None else kernel
+        self.kernel_id = kernel_id
+        self.alpha = 0.0
+
+    def start_blending(self, steps: int, reason: str = "") -> None:
+        """Begin ramping α from 0 to 1 over ``steps`` training steps (TRAINING → BLENDING)."""
+        self.lifecycle.to(SeedState.BLENDING, reason)
+        self.blend_steps = max(1, int(steps))
+        self.alpha = 0.0
+
+    def on_step(self) -> None:
+        """Advance per-step counters and the blend ramp; enters PROBATION when α reaches 1."""
+        life = self.lifecycle
+        life.steps_in_state += 1
+        if life.state is SeedState.BLENDING:
+            self.alpha = min(1.0, life.steps_in_state / self.blend_steps)
+            if self.alpha >= 1.0:
+                life.to(SeedState.PROBATION, "blend complete")
+                self.alpha = 1.0
+
+    def fossilize(self, reason: str = "") -> None:
+        """Keep the seed for good (PROBATION → FOSSILIZED): its output is part of the host's."""
+        self.lifecycle.to(SeedState.FOSSILIZED, reason)
+        self.alpha = 1.0
+
+    def cull(self, reason: str = "") -> nn.Module | None:
+        """Remove the seed (live state → CULLED) and return it so its parameters can be released.
+
+        The slot's output is the host's alone from here on.
+        """
+        self.lifecycle.to(SeedState.CULLED, reason)
+        seed, self.seed = self.seed, None
+        self.alpha = 0.0
+        self.kernel_id = None
+        return seed
+
+    def embargo(self, reason: str = "") -> None:
+        """Start the cool-down after a cull (CULLED → EMBARGOED)."""
+        self.lifecycle.to(SeedState.EMBARGOED, reason)
+        self.blueprint = None
+
+    def release(self, reason: str = "embargo over") -> None:
+        """End the embargo (EMBARGOED → DORMANT): the slot may germinate again."""
+        self.lifecycle.to(SeedState.DORMANT, reason)
+
+    def extra_repr(self) -> str:
+        bp = f", blueprint={self.blueprint.name}" if self.blueprint else ""
+        return f"name={self.slot_name!r}, state={self.state.value}{bp}"

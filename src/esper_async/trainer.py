@@ -1,0 +1,322 @@
+"""The trainer: an async training loop that grows its model.
+
+One task — the training task — is the only writer of the model and the optimizer, and it changes
+them only between steps. Compiles run beside it in the trainer's task group and hand finished
+kernels back through a memory-object stream; the training task grafts them at the next step
+boundary. CPU steps run in a worker thread so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+import torch
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from torch import nn
+
+from ._exceptions import EsperError
+from ._optim import add_module_params, remove_module_params
+from .blueprints import Blueprint
+from .compiler import BlueprintCompiler
+from .controller import (
+    Controller,
+    Counterfactual,
+    Cull,
+    Decision,
+    EpochReport,
+    Fossilize,
+    Germinate,
+    HeuristicController,
+    Release,
+    StartBlending,
+)
+from .kernels import Kernel, load_kernel
+from .seeds import SeedSlot, SeedState, find_slots
+
+__all__ = ("FitResult", "GrowthEvent", "Trainer")
+
+log = structlog.get_logger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Finished compiles waiting for a step boundary. Small: at most a few seeds germinate at once.
+_READY_BUFFER = 16
+
+
+@dataclass(frozen=True)
+class GrowthEvent:
+    """One lifecycle transition, as it happened.
+
+    :ivar epoch: the epoch in which it happened.
+    :ivar step: the global training step.
+    :ivar slot: the slot's name.
+    :ivar source: the state before.
+    :ivar target: the state after.
+    :ivar reason: why, with the figures behind the decision.
+    """
+
+    epoch: int
+    step: int
+    slot: str
+    source: str
+    target: str
+    reason: str
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    :ivar history: one report per epoch.
+    :ivar events: every lifecycle transition, in order.
+    :ivar wall_s: wall-clock seconds of the whole fit.
+    :ivar steps: training steps taken.
+    """
+
+    history: list[EpochReport] = field(default_factory=list)
+    events: list[GrowthEvent] = field(default_factory=list)
+    wall_s: float = 0.0
+    steps: int = 0
+
+    def count(self, target: SeedState) -> int:
+        """How many transitions into ``target`` happened."""
+        return sum(e.target == target.value for e in self.events)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    slot: str
+    blueprint: Blueprint
+    kernel: Kernel | None
+    module: nn.Module | None
+    error: EsperError | None
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == y).float().mean())
+
+
+class Trainer:
+    """Train a wrapped model and grow seeds in its slots.
+
+    :param model: the host, already wrapped with :func:`esper_async.wrap` (or with no slots, for a
+        static baseline).
+    :param optimizer: optimizer over the model's parameters; seeds' parameters are added to it when
+        they are grafted and removed when they are culled. Default: Adam, lr 3e-3.
+    :param loss_fn: ``loss_fn(logits, targets)``; default cross-entropy.
+    :param controller: decides growth at epoch boundaries; default :class:`HeuristicController`.
+    :param compiler: turns blueprints into kernels; default :class:`BlueprintCompiler`.
+    :param grow: whether to grow at all (``False`` trains the host statically).
+    :param device: where the model and batches live.
+    :param seed: RNG seed of the kernels' initial weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_fn: LossFn = nn.functional.cross_entropy,
+        controller: Controller | None = None,
+        compiler: BlueprintCompiler | None = None,
+        grow: bool = True,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
+        self.loss_fn = loss_fn
+        self.controller: Controller = controller or HeuristicController()
+        self.compiler = compiler or BlueprintCompiler(device_kind=self.device.type)
+        self.grow = grow
+        self.seed = seed
+        self.slots: dict[str, SeedSlot] = find_slots(model)
+        self.step = 0
+        self.epoch = 0
+        self._steps_per_epoch = 1
+        self._result = FitResult()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def fit(
+        self,
+        train_loader: Iterable[Batch],
+        val_loader: Iterable[Batch],
+        *,
+        epochs: int,
+        on_epoch: Callable[[EpochReport, FitResult], None] | None = None,
+    ) -> FitResult:
+        """Train for ``epochs`` epochs, growing seeds as the controller decides.
+
+        :param train_loader: batches ``(inputs, targets)`` for training, e.g. a ``DataLoader``.
+        :param val_loader: batches for validation and the controller's measurements.
+        :param epochs: how many epochs to train.
+        :param on_epoch: called after every epoch with its report (for progress display).
+        :returns: the run's history and growth events.
+        """
+        self._result = result = FitResult()
+        self._steps_per_epoch = max(1, len(train_loader))  # type: ignore[arg-type]
+        started = time.perf_counter()
+        send, ready = anyio.create_memory_object_stream[_Compiled](_READY_BUFFER)
+        async with anyio.create_task_group() as tg, send, ready:
+            for epoch in range(epochs):
+                self.epoch = epoch
+                self.model.train()
+                losses = []
+                for x, y in train_loader:
+                    self._graft_ready(ready)
+                    x, y = x.to(self.device), y.to(self.device)
+                    losses.append(await anyio.to_thread.run_sync(self._train_step, x, y))
+                    self.step += 1
+                    for slot in self.slots.values():
+                        self._tracked(slot, slot.on_step)
+                report = await anyio.to_thread.run_sync(
+                    self._evaluate, val_loader, epoch, sum(losses) / max(1, len(losses))
+                )
+                for slot in self.slots.values():
+                    slot.lifecycle.epochs_in_state += 1
+                if self.grow:
+                    for decision in self.controller.decide(report, result.history, self.slots):
+                        self._apply(decision, tg, send)
+                result.history.append(report)
+                log.info(
+                    "epoch", epoch=epoch, train_loss=report.train_loss,
+                    val_loss=report.val_loss, val_acc=report.val_acc,
+                )
+                if on_epoch is not None:
+                    on_epoch(report, result)
+            # Compiles still running when training ends are not needed any more.
+            tg.cancel_scope.cancel()
+        result.wall_s = time.perf_counter() - started
+        result.steps = self.step
+        return result
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def _evaluate(self, loader: Iterable[Batch], epoch: int, train_loss: float) -> EpochReport:
+        self.model.eval()
+        blended = [
+            n for n, s in self.slots.items()
+            if s.seed is not None and s.state in (SeedState.BLENDING, SeedState.PROBATION)
+        ]
+        totals = {"all": [0.0, 0.0]} | {n: [0.0, 0.0] for n in blended}
+        count = 0
+        for slot in self.slots.values():
+            slot.observe = True
+        try:
+            for x, y in loader:
+                x, y = x.to(self.device), y.to(self.device)
+                logits = self.model(x)
+                totals["all"][0] += float(self.loss_fn(logits, y)) * len(y)
+                totals["all"][1] += _accuracy(logits, y) * len(y)
+                count += len(y)
+                for slot in self.slots.values():
+                    slot.observe = False
+                for name in blended:
+                    with self.slots[name].ablated():
+                        logits = self.model(x)
+                    totals[name][0] += float(self.loss_fn(logits, y)) * len(y)
+                    totals[name][1] += _accuracy(logits, y) * len(y)
+        finally:
+            for slot in self.slots.values():
+                slot.observe = False
+        n = max(1, count)
+        loss, acc = totals["all"][0] / n, totals["all"][1] / n
+        return EpochReport(
+            epoch=epoch,
+            train_loss=train_loss,
+            val_loss=loss,
+            val_acc=acc,
+            health={name: slot.health() for name, slot in self.slots.items()},
+            counterfactual={
+                name: Counterfactual(loss, totals[name][0] / n, acc, totals[name][1] / n)
+                for name in blended
+            },
+        )
+
+    # --- growth: decisions and kernels, applied at step boundaries ---------------------------------
+
+    def _tracked(self, slot: SeedSlot, action: Callable[..., Any], *args: Any) -> Any:
+        """Run a lifecycle action on ``slot`` and record the transitions it made."""
+        before = len(slot.lifecycle.history)
+        out = action(*args)
+        for source, target, reason in slot.lifecycle.history[before:]:
+            event = GrowthEvent(
+                self.epoch, self.step, slot.slot_name, source.value, target.value, reason
+            )
+            self._result.events.append(event)
+            log.info(
+                "lifecycle", slot=event.slot, source=event.source, target=event.target,
+                reason=reason, epoch=event.epoch, step=event.step,
+            )
+        return out
+
+    def _apply(self, decision: Decision, tg: TaskGroup, send: MemoryObjectSendStream[_Compiled]) -> None:
+        slot = self.slots[decision.slot]
+        match decision:
+            case Germinate(blueprint=blueprint, reason=reason):
+                self._tracked(slot, slot.germinate, blueprint, reason)
+                tg.start_soon(self._compile, slot.slot_name, blueprint, send.clone())
+            case StartBlending(epochs=epochs, reason=reason):
+                self._tracked(slot, slot.start_blending, epochs * self._steps_per_epoch, reason)
+            case Fossilize(reason=reason):
+                self._tracked(slot, slot.fossilize, reason)
+            case Cull(reason=reason):
+                self._cull(slot, reason)
+            case Release(reason=reason):
+                self._tracked(slot, slot.release, reason)
+
+    def _cull(self, slot: SeedSlot, reason: str) -> None:
+        seed = self._tracked(slot, slot.cull, reason)
+        if seed is not None:
+            remove_module_params(self.optimizer, seed)
+        self._tracked(slot, slot.embargo, "cooling down after cull")
+
+    async def _compile(
+        self, slot: str, blueprint: Blueprint, send: MemoryObjectSendStream[_Compiled]
+    ) -> None:
+        contract = self.slots[slot].contract
+        assert contract is not None  # germinate() checked it
+        async with send:
+            try:
+                kernel = await self.compiler.compile(blueprint, contract, seed=self.seed)
+                module = load_kernel(kernel, device=self.device)
+            except EsperError as exc:
+                log.warning("compile failed", slot=slot, blueprint=blueprint.name, error=str(exc))
+                await send.send(_Compiled(slot, blueprint, None, None, exc))
+                return
+            await send.send(_Compiled(slot, blueprint, kernel, module, None))
+
+    def _graft_ready(self, ready: MemoryObjectReceiveStream[_Compiled]) -> None:
+        """Graft every kernel that finished compiling (called between steps only)."""
+        while True:
+            try:
+                done = ready.receive_nowait()
+            except anyio.WouldBlock:
+                return
+            slot = self.slots[done.slot]
+            if slot.state is not SeedState.GERMINATED or slot.blueprint != done.blueprint:
+                continue  # the slot moved on (e.g. culled) while the kernel compiled
+            if done.module is None or done.kernel is None:
+                self._cull(slot, f"compile failed: {done.error}")
+                continue
+            self._tracked(slot, slot.graft, done.module, done.kernel.kernel_id)
+            add_module_params(self.optimizer, done.module)
+
+    def param_count(self) -> int:
+        """Trainable parameters of the model now, seeds included."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
