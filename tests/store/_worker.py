@@ -68,7 +68,7 @@ async def mixed(
         winner = await store.get(SHARED_KEY)
         assert winner is not None
         shared.add(winner.kernel_id)
-    result.write_text(json.dumps({"seen": seen, "shared": sorted(shared)}))
+    await anyio.Path(result).write_text(json.dumps({"seen": seen, "shared": sorted(shared)}))
 
 
 def main(argv: list[str]) -> None:

@@ -21,8 +21,9 @@ def _entries(kernels: list[Kernel]) -> list[BundleEntry]:
 
 
 def test_round_trip(tmp_path: Path, kernels: list[Kernel]) -> None:
-    entries = _entries(kernels[:2]) + [
-        BundleEntry("alias", kernels[0].metadata.to_json(), kernels[0].artifact)
+    entries = [
+        *_entries(kernels[:2]),
+        BundleEntry("alias", kernels[0].metadata.to_json(), kernels[0].artifact),
     ]
     write_bundle(tmp_path / "b.tar", entries)
     assert read_bundle(tmp_path / "b.tar") == entries

@@ -53,7 +53,7 @@ def test_every_input_changes_the_key(change: dict[str, object]) -> None:
 
 
 def test_options_that_are_not_json_are_rejected() -> None:
-    with pytest.raises(StoreError, match="optimizer_options.when"):
+    with pytest.raises(StoreError, match=r"optimizer_options\.when"):
         _key(optimizer_options={"when": object()})
     with pytest.raises(StoreError, match="finite"):
         _key(optimizer_options={"budget_s": float("nan")})

@@ -5,6 +5,7 @@ import sqlite3
 from pathlib import Path
 
 import aiosqlite
+import anyio
 import pytest
 
 from esper_async import StoreError
@@ -36,7 +37,7 @@ PRAGMA user_version = 1;
 
 async def _write_v1_store(root: Path, kernels: list[Kernel]) -> list[str]:
     """A v1 store holding ``kernels`` (rows, usage, one report and the blobs)."""
-    root.mkdir(parents=True)
+    await anyio.Path(root).mkdir(parents=True)
     blobs = BlobStore(root)
     await blobs.ensure_dirs()
     conn = sqlite3.connect(root / "store.sqlite3")
