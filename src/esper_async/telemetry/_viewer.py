@@ -49,7 +49,7 @@ __all__ = (
 )
 
 #: Same-named siblings shown before the rest are folded into one line.
-DEFAULT_MAX_SIBLINGS: Final = 8
+_DEFAULT_MAX_SIBLINGS: Final = 8
 #: Attribute values longer than this are cut in the terminal view.
 _MAX_VALUE_CHARS: Final = 40
 #: Spans drawn in the HTML Gantt at most (a long run has many step spans).
@@ -178,7 +178,7 @@ def _node_label(node: SpanNode, parent: SpanNode | None) -> str:
     return "  ".join(parts)
 
 
-def render_tree(records: Sequence[SpanRecord], *, max_siblings: int = DEFAULT_MAX_SIBLINGS) -> str:
+def render_tree(records: Sequence[SpanRecord], *, max_siblings: int = _DEFAULT_MAX_SIBLINGS) -> str:
     """The span tree of every trace in ``records``.
 
     :param records: the spans of a run.
@@ -259,9 +259,9 @@ def render_timeline(records: Sequence[SpanRecord]) -> str:
     lines = ["growth events (time from run start, duration, event, details)"]
     for rec in growth:
         offset = (rec.start_ns - origin) / 1e9
-        flag = " ✗" if rec.status == "ERROR" else ""
+        flag = "✗ ERROR  " if rec.status == "ERROR" else ""
         lines.append(
-            f"+{offset:10.3f}s  {_fmt_duration(rec.duration_s):>9}  {rec.name:<{width}}{flag}  "
+            f"+{offset:10.3f}s  {_fmt_duration(rec.duration_s):>9}  {rec.name:<{width}}  {flag}"
             f"{_growth_summary(rec)}"
         )
     return "\n".join(lines)
@@ -376,7 +376,7 @@ def render_html(records: Sequence[SpanRecord], *, title: str = "esper_async trac
                 f" title='{esc(tip)}'></div></div></div>"
             )
             rows += 1
-            shown, folded = _visible_children(node, DEFAULT_MAX_SIBLINGS)
+            shown, folded = _visible_children(node, _DEFAULT_MAX_SIBLINGS)
             for name, group in folded.items():
                 out.append(
                     f"<div class='row'><div class='label' style='padding-left:{depth + 1}em'>"
@@ -433,8 +433,8 @@ def add_trace_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-siblings",
         type=int,
-        default=DEFAULT_MAX_SIBLINGS,
-        help=f"same-named sibling spans shown before folding (default {DEFAULT_MAX_SIBLINGS})",
+        default=_DEFAULT_MAX_SIBLINGS,
+        help=f"same-named sibling spans shown before folding (default {_DEFAULT_MAX_SIBLINGS})",
     )
     parser.add_argument("--events-only", action="store_true", help="print only the growth timeline")
     parser.set_defaults(func=run_trace_command)
