@@ -145,6 +145,7 @@ class IntelligentSeedSelector:
         self._fits: dict[tuple[SlotContract, Blueprint], _Fit] = {}
         self._slots: dict[str, _SlotArms] = {}
         self._arm_blueprint: dict[ArmKey, Blueprint] = {}
+        self._last_blueprints: tuple[Blueprint, ...] = ()
         self._history: deque[tuple[ArmKey, float, list[float] | None]] = deque(
             maxlen=_HISTORY_LIMIT
         )
@@ -210,7 +211,7 @@ class IntelligentSeedSelector:
         if (
             entry is not None
             and (entry.contract is contract or entry.contract == contract)
-            and entry.blueprints == blueprints
+            and (entry.blueprints is blueprints or entry.blueprints == blueprints)
         ):
             return entry
         arms, fitting, params, memory = [], [], [], []
@@ -260,7 +261,17 @@ class IntelligentSeedSelector:
         """
         if live_count >= self.max_live:
             return (), [], []
-        bps = tuple(blueprints)
+        # Reuse the last tuple of blueprints when the same ones are offered, so that the
+        # per-slot cache check below is an identity test.
+        bps = self._last_blueprints
+        if not (
+            blueprints is bps
+            or (
+                len(blueprints) == len(bps)
+                and all(a is b for a, b in zip(blueprints, bps, strict=True))
+            )
+        ):
+            bps = self._last_blueprints = tuple(blueprints)
         param_room, mem_room = self._rooms(params_used, memory_used_bytes)
         parts: list[tuple[ArmKey, ...]] = []
         slots: list[str] = []

@@ -168,13 +168,10 @@ class _Indexed:
         # Tuples are immutable, so an equal tuple has the same rows (rows never move).
         if arms is self._last_arms or (type(arms) is tuple and arms == self._last_arms):
             return self._last_rows
-        get = self._index.get
-        found = [get(a) for a in arms]
-        if None in found:
-            found = [
-                r if r is not None else self._register(a) for r, a in zip(found, arms, strict=True)
-            ]
-        rows = np.array(found, dtype=np.intp)
+        try:
+            rows = np.fromiter(map(self._index.__getitem__, arms), dtype=np.intp, count=len(arms))
+        except KeyError:
+            rows = np.fromiter(map(self._row, arms), dtype=np.intp, count=len(arms))
         if type(arms) is tuple:
             self._last_arms, self._last_rows = arms, rows
         return rows
