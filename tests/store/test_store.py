@@ -22,9 +22,11 @@ class Compiler:
         self.calls = 0
         self.blueprint = kernel_source.blueprint
         self.delay_s = delay_s
+        self.started = anyio.Event()
 
     async def __call__(self) -> Kernel:
         self.calls += 1
+        self.started.set()
         await anyio.sleep(self.delay_s)
         return await anyio.to_thread.run_sync(
             lambda: export_kernel(self.blueprint, CONTRACT, seed=100 + self.calls)
@@ -227,14 +229,15 @@ async def test_a_cancelled_leader_hands_the_compile_to_a_waiter(
                     await store.get_or_compile(key, slow)
 
             tg.start_soon(lead)
-            await anyio.sleep(0.05)
+            await slow.started.wait()  # the leader is compiling
             result: list[Kernel] = []
 
             async def follow() -> None:
                 result.append(await store.get_or_compile(key, fast))
 
             tg.start_soon(follow)
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()  # the follower waits on the leader's flight
+            assert (await store.stats()).shared_waits == 1
             leader.cancel()
         assert slow.calls == 1 and fast.calls == 1 and result[0].blueprint == kernels[0].blueprint
 
