@@ -1,11 +1,11 @@
 """Benchmark: latency of each surgery operation, validation included, and of rollback.
 
-Model: a ResNet-18 built here (BasicBlock ×[2, 2, 2, 2], 64–512 channels, 11.7 M parameters; no
+Model: a ResNet-18 built here (BasicBlock x[2, 2, 2, 2], 64-512 channels, 11.7 M parameters; no
 torchvision) with an Adam optimizer that has taken one step (so moments exist and are carried). Each
 sample is one whole transaction: snapshot, the operation, commit validation (probe forward with the
-function-preservation check, gradient reachability, budget) — then the change is rolled back outside the
-timed region so every sample starts from the same model. Rollback is timed separately: a transaction
-whose block raises after staging a widening.
+function-preservation check, gradient reachability, budget) — then the change is rolled back outside
+the timed region so every sample starts from the same model. Rollback is timed separately: a
+transaction whose block raises after staging a widening.
 
 Usage: ``python benchmarks/bench_surgery.py [--quick] [--threads N] [--out PATH]``
 """
@@ -38,7 +38,7 @@ RESULTS = Path(__file__).parent / "results" / "surgery.json"
 
 
 class BasicBlock(nn.Module):
-    """The ResNet basic block: two 3×3 convs with batch norm and a (projected) identity shortcut."""
+    """The ResNet basic block: two 3x3 convs with batch norm and a (projected) identity shortcut."""
 
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
@@ -97,7 +97,10 @@ def operations() -> dict[str, Any]:
 
 
 async def one(
-    surgeon: ModelSurgeon, model: nn.Module, optimizer: torch.optim.Optimizer, probe: torch.Tensor,
+    surgeon: ModelSurgeon,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    probe: torch.Tensor,
     factory: Any,
 ) -> float:
     """Commit one operation in its own transaction; return the seconds it took."""
@@ -176,8 +179,8 @@ async def measure(quick: bool) -> dict[str, Any]:
 class _Reset:
     """Puts the benchmark model back after a committed sample, so every sample starts alike.
 
-    Operations never write into existing modules or tensors, so restoring each module's child table and
-    the optimizer's groups and state (snapshotted before the sample) undoes a committed change.
+    Operations never write into existing modules or tensors, so restoring each module's child table
+    and the optimizer's groups and state (snapshotted before the sample) undoes a committed change.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

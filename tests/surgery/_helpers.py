@@ -29,7 +29,7 @@ class Block(nn.Module):
 
 
 class TinyNet(nn.Module):
-    """3×8×8 images → 4 classes: a conv stem, two blocks, an MLP head."""
+    """3x8x8 images → 4 classes: a conv stem, two blocks, an MLP head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,7 +67,10 @@ def vectors(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(
-    model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor], steps: int
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
 ) -> list[float]:
     """Full-batch training steps; returns the losses."""
     model.train()
@@ -84,7 +87,9 @@ def train(
 def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Everything rollback must restore, copied: tensors, identities, structure, optimizer state."""
     result: dict[str, Any] = {
-        "params": [(n, id(p), p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
+        "params": [
+            (n, id(p), p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()
+        ],
         "buffers": [(n, b.clone()) for n, b in model.named_buffers()],
         "modules": [(n, type(m), id(m), m.training) for n, m in model.named_modules()],
         "repr": repr(model),

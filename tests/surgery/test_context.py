@@ -36,7 +36,9 @@ def test_unknown_names_list_close_candidates() -> None:
 @pytest.mark.parametrize(
     ("paths", "region"),
     [
-        pytest.param(["layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2"], "layer1.0", id="one-block"),
+        pytest.param(
+            ["layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2"], "layer1.0", id="one-block"
+        ),
         pytest.param(["layer1.0.conv1", "layer1.1.conv1"], "layer1", id="two-blocks"),
         pytest.param(["stem.0", "head.0"], "", id="root"),
         pytest.param(["head.0"], "head.0", id="single"),

@@ -14,7 +14,9 @@ from ._helpers import TinyNet, assert_same, evaluate, fingerprint, images, train
 @pytest.mark.parametrize(
     ("source", "destination", "scope", "shortcut"),
     [
-        pytest.param("layer1.0.conv1", "layer1.0.bn2", "layer1.0", nn.Identity, id="inside-a-block"),
+        pytest.param(
+            "layer1.0.conv1", "layer1.0.bn2", "layer1.0", nn.Identity, id="inside-a-block"
+        ),
         pytest.param("layer1.0", "layer1.1", "layer1", nn.Conv2d, id="across-blocks-strided"),
         pytest.param("stem", "layer1.0", "", nn.Identity, id="root-scope"),
     ],
@@ -88,20 +90,47 @@ def _broken(gm: fx.GraphModule) -> None:
 @pytest.mark.parametrize(
     ("model", "probe", "operation", "message"),
     [
-        pytest.param(_Branchy(), torch.randn(3, 4), AddSkip("a", "b"), "not traceable",
-                     id="untraceable-skip"),
-        pytest.param(_Branchy(), torch.randn(3, 4), FxRewire(_noop), "not traceable",
-                     id="untraceable-rewire"),
-        pytest.param(TinyNet(), images(4)[0], AddSkip("layer1.1", "layer1.0", scope="layer1"),
-                     "does not run before", id="backwards-skip"),
-        pytest.param(TinyNet(), images(4)[0], AddSkip("stem.0", "layer1.0", scope="layer1"),
-                     "not inside the scope", id="outside-scope"),
-        pytest.param(TinyNet(), images(4)[0], AddSkip("layer1.0", "layer1.7", scope="layer1"),
-                     "no module named 'layer1.7'", id="unknown-end"),
-        pytest.param(TinyNet(), images(4)[0], AddSkip("stem", "head.0"), "incompatible shapes",
-                     id="no-simple-shortcut"),
-        pytest.param(TinyNet(), images(4)[0], FxRewire(_broken, scope="head"),
-                     "the transform failed: cannot do that", id="failing-transform"),
+        pytest.param(
+            _Branchy(), torch.randn(3, 4), AddSkip("a", "b"), "not traceable", id="untraceable-skip"
+        ),
+        pytest.param(
+            _Branchy(), torch.randn(3, 4), FxRewire(_noop), "not traceable", id="untraceable-rewire"
+        ),
+        pytest.param(
+            TinyNet(),
+            images(4)[0],
+            AddSkip("layer1.1", "layer1.0", scope="layer1"),
+            "does not run before",
+            id="backwards-skip",
+        ),
+        pytest.param(
+            TinyNet(),
+            images(4)[0],
+            AddSkip("stem.0", "layer1.0", scope="layer1"),
+            "not inside the scope",
+            id="outside-scope",
+        ),
+        pytest.param(
+            TinyNet(),
+            images(4)[0],
+            AddSkip("layer1.0", "layer1.7", scope="layer1"),
+            "no module named 'layer1.7'",
+            id="unknown-end",
+        ),
+        pytest.param(
+            TinyNet(),
+            images(4)[0],
+            AddSkip("stem", "head.0"),
+            "incompatible shapes",
+            id="no-simple-shortcut",
+        ),
+        pytest.param(
+            TinyNet(),
+            images(4)[0],
+            FxRewire(_broken, scope="head"),
+            "the transform failed: cannot do that",
+            id="failing-transform",
+        ),
     ],
 )
 async def test_fx_errors_are_surgery_errors_and_change_nothing(

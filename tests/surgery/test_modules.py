@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 from esper_async import SurgeryError
-from esper_async.surgery import GatedResidual, GatedShortcut, SkipAround, identity_conv2d, identity_linear
+from esper_async.surgery import (
+    GatedResidual,
+    GatedShortcut,
+    SkipAround,
+    identity_conv2d,
+    identity_linear,
+)
 from esper_async.surgery._modules import shortcut_for
 
 

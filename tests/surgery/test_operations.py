@@ -34,7 +34,14 @@ async def test_insert_into_a_sequential_renumbers_and_preserves() -> None:
     expected = evaluate(model, x)
     new = identity_linear(16)
     await ModelSurgeon().apply(model, opt, InsertAfter("2", new), probe=x[:4])
-    assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "Linear", "Linear", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in model] == [
+        "Linear",
+        "ReLU",
+        "Linear",
+        "Linear",
+        "ReLU",
+        "Linear",
+    ]
     assert model[3] is new
     assert torch.allclose(evaluate(model, x), expected, atol=1e-6)
     assert any(new.weight is p for g in opt.param_groups for p in g["params"])
@@ -58,11 +65,16 @@ async def test_insert_elsewhere_wraps_the_target_in_a_sequential() -> None:
 async def test_a_new_group_takes_the_neighbours_hyperparameters() -> None:
     model = tiny_mlp()
     opt = torch.optim.Adam(
-        [{"params": model[0].parameters(), "lr": 0.5}, {"params": model[2].parameters(), "lr": 0.25},
-         {"params": model[4].parameters()}],
+        [
+            {"params": model[0].parameters(), "lr": 0.5},
+            {"params": model[2].parameters(), "lr": 0.25},
+            {"params": model[4].parameters()},
+        ],
         lr=0.1,
     )
-    await ModelSurgeon().apply(model, opt, InsertAfter("2", identity_linear(16)), probe=vectors(4)[0])
+    await ModelSurgeon().apply(
+        model, opt, InsertAfter("2", identity_linear(16)), probe=vectors(4)[0]
+    )
     assert len(opt.param_groups) == 4
     assert opt.param_groups[-1]["lr"] == 0.25
 
@@ -104,7 +116,9 @@ async def test_an_identity_bridge_across_a_shape_change_is_refused() -> None:
     opt = _adam(model)
     before = fingerprint(model, opt)
     with pytest.raises(SurgeryError, match="identity bridge needs equal shapes") as info:
-        await ModelSurgeon().apply(model, opt, RemoveLayer("layer1.1", bridge="identity"), probe=images(4)[0])
+        await ModelSurgeon().apply(
+            model, opt, RemoveLayer("layer1.1", bridge="identity"), probe=images(4)[0]
+        )
     assert info.value.operation == "remove 'layer1.1' (identity bridge)"
     assert_same(before, fingerprint(model, opt))
 
@@ -133,7 +147,11 @@ async def test_add_residual_preserves_and_wraps(target: str, shortcut: type[nn.M
 @pytest.mark.parametrize(
     ("operation", "message"),
     [
-        pytest.param(InsertAfter("head.9", identity_linear(4)), "no module named 'head.9'", id="insert-unknown"),
+        pytest.param(
+            InsertAfter("head.9", identity_linear(4)),
+            "no module named 'head.9'",
+            id="insert-unknown",
+        ),
         pytest.param(RemoveLayer("nope"), "no module named 'nope'", id="remove-unknown"),
         pytest.param(AddResidual(""), "root module has no parent", id="residual-root"),
         pytest.param(InsertAfter("head.0", identity_linear(5)), "failed", id="insert-wrong-width"),
@@ -171,9 +189,7 @@ CONTINUE: list[Callable[[], SurgeryOperation]] = [
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(
-    "factory", [pytest.param(f, id=f().describe()) for f in CONTINUE]
-)
+@pytest.mark.parametrize("factory", [pytest.param(f, id=f().describe()) for f in CONTINUE])
 async def test_training_continues_and_new_parameters_learn(
     factory: Callable[[], SurgeryOperation],
 ) -> None:

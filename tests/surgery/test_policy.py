@@ -21,7 +21,8 @@ class _Steps:
 
 def _policy(**overrides: object) -> tuple[SurgeryPolicy, _Steps]:
     steps = _Steps()
-    config = SurgeryPolicyConfig(**{"fossil_threshold": 2, "cooldown_steps": 10, **overrides})  # type: ignore[arg-type]
+    limits: dict[str, object] = {"fossil_threshold": 2, "cooldown_steps": 10, **overrides}
+    config = SurgeryPolicyConfig(**limits)  # type: ignore[arg-type]
     return SurgeryPolicy(config, step=steps), steps
 
 

@@ -27,8 +27,8 @@ from esper_async.surgery import (
 
 from ._helpers import TinyNet, assert_same, evaluate, fingerprint, images, train
 
-# Factories, because inserted modules must be fresh objects. Some fail on some states (a later op may
-# no longer fit after an earlier one): the property tests exercise both paths.
+# Factories, because inserted modules must be fresh objects. Some fail on some states (a later op
+# may no longer fit after an earlier one): the property tests exercise both paths.
 PRESERVING: list[Callable[[], SurgeryOperation]] = [
     lambda: Widen("layer1.0.conv1", 9, seed=1),
     lambda: Widen("layer1.1.conv1", 11, seed=2),

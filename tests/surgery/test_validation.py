@@ -38,15 +38,27 @@ def _call(module: nn.Module, x: torch.Tensor) -> Captured:
 
 def test_unreached_parameters_are_reported() -> None:
     model = nn.Sequential(_Partial())
-    check = check_region(model, "0", _call(model[0], torch.randn(2, 4)), operation="t",
-                         preserves_function=True, config=ValidationConfig())
+    check = check_region(
+        model,
+        "0",
+        _call(model[0], torch.randn(2, 4)),
+        operation="t",
+        preserves_function=True,
+        config=ValidationConfig(),
+    )
     assert check.unreached == ("unused.weight", "unused.bias")
 
 
 def test_an_output_cut_from_its_input_is_reported() -> None:
     model = nn.Sequential(_Constant())
-    check = check_region(model, "0", _call(model[0], torch.randn(2, 4)), operation="t",
-                         preserves_function=False, config=ValidationConfig())
+    check = check_region(
+        model,
+        "0",
+        _call(model[0], torch.randn(2, 4)),
+        operation="t",
+        preserves_function=False,
+        config=ValidationConfig(),
+    )
     assert any("no longer depends on its input" in p for p in check.problems)
 
 
@@ -60,8 +72,14 @@ def test_an_output_cut_from_its_input_is_reported() -> None:
 def test_region_shape_and_preservation_are_checked(new: nn.Module, message: str) -> None:
     old = nn.Linear(4, 4)
     call = _call(old, torch.randn(3, 4))
-    check = check_region(nn.Sequential(new), "0", call, operation="t", preserves_function=True,
-                         config=ValidationConfig())
+    check = check_region(
+        nn.Sequential(new),
+        "0",
+        call,
+        operation="t",
+        preserves_function=True,
+        config=ValidationConfig(),
+    )
     assert any(message in p for p in check.problems)
 
 
@@ -71,8 +89,14 @@ def test_non_finite_outputs_fail() -> None:
     broken = nn.Linear(4, 4)
     with torch.no_grad():
         broken.weight.fill_(float("nan"))
-    check = check_region(nn.Sequential(broken), "0", call, operation="t", preserves_function=False,
-                         config=ValidationConfig())
+    check = check_region(
+        nn.Sequential(broken),
+        "0",
+        call,
+        operation="t",
+        preserves_function=False,
+        config=ValidationConfig(),
+    )
     assert any("non-finite" in p for p in check.problems)
 
 
@@ -92,8 +116,9 @@ def test_budget(budget: SurgeryBudget, fails: bool) -> None:
     trainable, size = footprint(model, opt)
     assert trainable == sum(p.numel() for p in model.parameters())
     assert size == 3 * 4 * trainable + 4 * len(opt.state)  # params, two moments, a step per param
-    report = check_commit(model, opt, checks=(), parameters_before=trainable,
-                          config=ValidationConfig(budget=budget))
+    report = check_commit(
+        model, opt, checks=(), parameters_before=trainable, config=ValidationConfig(budget=budget)
+    )
     assert report.ok is not fails
 
 

@@ -40,8 +40,11 @@ async def test_widening_a_linear_preserves_and_carries_adam_moments() -> None:
     for unit in range(16):
         share = fractions[[j for j, u in enumerate(mapping) if u == unit]].sum()
         assert torch.isclose(share, torch.tensor(1.0), atol=1e-5)
-    new_p, new_pb, new_c = (opt.state[model[2].weight], opt.state[model[2].bias],
-                            opt.state[model[4].weight])
+    new_p, new_pb, new_c = (
+        opt.state[model[2].weight],
+        opt.state[model[2].bias],
+        opt.state[model[4].weight],
+    )
     assert torch.equal(new_p["step"], p_state["step"])
     f = fractions.view(-1, 1)
     assert torch.allclose(new_p["exp_avg"], p_state["exp_avg"][mapping] * f)
@@ -63,7 +66,11 @@ async def test_widening_a_conv_widens_its_batch_norm_and_consumer() -> None:
     old_bn = model.layer1[0].bn1
     await ModelSurgeon().apply(model, opt, Widen("layer1.0.conv1", 10), probe=data[0][:4])
     block = model.layer1[0]
-    assert (block.conv1.out_channels, block.bn1.num_features, block.conv2.in_channels) == (10, 10, 10)
+    assert (block.conv1.out_channels, block.bn1.num_features, block.conv2.in_channels) == (
+        10,
+        10,
+        10,
+    )
     assert torch.equal(block.bn1.running_mean[:6], old_bn.running_mean)
     assert torch.equal(block.bn1.num_batches_tracked, old_bn.num_batches_tracked)
     assert torch.allclose(evaluate(model, data[0]), expected, rtol=1e-4, atol=1e-5)
@@ -101,7 +108,8 @@ async def test_explicit_consumers_skip_tracing() -> None:
 def test_consumers_are_found_through_norms_and_activations() -> None:
     model = TinyNet()
     assert find_consumers(model, "layer1.1.conv1", 8, operation="t") == (
-        ["layer1.1.bn1"], ["layer1.1.conv2"]
+        ["layer1.1.bn1"],
+        ["layer1.1.conv2"],
     )
     assert find_consumers(model, "head.0", 12, operation="t") == ([], ["head.2"])
 
@@ -122,18 +130,33 @@ class _Untraceable(nn.Module):
 @pytest.mark.parametrize(
     ("model", "operation", "message"),
     [
-        pytest.param(TinyNet(), Widen("layer1.0.conv2", 9), "cannot simply take a wider input",
-                     id="feeds-an-addition"),
-        pytest.param(TinyNet(), Widen("head.2", 9), "cannot simply take a wider input",
-                     id="feeds-the-output"),
+        pytest.param(
+            TinyNet(),
+            Widen("layer1.0.conv2", 9),
+            "cannot simply take a wider input",
+            id="feeds-an-addition",
+        ),
+        pytest.param(
+            TinyNet(), Widen("head.2", 9), "cannot simply take a wider input", id="feeds-the-output"
+        ),
         pytest.param(TinyNet(), Widen("head.0", 12), "must exceed the current 12", id="not-wider"),
-        pytest.param(TinyNet(), Widen("layer1.0.bn1", 9), "only nn.Linear and nn.Conv2d", id="a-norm"),
-        pytest.param(TinyNet(), Widen("head.0", 16, consumers=("layer1.0.conv1",)),
-                     "does not read 12", id="wrong-consumer"),
+        pytest.param(
+            TinyNet(), Widen("layer1.0.bn1", 9), "only nn.Linear and nn.Conv2d", id="a-norm"
+        ),
+        pytest.param(
+            TinyNet(),
+            Widen("head.0", 16, consumers=("layer1.0.conv1",)),
+            "does not read 12",
+            id="wrong-consumer",
+        ),
         pytest.param(TinyNet(), Widen("head.x", 16), "no module named 'head.x'", id="unknown"),
         pytest.param(_Untraceable(), Widen("a", 8), "cannot trace", id="untraceable-parent"),
-        pytest.param(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 2, 1)),
-                     Widen("0", 8), "groups=1", id="depthwise"),
+        pytest.param(
+            nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 2, 1)),
+            Widen("0", 8),
+            "groups=1",
+            id="depthwise",
+        ),
     ],
 )
 async def test_bad_widenings_are_refused_and_change_nothing(

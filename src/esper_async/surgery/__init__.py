@@ -2,7 +2,8 @@
 
 Operations (:class:`InsertAfter`, :class:`RemoveLayer`, :class:`Widen`, :class:`AddResidual`,
 :class:`AddSkip`, :class:`FxRewire`) are staged in a :class:`SurgeryTransaction` opened by
-:meth:`ModelSurgeon.transaction`, validated against a probe batch and committed, or rolled back bitwise.
+:meth:`ModelSurgeon.transaction`, validated against a probe batch and committed, or rolled back
+    bitwise.
 :class:`SurgeryPolicy` proposes widenings for the controller.
 """
 

@@ -1,12 +1,12 @@
 """The staging context an operation mutates the live model through, and the undo journal behind it.
 
 Rollback has to be exact (bitwise) and cheap on a ResNet-18-sized model, so nothing is deep-copied.
-The invariant that makes this possible: **an operation never writes into an existing tensor or module**.
-It builds replacement modules (sharing the untouched parameters by reference) and swaps them into their
-parents through :meth:`SurgeryContext.replace`, which records ``(parent, name, old_child)``. Undo puts the
-old children back. The optimizer is restored from a shallow snapshot of its parameter groups and its
-per-parameter state mapping: the state tensors themselves are never written during surgery (no step runs
-inside a transaction), so holding references to them is enough.
+The invariant that makes this possible: **an operation never writes into an existing tensor or
+module**. It builds replacement modules (sharing the untouched parameters by reference) and swaps
+them into their parents through :meth:`SurgeryContext.replace`, which records ``(parent, name,
+old_child)``. Undo puts the old children back. The optimizer is restored from a shallow snapshot of
+its parameter groups and its per-parameter state mapping: the state tensors themselves are never
+written during surgery (no step runs inside a transaction), so holding references to them is enough.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ __all__ = (
 
 
 def run_probe(model: nn.Module, probe: Any) -> Any:
-    """Call ``model`` on a probe batch: a tensor, a tuple of positional arguments, or a mapping of keywords.
+    """Call ``model`` on a probe batch: a tensor, a tuple of positional arguments, or a mapping of
+    keywords.
 
     :param model: the module to call.
     :param probe: the probe batch.
@@ -61,7 +62,8 @@ class OptimizerSnapshot:
         self._state = dict(optimizer.state)
 
     def restore(self) -> None:
-        """Put the optimizer's groups (the same dict objects) and state mapping back as they were."""
+        """Put the optimizer's groups (the same dict objects) and state mapping back as they
+        were."""
         for group, items, params in zip(
             self._groups, self._group_items, self._group_params, strict=True
         ):
@@ -97,14 +99,17 @@ class _Stop(Exception):
 
 
 class SurgeryContext:
-    """What an operation sees: the live model, its optimizer, the probe batch, and journalled mutators.
+    """What an operation sees: the live model, its optimizer, the probe batch, and journalled
+    mutators.
 
     :param model: the root module (an fx operation on the root may replace it; read :attr:`model`).
     :param optimizer: the optimizer over the model's parameters, or ``None``.
     :param probe: a probe batch the model accepts (see :func:`run_probe`).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, probe: Any) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, probe: Any
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.probe = probe
@@ -148,7 +153,8 @@ class SurgeryContext:
 
     # ----------------------------------------------------------------------------- mutation
     def replace(self, path: str, new: nn.Module, *, operation: str) -> None:
-        """Swap the module at ``path`` for ``new`` (journalled). New submodules take the old one's mode.
+        """Swap the module at ``path`` for ``new`` (journalled). New submodules take the old one's
+        mode.
 
         :param path: the module to replace; ``""`` replaces the root (see :attr:`model`).
         :param new: the replacement; it may contain the old module's children by reference.
@@ -178,7 +184,8 @@ class SurgeryContext:
         return parent
 
     def prefer_group_of(self, module: nn.Module) -> None:
-        """New parameters join with the hyper-parameters of the group holding ``module``'s parameters."""
+        """New parameters join with the hyper-parameters of the group holding ``module``'s
+        parameters."""
         self._hint_group = None
         if self.optimizer is None:
             return
@@ -237,7 +244,8 @@ class SurgeryContext:
         return len(self._journal)
 
     def region_since(self, mark: int) -> str | None:
-        """The dotted name of the smallest module containing every change after ``mark`` (``None``: none)."""
+        """The dotted name of the smallest module containing every change after ``mark`` (``None``:
+        none)."""
         paths = [entry.changed for entry in self._journal[mark:]]
         if not paths:
             return None
@@ -363,11 +371,11 @@ def _clone(value: Any) -> Any:
     return value
 
 
-class eval_mode:  # noqa: N801 - used like a function: `with eval_mode(model):`
+class eval_mode:
     """Put every submodule in eval mode for the block, then restore each module's own flag.
 
-    Validation runs in eval mode so that batch-norm running statistics are not updated (rollback must
-    be bitwise) and dropout does not make function-preservation checks noisy.
+    Validation runs in eval mode so that batch-norm running statistics are not updated (rollback
+    must be bitwise) and dropout does not make function-preservation checks noisy.
 
     :param model: the module tree.
     """

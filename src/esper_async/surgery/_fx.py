@@ -1,9 +1,10 @@
 """Rewiring traceable (sub)models through torch.fx: a zero-gated skip, or any graph transform.
 
-The module at ``scope`` is traced, the graph is edited, and a new ``fx.GraphModule`` replaces the module
-at ``scope``. The GraphModule shares the traced module's parameters and buffers by reference, so the
-optimizer keeps its state; submodules the graph no longer uses (and their parameters) leave the model.
-When ``scope`` is the root, the transaction's ``model`` becomes the GraphModule: read ``tx.model``.
+The module at ``scope`` is traced, the graph is edited, and a new ``fx.GraphModule`` replaces the
+module at ``scope``. The GraphModule shares the traced module's parameters and buffers by reference,
+so the optimizer keeps its state; submodules the graph no longer uses (and their parameters) leave
+the model. When ``scope`` is the root, the transaction's ``model`` becomes the GraphModule: read
+``tx.model``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ __all__ = ("AddSkip", "FxRewire", "trace")
 
 
 class _KeepTracer(fx.Tracer):
-    """The default fx tracer, except that the named submodules stay leaves (``call_module`` nodes)."""
+    """The default fx tracer, except that the named submodules stay leaves (``call_module``
+    nodes)."""
 
     def __init__(self, keep: set[str]) -> None:
         super().__init__()
@@ -42,7 +44,8 @@ def trace(module: nn.Module, *, keep: set[str] | None = None, operation: str) ->
     :param module: the module to trace.
     :param keep: qualified names (relative to ``module``) to keep as leaves.
     :param operation: the operation's description, for the error.
-    :raises SurgeryError: the module is not traceable (data-dependent control flow, unsupported calls).
+    :raises SurgeryError: the module is not traceable (data-dependent control flow, unsupported
+        calls).
     """
     tracer = _KeepTracer(keep or set())
     try:
@@ -68,11 +71,12 @@ def _relative(scope: str, path: str, operation: str) -> str:
 
 @dataclass(frozen=True)
 class AddSkip:
-    """Add ``gate * shortcut(output of source)`` to the output of ``destination`` (gate starts at zero).
+    """Add ``gate * shortcut(output of source)`` to the output of ``destination`` (gate starts at
+    zero).
 
-    ``source`` must run before ``destination`` in the forward pass of the module at ``scope``, which must
-    be traceable. The shortcut is an identity, a Linear or a strided 1×1 Conv2d, as the shapes need.
-    Function-preserving.
+    ``source`` must run before ``destination`` in the forward pass of the module at ``scope``, which
+    must be traceable. The shortcut is an identity, a Linear or a strided 1x1 Conv2d, as the shapes
+    need. Function-preserving.
 
     :param source: dotted name (from the root) of the module whose output the skip carries.
     :param destination: dotted name of the module whose output receives the skip.
@@ -101,7 +105,9 @@ class AddSkip:
         nodes = {n.target: n for n in graph_module.graph.nodes if n.op == "call_module"}
         order = {n: i for i, n in enumerate(graph_module.graph.nodes)}
         for rel in (rel_src, rel_dst):
-            calls = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == rel]
+            calls = [
+                n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == rel
+            ]
             if len(calls) != 1:
                 raise SurgeryError(
                     f"{operation}: {rel!r} is called {len(calls)} times in the traced graph of "
@@ -142,8 +148,9 @@ class AddSkip:
 class FxRewire:
     """Trace the module at ``scope`` and let ``transform`` edit its GraphModule in place.
 
-    ``transform`` may edit the graph and add submodules (``gm.add_submodule``); it must not write into
-    existing parameters or buffers (rollback relies on that). New parameters join the optimizer.
+    ``transform`` may edit the graph and add submodules (``gm.add_submodule``); it must not write
+    into existing parameters or buffers (rollback relies on that). New parameters join the
+    optimizer.
 
     :param transform: ``transform(gm)`` edits ``gm.graph``; the transaction lints and recompiles it.
     :param scope: dotted name of the module to trace (``""``: the root).
@@ -168,7 +175,9 @@ class FxRewire:
         except SurgeryError:
             raise
         except Exception as exc:
-            raise SurgeryError(f"{operation}: the transform failed: {exc}", operation=operation) from exc
+            raise SurgeryError(
+                f"{operation}: the transform failed: {exc}", operation=operation
+            ) from exc
         _finish(graph_module, operation)
         ctx.prefer_group_of(scoped)
         ctx.replace(self.scope, graph_module, operation=operation)

@@ -1,7 +1,7 @@
 """Small modules surgery inserts: identity-initialised layers, zero-gated residuals and shortcuts.
 
-Each is built so that, at the moment it is inserted, the host computes exactly what it computed before
-(function preservation): identity weights, or a learnable gate that starts at zero.
+Each is built so that, at the moment it is inserted, the host computes exactly what it computed
+before (function preservation): identity weights, or a learnable gate that starts at zero.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def identity_linear(features: int, *, bias: bool = True) -> nn.Linear:
 
 
 def identity_conv2d(channels: int, kernel_size: int = 3, *, bias: bool = True) -> nn.Conv2d:
-    """A ``channels → channels`` Conv2d (odd kernel, same padding) that starts as the identity (Dirac).
+    """A ``channels → channels`` Conv2d (odd kernel, same padding) that starts as the identity
+    (Dirac).
 
     :param channels: input and output channels.
     :param kernel_size: an odd kernel size.
@@ -63,7 +64,8 @@ def _zero_gate(like: torch.Tensor | None) -> nn.Parameter:
 
 
 class GatedResidual(nn.Module):
-    """``x + gate * block(x)`` with ``gate`` starting at zero: a block inserted without changing the output.
+    """``x + gate * block(x)`` with ``gate`` starting at zero: a block inserted without changing the
+    output.
 
     :param block: a module mapping ``x`` to a tensor of ``x``'s shape.
     :param like: a tensor whose device and dtype the gate takes.
@@ -79,7 +81,8 @@ class GatedResidual(nn.Module):
 
 
 class SkipAround(nn.Module):
-    """``body(x) + gate * shortcut(x)`` with ``gate`` starting at zero: a residual added around ``body``.
+    """``body(x) + gate * shortcut(x)`` with ``gate`` starting at zero: a residual added around
+    ``body``.
 
     :param body: the existing module.
     :param shortcut: maps ``x`` to ``body(x)``'s shape (an identity or a projection).
@@ -99,7 +102,8 @@ class SkipAround(nn.Module):
 
 
 class GatedShortcut(nn.Module):
-    """``gate * shortcut(x)`` with ``gate`` starting at zero; the fx skip adds this to a later output.
+    """``gate * shortcut(x)`` with ``gate`` starting at zero; the fx skip adds this to a later
+    output.
 
     :param shortcut: maps the source activation to the destination's shape.
     :param like: a tensor whose device and dtype the gate takes.
@@ -119,7 +123,7 @@ def shortcut_for(
 ) -> nn.Module:
     """A module mapping activations of shape ``source`` to shape ``target``.
 
-    Identity where the shapes agree; a Linear for ``(N, F)`` activations; a strided 1×1 Conv2d for
+    Identity where the shapes agree; a Linear for ``(N, F)`` activations; a strided 1x1 Conv2d for
     ``(N, C, H, W)`` activations whose spatial size shrinks by a whole factor.
 
     :param source: the input activation's shape (batch first).
@@ -140,6 +144,6 @@ def shortcut_for(
                 return nn.Conv2d(c_in, c_out, 1, stride=stride_h)
     raise SurgeryError(
         f"{operation}: incompatible shapes {tuple(source)} → {tuple(target)}: no identity, Linear "
-        "or strided 1×1 Conv2d maps one to the other",
+        "or strided 1x1 Conv2d maps one to the other",
         operation=operation,
     )

@@ -2,9 +2,10 @@
 
 An operation is a small frozen dataclass with ``preserves_function``, ``describe()`` and
 ``apply(ctx)``. ``apply`` runs inside a transaction and changes the model only through the
-:class:`~esper_async.surgery._context.SurgeryContext`, which journals every change for rollback; it never
-writes into an existing tensor or module (see ``_context``). The transaction adds new parameters to the
-optimizer and drops removed ones after each operation.
+:class:`~esper_async.surgery._context.SurgeryContext`, which journals every change for rollback; it
+    never
+writes into an existing tensor or module (see ``_context``). The transaction adds new parameters to
+the optimizer and drops removed ones after each operation.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ class SurgeryOperation(Protocol):
     def apply(self, ctx: SurgeryContext) -> None:
         """Change the model through ``ctx``.
 
-        :raises SurgeryError: the operation does not fit the model; the transaction undoes any part done.
+        :raises SurgeryError: the operation does not fit the model; the transaction undoes any part
+            done.
         """
         ...
 
 
 def place_like(new: nn.Module, reference: nn.Module, fallback: nn.Module) -> nn.Module:
-    """Move ``new`` to the device and floating dtype of ``reference``'s (else ``fallback``'s) parameters."""
+    """Move ``new`` to the device and floating dtype of ``reference``'s (else ``fallback``'s)
+    parameters."""
     anchor = next(iter(reference.parameters()), None)
     if anchor is None:
         anchor = next(iter(fallback.parameters()), None)
@@ -60,8 +63,8 @@ class InsertAfter:
     """Insert ``module`` right after the module at ``target`` (its output feeds ``module``).
 
     Inside an ``nn.Sequential`` the new module becomes the next entry (digit names are renumbered);
-    elsewhere the target is replaced by ``nn.Sequential(target, module)``. For function preservation use an
-    identity-initialised layer (:func:`identity_linear`, :func:`identity_conv2d`) or a
+    elsewhere the target is replaced by ``nn.Sequential(target, module)``. For function preservation
+    use an identity-initialised layer (:func:`identity_linear`, :func:`identity_conv2d`) or a
     :class:`GatedResidual` block.
 
     :param target: dotted name of the module to insert after.
@@ -112,9 +115,9 @@ class InsertAfter:
 class RemoveLayer:
     """Remove the module at ``target``, bridging its input to its output's shape.
 
-    The bridge is an identity where the module keeps the activation's shape, else a learned projection
-    (a Linear, or a strided 1×1 Conv2d) initialised by least squares to imitate the removed module on
-    the probe batch. Removal does not promise function preservation.
+    The bridge is an identity where the module keeps the activation's shape, else a learned
+    projection (a Linear, or a strided 1x1 Conv2d) initialised by least squares to imitate the
+    removed module on the probe batch. Removal does not promise function preservation.
 
     :param target: dotted name of the module to remove (not the root).
     :param bridge: ``"auto"`` (identity if shapes agree, else projection), ``"identity"`` or
@@ -135,7 +138,8 @@ class RemoveLayer:
         operation = self.describe()
         if self.bridge not in ("auto", "identity", "projection"):
             raise SurgeryError(
-                f"{operation}: bridge must be 'auto', 'identity' or 'projection'", operation=operation
+                f"{operation}: bridge must be 'auto', 'identity' or 'projection'",
+                operation=operation,
             )
         old = ctx.resolve(self.target, operation=operation)
         ctx.parent_of(self.target, operation=operation)
@@ -158,7 +162,8 @@ class RemoveLayer:
 def _tensor_call(
     ctx: SurgeryContext, module: nn.Module, operation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first tensor input and the tensor output of ``module``'s first call on the probe batch."""
+    """The first tensor input and the tensor output of ``module``'s first call on the probe
+    batch."""
     call = ctx.capture([module], operation=operation)[id(module)]
     if not call.args or not isinstance(call.args[0], torch.Tensor):
         raise SurgeryError(
@@ -167,14 +172,16 @@ def _tensor_call(
         )
     if not isinstance(call.output, torch.Tensor):
         raise SurgeryError(
-            f"{operation}: {type(module).__name__} does not return a single tensor", operation=operation
+            f"{operation}: {type(module).__name__} does not return a single tensor",
+            operation=operation,
         )
     return call.args[0], call.output
 
 
 @torch.no_grad()
 def _fit_least_squares(bridge: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Set a Linear or 1×1 Conv2d bridge to the least-squares map from ``x`` to ``y`` (float64, CPU)."""
+    """Set a Linear or 1x1 Conv2d bridge to the least-squares map from ``x`` to ``y`` (float64,
+    CPU)."""
     if isinstance(bridge, nn.Conv2d):
         stride = bridge.stride[0]
         x = x[:, :, ::stride, ::stride].permute(0, 2, 3, 1).reshape(-1, x.shape[1])
@@ -193,8 +200,8 @@ def _fit_least_squares(bridge: nn.Module, x: torch.Tensor, y: torch.Tensor) -> N
 class AddResidual:
     """Wrap the module at ``target`` as ``body(x) + gate * shortcut(x)``, the gate starting at zero.
 
-    The shortcut is an identity where ``target`` keeps the activation's shape, else a Linear or strided
-    1×1 Conv2d projection. Function-preserving.
+    The shortcut is an identity where ``target`` keeps the activation's shape, else a Linear or
+    strided 1x1 Conv2d projection. Function-preserving.
 
     :param target: dotted name of the module to wrap (not the root).
     """

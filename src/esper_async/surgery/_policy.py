@@ -1,10 +1,10 @@
 """A small policy that turns seed outcomes into surgery proposals for the controller.
 
-Rule: a host layer whose seeds keep fossilizing is short of capacity, so widen it. "Keep fossilizing"
-means at least ``fossil_threshold`` fossilizations at that layer within the last ``window_steps`` steps
-(since its last widening). Limits: a layer never grows past ``max_growth`` × the width it had when the
-policy first saw it, no proposal comes within ``cooldown_steps`` of the last surgery (committed or
-rejected), and at most ``max_operations`` proposals are committed in all.
+Rule: a host layer whose seeds keep fossilizing is short of capacity, so widen it. "Keep
+fossilizing" means at least ``fossil_threshold`` fossilizations at that layer within the last
+``window_steps`` steps (since its last widening). Limits: a layer never grows past ``max_growth`` x
+the width it had when the policy first saw it, no proposal comes within ``cooldown_steps`` of the
+last surgery (committed or rejected), and at most ``max_operations`` proposals are committed in all.
 
 The step counter is injected (``step=lambda: trainer.step``), so tests drive it by hand.
 """
@@ -31,7 +31,8 @@ class SurgeryPolicyConfig:
     """Limits of :class:`SurgeryPolicy`.
 
     :param fossil_threshold: fossilizations at one layer that trigger a widening proposal.
-    :param window_steps: only fossilizations this recent count (``None``: all since the last widening).
+    :param window_steps: only fossilizations this recent count (``None``: all since the last
+        widening).
     :param growth_factor: each widening multiplies the width by this (at least +1 unit).
     :param max_growth: a layer's width never exceeds this multiple of its first-seen width.
     :param cooldown_steps: steps after any surgery (committed or rejected) before the next proposal.
@@ -49,7 +50,8 @@ class SurgeryPolicyConfig:
     def __post_init__(self) -> None:
         if self.fossil_threshold < 1 or self.growth_factor <= 1.0 or self.max_growth < 1.0:
             raise SurgeryError(
-                "SurgeryPolicyConfig needs fossil_threshold >= 1, growth_factor > 1, max_growth >= 1",
+                "SurgeryPolicyConfig needs fossil_threshold >= 1, growth_factor > 1 and "
+                "max_growth >= 1",
                 operation="policy",
             )
         if self.cooldown_steps < 0 or (self.window_steps is not None and self.window_steps < 1):

@@ -6,12 +6,14 @@
     async with surgeon.transaction(model, optimizer, probe=batch) as tx:
         await tx.stage(Widen("fc1", 64))
         await tx.stage(InsertAfter("fc1", identity_linear(64)))
-    # committed: tx.report says what validation found; a failed check raised SurgeryError and rolled back
+    # committed; tx.report says what validation found. A failed check raised SurgeryError and
+    # rolled back.
 
-Resource handling: a transaction holds the surgeon's lock for its whole life (one writer of the model),
-takes a shallow snapshot of the optimizer and journals every structural change (``_context``). Rollback
-— on an exception in the block, on a failed validation, or on cancellation — is shielded from
-cancellation and restores parameters, buffers, structure and optimizer state bitwise.
+Resource handling: a transaction holds the surgeon's lock for its whole life (one writer of the
+model), takes a shallow snapshot of the optimizer and journals every structural change
+(``_context``). Rollback — on an exception in the block, on a failed validation, or on cancellation
+— is synchronous, so no checkpoint can interrupt it, and restores parameters, buffers, structure and
+optimizer state bitwise.
 
 Run transactions from the training task between steps (after ``optimizer.step()``, before the next
 forward), never while a step is in flight. Heavy work (probe forwards, least-squares fits) runs in a
@@ -165,10 +167,9 @@ class SurgeryTransaction:
                     operation=operation.describe(),
                 )
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                self._ctx.undo_to(mark)
-                if savepoint is not None:
-                    savepoint.restore()
+            self._ctx.undo_to(mark)
+            if savepoint is not None:
+                savepoint.restore()
             if isinstance(exc, SurgeryError):
                 raise
             if isinstance(exc, Exception):
@@ -204,8 +205,7 @@ class SurgeryTransaction:
     async def rollback(self) -> None:
         """Undo every staged operation now; leaving the block then changes nothing."""
         if self._open:
-            with anyio.CancelScope(shield=True):
-                self._rollback("explicit rollback")
+            self._rollback("explicit rollback")
 
     def _rollback(self, reason: str) -> None:
         self._ctx.undo_to(0)
@@ -229,8 +229,7 @@ class SurgeryTransaction:
         if not self._open:
             return
         if exc is not None:
-            with anyio.CancelScope(shield=True):
-                self._rollback(f"{type(exc).__name__} in the transaction block")
+            self._rollback(f"{type(exc).__name__} in the transaction block")
             return
         report = check_commit(
             self._ctx.model,
@@ -241,8 +240,7 @@ class SurgeryTransaction:
         )
         self.report = report
         if not report.ok:
-            with anyio.CancelScope(shield=True):
-                self._rollback("validation failed")
+            self._rollback("validation failed")
             raise SurgeryError(
                 "surgery rolled back, validation failed: " + "; ".join(report.problems),
                 operation="; ".join(self.operations),

@@ -1,15 +1,18 @@
-"""Validation of a staged architecture change: shapes, a probe forward, preservation, gradients, budget.
+"""Validation of a staged architecture change: shapes, a probe forward, preservation, gradients,
+budget.
 
-Each operation is checked where it acts: in the smallest module (the *region*) containing its changes.
-The region's input on the probe batch is recorded with the old structure (the probe forward stops as
-soon as the region has returned), then the new region runs on that input. Everything outside the region is
-unchanged, so if the region keeps its output shape, its output values where function preservation is
-promised, and a gradient path from its output to its parameters and its input, the whole model does too.
-This keeps validation of a change in one block of a ResNet-18 far cheaper than two full forward passes.
+Each operation is checked where it acts: in the smallest module (the *region*) containing its
+changes. The region's input on the probe batch is recorded with the old structure (the probe forward
+stops as soon as the region has returned), then the new region runs on that input. Everything
+outside the region is unchanged, so if the region keeps its output shape, its output values where
+function preservation is promised, and a gradient path from its output to its parameters and its
+input, the whole model does too. This keeps validation of a change in one block of a ResNet-18 far
+cheaper than two full forward passes.
 
 Validation runs in eval mode (batch-norm statistics untouched, dropout off) and never calls
-``backward``: the parameters' ``.grad`` fields are not written. Gradient reachability is read from the
-autograd graph: a parameter is reached when its ``AccumulateGrad`` node lies on a path from the output.
+``backward``: the parameters' ``.grad`` fields are not written. Gradient reachability is read from
+the autograd graph: a parameter is reached when its ``AccumulateGrad`` node lies on a path from the
+output.
 """
 
 from __future__ import annotations
@@ -66,12 +69,14 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class RegionCheck:
-    """What validation found for one staged operation, in the smallest module containing its changes.
+    """What validation found for one staged operation, in the smallest module containing its
+    changes.
 
     :ivar operation: the operation's description.
     :ivar region: dotted name of that module (``""``: the root).
     :ivar problems: one sentence per failed check.
-    :ivar max_abs_diff: largest output change where function preservation was checked, else ``None``.
+    :ivar max_abs_diff: largest output change where function preservation was checked, else
+        ``None``.
     :ivar unreached: names (within the region) of trainable parameters no gradient reaches.
     """
 
@@ -124,7 +129,8 @@ def footprint(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tupl
 
 
 def _reached(outputs: Iterable[torch.Tensor]) -> set[int]:
-    """Ids of the leaf tensors whose ``AccumulateGrad`` nodes the outputs' autograd graph reaches."""
+    """Ids of the leaf tensors whose ``AccumulateGrad`` nodes the outputs' autograd graph
+    reaches."""
     outputs = list(outputs)
     stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
     seen: set[Any] = set()
@@ -166,9 +172,9 @@ def check_region(
 ) -> RegionCheck:
     """Run the changed region on the input it had before the change, and check the result.
 
-    The rest of the model is untouched, so a region that keeps its output shape (and, where promised,
-    its output values) and passes gradients from its output to its parameters and its input keeps the
-    whole model's forward pass, output and gradient flow intact.
+    The rest of the model is untouched, so a region that keeps its output shape (and, where
+    promised, its output values) and passes gradients from its output to its parameters and its
+    input keeps the whole model's forward pass, output and gradient flow intact.
 
     :param model: the root module, after the change.
     :param region: dotted name of the smallest module containing the change.
@@ -197,10 +203,14 @@ def check_region(
     elif not all(bool(torch.isfinite(t).all()) for t in outputs):
         problems.append(f"the output of {region or 'root'!r} has non-finite values")
     elif preserves_function:
-        max_diff = max(
-            (float((o.detach() - r).abs().max()) if o.numel() else 0.0)
-            for o, r in zip(outputs, before, strict=True)
-        ) if outputs else 0.0
+        max_diff = (
+            max(
+                (float((o.detach() - r).abs().max()) if o.numel() else 0.0)
+                for o, r in zip(outputs, before, strict=True)
+            )
+            if outputs
+            else 0.0
+        )
         if not all(
             torch.allclose(o.detach(), r, rtol=config.rtol, atol=config.atol)
             for o, r in zip(outputs, before, strict=True)
@@ -212,7 +222,9 @@ def check_region(
     if config.check_gradients and not problems:
         reached = _reached(outputs)
         unreached = tuple(
-            name for name, p in module.named_parameters() if p.requires_grad and id(p) not in reached
+            name
+            for name, p in module.named_parameters()
+            if p.requires_grad and id(p) not in reached
         )
         if unreached:
             problems.append(f"no gradient reaches {len(unreached)} parameter(s): {unreached[:5]}")
@@ -233,7 +245,8 @@ def check_commit(
     parameters_before: int,
     config: ValidationConfig,
 ) -> ValidationReport:
-    """The transaction-level checks: the optimizer steps every trainable parameter; the budget holds.
+    """The transaction-level checks: the optimizer steps every trainable parameter; the budget
+    holds.
 
     :param model: the model after every staged operation.
     :param optimizer: its optimizer, or ``None``.
@@ -255,10 +268,12 @@ def check_commit(
 def _budget_problems(budget: SurgeryBudget, before: int, after: int, size: int) -> list[str]:
     problems = []
     if budget.max_parameters is not None and after > budget.max_parameters:
-        problems.append(f"{after} trainable parameters exceed the budget of {budget.max_parameters}")
+        problems.append(
+            f"{after} trainable parameters exceed the budget of {budget.max_parameters}"
+        )
     if budget.max_growth is not None and after > budget.max_growth * before:
         problems.append(
-            f"{after} trainable parameters exceed {budget.max_growth}× the {before} before"
+            f"{after} trainable parameters exceed {budget.max_growth}x the {before} before"
         )
     if budget.max_bytes is not None and size > budget.max_bytes:
         problems.append(f"{size} bytes of model and optimizer state exceed {budget.max_bytes}")

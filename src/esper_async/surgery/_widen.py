@@ -1,16 +1,17 @@
-"""Net2Wider: widen a Linear or Conv2d (and the batch norms and consumers it feeds), preserving function.
+"""Net2Wider: widen a Linear or Conv2d (and the batch norms and consumers it feeds), preserving
+function.
 
 Widening ``producer`` from ``n`` to ``m`` units maps each new unit ``j`` to an old unit ``g(j)``
 (``g(j) = j`` for ``j < n``, a random old unit otherwise). The producer's rows (and any batch norm's
-per-channel parameters and statistics) are copied along ``g``; each consumer's input columns are copied
-along ``g`` and multiplied by fractions ``f_j`` that sum to one over the replicas of a unit, so
-``Σ_j f_j · V[:, g(j)] · h_{g(j)} = V · h``: the output is unchanged. The fractions are drawn at random
-rather than ``1/count`` so that the replicas receive different gradients and can diverge (symmetry
-breaking without noise, hence exact preservation).
+per-channel parameters and statistics) are copied along ``g``; each consumer's input columns are
+copied along ``g`` and multiplied by fractions ``f_j`` that sum to one over the replicas of a unit,
+so ``Σ_j f_j · V[:, g(j)] · h_{g(j)} = V · h``: the output is unchanged. The fractions are drawn at
+random rather than ``1/count`` so that the replicas receive different gradients and can diverge
+(symmetry breaking without noise, hence exact preservation).
 
-Optimizer state is carried along ``g`` too. A consumer column's gradient equals the original column's, so
-its moments are copied; a producer replica's gradient is ``f_j`` times the original's, so first moments
-are scaled by ``f_j`` and second moments by ``f_j²``.
+Optimizer state is carried along ``g`` too. A consumer column's gradient equals the original
+column's, so its moments are copied; a producer replica's gradient is ``f_j`` times the original's,
+so first moments are scaled by ``f_j`` and second moments by ``f_j²``.
 """
 
 from __future__ import annotations
@@ -22,26 +23,54 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._exceptions import SurgeryError
 from ._context import SurgeryContext
 
 __all__ = ("Widen", "find_consumers")
 
-# Modules and functions that act on each unit independently: a widened unit's replicas stay replicas.
+# Modules and functions acting on each unit independently: a widened unit's replicas stay replicas.
 _ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Dropout,
-    nn.Dropout2d, nn.Identity, nn.Hardswish, nn.Mish, nn.Softplus,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Softplus,
 )
 _ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.dropout, F.hardswish, F.mish,
-    torch.relu, torch.tanh, torch.sigmoid, torch.sigmoid_, torch.relu_, F.relu_,
-    F.softplus, F.dropout2d,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.gelu,
+    F.silu,
+    F.elu,
+    F.dropout,
+    F.hardswish,
+    F.mish,
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+    torch.sigmoid_,
+    torch.relu_,
+    F.relu_,
+    F.softplus,
+    F.dropout2d,
 }
 _ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "sigmoid", "clamp", "clamp_min"}
 # Optimizer state entries that are running means of squared gradients (scaled by f² on producers).
 _SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_Layer = nn.Linear | nn.Conv2d
 
 
 class _ChildLeafTracer(fx.Tracer):
@@ -68,9 +97,9 @@ def find_consumers(
     :param width: the producer's current output width.
     :param operation: the operation's description, for errors.
     :return: ``(norm_paths, consumer_paths)`` as dotted names from the root.
-    :raises SurgeryError: the parent cannot be traced, or the output reaches something whose input width
-        cannot simply grow (an addition, a concatenation, a reshape, the parent's output); pass
-        ``consumers=`` (and ``norms=``) explicitly then.
+    :raises SurgeryError: the parent cannot be traced, or the output reaches something whose input
+        width cannot simply grow (an addition, a concatenation, a reshape, the parent's output);
+        pass ``consumers=`` (and ``norms=``) explicitly then.
     """
     parent_path, _, name = target.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -112,12 +141,15 @@ def find_consumers(
             )
         frontier.extend(node.users)
     if not consumers:
-        raise SurgeryError(f"{operation}: {target!r} feeds no consumer; {hint}", operation=operation)
+        raise SurgeryError(
+            f"{operation}: {target!r} feeds no consumer; {hint}", operation=operation
+        )
     return sorted(set(norms)), sorted(set(consumers))
 
 
 def _classify(parent: nn.Module, node: fx.Node, width: int) -> str | None:
-    """``"consumer"``, ``"norm"``, ``"pass"`` (elementwise) or ``None`` (unsupported) for one fx node."""
+    """``"consumer"``, ``"norm"``, ``"pass"`` (elementwise) or ``None`` (unsupported) for one fx
+    node."""
     if node.op == "call_module":
         module = parent.get_submodule(str(node.target))
         if isinstance(module, nn.Linear) and module.in_features == width:
@@ -144,10 +176,10 @@ class Widen:
 
     :param target: dotted name of a Linear, or a Conv2d with ``groups == 1``.
     :param width: the new number of output features or channels (larger than the current one).
-    :param consumers: dotted names of the layers that read ``target``'s output; found with torch.fx when
-        omitted.
-    :param norms: dotted names of batch norms between ``target`` and its consumers (only read together
-        with ``consumers``).
+    :param consumers: dotted names of the layers that read ``target``'s output; found with torch.fx
+        when omitted.
+    :param norms: dotted names of batch norms between ``target`` and its consumers (only read
+        together with ``consumers``).
     :param seed: seeds the choice of replicated units and split fractions (reproducible surgery).
     """
 
@@ -171,7 +203,8 @@ class Widen:
         old_width = _width_of(producer, operation)
         if self.width <= old_width:
             raise SurgeryError(
-                f"{operation}: the new width must exceed the current {old_width}", operation=operation
+                f"{operation}: the new width must exceed the current {old_width}",
+                operation=operation,
             )
         if self.consumers is None:
             norm_paths, consumer_paths = find_consumers(
@@ -184,6 +217,7 @@ class Widen:
         norms = [ctx.resolve(p, operation=operation) for p in norm_paths]
         consumers = [ctx.resolve(p, operation=operation) for p in consumer_paths]
         _check_fit(norm_paths, norms, consumer_paths, consumers, old_width, operation)
+        assert isinstance(producer, (nn.Linear, nn.Conv2d))
 
         weight = producer.weight
         mapping, fractions = _replication(old_width, self.width, self.seed, weight.device)
@@ -191,8 +225,10 @@ class Widen:
         new_producer = _widened_producer(producer, mapping)
         swaps.append((self.target, producer, new_producer))
         for path, norm in zip(norm_paths, norms, strict=True):
+            assert isinstance(norm, _BatchNorm)
             swaps.append((path, norm, _widened_norm(norm, mapping)))
         for path, consumer in zip(consumer_paths, consumers, strict=True):
+            assert isinstance(consumer, (nn.Linear, nn.Conv2d))
             swaps.append((path, consumer, _widened_consumer(consumer, mapping, fractions)))
 
         for path, old, new in swaps:
@@ -234,7 +270,9 @@ def _check_fit(
             )
     for path, consumer in zip(consumer_paths, consumers, strict=True):
         fits = (isinstance(consumer, nn.Linear) and consumer.in_features == width) or (
-            isinstance(consumer, nn.Conv2d) and consumer.groups == 1 and consumer.in_channels == width
+            isinstance(consumer, nn.Conv2d)
+            and consumer.groups == 1
+            and consumer.in_channels == width
         )
         if not fits:
             raise SurgeryError(
@@ -247,7 +285,8 @@ def _check_fit(
 def _replication(
     old: int, new: int, seed: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unit map ``g`` (long, length ``new``) and split fractions ``f`` (float64, sum 1 per unit)."""
+    """The unit map ``g`` (long, length ``new``) and split fractions ``f`` (float64, sum 1 per
+    unit)."""
     generator = torch.Generator().manual_seed(seed)
     extra = torch.randint(0, old, (new - old,), generator=generator)
     mapping = torch.cat([torch.arange(old), extra])
@@ -258,75 +297,89 @@ def _replication(
     return mapping.to(device), (shares / totals[mapping]).to(device)
 
 
-def _widened_producer(producer: nn.Module, mapping: torch.Tensor) -> nn.Module:
+def _param(data: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    """A new parameter holding ``data`` (no copy), trainable exactly when ``like`` is."""
+    return nn.Parameter(data, requires_grad=like.requires_grad)
+
+
+@torch.no_grad()
+def _widened_producer(producer: _Layer, mapping: torch.Tensor) -> _Layer:
     weight, bias = producer.weight, producer.bias
+    # skip_init: the new module's storage is overwritten at once, so random init would be wasted.
     kwargs: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
-    new: nn.Module
+    new: _Layer
     if isinstance(producer, nn.Linear):
         new = nn.utils.skip_init(
             nn.Linear, producer.in_features, len(mapping), bias=bias is not None, **kwargs
         )
     else:
-        assert isinstance(producer, nn.Conv2d)
         new = nn.utils.skip_init(
-            nn.Conv2d, producer.in_channels, len(mapping), producer.kernel_size,
-            stride=producer.stride, padding=producer.padding, dilation=producer.dilation,
-            bias=bias is not None, padding_mode=producer.padding_mode, **kwargs,
+            nn.Conv2d,
+            producer.in_channels,
+            len(mapping),
+            producer.kernel_size,
+            stride=producer.stride,
+            padding=producer.padding,
+            dilation=producer.dilation,
+            bias=bias is not None,
+            padding_mode=producer.padding_mode,
+            **kwargs,
         )
-    with torch.no_grad():
-        new.weight.copy_(weight.index_select(0, mapping))
-        if bias is not None:
-            new.bias.copy_(bias.index_select(0, mapping))
-    new.weight.requires_grad_(weight.requires_grad)
+    new.weight = _param(weight.index_select(0, mapping), weight)
     if bias is not None:
-        new.bias.requires_grad_(bias.requires_grad)
+        new.bias = _param(bias.index_select(0, mapping), bias)
     return new
 
 
-def _widened_norm(norm: nn.Module, mapping: torch.Tensor) -> nn.Module:
-    assert isinstance(norm, _NORMS)
+@torch.no_grad()
+def _widened_norm(norm: _BatchNorm, mapping: torch.Tensor) -> _BatchNorm:
     anchor = norm.weight if norm.weight is not None else norm.running_mean
     new = nn.utils.skip_init(
-        type(norm), len(mapping), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+        type(norm),
+        len(mapping),
+        eps=norm.eps,
+        momentum=norm.momentum,
+        affine=norm.affine,
         track_running_stats=norm.track_running_stats,
         device=None if anchor is None else anchor.device,
         dtype=None if anchor is None else anchor.dtype,
     )
-    with torch.no_grad():
-        for key in ("weight", "bias"):
-            old = getattr(norm, key)
-            if old is not None:
-                getattr(new, key).copy_(old.index_select(0, mapping))
-                getattr(new, key).requires_grad_(old.requires_grad)
-        if norm.track_running_stats:
-            new.running_mean.copy_(norm.running_mean.index_select(0, mapping))
-            new.running_var.copy_(norm.running_var.index_select(0, mapping))
-            new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    if norm.weight is not None and norm.bias is not None:
+        new.weight = _param(norm.weight.index_select(0, mapping), norm.weight)
+        new.bias = _param(norm.bias.index_select(0, mapping), norm.bias)
+    if norm.running_mean is not None and norm.running_var is not None:
+        new.running_mean = norm.running_mean.index_select(0, mapping)
+        new.running_var = norm.running_var.index_select(0, mapping)
+    if norm.num_batches_tracked is not None:
+        new.num_batches_tracked = norm.num_batches_tracked.clone()
     return new
 
 
-def _widened_consumer(
-    consumer: nn.Module, mapping: torch.Tensor, fractions: torch.Tensor
-) -> nn.Module:
+@torch.no_grad()
+def _widened_consumer(consumer: _Layer, mapping: torch.Tensor, fractions: torch.Tensor) -> _Layer:
     weight = consumer.weight
     kwargs: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
-    new: nn.Module
+    new: _Layer
     if isinstance(consumer, nn.Linear):
         new = nn.utils.skip_init(
             nn.Linear, len(mapping), consumer.out_features, bias=consumer.bias is not None, **kwargs
         )
         scale = fractions.to(weight.dtype).view(1, -1)
     else:
-        assert isinstance(consumer, nn.Conv2d)
         new = nn.utils.skip_init(
-            nn.Conv2d, len(mapping), consumer.out_channels, consumer.kernel_size,
-            stride=consumer.stride, padding=consumer.padding, dilation=consumer.dilation,
-            bias=consumer.bias is not None, padding_mode=consumer.padding_mode, **kwargs,
+            nn.Conv2d,
+            len(mapping),
+            consumer.out_channels,
+            consumer.kernel_size,
+            stride=consumer.stride,
+            padding=consumer.padding,
+            dilation=consumer.dilation,
+            bias=consumer.bias is not None,
+            padding_mode=consumer.padding_mode,
+            **kwargs,
         )
         scale = fractions.to(weight.dtype).view(1, -1, 1, 1)
-    with torch.no_grad():
-        new.weight.copy_(weight.index_select(1, mapping) * scale)
-    new.weight.requires_grad_(weight.requires_grad)
+    new.weight = _param(weight.index_select(1, mapping).mul_(scale), weight)
     if consumer.bias is not None:
         new.bias = consumer.bias  # unchanged in shape and value: the same Parameter carries over
     return new
