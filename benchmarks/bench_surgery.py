@@ -2,10 +2,12 @@
 
 Model: a ResNet-18 built here (BasicBlock x[2, 2, 2, 2], 64-512 channels, 11.7 M parameters; no
 torchvision) with an Adam optimizer that has taken one step (so moments exist and are carried). Each
-sample is one whole transaction: snapshot, the operation, commit validation (probe forward with the
-function-preservation check, gradient reachability, budget) — then the change is rolled back outside
-the timed region so every sample starts from the same model. Rollback is timed separately: a
-transaction whose block raises after staging a widening.
+sample is one whole transaction: snapshot, the operation, its validation (the changed region on the
+probe batch: shapes, function preservation, gradient reachability) and the commit checks (optimizer
+coverage, budget). The change is then undone outside the timed region, so every sample starts from
+the same model. Rollback is timed separately: a transaction whose block raises after staging a
+widening; the baseline it is compared with is the naive snapshot (``copy.deepcopy`` of the model and
+of the optimizer's state dict) that the journal avoids.
 
 Usage: ``python benchmarks/bench_surgery.py [--quick] [--threads N] [--out PATH]``
 """
@@ -13,7 +15,9 @@ Usage: ``python benchmarks/bench_surgery.py [--quick] [--threads N] [--out PATH]
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -115,10 +119,12 @@ class _Abort(Exception):
 
 
 async def measure(quick: bool) -> dict[str, Any]:
+    load_start = round(os.getloadavg()[0], 2)  # other work on a shared machine inflates timings
     torch.manual_seed(0)
     model = ResNet18()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch, size = (2, 32) if quick else (4, 64)
+    # A probe is a handful of samples: enough to check shapes, values and gradient paths.
+    batch, size = 2, 32
     probe = torch.randn(batch, 3, size, size)
     model(torch.randn(batch, 3, size, size)).square().mean().backward()
     optimizer.step()
@@ -136,7 +142,6 @@ async def measure(quick: bool) -> dict[str, Any]:
         results[name] = {"p50_ms": statistics.median(commit_ms), "max_ms": max(commit_ms)}
     rollback_ms: list[float] = []
     for _ in range(repeats):
-        started = time.perf_counter()
         try:
             async with surgeon.transaction(model, optimizer, probe=probe) as tx:
                 await tx.stage(Widen("layer2.0.conv1", 160))
@@ -145,7 +150,13 @@ async def measure(quick: bool) -> dict[str, Any]:
         except _Abort:
             pass
         rollback_ms.append((time.perf_counter() - staged) * 1e3)
-        del started
+    # Baseline: the naive snapshot the journal avoids (deep copies of model and optimizer state).
+    deepcopy_ms: list[float] = []
+    for _ in range(max(3, repeats // 4)):
+        started = time.perf_counter()
+        copy.deepcopy(model)
+        copy.deepcopy(optimizer.state_dict())
+        deepcopy_ms.append((time.perf_counter() - started) * 1e3)
     forward_ms: list[float] = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -166,6 +177,10 @@ async def measure(quick: bool) -> dict[str, Any]:
         "op_max_ms": {name: round(r["max_ms"], 3) for name, r in results.items()},
         "op_max_p50_ms": max(op_p50.values()),
         "rollback_p50_ms": round(statistics.median(rollback_ms), 3),
+        "baseline_deepcopy_snapshot_p50_ms": round(statistics.median(deepcopy_ms), 3),
+        "rollback_speedup_vs_deepcopy_snapshot": round(
+            statistics.median(deepcopy_ms) / statistics.median(rollback_ms), 1
+        ),
         "probe_forward_p50_ms": round(statistics.median(forward_ms), 3),
         "seed_target_ms": 100,
         "goal_ms": 20,
@@ -173,6 +188,7 @@ async def measure(quick: bool) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
     }
 
 
