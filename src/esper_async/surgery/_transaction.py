@@ -138,10 +138,14 @@ class SurgeryTransaction:
 
     async def __aenter__(self) -> SurgeryTransaction:
         await self._surgeon._lock.acquire()
-        self._started = time.perf_counter()
-        if self._ctx.optimizer is not None:
-            self._snapshot = OptimizerSnapshot(self._ctx.optimizer)
-        self._parameters_before = footprint(self._ctx.model, None)[0]
+        try:
+            self._started = time.perf_counter()
+            if self._ctx.optimizer is not None:
+                self._snapshot = OptimizerSnapshot(self._ctx.optimizer)
+            self._parameters_before = footprint(self._ctx.model, None)[0]
+        except BaseException:
+            self._surgeon._lock.release()
+            raise
         self._open = True
         return self
 
