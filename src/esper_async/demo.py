@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .compiler import BlueprintCompiler
 from .controller import ControllerConfig, EpochReport, HeuristicController
 from .data import digits_loaders
 from .seeds import SeedState, wrap
@@ -89,14 +90,18 @@ def evaluate_accuracy(model: nn.Module, loader: object) -> float:
 ProgressFn = Callable[[str, EpochReport, FitResult], None]
 
 
-async def _run(label: str, cfg: DemoConfig, grow: bool, progress: ProgressFn | None) -> RunSummary:
+async def _run(
+    label: str, cfg: DemoConfig, grow: bool, progress: ProgressFn | None,
+    compiler: BlueprintCompiler,
+) -> RunSummary:
     torch.manual_seed(cfg.seed)
     data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed, limit=cfg.limit)
     model = DigitsHost()
     if grow:
         wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
     trainer = Trainer(
-        model, grow=grow, seed=cfg.seed, controller=HeuristicController(cfg.controller)
+        model, grow=grow, seed=cfg.seed, controller=HeuristicController(cfg.controller),
+        compiler=compiler,
     )
     fit = await trainer.fit(
         data.train, data.val, epochs=cfg.epochs,
@@ -113,14 +118,23 @@ async def _run(label: str, cfg: DemoConfig, grow: bool, progress: ProgressFn | N
     )
 
 
-async def run_demo(config: DemoConfig | None = None, *, progress: ProgressFn | None = None) -> DemoResult:
+async def run_demo(
+    config: DemoConfig | None = None, *, progress: ProgressFn | None = None,
+    compiler: BlueprintCompiler | None = None,
+) -> DemoResult:
     """Train the digits host statically, then with growth, from the same seed.
+
+    The compiler's worker processes start while the static run trains, so the growth run finds
+    them warm.
 
     :param config: demo options.
     :param progress: called after every epoch of either run with its label (``"static"`` or
         ``"growth"``), the epoch's report and the run so far.
+    :param compiler: the compiler for the growth run (default: a new one).
     """
     cfg = config or DemoConfig()
-    static = await _run("static", cfg, False, progress)
-    growth = await _run("growth", cfg, True, progress)
+    async with compiler or BlueprintCompiler() as compiler:
+        static = await _run("static", cfg, False, progress, compiler)
+        await compiler.wait_ready()
+        growth = await _run("growth", cfg, True, progress, compiler)
     return DemoResult(static=static, growth=growth)

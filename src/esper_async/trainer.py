@@ -9,6 +9,7 @@ boundary. CPU steps run in a worker thread so the event loop stays free.
 from __future__ import annotations
 
 import time
+from contextlib import AsyncExitStack
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,9 @@ class Trainer:
     :param grow: whether to grow at all (``False`` trains the host statically).
     :param device: where the model and batches live.
     :param seed: RNG seed of the kernels' initial weights.
+    :param graft_deadline_epochs: a kernel still compiling this many epochs after its seed
+        germinated is waited for at the epoch boundary, so slow compiles (a loaded machine) delay
+        growth by a bounded amount instead of leaving seeds behind; ``None`` never waits.
     """
 
     def __init__(
@@ -129,20 +133,24 @@ class Trainer:
         grow: bool = True,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        graft_deadline_epochs: int | None = 2,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
         self.loss_fn = loss_fn
         self.controller: Controller = controller or HeuristicController()
-        self.compiler = compiler or BlueprintCompiler(device_kind=self.device.type)
+        self.compiler = compiler or BlueprintCompiler(device=str(self.device))
         self.grow = grow
         self.seed = seed
+        self.graft_deadline_epochs = graft_deadline_epochs
         self.slots: dict[str, SeedSlot] = find_slots(model)
         self.step = 0
         self.epoch = 0
         self._steps_per_epoch = 1
         self._result = FitResult()
+        # Deserialising an exported program is not safe to run twice at once in one process.
+        self._load_limiter = anyio.CapacityLimiter(1)
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -166,7 +174,12 @@ class Trainer:
         self._steps_per_epoch = max(1, len(train_loader))  # type: ignore[arg-type]
         started = time.perf_counter()
         send, ready = anyio.create_memory_object_stream[_Compiled](_READY_BUFFER)
-        async with anyio.create_task_group() as tg, send, ready:
+        async with AsyncExitStack() as stack:
+            if self.grow:
+                await stack.enter_async_context(self.compiler)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            await stack.enter_async_context(send)
+            await stack.enter_async_context(ready)
             for epoch in range(epochs):
                 self.epoch = epoch
                 self.model.train()
@@ -183,6 +196,7 @@ class Trainer:
                 )
                 for slot in self.slots.values():
                     slot.lifecycle.epochs_in_state += 1
+                await self._await_late_kernels(ready)
                 if self.grow:
                     for decision in self.controller.decide(report, result.history, self.slots):
                         self._apply(decision, tg, send)
@@ -294,7 +308,9 @@ class Trainer:
         async with send:
             try:
                 kernel = await self.compiler.compile(blueprint, contract, seed=self.seed)
-                module = load_kernel(kernel, device=self.device)
+                module = await anyio.to_thread.run_sync(
+                    lambda: load_kernel(kernel, device=self.device), limiter=self._load_limiter
+                )
             except EsperError as exc:
                 log.warning("compile failed", slot=slot, blueprint=blueprint.name, error=str(exc))
                 await send.send(_Compiled(slot, blueprint, None, None, exc))
@@ -305,17 +321,31 @@ class Trainer:
         """Graft every kernel that finished compiling (called between steps only)."""
         while True:
             try:
-                done = ready.receive_nowait()
+                self._graft(ready.receive_nowait())
             except anyio.WouldBlock:
                 return
-            slot = self.slots[done.slot]
-            if slot.state is not SeedState.GERMINATED or slot.blueprint != done.blueprint:
-                continue  # the slot moved on (e.g. culled) while the kernel compiled
-            if done.module is None or done.kernel is None:
-                self._cull(slot, f"compile failed: {done.error}")
-                continue
-            self._tracked(slot, slot.graft, done.module, done.kernel.kernel_id)
-            add_module_params(self.optimizer, done.module)
+
+    async def _await_late_kernels(self, ready: MemoryObjectReceiveStream[_Compiled]) -> None:
+        """Wait for kernels whose seeds germinated ``graft_deadline_epochs`` or more epochs ago."""
+        deadline = self.graft_deadline_epochs
+        if deadline is None:
+            return
+        while any(
+            s.state is SeedState.GERMINATED and s.lifecycle.epochs_in_state >= deadline
+            for s in self.slots.values()
+        ):
+            # Every compile task sends exactly one message (kernel or error), so this ends.
+            self._graft(await ready.receive())
+
+    def _graft(self, done: _Compiled) -> None:
+        slot = self.slots[done.slot]
+        if slot.state is not SeedState.GERMINATED or slot.blueprint != done.blueprint:
+            return  # the slot moved on (e.g. culled) while the kernel compiled
+        if done.module is None or done.kernel is None:
+            self._cull(slot, f"compile failed: {done.error}")
+            return
+        self._tracked(slot, slot.graft, done.module, done.kernel.kernel_id)
+        add_module_params(self.optimizer, done.module)
 
     def param_count(self) -> int:
         """Trainable parameters of the model now, seeds included."""

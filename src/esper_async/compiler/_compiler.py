@@ -1,34 +1,186 @@
-"""``BlueprintCompiler``: turns a blueprint into a kernel without blocking the event loop."""
+"""``BlueprintCompiler``: blueprints become validated kernels in worker processes.
+
+Resource handling: open it with ``async with`` (the trainer does this for you); it owns a
+:class:`~esper_async.compiler.ProcessPool` whose workers start in the background as it opens.
+Leaving the block cancels compiles in flight and stops the workers.
+
+Error handling: every failure maps to one typed error carrying the blueprint:
+:class:`~esper_async.BlueprintError` (malformed, or does not fit the slot; raised before any work),
+:class:`~esper_async.CompileError` (export failed, or the worker died twice),
+:class:`~esper_async.CompileTimeoutError`, :class:`~esper_async.KernelValidationError` (with the
+report). Nothing is persisted for a failed compile, and the pool stays usable.
+"""
 
 from __future__ import annotations
 
-import anyio
+import hashlib
+import os
+from collections.abc import Sequence
+from types import TracebackType
 
+import structlog
+
+from .._exceptions import (
+    BlueprintError,
+    CompileError,
+    CompileTimeoutError,
+    KernelIntegrityError,
+    KernelValidationError,
+)
 from ..blueprints import Blueprint, SlotContract
-from ..kernels import Kernel, export_kernel
+from ..kernels import Kernel, KernelMetadata
+from ._job import CompileOutcome, CompileRequest, compile_job
+from ._optimizer import OptimizerOptions
+from ._pool import CompileExecutor, ProcessPool, WorkerDiedError, WorkerError
 
-__all__ = ("BlueprintCompiler",)
+__all__ = ("BlueprintCompiler", "default_workers")
+
+log = structlog.get_logger(__name__)
+
+
+def default_workers() -> int:
+    """One worker per two cores, at least one: training keeps the rest."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 class BlueprintCompiler:
-    """Compile blueprints into kernels in a worker thread.
+    """Compile blueprints into validated kernels without blocking the event loop.
 
-    :param device_kind: the device kind kernels are built for.
+    Example::
+
+        async with BlueprintCompiler() as compiler:
+            kernel = await compiler.compile(Blueprint("mlp"), SlotContract("linear", (64,)))
+
+    :param device: the device kernels are optimised for (``"cpu"``, ``"cuda"``).
+    :param workers: size of the worker pool (default: :func:`default_workers`).
+    :param threads_per_worker: torch threads in each worker.
+    :param timeout: seconds one compile may take before it is cancelled.
+    :param retries: fresh-worker retries after a worker dies mid-compile.
+    :param options: what the kernel optimizer may try.
+    :param imports: modules workers import first (where user blueprint families are registered).
+    :param executor: run jobs here instead of a new process pool.
     """
 
-    def __init__(self, *, device_kind: str = "cpu") -> None:
-        self.device_kind = device_kind
-        # torch.export keeps tracing state that is not safe to share between threads.
-        self._limiter = anyio.CapacityLimiter(1)
-
-    async def compile(self, blueprint: Blueprint, contract: SlotContract, *, seed: int = 0) -> Kernel:
-        """Compile ``blueprint`` for a slot with ``contract``.
-
-        :raises BlueprintError: if the blueprint does not fit the contract.
-        :raises CompileError: if the export fails.
-        """
-        blueprint.check_fits(contract)
-        return await anyio.to_thread.run_sync(
-            lambda: export_kernel(blueprint, contract, seed=seed, device_kind=self.device_kind),
-            limiter=self._limiter,
+    def __init__(
+        self,
+        *,
+        device: str = "cpu",
+        workers: int | None = None,
+        threads_per_worker: int = 1,
+        timeout: float = 120.0,
+        retries: int = 1,
+        options: OptimizerOptions | None = None,
+        imports: Sequence[str] = (),
+        executor: CompileExecutor | None = None,
+    ) -> None:
+        self.device = device
+        self.timeout = timeout
+        self.retries = retries
+        self.options = options or OptimizerOptions()
+        self.executor: CompileExecutor = executor or ProcessPool(
+            workers or default_workers(), threads=threads_per_worker, imports=imports
         )
+        self._depth = 0
+
+    @property
+    def device_kind(self) -> str:
+        """``"cpu"`` or ``"cuda"``."""
+        return self.device.split(":")[0]
+
+    async def __aenter__(self) -> BlueprintCompiler:
+        # Re-entrant: a trainer enters the compiler it was given, and a user may hold it open
+        # across several fits to keep warm workers.
+        if self._depth == 0:
+            await self.executor.__aenter__()
+        self._depth += 1
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            await self.executor.__aexit__(exc_type, exc, tb)
+
+    async def wait_ready(self) -> None:
+        """Wait until the worker processes started at opening are ready to compile."""
+        wait = getattr(self.executor, "wait_ready", None)
+        if wait is not None:
+            await wait()
+
+    async def compile(
+        self, blueprint: Blueprint, contract: SlotContract, *, seed: int = 0,
+        timeout: float | None = None, trace_carrier: dict[str, str] | None = None,
+    ) -> Kernel:
+        """Compile ``blueprint`` for a slot with ``contract`` in a worker process.
+
+        :param seed: RNG seed of the kernel's initial weights.
+        :param timeout: override of the compiler's timeout for this call.
+        :param trace_carrier: W3C trace context to continue inside the worker.
+        :raises BlueprintError: if the blueprint does not fit the contract.
+        :raises CompileError: if export fails or the worker dies on every retry.
+        :raises CompileTimeoutError: if the compile runs past its timeout.
+        :raises KernelValidationError: if the kernel disagrees with its eager reference.
+        """
+        if self._depth == 0:
+            raise CompileError(
+                "the compiler is not open; use `async with BlueprintCompiler() as compiler:`",
+                blueprint=blueprint.name,
+            )
+        blueprint.check_fits(contract)
+        request = CompileRequest(
+            blueprint_json=blueprint.to_json(), contract_json=contract.to_json(), seed=seed,
+            device=self.device, options=self.options, trace_carrier=dict(trace_carrier or {}),
+        )
+        limit = self.timeout if timeout is None else timeout
+        for attempt in range(self.retries + 1):
+            try:
+                outcome = await self.executor.run(compile_job, request, timeout=limit)
+                break
+            except TimeoutError as exc:
+                raise CompileTimeoutError(
+                    f"compiling {blueprint.name} took longer than {limit} s; it was cancelled",
+                    blueprint=blueprint.name,
+                ) from exc
+            except WorkerDiedError as exc:
+                log.warning(
+                    "compile worker died", blueprint=blueprint.name, attempt=attempt + 1,
+                    error=str(exc),
+                )
+                if attempt == self.retries:
+                    raise CompileError(
+                        f"compiling {blueprint.name}: the worker died on all {attempt + 1} "
+                        f"attempts ({exc})",
+                        blueprint=blueprint.name,
+                    ) from exc
+            except WorkerError as exc:
+                raise CompileError(
+                    f"compiling {blueprint.name} failed in the worker: {exc}",
+                    blueprint=blueprint.name,
+                ) from exc
+        return self._to_kernel(blueprint, outcome)
+
+    @staticmethod
+    def _to_kernel(blueprint: Blueprint, outcome: CompileOutcome) -> Kernel:
+        name = blueprint.name
+        if outcome.error_kind == "blueprint":
+            raise BlueprintError(outcome.message, blueprint=name)
+        if outcome.error_kind == "validation":
+            raise KernelValidationError(
+                outcome.message, blueprint=name,
+                kernel_id=outcome.metadata_json.get("sha256"), report=outcome.report_json,
+            )
+        if outcome.error_kind:
+            raise CompileError(outcome.message, blueprint=name)
+        metadata = KernelMetadata.from_json(outcome.metadata_json)
+        if hashlib.sha256(outcome.artifact).hexdigest() != metadata.sha256:
+            raise KernelIntegrityError(
+                f"kernel for {name} arrived with bytes that do not match its id",
+                blueprint=name, kernel_id=metadata.sha256,
+            )
+        log.info(
+            "kernel compiled", blueprint=name, kernel_id=metadata.sha256[:12],
+            form=metadata.execution_form, compile_s=metadata.compile_s,
+        )
+        return Kernel(artifact=outcome.artifact, metadata=metadata)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .._exceptions import CompileError, KernelIntegrityError
 from ..blueprints import Blueprint, SlotContract, build
+from ._forms import apply_form
 
 __all__ = ("Kernel", "KernelMetadata", "KernelModule", "export_kernel", "load_kernel")
 
@@ -110,18 +111,21 @@ class Kernel:
 class KernelModule(nn.Module):
     """The module that runs a loaded kernel in a slot.
 
-    It holds the exported graph (an ``fx.GraphModule``) as its child ``program``. Kernels are
+    It holds the exported graph (an ``fx.GraphModule``), wrapped for its execution form (see
+    :mod:`esper_async.kernels._forms`), as its child ``program``. Kernels are
     exported in training mode from mode-free blueprints (no dropout, no batch statistics), so
     ``train()``/``eval()`` only set the flag: exported graphs cannot switch mode, and their
     behaviour does not depend on it.
 
     :ivar kernel_id: the id of the kernel whose bytes were loaded.
+    :ivar form: the execution form it runs in.
     """
 
-    def __init__(self, program: nn.Module, kernel_id: str) -> None:
+    def __init__(self, program: nn.Module, kernel_id: str, form: str = "export") -> None:
         super().__init__()
-        self.program = program
+        self.program = apply_form(program, form)
         self.kernel_id = kernel_id
+        self.form = form
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Map host outputs ``(N, *shape)`` to a seed contribution of the same shape."""
@@ -186,8 +190,12 @@ def export_kernel(
     return Kernel(artifact=artifact, metadata=metadata)
 
 
-def load_kernel(kernel: Kernel, *, device: torch.device | str = "cpu") -> KernelModule:
+def load_kernel(
+    kernel: Kernel, *, device: torch.device | str = "cpu", form: str | None = None
+) -> KernelModule:
     """Check a kernel's bytes against its id and load it as a trainable module on ``device``.
+
+    :param form: the execution form to run in; default the one the optimizer chose.
 
     :raises KernelIntegrityError: if the bytes do not hash to the kernel's id.
     :raises CompileError: if the bytes do not deserialise.
@@ -205,4 +213,5 @@ def load_kernel(kernel: Kernel, *, device: torch.device | str = "cpu") -> Kernel
             f"kernel {kernel.kernel_id[:12]} does not deserialise: {exc}",
             kernel_id=kernel.kernel_id,
         ) from exc
-    return KernelModule(program, kernel.kernel_id).to(device)
+    program = program.to(device)
+    return KernelModule(program, kernel.kernel_id, form or kernel.metadata.execution_form)

@@ -1,0 +1,95 @@
+"""The compile job: what a worker process runs for one blueprint.
+
+Requests and outcomes are plain data (strings, bytes, dicts) so they cross the process boundary
+without pickling project classes; the parent maps an outcome to a kernel or to a typed error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._exceptions import BlueprintError, CompileError
+from ..blueprints import Blueprint, SlotContract
+from ..kernels import export_kernel
+from ._optimizer import KernelOptimizer, OptimizerOptions
+from ._validator import KernelValidator
+
+__all__ = ("CompileOutcome", "CompileRequest", "compile_job")
+
+
+@dataclass(frozen=True)
+class CompileRequest:
+    """One compile: a blueprint for a contract, with the options that shape the result."""
+
+    blueprint_json: str
+    contract_json: dict[str, Any]
+    seed: int
+    device: str
+    options: OptimizerOptions
+    validate: bool = True
+    trace_carrier: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompileOutcome:
+    """What came back: an artifact and its metadata, or the kind of failure and its reason.
+
+    :ivar error_kind: ``""`` on success, else ``"blueprint"``, ``"compile"`` or ``"validation"``.
+    """
+
+    artifact: bytes = b""
+    metadata_json: dict[str, Any] = field(default_factory=dict)
+    error_kind: str = ""
+    message: str = ""
+    report_json: dict[str, Any] | None = None
+
+
+def compile_job(request: CompileRequest) -> CompileOutcome:
+    """Build, export, optimise and validate one blueprint. Runs in a worker process."""
+    started = time.perf_counter()
+    try:
+        blueprint = Blueprint.from_json(request.blueprint_json)
+        contract = SlotContract.from_json(request.contract_json)
+        kernel = export_kernel(
+            blueprint, contract, seed=request.seed, device_kind=request.device.split(":")[0]
+        )
+    except BlueprintError as exc:
+        return CompileOutcome(error_kind="blueprint", message=str(exc))
+    except CompileError as exc:
+        return CompileOutcome(error_kind="compile", message=str(exc))
+    except Exception as exc:
+        return CompileOutcome(
+            error_kind="compile", message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        )
+    export_s = time.perf_counter() - started
+
+    choice = KernelOptimizer(request.options, device=request.device).optimize(kernel)
+    validator = KernelValidator(seed=request.seed)
+    form = choice.form
+    report = validator.validate(kernel, form=form) if request.validate else None
+    if report is not None and not report.passed and form != "export":
+        # The fastest form disagrees with the reference; the plain graph may still be right.
+        form = "export"
+        report = validator.validate(kernel, form=form)
+    extra = {
+        "export_s": round(export_s, 4),
+        "form_timings_ms": choice.timings_ms,
+        "form_errors": choice.errors,
+        "optimizer": request.options.to_json(),
+        "validation": None if report is None else report.to_json(),
+    }
+    metadata = dataclasses.replace(
+        kernel.metadata, execution_form=form, compile_s=round(time.perf_counter() - started, 4),
+        extra=extra,
+    )
+    if report is not None and not report.passed:
+        failed = ", ".join(f"{c.name} ({c.detail})" for c in report.failures)
+        return CompileOutcome(
+            metadata_json=metadata.to_json(), error_kind="validation",
+            message=f"{blueprint.name} failed validation: {failed}", report_json=report.to_json(),
+        )
+    return CompileOutcome(artifact=kernel.artifact, metadata_json=metadata.to_json())

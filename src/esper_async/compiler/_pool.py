@@ -1,0 +1,266 @@
+"""``ProcessPool``: a bounded pool of spawn-context worker processes, driven from anyio.
+
+Workers are fresh interpreters (``multiprocessing`` spawn context: never fork a process that holds
+torch threads or a CUDA context). Each one sets its torch and Inductor thread counts and lowers its
+CPU priority before it reports ready, so compiles use the cores training leaves idle and yield to
+training when both want the same core.
+
+Resource handling: the pool is opened with ``async with``; leaving it kills every worker. A worker
+whose call is cancelled or times out is killed, not reused: its state is unknown.
+
+Error handling: a worker that dies mid-call raises :class:`WorkerDiedError`; the next call starts a
+fresh worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+import structlog
+
+__all__ = ("CompileExecutor", "ProcessPool", "WorkerDiedError", "WorkerError")
+
+log = structlog.get_logger(__name__)
+
+#: Worker processes run at this niceness: when training and a compile compete for a core, the
+#: kernel scheduler favours training.
+WORKER_NICENESS = 10
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process exited (or was killed) while running a call."""
+
+
+class WorkerError(RuntimeError):
+    """A call raised inside the worker; the message carries the worker-side traceback."""
+
+
+class CompileExecutor(Protocol):
+    """Where compile jobs run. The process pool is one; a distributed executor (e.g. Ray actors)
+    could be another, behind the same two calls."""
+
+    async def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        """Run ``fn(*args)`` (picklable, module-level) and return its result."""
+        ...
+
+    async def __aenter__(self) -> CompileExecutor: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+def _worker_main(conn: Connection, threads: int, imports: Sequence[str], niceness: int) -> None:
+    """The loop of one worker process: receive ``(fn, args)``, send back the outcome."""
+    try:
+        os.nice(niceness)
+    except OSError:
+        pass
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = threads
+    except ImportError:
+        pass
+    for name in imports:
+        importlib.import_module(name)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        fn, args = message
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        else:
+            conn.send(("ok", result))
+
+
+class _Worker:
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.pid: int | None = process.pid
+
+    async def receive(self) -> Any:
+        await anyio.wait_readable(self.conn.fileno())
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise WorkerDiedError(
+                f"worker process {self.pid} exited with code {self.process.exitcode}"
+            ) from exc
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.conn.close()
+
+
+class ProcessPool:
+    """A bounded pool of worker processes.
+
+    :param size: most workers alive, and most calls in flight, at once.
+    :param threads: torch (and Inductor compile) threads in each worker.
+    :param imports: modules each worker imports before its first call (e.g. modules that register
+        user blueprint families).
+    :param start_timeout: seconds a worker may take to start and import torch.
+    :param prestart: start ``size`` workers as soon as the pool opens, in the background.
+    """
+
+    def __init__(
+        self,
+        size: int = 1,
+        *,
+        threads: int = 1,
+        imports: Sequence[str] = (),
+        start_timeout: float = 60.0,
+        prestart: bool = True,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"a pool needs at least one worker, got size={size}")
+        self.size = size
+        self.threads = threads
+        self.imports = tuple(imports)
+        self.start_timeout = start_timeout
+        self.prestart = prestart
+        self._context = multiprocessing.get_context("spawn")
+        self._limiter = anyio.CapacityLimiter(size)
+        self._idle: list[_Worker] = []
+        self._busy: set[_Worker] = set()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._started = anyio.Event()
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live workers, idle and busy."""
+        return [w.pid for w in [*self._idle, *self._busy] if w.pid is not None]
+
+    async def __aenter__(self) -> ProcessPool:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._started = anyio.Event()
+        if self.prestart:
+            self._tg.start_soon(self._prestart_all)
+        else:
+            self._started.set()
+        return self
+
+    async def wait_ready(self) -> None:
+        """Wait until the workers started when the pool opened are ready (or failed to start)."""
+        await self._started.wait()
+
+    async def _prestart_all(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self.size):
+                    tg.start_soon(self._prestart_one)
+        finally:
+            self._started.set()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            # Only the background start-up tasks live in this group; an exception from the body
+            # of the caller's `async with` propagates on its own, unwrapped.
+            await self._tg.__aexit__(None, None, None)
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True):
+                await self._close_all()
+
+    async def _close_all(self) -> None:
+        workers = [*self._idle, *self._busy]
+        self._idle.clear()
+        self._busy.clear()
+        for worker in workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        for worker in workers:
+            await anyio.to_thread.run_sync(worker.process.join, 2.0)
+            worker.kill()
+            await anyio.to_thread.run_sync(worker.process.join, 2.0)
+
+    async def _prestart_one(self) -> None:
+        async with self._limiter:
+            if len(self._idle) + len(self._busy) >= self.size:
+                return  # a call already started the worker this task was meant to start
+            try:
+                self._idle.append(await self._start())
+            except WorkerDiedError as exc:
+                log.warning("worker failed to start", error=str(exc))
+
+    async def _start(self) -> _Worker:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=_worker_main, args=(child, self.threads, self.imports, WORKER_NICENESS),
+            daemon=True, name="esper-compile-worker",
+        )
+        await anyio.to_thread.run_sync(process.start)
+        child.close()
+        worker = _Worker(process, parent)
+        try:
+            with anyio.fail_after(self.start_timeout):
+                status, pid = await worker.receive()
+        except TimeoutError as exc:
+            worker.kill()
+            raise WorkerDiedError(f"worker did not start within {self.start_timeout} s") from exc
+        except BaseException:
+            worker.kill()
+            raise
+        log.debug("worker started", pid=pid, status=status)
+        return worker
+
+    async def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        """Run ``fn(*args)`` in a worker and return its result.
+
+        :param fn: a picklable, module-level function.
+        :param timeout: seconds the call may take (worker start excluded); on expiry the worker is
+            killed and ``TimeoutError`` raised.
+        :raises WorkerDiedError: if the worker exits during the call.
+        :raises WorkerError: if ``fn`` raised in the worker.
+        :raises TimeoutError: if the call ran past ``timeout``.
+        """
+        if self._tg is None:
+            raise RuntimeError("the pool is not open; use `async with ProcessPool(...)` first")
+        async with self._limiter:
+            worker = self._idle.pop() if self._idle else await self._start()
+            self._busy.add(worker)
+            healthy = False
+            try:
+                with anyio.fail_after(timeout):
+                    worker.conn.send((fn, args))
+                    status, value = await worker.receive()
+                healthy = True
+            finally:
+                self._busy.discard(worker)
+                if healthy:
+                    self._idle.append(worker)
+                else:  # cancelled, timed out or died: its state is unknown, never reuse it
+                    worker.kill()
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(worker.process.join, 2.0)
+        if status == "error":
+            raise WorkerError(value)
+        return value
