@@ -302,29 +302,28 @@ def _param(data: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(data, requires_grad=like.requires_grad)
 
 
+def _empty_like_layer(layer: _Layer, n_in: int, n_out: int) -> _Layer:
+    """A layer configured like ``layer`` with new widths, on the meta device (no storage, no init):
+    the caller replaces every tensor, so allocating and initialising them would be wasted work."""
+    options: dict[str, Any] = {"bias": layer.bias is not None, "device": "meta"}
+    options["dtype"] = layer.weight.dtype
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(n_in, n_out, **options)
+    options.update(
+        kernel_size=layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        padding_mode=layer.padding_mode,
+    )
+    return nn.Conv2d(n_in, n_out, **options)
+
+
 @torch.no_grad()
 def _widened_producer(producer: _Layer, mapping: torch.Tensor) -> _Layer:
     weight, bias = producer.weight, producer.bias
-    # skip_init: the new module's storage is overwritten at once, so random init would be wasted.
-    kwargs: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
-    new: _Layer
-    if isinstance(producer, nn.Linear):
-        new = nn.utils.skip_init(
-            nn.Linear, producer.in_features, len(mapping), bias=bias is not None, **kwargs
-        )
-    else:
-        new = nn.utils.skip_init(
-            nn.Conv2d,
-            producer.in_channels,
-            len(mapping),
-            producer.kernel_size,
-            stride=producer.stride,
-            padding=producer.padding,
-            dilation=producer.dilation,
-            bias=bias is not None,
-            padding_mode=producer.padding_mode,
-            **kwargs,
-        )
+    n_in = producer.in_features if isinstance(producer, nn.Linear) else producer.in_channels
+    new = _empty_like_layer(producer, n_in, len(mapping))
     new.weight = _param(weight.index_select(0, mapping), weight)
     if bias is not None:
         new.bias = _param(bias.index_select(0, mapping), bias)
@@ -334,14 +333,13 @@ def _widened_producer(producer: _Layer, mapping: torch.Tensor) -> _Layer:
 @torch.no_grad()
 def _widened_norm(norm: _BatchNorm, mapping: torch.Tensor) -> _BatchNorm:
     anchor = norm.weight if norm.weight is not None else norm.running_mean
-    new = nn.utils.skip_init(
-        type(norm),
+    new = type(norm)(
         len(mapping),
         eps=norm.eps,
         momentum=norm.momentum,
         affine=norm.affine,
         track_running_stats=norm.track_running_stats,
-        device=None if anchor is None else anchor.device,
+        device="meta",  # every tensor is replaced below
         dtype=None if anchor is None else anchor.dtype,
     )
     if norm.weight is not None and norm.bias is not None:
@@ -358,27 +356,10 @@ def _widened_norm(norm: _BatchNorm, mapping: torch.Tensor) -> _BatchNorm:
 @torch.no_grad()
 def _widened_consumer(consumer: _Layer, mapping: torch.Tensor, fractions: torch.Tensor) -> _Layer:
     weight = consumer.weight
-    kwargs: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
-    new: _Layer
-    if isinstance(consumer, nn.Linear):
-        new = nn.utils.skip_init(
-            nn.Linear, len(mapping), consumer.out_features, bias=consumer.bias is not None, **kwargs
-        )
-        scale = fractions.to(weight.dtype).view(1, -1)
-    else:
-        new = nn.utils.skip_init(
-            nn.Conv2d,
-            len(mapping),
-            consumer.out_channels,
-            consumer.kernel_size,
-            stride=consumer.stride,
-            padding=consumer.padding,
-            dilation=consumer.dilation,
-            bias=consumer.bias is not None,
-            padding_mode=consumer.padding_mode,
-            **kwargs,
-        )
-        scale = fractions.to(weight.dtype).view(1, -1, 1, 1)
+    n_out = consumer.out_features if isinstance(consumer, nn.Linear) else consumer.out_channels
+    new = _empty_like_layer(consumer, len(mapping), n_out)
+    shape = [1, -1] + [1] * (weight.dim() - 2)
+    scale = fractions.to(weight.dtype).view(shape)
     new.weight = _param(weight.index_select(1, mapping).mul_(scale), weight)
     if consumer.bias is not None:
         new.bias = consumer.bias  # unchanged in shape and value: the same Parameter carries over
@@ -403,7 +384,7 @@ def _carry_state(
             if not is_consumer:
                 power = 2 if key in _SECOND_MOMENTS else 1
                 shape = [-1] + [1] * (value.dim() - 1)
-                moved = moved * fractions.to(value.dtype).pow(power).view(shape)
+                moved.mul_(fractions.to(value.dtype).pow(power).view(shape))
             carried[key] = moved
         elif isinstance(value, torch.Tensor):
             carried[key] = value.clone()
