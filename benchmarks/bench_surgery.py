@@ -228,7 +228,9 @@ def _cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller probe")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    # One thread by default: on a shared 2-core machine, two OpenMP threads stall at every barrier
+    # whenever another process holds a core, which inflates small-op latencies many times over.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
