@@ -19,7 +19,7 @@ from esper_async.surgery import (
     RemoveLayer,
     SurgeryBudget,
     SurgeryOperation,
-    ValidationConfig,
+    SurgeryValidationConfig,
     Widen,
     identity_conv2d,
     identity_linear,
@@ -154,7 +154,7 @@ async def test_a_budget_violation_rolls_everything_back() -> None:
     model, opt = _setup("adam", 1, 0)
     before = fingerprint(model, opt)
     budget = SurgeryBudget(max_growth=1.01)
-    surgeon = ModelSurgeon(validation=ValidationConfig(budget=budget))
+    surgeon = ModelSurgeon(validation=SurgeryValidationConfig(budget=budget))
     with pytest.raises(SurgeryError, match="exceed"):
         async with surgeon.transaction(model, opt, probe=images(4)[0]) as tx:
             await tx.stage(Widen("layer1.1.conv1", 32))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from esper_async.surgery import SurgeryBudget, ValidationConfig
+from esper_async.surgery import SurgeryBudget, SurgeryValidationConfig
 from esper_async.surgery._context import Captured
 from esper_async.surgery._validation import check_commit, check_region, footprint
 
@@ -44,7 +44,7 @@ def test_unreached_parameters_are_reported() -> None:
         _call(model[0], torch.randn(2, 4)),
         operation="t",
         preserves_function=True,
-        config=ValidationConfig(),
+        config=SurgeryValidationConfig(),
     )
     assert check.unreached == ("unused.weight", "unused.bias")
 
@@ -57,7 +57,7 @@ def test_an_output_cut_from_its_input_is_reported() -> None:
         _call(model[0], torch.randn(2, 4)),
         operation="t",
         preserves_function=False,
-        config=ValidationConfig(),
+        config=SurgeryValidationConfig(),
     )
     assert any("no longer depends on its input" in p for p in check.problems)
 
@@ -78,7 +78,7 @@ def test_region_shape_and_preservation_are_checked(new: nn.Module, message: str)
         call,
         operation="t",
         preserves_function=True,
-        config=ValidationConfig(),
+        config=SurgeryValidationConfig(),
     )
     assert any(message in p for p in check.problems)
 
@@ -95,7 +95,7 @@ def test_non_finite_outputs_fail() -> None:
         call,
         operation="t",
         preserves_function=False,
-        config=ValidationConfig(),
+        config=SurgeryValidationConfig(),
     )
     assert any("non-finite" in p for p in check.problems)
 
@@ -117,7 +117,11 @@ def test_budget(budget: SurgeryBudget, fails: bool) -> None:
     assert trainable == sum(p.numel() for p in model.parameters())
     assert size == 3 * 4 * trainable + 4 * len(opt.state)  # params, two moments, a step per param
     report = check_commit(
-        model, opt, checks=(), parameters_before=trainable, config=ValidationConfig(budget=budget)
+        model,
+        opt,
+        checks=(),
+        parameters_before=trainable,
+        config=SurgeryValidationConfig(budget=budget),
     )
     assert report.ok is not fails
 
@@ -125,5 +129,7 @@ def test_budget(budget: SurgeryBudget, fails: bool) -> None:
 def test_a_parameter_the_optimizer_misses_fails_the_commit() -> None:
     model = tiny_mlp()
     opt = torch.optim.Adam(list(model.parameters())[:-1])
-    report = check_commit(model, opt, checks=(), parameters_before=0, config=ValidationConfig())
+    report = check_commit(
+        model, opt, checks=(), parameters_before=0, config=SurgeryValidationConfig()
+    )
     assert not report.ok and "does not step ['4.bias']" in report.problems[0]

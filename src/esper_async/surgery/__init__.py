@@ -27,8 +27,8 @@ from ._transaction import ModelSurgeon as ModelSurgeon
 from ._transaction import SurgeryTransaction as SurgeryTransaction
 from ._validation import RegionCheck as RegionCheck
 from ._validation import SurgeryBudget as SurgeryBudget
-from ._validation import ValidationConfig as ValidationConfig
-from ._validation import ValidationReport as ValidationReport
+from ._validation import SurgeryReport as SurgeryReport
+from ._validation import SurgeryValidationConfig as SurgeryValidationConfig
 from ._widen import Widen as Widen
 
 __all__ = (
@@ -47,9 +47,9 @@ __all__ = (
     "SurgeryOperation",
     "SurgeryPolicy",
     "SurgeryPolicyConfig",
+    "SurgeryReport",
     "SurgeryTransaction",
-    "ValidationConfig",
-    "ValidationReport",
+    "SurgeryValidationConfig",
     "Widen",
     "identity_conv2d",
     "identity_linear",

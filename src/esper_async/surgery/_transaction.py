@@ -36,8 +36,8 @@ from ._context import OptimizerSnapshot, SurgeryContext
 from ._operations import SurgeryOperation
 from ._validation import (
     RegionCheck,
-    ValidationConfig,
-    ValidationReport,
+    SurgeryReport,
+    SurgeryValidationConfig,
     check_commit,
     check_region,
     footprint,
@@ -54,8 +54,8 @@ class ModelSurgeon:
     :param validation: tolerances, gradient check and budget used at commit.
     """
 
-    def __init__(self, *, validation: ValidationConfig | None = None) -> None:
-        self.validation = validation or ValidationConfig()
+    def __init__(self, *, validation: SurgeryValidationConfig | None = None) -> None:
+        self.validation = validation or SurgeryValidationConfig()
         self._lock = anyio.Lock()
 
     def transaction(
@@ -64,7 +64,7 @@ class ModelSurgeon:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         probe: Any,
-        validation: ValidationConfig | None = None,
+        validation: SurgeryValidationConfig | None = None,
     ) -> SurgeryTransaction:
         """Open a transaction (use with ``async with``).
 
@@ -114,7 +114,7 @@ class SurgeryTransaction:
         optimizer: torch.optim.Optimizer | None,
         *,
         probe: Any,
-        validation: ValidationConfig,
+        validation: SurgeryValidationConfig,
     ) -> None:
         self._surgeon = surgeon
         self._ctx = SurgeryContext(model, optimizer, probe)
@@ -123,7 +123,7 @@ class SurgeryTransaction:
         self._parameters_before = 0
         self._open = False
         self._started = 0.0
-        self.report: ValidationReport | None = None
+        self.report: SurgeryReport | None = None
         self.checks: list[RegionCheck] = []
 
     @property

@@ -29,8 +29,8 @@ from ._context import Captured, eval_mode, tensor_leaves
 __all__ = (
     "RegionCheck",
     "SurgeryBudget",
-    "ValidationConfig",
-    "ValidationReport",
+    "SurgeryReport",
+    "SurgeryValidationConfig",
     "check_commit",
     "check_region",
     "footprint",
@@ -52,7 +52,7 @@ class SurgeryBudget:
 
 
 @dataclass(frozen=True)
-class ValidationConfig:
+class SurgeryValidationConfig:
     """How a transaction validates before it commits.
 
     :param rtol: relative tolerance of the function-preservation check.
@@ -88,7 +88,7 @@ class RegionCheck:
 
 
 @dataclass(frozen=True)
-class ValidationReport:
+class SurgeryReport:
     """What validation found for a whole transaction. ``ok`` is true when ``problems`` is empty.
 
     :ivar checks: one :class:`RegionCheck` per staged operation.
@@ -168,7 +168,7 @@ def check_region(
     *,
     operation: str,
     preserves_function: bool,
-    config: ValidationConfig,
+    config: SurgeryValidationConfig,
 ) -> RegionCheck:
     """Run the changed region on the input it had before the change, and check the result.
 
@@ -243,8 +243,8 @@ def check_commit(
     *,
     checks: tuple[RegionCheck, ...],
     parameters_before: int,
-    config: ValidationConfig,
-) -> ValidationReport:
+    config: SurgeryValidationConfig,
+) -> SurgeryReport:
     """The transaction-level checks: the optimizer steps every trainable parameter; the budget
     holds.
 
@@ -262,7 +262,7 @@ def check_commit(
             problems.append(f"the optimizer does not step {missing[:5]}")
     trainable, size = footprint(model, optimizer)
     problems.extend(_budget_problems(config.budget, parameters_before, trainable, size))
-    return ValidationReport(checks, tuple(problems), parameters_before, trainable, size)
+    return SurgeryReport(checks, tuple(problems), parameters_before, trainable, size)
 
 
 def _budget_problems(budget: SurgeryBudget, before: int, after: int, size: int) -> list[str]:
