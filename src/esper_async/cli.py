@@ -13,6 +13,8 @@ import structlog
 from .controller import EpochReport
 from .demo import DemoConfig, DemoResult, run_demo
 from .seeds import SeedState
+from .store._cli import add_store_parser, run_store_command
+from .telemetry import add_trace_parser
 from .trainer import FitResult
 
 __all__ = ("main",)
@@ -66,7 +68,9 @@ def format_table(result: DemoResult) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    cfg = DemoConfig(epochs=args.epochs, seed=args.seed)
+    cfg = DemoConfig(
+        epochs=args.epochs, seed=args.seed, store=args.store, use_store=not args.no_store
+    )
     print(
         f"esper_async demo: digits (8x8, bundled), impaired conv host, {cfg.epochs} epochs, "
         f"seed {cfg.seed}; slots {', '.join(cfg.slots)}"
@@ -81,6 +85,11 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"  epoch {event.epoch:>3}  {event.slot:<6} {event.target:<10} {event.reason}")
     gain = result.growth.test_acc - result.static.test_acc
     print(f"\ngrowth vs static: {gain:+.4f} test accuracy")
+    where = f" (store: {result.store_path})" if result.store_path else ""
+    print(
+        f"kernels: {result.kernels_compiled} compiled, {result.kernels_from_store} loaded from "
+        f"the store{where}"
+    )
     return 0
 
 
@@ -92,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the digits host statically and with growth")
     demo.add_argument("--epochs", type=int, default=DemoConfig.epochs)
     demo.add_argument("--seed", type=int, default=DemoConfig.seed)
+    demo.add_argument("--store", default=None, help="kernel store directory (default: user cache)")
+    demo.add_argument("--no-store", action="store_true", help="compile every kernel afresh")
     demo.set_defaults(func=_demo)
+    add_store_parser(sub).set_defaults(func=lambda a: anyio.run(run_store_command, a))
+    add_trace_parser(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from .compiler import BlueprintCompiler
 from .controller import ControllerConfig, EpochReport, HeuristicController
 from .data import digits_loaders
 from .seeds import SeedState, wrap
+from .store import KernelStore
 from .trainer import FitResult, Trainer
 
 __all__ = ("DemoConfig", "DemoResult", "DigitsHost", "RunSummary", "evaluate_accuracy", "run_demo")
@@ -55,6 +57,9 @@ class DemoConfig:
     slots: tuple[str, ...] = ("conv1", "conv2", "fc1")
     limit: int | None = None
     controller: ControllerConfig = ControllerConfig()
+    store: str | None = None
+    """Kernel store directory; default :func:`~esper_async.store.default_store_path`."""
+    use_store: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,13 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class DemoResult:
+    """Both runs, and where the growth run's kernels came from."""
+
     static: RunSummary
     growth: RunSummary
+    kernels_compiled: int
+    kernels_from_store: int
+    store_path: str | None
 
 
 @torch.no_grad()
@@ -133,8 +143,19 @@ async def run_demo(
     :param compiler: the compiler for the growth run (default: a new one).
     """
     cfg = config or DemoConfig()
-    async with compiler or BlueprintCompiler() as compiler:
+    async with AsyncExitStack() as stack:
+        store = None
+        if cfg.use_store:
+            store = await stack.enter_async_context(KernelStore(cfg.store))
+        if compiler is None:
+            compiler = BlueprintCompiler(store=store)
+        await stack.enter_async_context(compiler)
         static = await _run("static", cfg, False, progress, compiler)
         await compiler.wait_ready()
         growth = await _run("growth", cfg, True, progress, compiler)
-    return DemoResult(static=static, growth=growth)
+    requested = growth.fit.count(SeedState.GERMINATED)
+    return DemoResult(
+        static=static, growth=growth, kernels_compiled=compiler.compiles,
+        kernels_from_store=requested - compiler.compiles,
+        store_path=None if store is None else str(store.path),
+    )

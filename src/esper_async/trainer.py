@@ -12,7 +12,7 @@ import time
 from contextlib import AsyncExitStack
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import structlog
@@ -117,9 +117,13 @@ class Trainer:
     :param grow: whether to grow at all (``False`` trains the host statically).
     :param device: where the model and batches live.
     :param seed: RNG seed of the kernels' initial weights.
-    :param graft_deadline_epochs: a kernel still compiling this many epochs after its seed
-        germinated is waited for at the epoch boundary, so slow compiles (a loaded machine) delay
-        growth by a bounded amount instead of leaving seeds behind; ``None`` never waits.
+    :param graft: when finished kernels enter their slots. ``"epoch"`` (default): at the first
+        epoch boundary after germination, waiting there if the compile is slower than an epoch;
+        runs are then reproducible from their seed, whatever the compile latency. ``"step"``: at
+        the first step boundary after the kernel is ready (sooner, but timing-dependent); a
+        kernel still compiling ``graft_deadline_epochs`` after germination is waited for.
+    :param graft_deadline_epochs: see ``graft="step"``.
+    :raises ValueError: if ``graft`` is neither ``"epoch"`` nor ``"step"``.
     """
 
     def __init__(
@@ -133,8 +137,11 @@ class Trainer:
         grow: bool = True,
         device: torch.device | str = "cpu",
         seed: int = 0,
-        graft_deadline_epochs: int | None = 2,
+        graft: Literal["epoch", "step"] = "epoch",
+        graft_deadline_epochs: int = 2,
     ) -> None:
+        if graft not in ("epoch", "step"):
+            raise ValueError(f"graft must be 'epoch' or 'step', got {graft!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -143,7 +150,8 @@ class Trainer:
         self.compiler = compiler or BlueprintCompiler(device=str(self.device))
         self.grow = grow
         self.seed = seed
-        self.graft_deadline_epochs = graft_deadline_epochs
+        self.graft = graft
+        self.graft_deadline_epochs = 1 if graft == "epoch" else graft_deadline_epochs
         self.slots: dict[str, SeedSlot] = find_slots(model)
         self.step = 0
         self.epoch = 0
@@ -185,7 +193,8 @@ class Trainer:
                 self.model.train()
                 losses = []
                 for x, y in train_loader:
-                    self._graft_ready(ready)
+                    if self.graft == "step":
+                        self._graft_ready(ready)
                     x, y = x.to(self.device), y.to(self.device)
                     losses.append(await anyio.to_thread.run_sync(self._train_step, x, y))
                     self.step += 1
@@ -328,8 +337,6 @@ class Trainer:
     async def _await_late_kernels(self, ready: MemoryObjectReceiveStream[_Compiled]) -> None:
         """Wait for kernels whose seeds germinated ``graft_deadline_epochs`` or more epochs ago."""
         deadline = self.graft_deadline_epochs
-        if deadline is None:
-            return
         while any(
             s.state is SeedState.GERMINATED and s.lifecycle.epochs_in_state >= deadline
             for s in self.slots.values()

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 import structlog
+import torch
 
 from .._exceptions import (
     BlueprintError,
@@ -29,6 +30,7 @@ from .._exceptions import (
 )
 from ..blueprints import Blueprint, SlotContract
 from ..kernels import Kernel, KernelMetadata
+from ..store import KernelStore, kernel_key
 from ._job import CompileOutcome, CompileRequest, compile_job
 from ._optimizer import OptimizerOptions
 from ._pool import CompileExecutor, ProcessPool, WorkerDiedError, WorkerError
@@ -59,6 +61,9 @@ class BlueprintCompiler:
     :param options: what the kernel optimizer may try.
     :param imports: modules workers import first (where user blueprint families are registered).
     :param executor: run jobs here instead of a new process pool.
+    :param store: an open :class:`~esper_async.store.KernelStore` asked first: a kernel it holds
+        for the same blueprint, contract, seed, torch version, device kind and optimizer options
+        is returned without compiling; a new kernel is put there once validated.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class BlueprintCompiler:
         options: OptimizerOptions | None = None,
         imports: Sequence[str] = (),
         executor: CompileExecutor | None = None,
+        store: KernelStore | None = None,
     ) -> None:
         self.device = device
         self.timeout = timeout
@@ -80,6 +86,8 @@ class BlueprintCompiler:
         self.executor: CompileExecutor = executor or ProcessPool(
             workers or default_workers(), threads=threads_per_worker, imports=imports
         )
+        self.store = store
+        self.compiles = 0
         self._depth = 0
 
     @property
@@ -129,6 +137,22 @@ class BlueprintCompiler:
                 blueprint=blueprint.name,
             )
         blueprint.check_fits(contract)
+        if self.store is None:
+            return await self._compile(blueprint, contract, seed, timeout, trace_carrier)
+        key = kernel_key(
+            blueprint, contract, torch_version=torch.__version__, device_kind=self.device_kind,
+            optimizer_options={**self.options.to_json(), "init_seed": seed},
+        )
+        return await self.store.get_or_compile(
+            key, lambda: self._compile(blueprint, contract, seed, timeout, trace_carrier),
+            tags=(blueprint.family,),
+        )
+
+    async def _compile(
+        self, blueprint: Blueprint, contract: SlotContract, seed: int, timeout: float | None,
+        trace_carrier: dict[str, str] | None,
+    ) -> Kernel:
+        self.compiles += 1
         request = CompileRequest(
             blueprint_json=blueprint.to_json(), contract_json=contract.to_json(), seed=seed,
             device=self.device, options=self.options, trace_carrier=dict(trace_carrier or {}),
