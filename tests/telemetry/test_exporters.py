@@ -93,6 +93,9 @@ def test_jsonl_exporter_round_trips_spans(tmp_path: Path) -> None:
     assert compile_.events[0]["attributes"] == {"esper.worker.pid": 42}
     assert run.start_ns <= compile_.start_ns <= compile_.end_ns <= run.end_ns
     assert compile_.resource["service.name"] == "esper_async"
+    lines = [json.loads(line) for line in file.read_text().splitlines()]
+    assert [sorted(line) for line in lines[:1]] == [["resource"]]  # written once, as a header
+    assert all("resource" not in line for line in lines[1:]) and len(lines) == 3
 
 
 def test_metrics_file_holds_the_run_totals(tmp_path: Path) -> None:

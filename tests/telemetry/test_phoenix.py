@@ -1,9 +1,12 @@
 """End to end through a real trace viewer: Arize Phoenix on loopback, spans of a run that crosses
 a spawned worker process exported over OTLP/HTTP and read back through Phoenix's REST API.
 
-Skipped when Phoenix is not installed. Phoenix is found either in this interpreter
-(``pip install arize-phoenix``) or, to keep its ~100 packages out of the project's environment,
-as an executable named by ``ESPER_PHOENIX_BIN`` (e.g. ``/opt/phoenix/bin/phoenix``).
+Skipped when Phoenix is not installed. The server is the executable named by
+``ESPER_PHOENIX_BIN`` (Phoenix in its own virtual environment, e.g. ``.venv-phoenix/bin/phoenix``:
+the recommended set-up), or else ``python -m phoenix.server.main`` of this interpreter when
+``arize-phoenix`` is installed here. Installed here, Phoenix registers a pytest plugin that warns
+on import, which this suite's ``filterwarnings = error`` turns into a start-up error: run pytest
+with ``-p no:phoenix`` then.
 """
 
 from __future__ import annotations
@@ -47,11 +50,14 @@ EXPECTED = (SPAN_RUN, SPAN_EPOCH, SPAN_COMPILE, SPAN_COMPILE_WORKER, SPAN_VALIDA
 
 
 def _phoenix_command() -> list[str]:
-    if importlib.util.find_spec("phoenix") is not None:
-        pytest.importorskip("phoenix.server.main", reason="arize-phoenix server not importable")
-        return [sys.executable, "-m", "phoenix.server.main", "serve"]
+    # Never import phoenix here: importing it warns (DeprecationWarning from ldap3/pyasn1), which
+    # this suite turns into errors. The server runs in its own process.
     if exe := os.environ.get("ESPER_PHOENIX_BIN"):
+        if not Path(exe).is_file():
+            pytest.fail(f"ESPER_PHOENIX_BIN={exe!r} is not a file")
         return [exe, "serve"]
+    if importlib.util.find_spec("phoenix") is not None:
+        return [sys.executable, "-m", "phoenix.server.main", "serve"]
     pytest.skip(
         "Arize Phoenix is not installed: pip install arize-phoenix (or set ESPER_PHOENIX_BIN)"
     )

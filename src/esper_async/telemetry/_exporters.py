@@ -75,10 +75,12 @@ def span_file_name(role: str, pid: int | None = None) -> str:
     return f"spans-{role}-{os.getpid() if pid is None else pid}.jsonl"
 
 
-def span_to_record(span: ReadableSpan) -> dict[str, Any]:
+def span_to_record(span: ReadableSpan, *, with_resource: bool = True) -> dict[str, Any]:
     """One span as a JSON-ready dict (ids in lowercase hex, times in Unix nanoseconds).
 
     :param span: a finished span.
+    :param with_resource: include the resource attributes (the span file writes them once, in
+        a header line, instead).
     """
     ctx = span.get_span_context()
     parent = span.parent
@@ -98,8 +100,11 @@ def span_to_record(span: ReadableSpan) -> dict[str, Any]:
             {"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})}
             for e in span.events
         ],
-        "resource": dict(span.resource.attributes) if span.resource else {},
-    }
+    } | (
+        {"resource": dict(span.resource.attributes) if span.resource else {}}
+        if with_resource
+        else {}
+    )
 
 
 def _json_default(value: Any) -> Any:
@@ -134,7 +139,10 @@ class _LineWriter:
 class JsonlSpanExporter(SpanExporter):
     """Writes finished spans to a JSON-lines file, one span per line (see :func:`span_to_record`).
 
-    Meant to sit behind a ``BatchSpanProcessor``: :meth:`export` runs on the processor's thread.
+    The resource (service, process id, role, run id) is the same for every span of a process, so
+    it is written once, as a header line ``{"resource": {...}}``, before the first span and again
+    whenever it changes; :func:`read_span_records` gives it back to each span. Meant to sit
+    behind a ``BatchSpanProcessor``: :meth:`export` runs on the processor's thread.
 
     :param path: the file to append to; its directory is created on first export.
     """
@@ -142,6 +150,7 @@ class JsonlSpanExporter(SpanExporter):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._writer = _LineWriter(Path(path))
         self._shut_down = False
+        self._resource: object | None = None
 
     @property
     def path(self) -> Path:
@@ -157,7 +166,15 @@ class JsonlSpanExporter(SpanExporter):
         if self._shut_down:
             return SpanExportResult.FAILURE
         try:
-            lines = [json.dumps(span_to_record(s), default=_json_default) for s in spans]
+            lines: list[str] = []
+            for span in spans:
+                if span.resource is not self._resource:
+                    self._resource = span.resource
+                    attrs = dict(span.resource.attributes) if span.resource else {}
+                    lines.append(json.dumps({"resource": attrs}, default=_json_default))
+                lines.append(
+                    json.dumps(span_to_record(span, with_resource=False), default=_json_default)
+                )
             self._writer.write(lines)
         except OSError as exc:
             _log.error("span export failed", path=str(self.path), error=str(exc))
@@ -384,11 +401,15 @@ def read_span_records(path: str | os.PathLike[str]) -> list[SpanRecord]:
     records: list[SpanRecord] = []
     for file in _span_files(Path(path)):
         lines = file.read_text(encoding="utf-8").splitlines()
+        resource: Mapping[str, Any] = {}
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 raw = json.loads(line)
+                if "name" not in raw and "resource" in raw:  # a header line
+                    resource = raw["resource"]
+                    continue
                 records.append(
                     SpanRecord(
                         name=raw["name"],
@@ -400,7 +421,7 @@ def read_span_records(path: str | os.PathLike[str]) -> list[SpanRecord]:
                         status=raw.get("status", "UNSET"),
                         attributes=raw.get("attributes", {}),
                         events=tuple(raw.get("events", ())),
-                        resource=raw.get("resource", {}),
+                        resource=raw.get("resource", resource),
                     )
                 )
             except json.JSONDecodeError as exc:

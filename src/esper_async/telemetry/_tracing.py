@@ -261,7 +261,7 @@ class Telemetry:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.run_id = run_id
         self.tracer_provider = tracer_provider
-        self.meter_provider = meter_provider or MeterProvider()
+        self.meter_provider = meter_provider or MeterProvider(shutdown_on_exit=False)
         self.tracer = tracer_provider.get_tracer(_SCOPE)
         self.metrics = Metrics(self.meter_provider)
         self.step_sampler = StepSampler(self.config.step_every)
