@@ -7,12 +7,17 @@ applies them at a step boundary (the trainer is the one writer of the model).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from .blueprints import Blueprint, SlotKind
+import numpy as np
+import structlog
+
+from ._exceptions import NoLegalArmError
+from .blueprints import Blueprint, library
 from .seeds import HealthSignals, SeedSlot, SeedState
+from .selection import IntelligentSeedSelector, PerformanceTracker, SlotCandidate
 
 __all__ = (
     "Controller",
@@ -26,7 +31,10 @@ __all__ = (
     "HeuristicController",
     "Release",
     "StartBlending",
+    "plateaued",
 )
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class ControllerConfig:
     :ivar probation_epochs: epochs at α = 1 before the seed is judged.
     :ivar embargo_epochs: epochs a slot rests after a cull.
     :ivar fossilize_margin: validation-loss gain a seed must show to be kept.
+    :ivar param_rent: reward charged per seed parameter (bigger seeds must help more).
     """
 
     plateau_patience: int = 2
@@ -142,12 +151,7 @@ class ControllerConfig:
     probation_epochs: int = 1
     embargo_epochs: int = 2
     fossilize_margin: float = 0.0
-
-
-def _default_blueprint(kind: SlotKind) -> Blueprint:
-    if kind is SlotKind.CONV:
-        return Blueprint("residual_conv", {"kernel_size": 3, "expansion": 2})
-    return Blueprint("mlp", {"hidden_mult": 4})
+    param_rent: float = 1e-6
 
 
 def plateaued(history: Sequence[EpochReport], patience: int, tolerance: float) -> bool:
@@ -160,41 +164,68 @@ def plateaued(history: Sequence[EpochReport], patience: int, tolerance: float) -
     return recent > before * (1.0 - tolerance)
 
 
+#: Reward contribution charged to a seed culled for non-finite values: worse than any seed that
+#: merely failed to help, so the selector learns to avoid what breaks.
+FAILURE_CONTRIBUTION = -1.0
+
+
 class HeuristicController:
-    """Grow on a loss plateau; judge seeds by their measured contribution.
+    """Grow on a loss plateau, where and what the selector chooses; judge seeds by their measured
+    contribution.
 
     * A live seed whose slot reports non-finite activations is culled.
     * TRAINING for ``training_epochs`` → BLENDING; the ramp to PROBATION is per step.
     * After ``probation_epochs`` at α = 1 the seed is kept (FOSSILIZED) if removing it would raise
-      validation loss by more than ``fossilize_margin``; otherwise it is CULLED.
+      validation loss by more than ``fossilize_margin``; otherwise it is CULLED. Either way the
+      selector is rewarded with the seed's contribution minus its parameter rent.
     * An EMBARGOED slot is released after ``embargo_epochs``.
-    * On a plateau, with fewer than ``max_live_seeds`` alive, the first dormant slot germinates
-      with ``choose_blueprint(kind)``.
+    * On a plateau, with fewer than ``max_live_seeds`` alive, the selector picks the
+      (slot, blueprint) pair to germinate among the blueprints on offer.
 
     :param config: thresholds.
-    :param choose_blueprint: the blueprint for a slot kind (default: a residual conv block for conv
-        slots, an MLP for linear slots).
+    :param selector: chooses where and what to grow (default: Gaussian Thompson sampling seeded
+        with ``seed``, at most ``config.max_live_seeds`` live seeds).
+    :param blueprints: the designs on offer (default: the standard library).
+    :param tracker: per (slot, blueprint) statistics from real training (default: a new one).
+    :param seed: RNG seed of the default selector.
     """
 
     def __init__(
         self,
         config: ControllerConfig | None = None,
         *,
-        choose_blueprint: Callable[[SlotKind], Blueprint] = _default_blueprint,
+        selector: IntelligentSeedSelector | None = None,
+        blueprints: Sequence[Blueprint] | None = None,
+        tracker: PerformanceTracker | None = None,
+        seed: int = 0,
     ) -> None:
         self.config = config or ControllerConfig()
-        self.choose_blueprint = choose_blueprint
+        self.selector = selector or IntelligentSeedSelector(
+            "thompson_gaussian", max_live=self.config.max_live_seeds, rng_seed=seed,
+            param_rent=self.config.param_rent,
+        )
+        self.blueprints = tuple(blueprints or library())
+        self.tracker = tracker or PerformanceTracker()
+        self._born: dict[str, float] = {}  # slot -> training loss when its seed germinated
 
     def decide(
         self, report: EpochReport, history: Sequence[EpochReport], slots: Mapping[str, SeedSlot]
     ) -> list[Decision]:
         cfg = self.config
         decisions: list[Decision] = []
+        for name, cf in report.counterfactual.items():
+            slot = slots[name]
+            if slot.blueprint is not None and math.isfinite(cf.loss_with):
+                self.tracker.record_contribution(
+                    name, slot.blueprint.id, loss_with=cf.loss_with, loss_without=cf.loss_without,
+                    acc_with=cf.acc_with, acc_without=cf.acc_without,
+                )
         for name, slot in slots.items():
             life = slot.lifecycle
             health = report.health.get(name)
             if life.live and health is not None and not health.finite:
                 decisions.append(Cull(name, "non-finite activations"))
+                self._reward(slot, FAILURE_CONTRIBUTION, "culled", report)
             elif life.state is SeedState.TRAINING and life.epochs_in_state >= cfg.training_epochs:
                 decisions.append(
                     StartBlending(
@@ -202,30 +233,91 @@ class HeuristicController:
                     )
                 )
             elif life.state is SeedState.PROBATION and life.epochs_in_state >= cfg.probation_epochs:
-                decisions.append(self._judge(name, report.counterfactual.get(name)))
+                decisions.append(self._judge(slot, report))
             elif life.state is SeedState.EMBARGOED and life.epochs_in_state >= cfg.embargo_epochs:
                 decisions.append(Release(name, f"embargo of {cfg.embargo_epochs} epochs over"))
 
-        live = sum(s.lifecycle.live for s in slots.values())
-        if live < cfg.max_live_seeds and plateaued(
-            [*history, report], cfg.plateau_patience, cfg.plateau_tolerance
-        ):
-            for name, slot in slots.items():
-                if slot.state is SeedState.DORMANT and slot.contract is not None:
-                    decisions.append(
-                        Germinate(
-                            name,
-                            self.choose_blueprint(slot.contract.kind),
-                            f"validation loss plateaued at {report.val_loss:.4f}",
-                        )
-                    )
-                    break
+        if plateaued([*history, report], cfg.plateau_patience, cfg.plateau_tolerance):
+            germinate = self._choose(report, slots, decisions)
+            if germinate is not None:
+                decisions.append(germinate)
         return decisions
 
-    def _judge(self, name: str, cf: Counterfactual | None) -> Decision:
+    def _choose(
+        self, report: EpochReport, slots: Mapping[str, SeedSlot], decisions: list[Decision]
+    ) -> Germinate | None:
+        leaving = {d.slot for d in decisions if isinstance(d, Cull)}
+        candidates = {}
+        for name, slot in slots.items():
+            if slot.contract is None:
+                continue
+            occupied = slot.state is not SeedState.DORMANT or name in leaving
+            health = report.health.get(name)
+            features = np.asarray(health.as_features() if health else [0.0] * 4, dtype=float)
+            candidates[name] = SlotCandidate(
+                slot.contract, occupied, slot.state is SeedState.EMBARGOED, features
+            )
+        live = [s for n, s in slots.items() if s.lifecycle.live and n not in leaving]
+        try:
+            name, blueprint = self.selector.choose(
+                candidates, self.blueprints, live_count=len(live),
+                params_used=sum(_params(s) for s in live),
+            )
+        except NoLegalArmError as exc:
+            log.debug("no seed to germinate", reason=str(exc))
+            return None
+        self._born[name] = report.train_loss
+        return Germinate(
+            name, blueprint,
+            f"validation loss plateaued at {report.val_loss:.4f}; "
+            f"{self.selector.strategy.name} chose {blueprint.name}",
+        )
+
+    def _judge(self, slot: SeedSlot, report: EpochReport) -> Decision:
+        name = slot.slot_name
+        cf = report.counterfactual.get(name)
         if cf is None or not math.isfinite(cf.loss_with):
+            self._reward(slot, FAILURE_CONTRIBUTION, "culled", report)
             return Cull(name, "no finite counterfactual measurement")
         figures = f"val loss {cf.loss_with:.4f} with, {cf.loss_without:.4f} without"
         if cf.loss_gain > self.config.fossilize_margin:
+            self._reward(slot, cf.loss_gain, "fossilized", report)
             return Fossilize(name, f"helps: {figures}")
+        self._reward(slot, cf.loss_gain, "culled", report)
         return Cull(name, f"does not help: {figures}")
+
+    def _reward(self, slot: SeedSlot, contribution: float, outcome: str, report: EpochReport) -> None:
+        """Tell the selector and the tracker how a seed's life ended."""
+        if slot.blueprint is None:
+            return
+        name, params = slot.slot_name, _params(slot)
+        self.selector.update(
+            name, slot.blueprint, contribution=contribution, param_count=params,
+            health_features=np.asarray(
+                report.health[name].as_features() if name in report.health else [0.0] * 4
+            ),
+        )
+        self.tracker.record_cost(name, slot.blueprint.id, param_count=params)
+        before = self._born.pop(name, report.train_loss)
+        if math.isfinite(before) and math.isfinite(report.train_loss):
+            self.tracker.record_outcome(
+                name, slot.blueprint.id, outcome, loss_before=before, loss_after=report.train_loss
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Selector and tracker statistics (JSON-ready), for checkpoints."""
+        return {
+            "selector": self.selector.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "born": dict(self._born),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.selector.load_state_dict(state["selector"])
+        self.tracker.load_state_dict(state["tracker"])
+        self._born = {str(k): float(v) for k, v in state.get("born", {}).items()}
+
+
+def _params(slot: SeedSlot) -> int:
+    return 0 if slot.seed is None else sum(p.numel() for p in slot.seed.parameters())

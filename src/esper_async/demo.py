@@ -110,7 +110,7 @@ async def _run(
     if grow:
         wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
     trainer = Trainer(
-        model, grow=grow, seed=cfg.seed, controller=HeuristicController(cfg.controller),
+        model, grow=grow, seed=cfg.seed, controller=HeuristicController(cfg.controller, seed=cfg.seed),
         compiler=compiler,
     )
     fit = await trainer.fit(
