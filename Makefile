@@ -22,8 +22,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/esper-async demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# Arize Phoenix (a real trace viewer for the end-to-end telemetry test) lives in a venv of its own:
+# it is large, and its pytest plugin must not load into the project's test runs.
+PHOENIX_VENV ?= .venv-phoenix
+PHOENIX_STAMP := $(PHOENIX_VENV)/.esper-installed
+
+$(PHOENIX_STAMP):
+	test -x $(PHOENIX_VENV)/bin/python || python3 -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install -q "arize-phoenix==20.26.1"
+	touch $(PHOENIX_STAMP)
+
+test: $(STAMP) $(PHOENIX_STAMP)
+	ESPER_PHOENIX_BIN=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
@@ -33,4 +43,4 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PHOENIX_VENV) runs .pytest_cache

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians, machine, write  # noqa: E402
+from _common import interleaved_medians, machine, write
 
-from esper_async import Blueprint, SlotContract, SlotKind, build, library, load_kernel  # noqa: E402
-from esper_async.compiler import BlueprintCompiler, OptimizerOptions  # noqa: E402
+from esper_async import Blueprint, SlotContract, SlotKind, build, library, load_kernel
+from esper_async.compiler import BlueprintCompiler, OptimizerOptions
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -44,8 +44,9 @@ def contract_for(bp: Blueprint, big: bool) -> SlotContract:
     return SlotContract(SlotKind.LINEAR, (1024,) if big else (128,))
 
 
-def exec_ratio(kernel, bp: Blueprint, contract: SlotContract, device: str, batch: int,
-               repeats: int) -> tuple[float, dict[str, float]]:
+def exec_ratio(
+    kernel, bp: Blueprint, contract: SlotContract, device: str, batch: int, repeats: int
+) -> tuple[float, dict[str, float]]:
     grafted = load_kernel(kernel, device=device)
     eager = build(bp, contract, seed=kernel.metadata.init_seed).to(device)
     x = torch.randn(batch, *contract.shape, device=device, requires_grad=True)
@@ -55,16 +56,24 @@ def exec_ratio(kernel, bp: Blueprint, contract: SlotContract, device: str, batch
         module(x).sum().backward()
         sync()
 
-    times = interleaved_medians({"grafted": lambda: step(grafted), "eager": lambda: step(eager)},
-                                repeats=repeats, warmup=5)
+    times = interleaved_medians(
+        {"grafted": lambda: step(grafted), "eager": lambda: step(eager)}, repeats=repeats, warmup=5
+    )
     return times["grafted"] / times["eager"], {k: v * 1e3 for k, v in times.items()}
 
 
 def conv_host(device: str) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     ).to(device)
 
 
@@ -141,20 +150,30 @@ async def run(args: argparse.Namespace) -> dict:
                 load_kernel(kernel, device=device)
                 load_times.append((time.perf_counter() - t) * 1e3)
             loads_ms.append(statistics.median(load_times))
-            ratio, times = exec_ratio(kernel, bp, contract, device, options.batch,
-                                      repeats=10 if args.quick else 30)
+            ratio, times = exec_ratio(
+                kernel, bp, contract, device, options.batch, repeats=10 if args.quick else 30
+            )
             ratios[bp.name] = round(ratio, 4)
             meta = kernel.metadata
-            rows.append({
-                "blueprint": bp.name, "contract": list(contract.shape),
-                "compile_s": round(compile_s[-1], 3), "export_s": meta.extra["export_s"],
-                "form": meta.execution_form, "form_timings_ms": meta.extra["form_timings_ms"],
-                "form_errors": meta.extra["form_errors"], "load_ms": round(loads_ms[-1], 2),
-                "exec_ms": {k: round(v, 4) for k, v in times.items()},
-                "exec_overhead_ratio": round(ratio, 4),
-            })
-            print(f"{bp.name:<42} compile {compile_s[-1]:6.2f}s  form {meta.execution_form:<13}"
-                  f" ratio {ratio:.3f}", flush=True)
+            rows.append(
+                {
+                    "blueprint": bp.name,
+                    "contract": list(contract.shape),
+                    "compile_s": round(compile_s[-1], 3),
+                    "export_s": meta.extra["export_s"],
+                    "form": meta.execution_form,
+                    "form_timings_ms": meta.extra["form_timings_ms"],
+                    "form_errors": meta.extra["form_errors"],
+                    "load_ms": round(loads_ms[-1], 2),
+                    "exec_ms": {k: round(v, 4) for k, v in times.items()},
+                    "exec_overhead_ratio": round(ratio, 4),
+                }
+            )
+            print(
+                f"{bp.name:<42} compile {compile_s[-1]:6.2f}s  form {meta.execution_form:<13}"
+                f" ratio {ratio:.3f}",
+                flush=True,
+            )
         throughput = await throughput_ratio(compiler, device, 3.0 if args.quick else 10.0)
     worst = max(ratios, key=ratios.__getitem__)
     return {
@@ -182,9 +201,11 @@ def main() -> None:
     result = anyio.run(run, args)
     name = args.out or ("compile_cuda" if args.device.startswith("cuda") else "compile")
     path = write(name, result)
-    print(f"compile p50 {result['compile_p50_s']} s, p95 {result['compile_p95_s']} s, load p50 "
-          f"{result['load_p50_ms']} ms, exec ratio max {result['exec_overhead_ratio_max']}, "
-          f"throughput during compile {result['throughput_during_compile_ratio']} → {path}")
+    print(
+        f"compile p50 {result['compile_p50_s']} s, p95 {result['compile_p95_s']} s, load p50 "
+        f"{result['load_p50_ms']} ms, exec ratio max {result['exec_overhead_ratio_max']}, "
+        f"throughput during compile {result['throughput_during_compile_ratio']} → {path}"
+    )
 
 
 if __name__ == "__main__":

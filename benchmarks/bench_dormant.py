@@ -18,20 +18,30 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians, machine, write  # noqa: E402
+from _common import interleaved_medians, machine, write
 
-from esper_async import wrap  # noqa: E402
-from esper_async.demo import DigitsHost  # noqa: E402
+from esper_async import wrap
+from esper_async.demo import DigitsHost
 
 
 def conv_host() -> nn.Module:
     def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
-                nn.ReLU(), nn.MaxPool2d(2)]
+        return [
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
 
     return nn.Sequential(
-        *block(3, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
-        nn.Linear(128 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, 10),
+        *block(3, 32),
+        *block(32, 64),
+        *block(64, 128),
+        nn.Flatten(),
+        nn.Linear(128 * 4 * 4, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
     )
 
 
@@ -64,20 +74,26 @@ def main() -> None:
         "overhead_ratio": round(conv_ratio, 4),
         "goal": 1.02,
         "conv_host": {
-            "slots": conv_slots, "batch": 32, "input": [3, 32, 32],
+            "slots": conv_slots,
+            "batch": 32,
+            "input": [3, 32, 32],
             "median_ms": {k: round(v * 1e3, 4) for k, v in conv_times.items()},
         },
         "overhead_ratio_digits_host": round(digits_ratio, 4),
         "digits_host": {
-            "slots": digits_slots, "batch": 64, "input": [1, 8, 8],
+            "slots": digits_slots,
+            "batch": 64,
+            "input": [1, 8, 8],
             "median_ms": {k: round(v * 1e3, 4) for k, v in digits_times.items()},
         },
         "repeats": repeats,
         "machine": machine(),
     }
     path = write("dormant", result)
-    print(f"overhead_ratio {conv_ratio:.4f} (conv host, {conv_slots} slots), "
-          f"digits host {digits_ratio:.4f} → {path}")
+    print(
+        f"overhead_ratio {conv_ratio:.4f} (conv host, {conv_slots} slots), "
+        f"digits host {digits_ratio:.4f} → {path}"
+    )
 
 
 if __name__ == "__main__":

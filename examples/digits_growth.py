@@ -31,10 +31,13 @@ async def main(epochs: int, seed: int) -> None:
     static_acc, static_params, _ = await train(False, epochs, seed)
     grown_acc, grown_params, fit = await train(True, epochs, seed)
     print(f"static: test acc {static_acc:.4f}, {static_params} parameters")
-    print(f"growth: test acc {grown_acc:.4f}, {grown_params} parameters, "
-          f"{fit.count(ea.SeedState.FOSSILIZED)} fossilized, {fit.count(ea.SeedState.CULLED)} culled")
+    print(
+        f"growth: test acc {grown_acc:.4f}, {grown_params} parameters, "
+        f"{fit.count(ea.SeedState.FOSSILIZED)} fossilized, {fit.count(ea.SeedState.CULLED)} culled"
+    )
     for event in fit.events:
-        print(f"  epoch {event.epoch:>3} {event.slot:<6} {event.source} -> {event.target}: {event.reason}")
+        move = f"{event.source} -> {event.target}"
+        print(f"  epoch {event.epoch:>3} {event.slot:<6} {move}: {event.reason}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,13 @@ from esper_async.seeds import SeedState
 
 # Grow at once and move fast: germinate on the first epoch, one epoch per stage.
 EAGER = ControllerConfig(
-    plateau_patience=1, plateau_tolerance=1.0, max_live_seeds=3, training_epochs=1,
-    blend_epochs=1, probation_epochs=1, embargo_epochs=1,
+    plateau_patience=1,
+    plateau_tolerance=1.0,
+    max_live_seeds=3,
+    training_epochs=1,
+    blend_epochs=1,
+    probation_epochs=1,
+    embargo_epochs=1,
 )
 
 

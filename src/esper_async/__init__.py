@@ -24,6 +24,12 @@ from .blueprints import SlotKind as SlotKind
 from .blueprints import build as build
 from .blueprints import library as library
 from .compiler import BlueprintCompiler as BlueprintCompiler
+from .compiler import KernelOptimizer as KernelOptimizer
+from .compiler import KernelValidator as KernelValidator
+from .compiler import OptimizerOptions as OptimizerOptions
+from .compiler import ProcessPool as ProcessPool
+from .compiler import ValidationReport as ValidationReport
+from .controller import Controller as Controller
 from .controller import ControllerConfig as ControllerConfig
 from .controller import EpochReport as EpochReport
 from .controller import HeuristicController as HeuristicController
@@ -37,6 +43,34 @@ from .seeds import SeedSlot as SeedSlot
 from .seeds import SeedState as SeedState
 from .seeds import find_slots as find_slots
 from .seeds import wrap as wrap
+from .selection import UCB1 as UCB1
+from .selection import DiscountedUCB as DiscountedUCB
+from .selection import EpsilonGreedy as EpsilonGreedy
+from .selection import IntelligentSeedSelector as IntelligentSeedSelector
+from .selection import LinUCB as LinUCB
+from .selection import PerformanceTracker as PerformanceTracker
+from .selection import SlidingWindowUCB as SlidingWindowUCB
+from .selection import SlotCandidate as SlotCandidate
+from .selection import Softmax as Softmax
+from .selection import ThompsonBeta as ThompsonBeta
+from .selection import ThompsonGaussian as ThompsonGaussian
+from .selection import make_strategy as make_strategy
+from .selection import strategy_names as strategy_names
+from .store import KernelStore as KernelStore
+from .store import default_store_path as default_store_path
+from .store import kernel_key as kernel_key
+from .surgery import AddResidual as AddResidual
+from .surgery import AddSkip as AddSkip
+from .surgery import FxRewire as FxRewire
+from .surgery import InsertAfter as InsertAfter
+from .surgery import ModelSurgeon as ModelSurgeon
+from .surgery import RemoveLayer as RemoveLayer
+from .surgery import SurgeryPolicy as SurgeryPolicy
+from .surgery import SurgeryPolicyConfig as SurgeryPolicyConfig
+from .surgery import Widen as Widen
+from .telemetry import Telemetry as Telemetry
+from .telemetry import TelemetryConfig as TelemetryConfig
+from .telemetry import configure_logging as configure_logging
 from .trainer import FitResult as FitResult
 from .trainer import GrowthEvent as GrowthEvent
 from .trainer import Trainer as Trainer
@@ -44,40 +78,74 @@ from .trainer import Trainer as Trainer
 __version__ = "0.1.0"
 
 __all__ = (
+    "UCB1",
+    "AddResidual",
+    "AddSkip",
     "Blueprint",
     "BlueprintCompiler",
     "BlueprintError",
     "CompileError",
     "CompileTimeoutError",
+    "Controller",
     "ControllerConfig",
     "DemoConfig",
+    "DiscountedUCB",
     "EpochReport",
+    "EpsilonGreedy",
     "EsperError",
     "FitResult",
+    "FxRewire",
     "GrowthEvent",
     "HeuristicController",
+    "InsertAfter",
+    "IntelligentSeedSelector",
     "Kernel",
     "KernelError",
     "KernelIntegrityError",
+    "KernelOptimizer",
+    "KernelStore",
     "KernelValidationError",
+    "KernelValidator",
     "LifecycleError",
+    "LinUCB",
+    "ModelSurgeon",
     "NoLegalArmError",
+    "OptimizerOptions",
+    "PerformanceTracker",
+    "ProcessPool",
+    "RemoveLayer",
     "SeedRuntimeError",
     "SeedSlot",
     "SeedState",
     "SelectionError",
+    "SlidingWindowUCB",
+    "SlotCandidate",
     "SlotContract",
     "SlotKind",
+    "Softmax",
     "StoreError",
     "StoreIntegrityError",
     "SurgeryError",
+    "SurgeryPolicy",
+    "SurgeryPolicyConfig",
+    "Telemetry",
+    "TelemetryConfig",
+    "ThompsonBeta",
+    "ThompsonGaussian",
     "Trainer",
+    "ValidationReport",
+    "Widen",
     "build",
+    "configure_logging",
+    "default_store_path",
     "digits_loaders",
     "export_kernel",
     "find_slots",
+    "kernel_key",
     "library",
     "load_kernel",
+    "make_strategy",
     "run_demo",
+    "strategy_names",
     "wrap",
 )

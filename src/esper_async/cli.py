@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -38,9 +39,11 @@ class _Progress:
     def __call__(self, label: str, report: EpochReport, fit: FitResult) -> None:
         done = report.epoch + 1
         bar = "#" * (20 * done // self.epochs)
-        live = sum(
-            1 for e in fit.events if e.target == SeedState.GERMINATED.value
-        ) - fit.count(SeedState.FOSSILIZED) - fit.count(SeedState.CULLED)
+        live = (
+            sum(1 for e in fit.events if e.target == SeedState.GERMINATED.value)
+            - fit.count(SeedState.FOSSILIZED)
+            - fit.count(SeedState.CULLED)
+        )
         line = (
             f"{label:>7} [{bar:<20}] epoch {done:>3}/{self.epochs}  val_acc {report.val_acc:.3f}  "
             f"val_loss {report.val_loss:.3f}  fossilized {fit.count(SeedState.FOSSILIZED)}  "
@@ -57,10 +60,16 @@ def format_table(result: DemoResult) -> str:
     """The demo's closing table."""
     rows = [("run", "test acc", "params", "fossilized", "culled", "wall s")]
     for run in (result.static, result.growth):
-        rows.append((
-            run.label, f"{run.test_acc:.4f}", str(run.params), str(run.fossilized),
-            str(run.culled), f"{run.wall_s:.1f}",
-        ))
+        rows.append(
+            (
+                run.label,
+                f"{run.test_acc:.4f}",
+                str(run.params),
+                str(run.fossilized),
+                str(run.culled),
+                f"{run.wall_s:.1f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -68,8 +77,13 @@ def format_table(result: DemoResult) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     cfg = DemoConfig(
-        epochs=args.epochs, seed=args.seed, store=args.store, use_store=not args.no_store
+        epochs=args.epochs,
+        seed=args.seed,
+        store=args.store,
+        use_store=not args.no_store,
+        run_dir=run_dir,
     )
     print(
         f"esper_async demo: digits (8x8, bundled), impaired conv host, {cfg.epochs} epochs, "
@@ -80,8 +94,11 @@ def _demo(args: argparse.Namespace) -> int:
     print(format_table(result))
     print()
     for event in result.growth.fit.events:
-        if event.target in (SeedState.GERMINATED.value, SeedState.FOSSILIZED.value,
-                            SeedState.CULLED.value):
+        if event.target in (
+            SeedState.GERMINATED.value,
+            SeedState.FOSSILIZED.value,
+            SeedState.CULLED.value,
+        ):
             print(f"  epoch {event.epoch:>3}  {event.slot:<6} {event.target:<10} {event.reason}")
     gain = result.growth.test_acc - result.static.test_acc
     print(f"\ngrowth vs static: {gain:+.4f} test accuracy")
@@ -90,6 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"kernels: {result.kernels_compiled} compiled, {result.kernels_from_store} loaded from "
         f"the store{where}"
     )
+    print(f"trace: {run_dir} (view it with `esper-async trace {run_dir}`)")
     return 0
 
 
@@ -103,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=DemoConfig.seed)
     demo.add_argument("--store", default=None, help="kernel store directory (default: user cache)")
     demo.add_argument("--no-store", action="store_true", help="compile every kernel afresh")
+    demo.add_argument("--run-dir", default=None, help="where the trace goes (default runs/demo-*)")
     demo.set_defaults(func=_demo)
     add_store_parser(sub).set_defaults(func=lambda a: anyio.run(run_store_command, a))
     add_trace_parser(sub)

@@ -201,12 +201,16 @@ class HeuristicController:
     ) -> None:
         self.config = config or ControllerConfig()
         self.selector = selector or IntelligentSeedSelector(
-            "thompson_gaussian", max_live=self.config.max_live_seeds, rng_seed=seed,
+            "thompson_gaussian",
+            max_live=self.config.max_live_seeds,
+            rng_seed=seed,
             param_rent=self.config.param_rent,
         )
         self.blueprints = tuple(blueprints or library())
         self.tracker = tracker or PerformanceTracker()
-        self._born: dict[str, float] = {}  # slot -> training loss when its seed germinated
+        # slot -> (training loss, health features) when its seed germinated: the outcome is
+        # measured against the first, and LinUCB learns from the context the choice was made in.
+        self._born: dict[str, tuple[float, list[float]]] = {}
 
     def decide(
         self, report: EpochReport, history: Sequence[EpochReport], slots: Mapping[str, SeedSlot]
@@ -217,8 +221,12 @@ class HeuristicController:
             slot = slots[name]
             if slot.blueprint is not None and math.isfinite(cf.loss_with):
                 self.tracker.record_contribution(
-                    name, slot.blueprint.id, loss_with=cf.loss_with, loss_without=cf.loss_without,
-                    acc_with=cf.acc_with, acc_without=cf.acc_without,
+                    name,
+                    slot.blueprint.id,
+                    loss_with=cf.loss_with,
+                    loss_without=cf.loss_without,
+                    acc_with=cf.acc_with,
+                    acc_without=cf.acc_without,
                 )
         for name, slot in slots.items():
             life = slot.lifecycle
@@ -228,9 +236,7 @@ class HeuristicController:
                 self._reward(slot, FAILURE_CONTRIBUTION, "culled", report)
             elif life.state is SeedState.TRAINING and life.epochs_in_state >= cfg.training_epochs:
                 decisions.append(
-                    StartBlending(
-                        name, f"trained {life.epochs_in_state} epochs", cfg.blend_epochs
-                    )
+                    StartBlending(name, f"trained {life.epochs_in_state} epochs", cfg.blend_epochs)
                 )
             elif life.state is SeedState.PROBATION and life.epochs_in_state >= cfg.probation_epochs:
                 decisions.append(self._judge(slot, report))
@@ -260,15 +266,18 @@ class HeuristicController:
         live = [s for n, s in slots.items() if s.lifecycle.live and n not in leaving]
         try:
             name, blueprint = self.selector.choose(
-                candidates, self.blueprints, live_count=len(live),
+                candidates,
+                self.blueprints,
+                live_count=len(live),
                 params_used=sum(_params(s) for s in live),
             )
         except NoLegalArmError as exc:
             log.debug("no seed to germinate", reason=str(exc))
             return None
-        self._born[name] = report.train_loss
+        self._born[name] = (report.train_loss, candidates[name].health_features.tolist())
         return Germinate(
-            name, blueprint,
+            name,
+            blueprint,
             f"validation loss plateaued at {report.val_loss:.4f}; "
             f"{self.selector.strategy.name} chose {blueprint.name}",
         )
@@ -286,19 +295,22 @@ class HeuristicController:
         self._reward(slot, cf.loss_gain, "culled", report)
         return Cull(name, f"does not help: {figures}")
 
-    def _reward(self, slot: SeedSlot, contribution: float, outcome: str, report: EpochReport) -> None:
+    def _reward(
+        self, slot: SeedSlot, contribution: float, outcome: str, report: EpochReport
+    ) -> None:
         """Tell the selector and the tracker how a seed's life ended."""
         if slot.blueprint is None:
             return
         name, params = slot.slot_name, _params(slot)
+        before, features = self._born.pop(name, (report.train_loss, [0.0] * 4))
         self.selector.update(
-            name, slot.blueprint, contribution=contribution, param_count=params,
-            health_features=np.asarray(
-                report.health[name].as_features() if name in report.health else [0.0] * 4
-            ),
+            name,
+            slot.blueprint,
+            contribution=contribution,
+            param_count=params,
+            health_features=np.asarray(features, dtype=float),
         )
         self.tracker.record_cost(name, slot.blueprint.id, param_count=params)
-        before = self._born.pop(name, report.train_loss)
         if math.isfinite(before) and math.isfinite(report.train_loss):
             self.tracker.record_outcome(
                 name, slot.blueprint.id, outcome, loss_before=before, loss_after=report.train_loss
@@ -309,14 +321,17 @@ class HeuristicController:
         return {
             "selector": self.selector.state_dict(),
             "tracker": self.tracker.state_dict(),
-            "born": dict(self._born),
+            "born": {k: [loss, features] for k, (loss, features) in self._born.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.selector.load_state_dict(state["selector"])
         self.tracker.load_state_dict(state["tracker"])
-        self._born = {str(k): float(v) for k, v in state.get("born", {}).items()}
+        self._born = {
+            str(k): (float(loss), [float(f) for f in features])
+            for k, (loss, features) in state.get("born", {}).items()
+        }
 
 
 def _params(slot: SeedSlot) -> int:

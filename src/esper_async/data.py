@@ -21,7 +21,10 @@ class DigitsLoaders:
 
 
 def digits_loaders(
-    *, batch_size: int = 64, seed: int = 0, fractions: tuple[float, float] = (0.6, 0.2),
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.6, 0.2),
     limit: int | None = None,
 ) -> DigitsLoaders:
     """Load the digits as ``(N, 1, 8, 8)`` float tensors in [0, 1] and int64 labels.

@@ -1,10 +1,10 @@
-"""The main job: a deliberately narrow conv net on the digits, trained statically and with growth."""
+"""The main job: a deliberately narrow conv net on the digits, trained statically and grown."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from .controller import ControllerConfig, EpochReport, HeuristicController
 from .data import digits_loaders
 from .seeds import SeedState, wrap
 from .store import KernelStore
+from .telemetry import Telemetry, TelemetryConfig
 from .trainer import FitResult, Trainer
 
 __all__ = ("DemoConfig", "DemoResult", "DigitsHost", "RunSummary", "evaluate_accuracy", "run_demo")
@@ -56,10 +57,12 @@ class DemoConfig:
     batch_size: int = 64
     slots: tuple[str, ...] = ("conv1", "conv2", "fc1")
     limit: int | None = None
-    controller: ControllerConfig = ControllerConfig()
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     store: str | None = None
     """Kernel store directory; default :func:`~esper_async.store.default_store_path`."""
     use_store: bool = True
+    run_dir: str | None = None
+    """Where the run's trace (JSON-lines spans) goes; ``None``: no trace file."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,12 @@ ProgressFn = Callable[[str, EpochReport, FitResult], None]
 
 
 async def _run(
-    label: str, cfg: DemoConfig, grow: bool, progress: ProgressFn | None,
+    label: str,
+    cfg: DemoConfig,
+    grow: bool,
+    progress: ProgressFn | None,
     compiler: BlueprintCompiler,
+    telemetry: Telemetry,
 ) -> RunSummary:
     torch.manual_seed(cfg.seed)
     data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed, limit=cfg.limit)
@@ -110,11 +117,17 @@ async def _run(
     if grow:
         wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
     trainer = Trainer(
-        model, grow=grow, seed=cfg.seed, controller=HeuristicController(cfg.controller, seed=cfg.seed),
+        model,
+        grow=grow,
+        seed=cfg.seed,
         compiler=compiler,
+        telemetry=telemetry,
+        controller=HeuristicController(cfg.controller, seed=cfg.seed),
     )
     fit = await trainer.fit(
-        data.train, data.val, epochs=cfg.epochs,
+        data.train,
+        data.val,
+        epochs=cfg.epochs,
         on_epoch=None if progress is None else (lambda r, f: progress(label, r, f)),
     )
     return RunSummary(
@@ -129,7 +142,9 @@ async def _run(
 
 
 async def run_demo(
-    config: DemoConfig | None = None, *, progress: ProgressFn | None = None,
+    config: DemoConfig | None = None,
+    *,
+    progress: ProgressFn | None = None,
     compiler: BlueprintCompiler | None = None,
 ) -> DemoResult:
     """Train the digits host statically, then with growth, from the same seed.
@@ -144,18 +159,25 @@ async def run_demo(
     """
     cfg = config or DemoConfig()
     async with AsyncExitStack() as stack:
+        telemetry = await stack.enter_async_context(
+            Telemetry.create(
+                run_dir=cfg.run_dir, config=TelemetryConfig(jsonl=cfg.run_dir is not None)
+            )
+        )
         store = None
         if cfg.use_store:
             store = await stack.enter_async_context(KernelStore(cfg.store))
         if compiler is None:
-            compiler = BlueprintCompiler(store=store)
+            compiler = BlueprintCompiler(store=store, telemetry=telemetry)
         await stack.enter_async_context(compiler)
-        static = await _run("static", cfg, False, progress, compiler)
+        static = await _run("static", cfg, False, progress, compiler, telemetry)
         await compiler.wait_ready()
-        growth = await _run("growth", cfg, True, progress, compiler)
+        growth = await _run("growth", cfg, True, progress, compiler, telemetry)
     requested = growth.fit.count(SeedState.GERMINATED)
     return DemoResult(
-        static=static, growth=growth, kernels_compiled=compiler.compiles,
+        static=static,
+        growth=growth,
+        kernels_compiled=compiler.compiles,
         kernels_from_store=requested - compiler.compiles,
         store_path=None if store is None else str(store.path),
     )

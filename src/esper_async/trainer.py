@@ -9,8 +9,8 @@ boundary. CPU steps run in a worker thread so the event loop stays free.
 from __future__ import annotations
 
 import time
-from contextlib import AsyncExitStack
 from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ import structlog
 import torch
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from opentelemetry.sdk.trace import TracerProvider
 from torch import nn
 
 from ._exceptions import EsperError
@@ -39,6 +40,7 @@ from .controller import (
 )
 from .kernels import Kernel, load_kernel
 from .seeds import SeedSlot, SeedState, find_slots
+from .telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_RUN, Telemetry
 
 __all__ = ("FitResult", "GrowthEvent", "Trainer")
 
@@ -123,6 +125,8 @@ class Trainer:
         the first step boundary after the kernel is ready (sooner, but timing-dependent); a
         kernel still compiling ``graft_deadline_epochs`` after germination is waited for.
     :param graft_deadline_epochs: see ``graft="step"``.
+    :param telemetry: the run's telemetry (spans for the run, epochs, sampled steps, compiles,
+        lifecycle transitions; step-time and seed metrics). Default: recorded nowhere.
     :raises ValueError: if ``graft`` is neither ``"epoch"`` nor ``"step"``.
     """
 
@@ -139,6 +143,7 @@ class Trainer:
         seed: int = 0,
         graft: Literal["epoch", "step"] = "epoch",
         graft_deadline_epochs: int = 2,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if graft not in ("epoch", "step"):
             raise ValueError(f"graft must be 'epoch' or 'step', got {graft!r}")
@@ -147,7 +152,10 @@ class Trainer:
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
         self.loss_fn = loss_fn
         self.controller: Controller = controller or HeuristicController()
-        self.compiler = compiler or BlueprintCompiler(device=str(self.device))
+        self.telemetry = telemetry or Telemetry(tracer_provider=TracerProvider())
+        self.compiler = compiler or BlueprintCompiler(
+            device=str(self.device), telemetry=self.telemetry
+        )
         self.grow = grow
         self.seed = seed
         self.graft = graft
@@ -182,45 +190,69 @@ class Trainer:
         self._steps_per_epoch = max(1, len(train_loader))  # type: ignore[arg-type]
         started = time.perf_counter()
         send, ready = anyio.create_memory_object_stream[_Compiled](_READY_BUFFER)
+        tel = self.telemetry
         async with AsyncExitStack() as stack:
             if self.grow:
                 await stack.enter_async_context(self.compiler)
             tg = await stack.enter_async_context(anyio.create_task_group())
             await stack.enter_async_context(send)
             await stack.enter_async_context(ready)
+            run_span = stack.enter_context(
+                tel.span(SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow)
+            )
             for epoch in range(epochs):
                 self.epoch = epoch
-                self.model.train()
-                losses = []
-                for x, y in train_loader:
-                    if self.graft == "step":
-                        self._graft_ready(ready)
-                    x, y = x.to(self.device), y.to(self.device)
-                    losses.append(await anyio.to_thread.run_sync(self._train_step, x, y))
-                    self.step += 1
-                    for slot in self.slots.values():
-                        self._tracked(slot, slot.on_step)
-                report = await anyio.to_thread.run_sync(
-                    self._evaluate, val_loader, epoch, sum(losses) / max(1, len(losses))
-                )
-                for slot in self.slots.values():
-                    slot.lifecycle.epochs_in_state += 1
-                await self._await_late_kernels(ready)
-                if self.grow:
-                    for decision in self.controller.decide(report, result.history, self.slots):
-                        self._apply(decision, tg, send)
+                with tel.span(SPAN_EPOCH, epoch=epoch) as epoch_span:
+                    report = await self._train_epoch(train_loader, val_loader, ready)
+                    epoch_span.set_attribute("esper.loss", report.val_loss)
+                    await self._await_late_kernels(ready)
+                    if self.grow:
+                        for decision in self.controller.decide(report, result.history, self.slots):
+                            self._apply(decision, tg, send)
                 result.history.append(report)
                 log.info(
-                    "epoch", epoch=epoch, train_loss=report.train_loss,
-                    val_loss=report.val_loss, val_acc=report.val_acc,
+                    "epoch",
+                    epoch=epoch,
+                    train_loss=report.train_loss,
+                    val_loss=report.val_loss,
+                    val_acc=report.val_acc,
                 )
                 if on_epoch is not None:
                     on_epoch(report, result)
+            run_span.set_attribute("esper.params", self.param_count())
             # Compiles still running when training ends are not needed any more.
             tg.cancel_scope.cancel()
         result.wall_s = time.perf_counter() - started
         result.steps = self.step
         return result
+
+    async def _train_epoch(
+        self,
+        train_loader: Iterable[Batch],
+        val_loader: Iterable[Batch],
+        ready: MemoryObjectReceiveStream[_Compiled],
+    ) -> EpochReport:
+        """One pass over the training data, then the validation measurements."""
+        tel = self.telemetry
+        self.model.train()
+        losses = []
+        for x, y in train_loader:
+            if self.graft == "step":
+                self._graft_ready(ready)
+            x, y = x.to(self.device), y.to(self.device)
+            with tel.step_span(self.step, epoch=self.epoch):
+                started = time.perf_counter()
+                losses.append(await anyio.to_thread.run_sync(self._train_step, x, y))
+                tel.metrics.step_finished(time.perf_counter() - started)
+            self.step += 1
+            for slot in self.slots.values():
+                self._tracked(slot, slot.on_step)
+        report = await anyio.to_thread.run_sync(
+            self._evaluate, val_loader, self.epoch, sum(losses) / max(1, len(losses))
+        )
+        for slot in self.slots.values():
+            slot.lifecycle.epochs_in_state += 1
+        return report
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -233,7 +265,8 @@ class Trainer:
     def _evaluate(self, loader: Iterable[Batch], epoch: int, train_loss: float) -> EpochReport:
         self.model.eval()
         blended = [
-            n for n, s in self.slots.items()
+            n
+            for n, s in self.slots.items()
             if s.seed is not None and s.state in (SeedState.BLENDING, SeedState.PROBATION)
         ]
         totals = {"all": [0.0, 0.0]} | {n: [0.0, 0.0] for n in blended}
@@ -271,7 +304,7 @@ class Trainer:
             },
         )
 
-    # --- growth: decisions and kernels, applied at step boundaries ---------------------------------
+    # --- growth: decisions and kernels, applied at step boundaries ------------------------------
 
     def _tracked(self, slot: SeedSlot, action: Callable[..., Any], *args: Any) -> Any:
         """Run a lifecycle action on ``slot`` and record the transitions it made."""
@@ -282,13 +315,32 @@ class Trainer:
                 self.epoch, self.step, slot.slot_name, source.value, target.value, reason
             )
             self._result.events.append(event)
+            with self.telemetry.span(
+                SPAN_LIFECYCLE,
+                slot=event.slot,
+                lifecycle__from=event.source,
+                lifecycle__to=event.target,
+                reason=reason,
+                step=event.step,
+                epoch=event.epoch,
+                blueprint=None if slot.blueprint is None else slot.blueprint.name,
+                kernel_id=slot.kernel_id,
+            ):
+                self.telemetry.metrics.seed_transition(source, target)
             log.info(
-                "lifecycle", slot=event.slot, source=event.source, target=event.target,
-                reason=reason, epoch=event.epoch, step=event.step,
+                "lifecycle",
+                slot=event.slot,
+                source=event.source,
+                target=event.target,
+                reason=reason,
+                epoch=event.epoch,
+                step=event.step,
             )
         return out
 
-    def _apply(self, decision: Decision, tg: TaskGroup, send: MemoryObjectSendStream[_Compiled]) -> None:
+    def _apply(
+        self, decision: Decision, tg: TaskGroup, send: MemoryObjectSendStream[_Compiled]
+    ) -> None:
         slot = self.slots[decision.slot]
         match decision:
             case Germinate(blueprint=blueprint, reason=reason):

@@ -14,8 +14,10 @@ from esper_async.blueprints import (
     register_family,
 )
 
-CONTRACTS = {SlotKind.CONV: SlotContract(SlotKind.CONV, (8, 6, 6)),
-             SlotKind.LINEAR: SlotContract(SlotKind.LINEAR, (12,))}
+CONTRACTS = {
+    SlotKind.CONV: SlotContract(SlotKind.CONV, (8, 6, 6)),
+    SlotKind.LINEAR: SlotContract(SlotKind.LINEAR, (12,)),
+}
 
 
 @pytest.mark.parametrize("bp", [pytest.param(b, id=b.name) for b in library()])

@@ -26,7 +26,10 @@ FAST = OptimizerOptions(repeats=3, batch=8)
 
 def compiler(**kwargs: object) -> BlueprintCompiler:
     return BlueprintCompiler(
-        workers=1, imports=["faulty_families"], options=FAST, **kwargs  # type: ignore[arg-type]
+        workers=1,
+        imports=["faulty_families"],
+        options=FAST,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 

@@ -35,7 +35,8 @@ def test_every_live_state_can_be_culled_and_returns_to_dormant(live: SeedState) 
         pytest.param([], S.CULLED, id="cull-dormant"),
         pytest.param([S.GERMINATED], S.FOSSILIZED, id="skip-to-fossilized"),
         pytest.param(
-            [S.GERMINATED, S.TRAINING, S.BLENDING, S.PROBATION, S.FOSSILIZED], S.CULLED,
+            [S.GERMINATED, S.TRAINING, S.BLENDING, S.PROBATION, S.FOSSILIZED],
+            S.CULLED,
             id="cull-fossilized",
         ),
         pytest.param([S.GERMINATED, S.CULLED], S.DORMANT, id="skip-embargo"),

@@ -7,7 +7,6 @@ at zero where it has one, so a fresh seed contributes nothing until it has learn
 
 from __future__ import annotations
 
-
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -271,25 +270,29 @@ _L = SlotKind.LINEAR
 
 for _family in (
     Family(
-        "residual_conv", _C,
+        "residual_conv",
+        _C,
         {"kernel_size": Option(int, 3, choices=_ODD_KERNELS), "expansion": Option(int, 1, 1, 4)},
         lambda c, kernel_size, expansion: _ResidualConv(c.channels, kernel_size, expansion),
         "conv-norm-relu-conv residual branch",
     ),
     Family(
-        "depthwise_separable", _C,
+        "depthwise_separable",
+        _C,
         {"kernel_size": Option(int, 3, choices=_ODD_KERNELS)},
         lambda c, kernel_size: _DepthwiseSeparable(c.channels, kernel_size),
         "depthwise k×k conv, norm, pointwise 1×1",
     ),
     Family(
-        "bottleneck", _C,
+        "bottleneck",
+        _C,
         {"reduction": Option(int, 2, 1, 16)},
         lambda c, reduction: _Bottleneck(c.channels, reduction),
         "1×1 down, 3×3, 1×1 up",
     ),
     Family(
-        "squeeze_excitation", _C,
+        "squeeze_excitation",
+        _C,
         {"reduction": Option(int, 4, 1, 64)},
         lambda c, reduction: _SqueezeExcitation(c.channels, reduction),
         "channel gating from pooled statistics",
@@ -297,19 +300,22 @@ for _family in (
     Family("conv_norm", _C, {}, lambda c: _ConvNorm(c.channels), "group normalisation branch"),
     Family("projection_1x1", _C, {}, lambda c: _projection(c.channels), "1×1 channel mixing"),
     Family(
-        "low_rank", _L,
+        "low_rank",
+        _L,
         {"rank": Option(int, 4, 1, 4096)},
         lambda c, rank: _LowRank(c.channels, rank),
         "low-rank adapter (down, up)",
     ),
     Family(
-        "mlp", _L,
+        "mlp",
+        _L,
         {"hidden_mult": Option(int, 2, 1, 8)},
         lambda c, hidden_mult: _MLP(c.channels, hidden_mult),
         "two-layer GELU MLP",
     ),
     Family(
-        "gated_mlp", _L,
+        "gated_mlp",
+        _L,
         {"hidden_mult": Option(int, 2, 1, 8)},
         lambda c, hidden_mult: _GatedMLP(c.channels, hidden_mult),
         "SwiGLU-style gated MLP",
@@ -319,4 +325,3 @@ for _family in (
     register_family(_family)
 
 del _family
-

@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from .._exceptions import BlueprintError
@@ -17,7 +17,7 @@ __all__ = ("Blueprint", "SlotContract", "SlotKind")
 IR_VERSION = 1
 
 
-class SlotKind(str, Enum):
+class SlotKind(StrEnum):
     """The kind of host module a slot wraps, and so the layout of the tensors a seed sees."""
 
     CONV = "conv"

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 
 import structlog
 import torch
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from .._exceptions import (
     BlueprintError,
@@ -31,6 +34,7 @@ from .._exceptions import (
 from ..blueprints import Blueprint, SlotContract
 from ..kernels import Kernel, KernelMetadata
 from ..store import KernelStore, kernel_key
+from ..telemetry import SPAN_COMPILE, SPAN_STORE_GET, Telemetry, inject_context
 from ._job import CompileOutcome, CompileRequest, compile_job
 from ._optimizer import OptimizerOptions
 from ._pool import CompileExecutor, ProcessPool, WorkerDiedError, WorkerError
@@ -64,6 +68,8 @@ class BlueprintCompiler:
     :param store: an open :class:`~esper_async.store.KernelStore` asked first: a kernel it holds
         for the same blueprint, contract, seed, torch version, device kind and optimizer options
         is returned without compiling; a new kernel is put there once validated.
+    :param telemetry: the run's telemetry: compiles and store lookups are traced, and workers
+        continue the trace.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class BlueprintCompiler:
         imports: Sequence[str] = (),
         executor: CompileExecutor | None = None,
         store: KernelStore | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.device = device
         self.timeout = timeout
@@ -87,6 +94,7 @@ class BlueprintCompiler:
             workers or default_workers(), threads=threads_per_worker, imports=imports
         )
         self.store = store
+        self.telemetry = telemetry
         self.compiles = 0
         self._depth = 0
 
@@ -104,7 +112,9 @@ class BlueprintCompiler:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self._depth -= 1
@@ -118,8 +128,13 @@ class BlueprintCompiler:
             await wait()
 
     async def compile(
-        self, blueprint: Blueprint, contract: SlotContract, *, seed: int = 0,
-        timeout: float | None = None, trace_carrier: dict[str, str] | None = None,
+        self,
+        blueprint: Blueprint,
+        contract: SlotContract,
+        *,
+        seed: int = 0,
+        timeout: float | None = None,
+        trace_carrier: dict[str, str] | None = None,
     ) -> Kernel:
         """Compile ``blueprint`` for a slot with ``contract`` in a worker process.
 
@@ -140,23 +155,60 @@ class BlueprintCompiler:
         if self.store is None:
             return await self._compile(blueprint, contract, seed, timeout, trace_carrier)
         key = kernel_key(
-            blueprint, contract, torch_version=torch.__version__, device_kind=self.device_kind,
+            blueprint,
+            contract,
+            torch_version=torch.__version__,
+            device_kind=self.device_kind,
             optimizer_options={**self.options.to_json(), "init_seed": seed},
         )
-        return await self.store.get_or_compile(
-            key, lambda: self._compile(blueprint, contract, seed, timeout, trace_carrier),
-            tags=(blueprint.family,),
-        )
+        compiles_before = self.compiles
+        with self._span(SPAN_STORE_GET, blueprint=blueprint.name, store_key=key[:16]) as span:
+            kernel = await self.store.get_or_compile(
+                key,
+                lambda: self._compile(blueprint, contract, seed, timeout, trace_carrier),
+                tags=(blueprint.family,),
+            )
+            hit = self.compiles == compiles_before
+            span.set_attribute("esper.store.hit", hit)
+        if self.telemetry is not None:
+            self.telemetry.metrics.store_lookup(hit=hit)
+        return kernel
+
+    def _span(self, name: str, **attrs: object) -> AbstractContextManager[Span]:
+        if self.telemetry is None:
+            return nullcontext(INVALID_SPAN)
+        return self.telemetry.span(name, **attrs)
 
     async def _compile(
-        self, blueprint: Blueprint, contract: SlotContract, seed: int, timeout: float | None,
+        self,
+        blueprint: Blueprint,
+        contract: SlotContract,
+        seed: int,
+        timeout: float | None,
         trace_carrier: dict[str, str] | None,
     ) -> Kernel:
         self.compiles += 1
-        request = CompileRequest(
-            blueprint_json=blueprint.to_json(), contract_json=contract.to_json(), seed=seed,
-            device=self.device, options=self.options, trace_carrier=dict(trace_carrier or {}),
-        )
+        with self._span(SPAN_COMPILE, blueprint=blueprint.name, device=self.device) as span:
+            request = CompileRequest(
+                blueprint_json=blueprint.to_json(),
+                contract_json=contract.to_json(),
+                seed=seed,
+                device=self.device,
+                options=self.options,
+                trace_carrier=dict(trace_carrier or inject_context()),
+                telemetry=None if self.telemetry is None else self.telemetry.worker_spec(),
+            )
+            started = time.perf_counter()
+            kernel = await self._run(blueprint, request, timeout)
+            span.set_attribute("esper.kernel_id", kernel.kernel_id)
+            span.set_attribute("esper.compile.form", kernel.metadata.execution_form)
+        if self.telemetry is not None:
+            self.telemetry.metrics.compile_finished(time.perf_counter() - started)
+        return kernel
+
+    async def _run(
+        self, blueprint: Blueprint, request: CompileRequest, timeout: float | None
+    ) -> Kernel:
         limit = self.timeout if timeout is None else timeout
         for attempt in range(self.retries + 1):
             try:
@@ -169,7 +221,9 @@ class BlueprintCompiler:
                 ) from exc
             except WorkerDiedError as exc:
                 log.warning(
-                    "compile worker died", blueprint=blueprint.name, attempt=attempt + 1,
+                    "compile worker died",
+                    blueprint=blueprint.name,
+                    attempt=attempt + 1,
                     error=str(exc),
                 )
                 if attempt == self.retries:
@@ -192,8 +246,10 @@ class BlueprintCompiler:
             raise BlueprintError(outcome.message, blueprint=name)
         if outcome.error_kind == "validation":
             raise KernelValidationError(
-                outcome.message, blueprint=name,
-                kernel_id=outcome.metadata_json.get("sha256"), report=outcome.report_json,
+                outcome.message,
+                blueprint=name,
+                kernel_id=outcome.metadata_json.get("sha256"),
+                report=outcome.report_json,
             )
         if outcome.error_kind:
             raise CompileError(outcome.message, blueprint=name)
@@ -201,10 +257,14 @@ class BlueprintCompiler:
         if hashlib.sha256(outcome.artifact).hexdigest() != metadata.sha256:
             raise KernelIntegrityError(
                 f"kernel for {name} arrived with bytes that do not match its id",
-                blueprint=name, kernel_id=metadata.sha256,
+                blueprint=name,
+                kernel_id=metadata.sha256,
             )
         log.info(
-            "kernel compiled", blueprint=name, kernel_id=metadata.sha256[:12],
-            form=metadata.execution_form, compile_s=metadata.compile_s,
+            "kernel compiled",
+            blueprint=name,
+            kernel_id=metadata.sha256[:12],
+            form=metadata.execution_form,
+            compile_s=metadata.compile_s,
         )
         return Kernel(artifact=outcome.artifact, metadata=metadata)

@@ -7,6 +7,7 @@ without pickling project classes; the parent maps an outcome to a kernel or to a
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 from .._exceptions import BlueprintError, CompileError
 from ..blueprints import Blueprint, SlotContract
 from ..kernels import export_kernel
+from ..telemetry import SPAN_COMPILE_WORKER, Telemetry, WorkerTelemetrySpec
 from ._optimizer import KernelOptimizer, OptimizerOptions
 from ._validator import KernelValidator
 
@@ -32,6 +34,7 @@ class CompileRequest:
     options: OptimizerOptions
     validate: bool = True
     trace_carrier: dict[str, str] = field(default_factory=dict)
+    telemetry: WorkerTelemetrySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,25 @@ class CompileOutcome:
 
 
 def compile_job(request: CompileRequest) -> CompileOutcome:
-    """Build, export, optimise and validate one blueprint. Runs in a worker process."""
+    """Build, export, optimise and validate one blueprint. Runs in a worker process.
+
+    With a telemetry spec, the work is traced as a child of the caller's compile span (from
+    ``trace_carrier``), so one trace spans both processes.
+    """
+    if request.telemetry is None:
+        return _compile(request)
+    with Telemetry.for_worker(request.telemetry) as telemetry:
+        with telemetry.span(
+            SPAN_COMPILE_WORKER,
+            parent=request.trace_carrier,
+            pid=os.getpid(),
+        ) as span:
+            outcome = _compile(request)
+            span.set_attribute("esper.compile.outcome", outcome.error_kind or "ok")
+            return outcome
+
+
+def _compile(request: CompileRequest) -> CompileOutcome:
     started = time.perf_counter()
     try:
         blueprint = Blueprint.from_json(request.blueprint_json)
@@ -83,13 +104,17 @@ def compile_job(request: CompileRequest) -> CompileOutcome:
         "validation": None if report is None else report.to_json(),
     }
     metadata = dataclasses.replace(
-        kernel.metadata, execution_form=form, compile_s=round(time.perf_counter() - started, 4),
+        kernel.metadata,
+        execution_form=form,
+        compile_s=round(time.perf_counter() - started, 4),
         extra=extra,
     )
     if report is not None and not report.passed:
         failed = ", ".join(f"{c.name} ({c.detail})" for c in report.failures)
         return CompileOutcome(
-            metadata_json=metadata.to_json(), error_kind="validation",
-            message=f"{blueprint.name} failed validation: {failed}", report_json=report.to_json(),
+            metadata_json=metadata.to_json(),
+            error_kind="validation",
+            message=f"{blueprint.name} failed validation: {failed}",
+            report_json=report.to_json(),
         )
     return CompileOutcome(artifact=kernel.artifact, metadata_json=metadata.to_json())

@@ -47,8 +47,12 @@ class OptimizerOptions:
     repeats: int = 10
 
     def to_json(self) -> dict[str, object]:
-        return {"forms": self.forms, "allow_bf16": self.allow_bf16, "batch": self.batch,
-                "repeats": self.repeats}
+        return {
+            "forms": self.forms,
+            "allow_bf16": self.allow_bf16,
+            "batch": self.batch,
+            "repeats": self.repeats,
+        }
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,11 @@ class KernelOptimizer:
         module = load_kernel(kernel, device=self.device, form=form)
         contract = kernel.contract
         x = torch.randn(
-            self.options.batch, *contract.shape, dtype=getattr(torch, contract.dtype),
-            device=self.device, requires_grad=True,
+            self.options.batch,
+            *contract.shape,
+            dtype=getattr(torch, contract.dtype),
+            device=self.device,
+            requires_grad=True,
         )
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 

@@ -174,7 +174,9 @@ class ProcessPool:
             self._started.set()
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         assert self._tg is not None
@@ -214,8 +216,10 @@ class ProcessPool:
     async def _start(self) -> _Worker:
         parent, child = self._context.Pipe()
         process = self._context.Process(
-            target=_worker_main, args=(child, self.threads, self.imports, WORKER_NICENESS),
-            daemon=True, name="esper-compile-worker",
+            target=_worker_main,
+            args=(child, self.threads, self.imports, WORKER_NICENESS),
+            daemon=True,
+            name="esper-compile-worker",
         )
         await anyio.to_thread.run_sync(process.start)
         child.close()

@@ -147,7 +147,8 @@ class KernelValidator:
                 return report()
             expected = reference(x_ref)
             if not check(
-                f"shape[b={batch}]", tuple(out.shape) == (batch, *contract.shape),
+                f"shape[b={batch}]",
+                tuple(out.shape) == (batch, *contract.shape),
                 f"got {tuple(out.shape)}, contract {(batch, *contract.shape)}",
             ):
                 return report()

@@ -1,4 +1,4 @@
-"""Kernels: a blueprint exported with ``torch.export`` to bytes, plus the metadata that describes it.
+"""Kernels: a blueprint exported with ``torch.export`` to bytes, plus metadata that describes it.
 
 A :class:`Kernel` is immutable and identified by the sha256 of its artifact bytes
 (:attr:`Kernel.kernel_id`). :func:`load_kernel` checks those bytes against the id before

@@ -12,14 +12,14 @@ FOSSILIZED is terminal: the seed has become part of the host.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from .._exceptions import LifecycleError
 
 __all__ = ("LIVE_STATES", "TRANSITIONS", "Lifecycle", "SeedState")
 
 
-class SeedState(str, Enum):
+class SeedState(StrEnum):
     """Where a slot's seed is in its life."""
 
     DORMANT = "dormant"

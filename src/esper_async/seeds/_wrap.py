@@ -37,8 +37,8 @@ def wrap(
 ) -> dict[str, SeedSlot]:
     """Replace the chosen modules of ``model`` (in place) with :class:`SeedSlot` s around them.
 
-    A target is a module path (``"features.2"``, ``"fc1"``: any module, a whole block included) or a
-    module type (``nn.Conv2d``, ``nn.Linear``): every module of that type is wrapped. A module inside
+    A target is a module path (``"features.2"``, ``"fc1"``: any module, a whole block included) or
+    a module type (``nn.Conv2d``, ``nn.Linear``): every module of that type is wrapped. A module in
     one already chosen is not wrapped again. The model is run once on ``example_input`` (no grad)
     to learn each slot's output shape, which becomes the slot's :class:`SlotContract`.
 
