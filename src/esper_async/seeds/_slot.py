@@ -19,6 +19,13 @@ FOSSILIZED
 In TRAINING, ``s - s.detach()`` is exactly zero in value, so the host's output, loss and gradients
 are untouched, but the gradient of the loss reaches the seed's parameters. Detaching ``h`` at the
 seed's input keeps the seed's backward pass from adding to the host's gradients.
+
+On a GPU, a slot given a side stream (:attr:`SeedSlot.side_stream`, set by
+:func:`esper_async.streams.enable_side_streams`) runs a TRAINING seed's forward and backward on
+that stream, beside the host's later layers (:func:`esper_async.streams.train_beside`); the output
+is then a copy of ``h`` and the gradients are those above. Other states read the seed's output on
+the main stream, so they gain nothing from a side stream and run inline. On a CPU, or with no side
+stream, nothing changes.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from torch import nn
 
 from .._exceptions import LifecycleError
 from ..blueprints import Blueprint, SlotContract
+from ..streams import train_beside
 from ._lifecycle import Lifecycle, SeedState
 
 __all__ = ("HealthSignals", "SeedSlot")
@@ -93,6 +101,8 @@ class SeedSlot(nn.Module):
         self.alpha = 0.0
         self.blend_steps = 1
         self.observe = False
+        #: CUDA stream on which a TRAINING seed runs (``None``: inline, as on a CPU).
+        self.side_stream: torch.cuda.Stream | None = None
         self._ablated = False
         self._act_stats: tuple[float, float, float, bool] = (math.nan, math.nan, math.nan, True)
 
@@ -110,6 +120,8 @@ class SeedSlot(nn.Module):
             return h
         state = self.lifecycle.state
         if state is SeedState.TRAINING:
+            if self.side_stream is not None and h.is_cuda:
+                return train_beside(seed, h, self.side_stream)
             s = seed(h.detach())
             return h + (s - s.detach())
         s = seed(h)
