@@ -1,0 +1,56 @@
+"""Errors of the reliability layer and how faults are classified.
+
+``GovernorError`` subclasses :class:`~esper_async.EsperError`, so ``except EsperError`` still
+catches everything the framework raises on purpose.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._exceptions import EsperError
+
+__all__ = ("GovernorError", "LossAnomaly", "is_out_of_memory")
+
+#: What the CPU allocator says when an allocation fails (it raises a plain ``RuntimeError``;
+#: CUDA raises ``torch.OutOfMemoryError``).
+_CPU_OOM_TEXT = ("can't allocate memory", "out of memory")
+
+
+class GovernorError(EsperError):
+    """Training went bad and rolling back did not help: the governor gave up.
+
+    :ivar step: the global step at which it gave up.
+    """
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class LossAnomaly(Exception):
+    """A training step's loss was non-finite or spiked (internal: the trainer recovers from it).
+
+    :ivar kind: ``"non_finite"``, ``"spike"`` or ``"backward"``.
+    :ivar loss: the loss value.
+    :ivar culprit: the slot whose seed caused it, where a diagnosis found one.
+    """
+
+    def __init__(self, kind: str, loss: float, culprit: str | None = None) -> None:
+        super().__init__(f"{kind} loss {loss}" + (f" caused by slot {culprit}" if culprit else ""))
+        self.kind = kind
+        self.loss = loss
+        self.culprit = culprit
+
+
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is an out-of-memory error."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        if isinstance(exc, RuntimeError) and any(t in str(exc) for t in _CPU_OOM_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False

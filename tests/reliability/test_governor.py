@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from esper_async.reliability import Governor, GovernorConfig, Snapshot, is_out_of_memory
+
+
+@pytest.mark.parametrize(
+    ("loss", "verdict"),
+    [
+        pytest.param(1.0, None, id="normal"),
+        pytest.param(9.9, None, id="high-but-below-factor"),
+        pytest.param(10.1, "spike", id="spike"),
+        pytest.param(math.nan, "non_finite", id="nan"),
+        pytest.param(math.inf, "non_finite", id="inf"),
+    ],
+)
+def test_judges_losses_against_the_recent_median(loss: float, verdict: str | None) -> None:
+    governor = Governor(GovernorConfig(spike_factor=10.0, window=8, warmup=4))
+    for value in (0.9, 1.0, 1.1, 1.0):
+        governor.accept(value)
+    assert governor.judge(loss) == verdict
+
+
+def test_no_spike_judgement_during_warmup() -> None:
+    governor = Governor(GovernorConfig(warmup=4))
+    governor.accept(1.0)
+    assert governor.judge(1e6) is None
+    assert governor.judge(math.nan) == "non_finite"
+
+
+def test_refuses_a_snapshot_with_non_finite_parameters() -> None:
+    model = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    governor = Governor()
+    assert governor.offer(Snapshot.take(0, model, opt, {}))
+    with torch.no_grad():
+        model.weight[0, 0] = math.nan
+    assert not governor.offer(Snapshot.take(1, model, opt, {}))
+    assert governor.snapshot is not None and governor.snapshot.step == 0
+    assert governor.snapshots_refused == 1
+
+
+def test_rollback_budget_per_epoch() -> None:
+    governor = Governor(GovernorConfig(max_rollbacks_per_epoch=2))
+    assert governor.note_rollback() and governor.note_rollback()
+    assert not governor.note_rollback()
+    governor.new_epoch()
+    assert governor.note_rollback()
+    assert governor.rollbacks == 4
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        pytest.param(lambda: torch.empty(1 << 60, dtype=torch.uint8), True, id="cpu-allocator"),
+        pytest.param(lambda: torch.zeros(2) @ torch.zeros(3), False, id="shape-error"),
+    ],
+)
+def test_recognises_out_of_memory(make: object, expected: bool) -> None:
+    try:
+        make()  # type: ignore[operator]
+    except RuntimeError as exc:
+        wrapped = ValueError("seed failed")
+        wrapped.__cause__ = exc
+        assert is_out_of_memory(wrapped) is expected
+    else:
+        raise AssertionError("expected an error")
