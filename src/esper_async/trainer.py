@@ -125,6 +125,9 @@ class Trainer:
         the first step boundary after the kernel is ready (sooner, but timing-dependent); a
         kernel still compiling ``graft_deadline_epochs`` after germination is waited for.
     :param graft_deadline_epochs: see ``graft="step"``.
+    :param wrap_model: wraps the model for training steps, e.g. ``DistributedDataParallel``; it is
+        applied at start and again after every change of the model's structure (a graft or a
+        cull), since such wrappers capture the parameter set when they are built.
     :param telemetry: the run's telemetry (spans for the run, epochs, sampled steps, compiles,
         lifecycle transitions; step-time and seed metrics). Default: recorded nowhere.
     :raises ValueError: if ``graft`` is neither ``"epoch"`` nor ``"step"``.
@@ -144,6 +147,7 @@ class Trainer:
         graft: Literal["epoch", "step"] = "epoch",
         graft_deadline_epochs: int = 2,
         telemetry: Telemetry | None = None,
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         if graft not in ("epoch", "step"):
             raise ValueError(f"graft must be 'epoch' or 'step', got {graft!r}")
@@ -161,6 +165,8 @@ class Trainer:
         self.graft = graft
         self.graft_deadline_epochs = 1 if graft == "epoch" else graft_deadline_epochs
         self.slots: dict[str, SeedSlot] = find_slots(model)
+        self.wrap_model = wrap_model
+        self.runner = self._rewrap()
         self.step = 0
         self.epoch = 0
         self._steps_per_epoch = 1
@@ -256,7 +262,7 @@ class Trainer:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
+        loss = self.loss_fn(self.runner(x), y)
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
@@ -359,6 +365,7 @@ class Trainer:
         seed = self._tracked(slot, slot.cull, reason)
         if seed is not None:
             remove_module_params(self.optimizer, seed)
+            self._rewrap()
         self._tracked(slot, slot.embargo, "cooling down after cull")
 
     async def _compile(
@@ -405,6 +412,12 @@ class Trainer:
             return
         self._tracked(slot, slot.graft, done.module, done.kernel.kernel_id)
         add_module_params(self.optimizer, done.module)
+        self._rewrap()
+
+    def _rewrap(self) -> nn.Module:
+        """The module training steps call: the model, wrapped anew if a wrapper is set."""
+        self.runner = self.model if self.wrap_model is None else self.wrap_model(self.model)
+        return self.runner
 
     def param_count(self) -> int:
         """Trainable parameters of the model now, seeds included."""
