@@ -86,6 +86,7 @@ class DemoResult:
     growth: RunSummary
     kernels_compiled: int
     kernels_from_store: int
+    compile_s: float
     store_path: str | None
 
 
@@ -179,5 +180,6 @@ async def run_demo(
         growth=growth,
         kernels_compiled=compiler.compiles,
         kernels_from_store=requested - compiler.compiles,
+        compile_s=compiler.compile_seconds,
         store_path=None if store is None else str(store.path),
     )

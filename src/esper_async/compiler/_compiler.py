@@ -96,6 +96,7 @@ class BlueprintCompiler:
         self.store = store
         self.telemetry = telemetry
         self.compiles = 0
+        self.compile_seconds = 0.0
         self._depth = 0
 
     @property
@@ -187,7 +188,7 @@ class BlueprintCompiler:
         timeout: float | None,
         trace_carrier: dict[str, str] | None,
     ) -> Kernel:
-        self.compiles += 1
+        self.compiles += 1  # attempted compiles; `compile_seconds` sums the successful ones
         with self._span(SPAN_COMPILE, blueprint=blueprint.name, device=self.device) as span:
             request = CompileRequest(
                 blueprint_json=blueprint.to_json(),
@@ -202,8 +203,10 @@ class BlueprintCompiler:
             kernel = await self._run(blueprint, request, timeout)
             span.set_attribute("esper.kernel_id", kernel.kernel_id)
             span.set_attribute("esper.compile.form", kernel.metadata.execution_form)
+        elapsed = time.perf_counter() - started
+        self.compile_seconds += elapsed
         if self.telemetry is not None:
-            self.telemetry.metrics.compile_finished(time.perf_counter() - started)
+            self.telemetry.metrics.compile_finished(elapsed, blueprint=blueprint.name)
         return kernel
 
     async def _run(
