@@ -107,7 +107,7 @@ def train(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> li
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
