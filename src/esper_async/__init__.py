@@ -17,7 +17,12 @@ from ._exceptions import SeedRuntimeError as SeedRuntimeError
 from ._exceptions import SelectionError as SelectionError
 from ._exceptions import StoreError as StoreError
 from ._exceptions import StoreIntegrityError as StoreIntegrityError
+from ._exceptions import StreamError as StreamError
 from ._exceptions import SurgeryError as SurgeryError
+from ._exceptions import TelemetryConfigError as TelemetryConfigError
+from ._execution import LagStats as LagStats
+from ._execution import LoopLagMonitor as LoopLagMonitor
+from ._execution import StepRunner as StepRunner
 from .blueprints import Blueprint as Blueprint
 from .blueprints import SlotContract as SlotContract
 from .blueprints import SlotKind as SlotKind
@@ -59,6 +64,8 @@ from .selection import strategy_names as strategy_names
 from .store import KernelStore as KernelStore
 from .store import default_store_path as default_store_path
 from .store import kernel_key as kernel_key
+from .streams import BridgeKind as BridgeKind
+from .streams import enable_side_streams as enable_side_streams
 from .surgery import AddResidual as AddResidual
 from .surgery import AddSkip as AddSkip
 from .surgery import FxRewire as FxRewire
@@ -78,12 +85,12 @@ from .trainer import Trainer as Trainer
 __version__ = "0.1.0"
 
 __all__ = (
-    "UCB1",
     "AddResidual",
     "AddSkip",
     "Blueprint",
     "BlueprintCompiler",
     "BlueprintError",
+    "BridgeKind",
     "CompileError",
     "CompileTimeoutError",
     "Controller",
@@ -106,8 +113,10 @@ __all__ = (
     "KernelStore",
     "KernelValidationError",
     "KernelValidator",
+    "LagStats",
     "LifecycleError",
     "LinUCB",
+    "LoopLagMonitor",
     "ModelSurgeon",
     "NoLegalArmError",
     "OptimizerOptions",
@@ -123,22 +132,27 @@ __all__ = (
     "SlotContract",
     "SlotKind",
     "Softmax",
+    "StepRunner",
     "StoreError",
     "StoreIntegrityError",
+    "StreamError",
     "SurgeryError",
     "SurgeryPolicy",
     "SurgeryPolicyConfig",
     "Telemetry",
     "TelemetryConfig",
+    "TelemetryConfigError",
     "ThompsonBeta",
     "ThompsonGaussian",
     "Trainer",
+    "UCB1",
     "ValidationReport",
     "Widen",
     "build",
     "configure_logging",
     "default_store_path",
     "digits_loaders",
+    "enable_side_streams",
     "export_kernel",
     "find_slots",
     "kernel_key",

@@ -19,7 +19,9 @@ boundary where they occur and chained with ``raise ... from exc``.
     ├── SelectionError
     │   └── NoLegalArmError       every (slot, blueprint) pair is ruled out
     ├── SurgeryError              an architecture change was rejected; nothing was changed
-    └── SeedRuntimeError          a grafted kernel failed or produced non-finite values
+    ├── SeedRuntimeError          a grafted kernel failed or produced non-finite values
+    ├── StreamError               a CUDA stream operation failed, or CUDA is needed and absent
+    └── TelemetryConfigError      telemetry was configured in a way that cannot work
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ __all__ = (
     "SelectionError",
     "StoreError",
     "StoreIntegrityError",
+    "StreamError",
     "SurgeryError",
+    "TelemetryConfigError",
 )
 
 
@@ -169,3 +173,19 @@ class SeedRuntimeError(EsperError):
     def __init__(self, message: str, *, slot: str) -> None:
         super().__init__(message)
         self.slot = slot
+
+
+class StreamError(EsperError, RuntimeError):
+    """A CUDA stream operation failed, or CUDA is needed and absent.
+
+    :ivar device: the device concerned (``None`` when no device was named).
+    """
+
+    def __init__(self, message: str, *, device: Any = None) -> None:
+        super().__init__(message)
+        self.device = device
+
+
+class TelemetryConfigError(EsperError, ValueError):
+    """Telemetry was configured in a way that cannot work (an exporter that is not installed,
+    a malformed endpoint, an unreadable trace file)."""

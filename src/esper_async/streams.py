@@ -48,14 +48,13 @@ import structlog
 import torch
 from torch import nn
 
-from ._exceptions import EsperError
+from ._exceptions import StreamError
 
 __all__ = (
     "BridgeKind",
     "Completion",
     "CompletionBridge",
     "SideStreams",
-    "StreamError",
     "enable_side_streams",
     "train_beside",
 )
@@ -66,15 +65,6 @@ log = structlog.get_logger(__name__)
 DEFAULT_POLL_INTERVAL = 1e-4
 
 
-class StreamError(EsperError, RuntimeError):
-    """A CUDA stream operation failed, or CUDA is needed and absent.
-
-    :ivar device: the device concerned (``None`` when no device was named).
-    """
-
-    def __init__(self, message: str, *, device: torch.device | None = None) -> None:
-        super().__init__(message)
-        self.device = device
 
 
 class BridgeKind(StrEnum):

@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from torch import nn
 
 from ._exceptions import EsperError
+from ._execution import StepRunner
 from ._optim import add_module_params, remove_module_params
 from .blueprints import Blueprint
 from .compiler import BlueprintCompiler
@@ -171,6 +172,9 @@ class Trainer:
         self.epoch = 0
         self._steps_per_epoch = 1
         self._result = FitResult()
+        # CPU: the step runs in a worker thread; CUDA: it is launched in one and its completion is
+        # awaited through the stream bridge, so the event loop never waits on the device.
+        self._steps = StepRunner.for_device(self.device)
         # Deserialising an exported program is not safe to run twice at once in one process.
         self._load_limiter = anyio.CapacityLimiter(1)
 
@@ -248,7 +252,7 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             with tel.step_span(self.step, epoch=self.epoch):
                 started = time.perf_counter()
-                losses.append(await anyio.to_thread.run_sync(self._train_step, x, y))
+                losses.append(float(await self._steps.run(self._train_step, x, y)))
                 tel.metrics.step_finished(time.perf_counter() - started)
             self.step += 1
             for slot in self.slots.values():
@@ -260,12 +264,13 @@ class Trainer:
             slot.lifecycle.epochs_in_state += 1
         return report
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.runner(x), y)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach())
+        # Not .item(): on a GPU that would wait for the device inside the launching thread.
+        return loss.detach()
 
     @torch.no_grad()
     def _evaluate(self, loader: Iterable[Batch], epoch: int, train_loss: float) -> EpochReport:

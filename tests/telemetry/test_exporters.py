@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from esper_async import TelemetryConfigError
 from esper_async.telemetry import (
     ATTR_BLUEPRINT,
     METRIC_STEP_DURATION,
@@ -18,7 +19,6 @@ from esper_async.telemetry import (
     JsonlSpanExporter,
     Telemetry,
     TelemetryConfig,
-    TelemetryConfigError,
     console_span_exporter,
     otlp_configured,
     otlp_span_exporter,

@@ -184,9 +184,6 @@ from ._exporters import (
     SpanRecord as SpanRecord,
 )
 from ._exporters import (
-    TelemetryConfigError as TelemetryConfigError,
-)
-from ._exporters import (
     console_span_exporter as console_span_exporter,
 )
 from ._exporters import (
@@ -312,7 +309,6 @@ __all__ = (
     "StepSampler",
     "Telemetry",
     "TelemetryConfig",
-    "TelemetryConfigError",
     "WorkerTelemetrySpec",
     "add_trace_context",
     "add_trace_parser",

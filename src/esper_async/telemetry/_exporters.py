@@ -35,14 +35,13 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import format_span_id, format_trace_id
 
-from .._exceptions import EsperError
+from .._exceptions import TelemetryConfigError
 
 __all__ = (
     "SPAN_FILE_GLOB",
     "JsonlMetricExporter",
     "JsonlSpanExporter",
     "SpanRecord",
-    "TelemetryConfigError",
     "console_span_exporter",
     "otlp_configured",
     "otlp_metric_exporter",
@@ -61,9 +60,6 @@ _OTLP_PACKAGE = "opentelemetry-exporter-otlp-proto-http"
 _OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
-class TelemetryConfigError(EsperError, ValueError):
-    """Telemetry was configured in a way that cannot work (an exporter that is not installed,
-    a malformed endpoint, an unreadable trace file)."""
 
 
 def span_file_name(role: str, pid: int | None = None) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from .._exceptions import TelemetryConfigError
 from ._attributes import (
     ATTR_ARM_NAMES,
     ATTR_ARM_VALUES,
@@ -36,7 +37,7 @@ from ._attributes import (
     GROWTH_SPAN_NAMES,
     SPAN_LIFECYCLE,
 )
-from ._exporters import SpanRecord, TelemetryConfigError, read_span_records
+from ._exporters import SpanRecord, read_span_records
 
 __all__ = (
     "SpanNode",
