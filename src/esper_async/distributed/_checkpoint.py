@@ -1,0 +1,142 @@
+"""Checkpoints of a data-parallel run: written by rank 0, read by every rank.
+
+Every rank holds the same model (see :func:`check_ranks_in_sync`), so rank 0's state is the job's.
+:func:`save_checkpoint` writes it with the reliability layer's atomic
+:class:`~esper_async.reliability.CheckpointStore` (kernel artifact bytes included) and tells every
+rank the path; :func:`load_checkpoint` has rank 0 choose the newest checkpoint, every rank read
+that same file, restore its model, optimizer and controller, and then checks that all ranks agree.
+Nothing is compiled on resume: the seeds are loaded from the bytes in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..reliability import CheckpointError, CheckpointStore, Restored, capture_state, restore_state
+from ..seeds import SeedState, find_slots
+from ._context import RankContext
+from ._control import BroadcastController
+from ._kernels import RankCompiler
+from ._sync import check_ranks_in_sync
+
+__all__ = ("load_checkpoint", "save_checkpoint")
+
+log = structlog.get_logger(__name__)
+
+
+def _broadcast_path(ctx: RankContext, path: str | None) -> str | None:
+    box: list[Any] = [path]
+    dist.broadcast_object_list(box, src=ctx.LEADER, group=ctx.group)
+    return box[0]  # type: ignore[no-any-return]
+
+
+def save_checkpoint(
+    checkpoints: CheckpointStore,
+    *,
+    ctx: RankContext,
+    epoch: int,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    compiler: RankCompiler,
+    controller: BroadcastController | None = None,
+    record: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """Rank 0 writes the run's state; every rank returns its path. A collective.
+
+    Call it between steps (e.g. from ``Trainer.fit(on_epoch=...)``) on every rank. A checkpoint is
+    not written while a seed is GERMINATED (its kernel is still compiling, and a resumed trainer
+    would wait for a compile nobody started): every rank then returns ``None``, since every rank
+    holds the same structure.
+
+    :param checkpoints: where checkpoints go (on rank 0's file system).
+    :param epoch: epochs completed (over the whole run, resumes included).
+    :param step: global steps taken.
+    :param compiler: this rank's compiler: it knows the bytes of every grafted kernel.
+    :param controller: its rank-0 state is saved under ``"controller"``.
+    :param record: JSON-ready data kept beside the state (returned by :func:`load_checkpoint`).
+    :raises CheckpointError: if rank 0 cannot write (rank 0 raises its error; the others raise
+        this).
+    """
+    slots = find_slots(model)
+    pending = sorted(n for n, s in slots.items() if s.state is SeedState.GERMINATED)
+    if pending:
+        log.info("distributed.checkpoint_skipped", epoch=epoch, compiling=pending)
+        return None
+    path: str | None = None
+    failure: Exception | None = None
+    if ctx.is_leader:
+        try:
+            payload = capture_state(
+                epoch=epoch,
+                step=step,
+                model=model,
+                optimizer=optimizer,
+                slots=slots,
+                kernels=compiler.kernels,
+                stateful={"controller": controller},
+                record=dict(record or {}),
+            )
+            path = str(checkpoints.save(payload))
+        except Exception as exc:  # every rank must reach the broadcast below
+            failure = exc
+    shared = _broadcast_path(ctx, path)
+    if failure is not None:
+        raise failure
+    if shared is None:
+        raise CheckpointError(
+            f"rank {ctx.rank}: rank 0 could not write the checkpoint of epoch {epoch}",
+            path=str(checkpoints.directory),
+        )
+    return Path(shared)
+
+
+def load_checkpoint(
+    checkpoints: CheckpointStore,
+    *,
+    ctx: RankContext,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    compiler: RankCompiler,
+    controller: BroadcastController | None = None,
+) -> Restored:
+    """Every rank restores rank 0's newest checkpoint, then the ranks are checked. A collective.
+
+    ``model`` is freshly built and wrapped with the same slots on every rank, ``optimizer`` made
+    over its parameters; both are restored in place, seeds included. Build the trainer after this
+    and set its ``step`` to :attr:`Restored.step`.
+
+    :param checkpoints: the directory rank 0 wrote to (every rank must be able to read it).
+    :raises CheckpointError: if there is no checkpoint, or it does not load, or does not fit.
+    :raises RankDivergenceError: if the ranks disagree after restoring.
+    """
+    path = None
+    if ctx.is_leader:
+        found = checkpoints.paths()
+        path = str(found[-1]) if found else None
+    shared = _broadcast_path(ctx, path)
+    if shared is None:
+        raise CheckpointError(
+            f"no checkpoint in {checkpoints.directory} to resume from",
+            path=str(checkpoints.directory),
+        )
+    payload = checkpoints.load(shared)
+    restored = restore_state(
+        payload,
+        model=model,
+        optimizer=optimizer,
+        slots=find_slots(model),
+        stateful={"controller": controller},
+        device=ctx.device,
+    )
+    compiler.kernels.update(restored.kernels)
+    check_ranks_in_sync(model, ctx)
+    log.info("distributed.resumed", rank=ctx.rank, path=shared, epoch=restored.epoch)
+    return restored
