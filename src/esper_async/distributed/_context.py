@@ -113,7 +113,9 @@ def init_distributed(
     :param timeout: how long collectives wait for the other ranks.
     :raises DistributedError: if the launcher's environment variables are missing.
     """
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if v not in os.environ]
+    missing = [
+        v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if v not in os.environ
+    ]
     if missing and not dist.is_initialized():
         raise DistributedError(
             f"missing environment variables {missing}; start the script with torchrun "

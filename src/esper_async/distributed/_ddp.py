@@ -40,6 +40,8 @@ class DeferredDDP(nn.Module):
     :ivar built_at: ``time.time()`` when DDP was built, or ``None`` before the first step.
     """
 
+    _ddp: DistributedDataParallel | None
+
     def __init__(
         self,
         module: nn.Module,
@@ -58,7 +60,7 @@ class DeferredDDP(nn.Module):
     @property
     def ddp(self) -> DistributedDataParallel | None:
         """The DDP module, once built."""
-        return self._ddp  # type: ignore[no-any-return]
+        return self._ddp
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         ddp = self._ddp

@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import structlog
 import torch
+import torch.distributed as dist
 
 from .._exceptions import (
     CompileError,
@@ -63,6 +64,10 @@ def _decode(data: bytes) -> tuple[dict[str, Any], bytes]:
     (size,) = _HEADER.unpack_from(data)
     start = _HEADER.size
     return json.loads(data[start : start + size]), data[start + size :]
+
+
+def _publish(store: dist.Store, key: str, data: bytes) -> None:
+    store.set(key, data)  # type: ignore[arg-type]  # the stub says str; bytes are kept as is
 
 
 class RankCompiler(BlueprintCompiler):
@@ -174,10 +179,10 @@ class RankCompiler(BlueprintCompiler):
             )
         except EsperError as exc:
             message = _encode({"ok": False, "error": type(exc).__name__, "message": str(exc)})
-            await anyio.to_thread.run_sync(self.ctx.store.set, entry, message)
+            await anyio.to_thread.run_sync(_publish, self.ctx.store, entry, message)
             raise
         message = _encode({"ok": True, "metadata": kernel.metadata.to_json()}, kernel.artifact)
-        await anyio.to_thread.run_sync(self.ctx.store.set, entry, message)
+        await anyio.to_thread.run_sync(_publish, self.ctx.store, entry, message)
         log.info(
             "distributed.kernel_published",
             blueprint=blueprint.name,

@@ -91,9 +91,7 @@ def rank_state(model: nn.Module, rank: int) -> RankState:
 
 def _max_abs_diff(model: nn.Module, ctx: RankContext) -> float:
     """Largest absolute difference of this rank's parameters from rank 0's (a collective)."""
-    flat = torch.cat(
-        [t.detach().to("cpu", torch.float64).reshape(-1) for _, t in _tensors(model)]
-    )
+    flat = torch.cat([t.detach().to("cpu", torch.float64).reshape(-1) for _, t in _tensors(model)])
     reference = flat.clone()
     dist.broadcast(reference, src=ctx.LEADER, group=ctx.group)
     diff = (flat - reference).abs().max() if flat.numel() else torch.zeros((), dtype=torch.float64)
@@ -119,9 +117,7 @@ def check_ranks_in_sync(model: nn.Module, ctx: RankContext) -> RankState:
     if odd:
         differing = next(s for s in gathered if s.rank == odd[0])
         where = [
-            f"{a} != {b}"
-            for a, b in zip(differing.slots, reference.slots, strict=False)
-            if a != b
+            f"{a} != {b}" for a, b in zip(differing.slots, reference.slots, strict=False) if a != b
         ] or ["parameter names or shapes differ"]
         raise RankDivergenceError(
             f"ranks {odd} differ from rank 0 in structure (seen on rank {ctx.rank}): "

@@ -1,0 +1,219 @@
+"""Growth under DDP: two real processes on gloo, on the CPU.
+
+Each test launches its ranks as separate interpreters with the variables torchrun sets
+(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). The growth and resume
+runs are ``examples/ddp_growth.py``; the checks of the control plane run this file as the rank
+program (``python tests/test_distributed.py <case> <out-dir>``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "ddp_growth.py"
+WORLD = 2
+#: Seconds a whole two-rank launch may take before its ranks are killed.
+LAUNCH_TIMEOUT_S = 150
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(argv: list[str], out: Path) -> list[dict[str, Any]]:
+    """Run ``argv`` as ranks 0 and 1 of a gloo job; return each rank's ``rank<N>.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+        log = open(out / f"log{rank}.txt", "wb")  # closed below, once the rank ends
+        procs.append(
+            (subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=log), log)
+        )
+    codes = []
+    try:
+        for proc, _ in procs:
+            codes.append(proc.wait(timeout=LAUNCH_TIMEOUT_S))
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    if any(codes):
+        tails = [(out / f"log{r}.txt").read_text(errors="replace")[-3000:] for r in range(WORLD)]
+        raise AssertionError(f"exit codes {codes}\n" + "\n---\n".join(tails))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _growth(out: Path, store: Path, *extra: str) -> list[dict[str, Any]]:
+    argv = [str(EXAMPLE), "--eager", "--limit", "600", "--store", str(store), "--out", str(out)]
+    return _launch([*argv, *extra], out)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One kernel store for the module: rank 0 of a later run finds the kernels compiled before."""
+    return tmp_path_factory.mktemp("kernels")
+
+
+def _same_ranks(ranks: list[dict[str, Any]], key: str = "final") -> None:
+    first = ranks[0][key]
+    for other in ranks[1:]:
+        assert other[key]["slots"] == first["slots"]
+        assert other[key]["params"] == first["params"]
+        assert other[key]["digest"] == first["digest"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("epochs", [pytest.param(6, id="six-epochs-eager")])
+def test_growth_run_ends_with_equal_ranks(tmp_path: Path, store: Path, epochs: int) -> None:
+    ranks = _growth(tmp_path / "run", store, "--epochs", str(epochs))
+    lead, follow = ranks
+    _same_ranks(ranks)
+    # Every rank applied the same transitions at the same steps.
+    assert lead["events"] == follow["events"]
+    targets = {e[4] for e in lead["events"]}
+    assert {"germinated", "training"} <= targets
+    # Kernels were compiled (or found in the store) on rank 0 only and received by rank 1.
+    grafts = sum(e[4] == "training" for e in lead["events"])
+    assert follow["compiles"] == 0 and lead["received"] == 0
+    assert follow["received"] >= grafts >= 1
+    # DDP was rebuilt after the structure changed, on both ranks alike.
+    assert len(lead["ddp_builds"]) == len(follow["ddp_builds"]) > 1
+    assert [k for _, k in lead["ddp_builds"]] == [k for _, k in follow["ddp_builds"]]
+    assert lead["ddp_builds"][-1][1], "no seed was grafted by the end"
+    assert lead["steps"] == follow["steps"] > 0
+    assert lead["val_loss"] == follow["val_loss"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("epochs", [pytest.param((3, 3), id="three-then-three")])
+def test_resume_from_rank0_checkpoint(tmp_path: Path, store: Path, epochs: tuple[int, int]) -> None:
+    first, second = epochs
+    ckpt = tmp_path / "checkpoints"
+    common = ["--max-live", "1", "--checkpoints", str(ckpt)]
+    before = _growth(tmp_path / "a", store, "--epochs", str(first), *common)
+    _same_ranks(before)
+    written = before[0]["checkpoints"]
+    assert written and before[1]["checkpoints"] == written
+    assert written[-1].endswith(f"ckpt-{first:08d}.pt"), written
+    assert all(Path(p).parent == ckpt for p in written)
+    live = [s for s in before[0]["final"]["slots"] if s[3] is not None]
+    assert live, "the first run should end with a grafted seed"
+
+    after = _growth(tmp_path / "b", store, "--epochs", str(second), *common, "--resume")
+    # Every rank restored rank 0's checkpoint: the state the first run ended in.
+    for rank in after:
+        assert rank["resumed_epoch"] == first
+        assert rank["restored"]["digest"] == before[0]["final"]["digest"]
+        assert rank["restored"]["slots"] == before[0]["final"]["slots"]
+    _same_ranks(after, "restored")
+    _same_ranks(after)
+    assert after[0]["events"] == after[1]["events"]
+    # The restored seed went on with its life from the bytes in the checkpoint (no compile).
+    slot = live[0][0]
+    moves = [(e[3], e[4]) for e in after[0]["events"] if e[2] == slot]
+    assert moves and moves[0][0] == live[0][1]
+    assert ("germinated", "training") not in moves
+
+
+def _check_control(out: Path) -> None:
+    """Rank program: decisions come from rank 0; divergence is caught, on every rank."""
+    import torch
+
+    from esper_async.controller import Cull, EpochReport
+    from esper_async.demo import DigitsHost
+    from esper_async.distributed import (
+        BroadcastController,
+        ControllerBroadcastError,
+        RankDivergenceError,
+        check_ranks_in_sync,
+        init_distributed,
+    )
+    from esper_async.seeds import find_slots, wrap
+
+    ctx = init_distributed(backend="gloo")
+    found: dict[str, Any] = {"rank": ctx.rank}
+    torch.manual_seed(0)
+    model = DigitsHost()
+    wrap(model, ["conv1"], example_input=torch.zeros(2, 1, 8, 8))
+    slots = find_slots(model)
+    report = EpochReport(epoch=0, train_loss=1.0, val_loss=1.0, val_acc=0.5)
+
+    class PerRank:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def decide(self, *_: object) -> list[Cull]:
+            if self.fail:
+                raise RuntimeError("no decision today")
+            return [Cull("conv1", f"decided on rank {ctx.rank}")]
+
+    decisions = BroadcastController(PerRank(False), ctx).decide(report, [], slots)
+    found["reasons"] = [d.reason for d in decisions]
+    try:
+        BroadcastController(PerRank(True), ctx).decide(report, [], slots)
+    except (ControllerBroadcastError, RuntimeError) as exc:
+        found["controller_error"] = type(exc).__name__
+
+    found["in_sync_digest"] = check_ranks_in_sync(model, ctx).digest
+    if ctx.rank == 1:
+        with torch.no_grad():
+            model.head.bias[0] += 0.25
+    try:
+        check_ranks_in_sync(model, ctx)
+    except RankDivergenceError as exc:
+        found["params"] = [exc.field, list(exc.ranks), exc.max_abs_diff]
+    with torch.no_grad():
+        model.head.bias[0] -= 0.25 if ctx.rank == 1 else 0.0
+    if ctx.rank == 1:
+        slots["conv1"].alpha = 0.5
+    try:
+        check_ranks_in_sync(model, ctx)
+    except RankDivergenceError as exc:
+        found["structure"] = [exc.field, list(exc.ranks)]
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps(found))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_control_plane_broadcasts_and_catches_divergence(tmp_path: Path) -> None:
+    ranks = _launch([str(Path(__file__).resolve()), "control", str(tmp_path)], tmp_path)
+    lead, follow = ranks
+    assert lead["reasons"] == follow["reasons"] == ["decided on rank 0"]
+    assert lead["controller_error"] == "RuntimeError"
+    assert follow["controller_error"] == "ControllerBroadcastError"
+    assert lead["in_sync_digest"] == follow["in_sync_digest"]
+    for rank in ranks:
+        field, odd, diff = rank["params"]
+        assert (field, odd) == ("parameters", [1])
+        assert diff == pytest.approx(0.25)
+        assert rank["structure"] == ["structure", [1]]
+
+
+if __name__ == "__main__":
+    if sys.argv[1] != "control":
+        sys.exit(f"no rank program {sys.argv[1]!r}; the one case is 'control'")
+    _check_control(Path(sys.argv[2]))
