@@ -38,10 +38,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def contract_for(bp: Blueprint, big: bool) -> SlotContract:
+def contract_for(bp: Blueprint, size: str) -> SlotContract:
+    conv, linear = {
+        "small": ((16, 16, 16), (128,)),
+        "big": ((64, 32, 32), (1024,)),
+        "large": ((64, 64, 64), (4096,)),
+    }[size]
     if bp.slot_kind is SlotKind.CONV:
-        return SlotContract(SlotKind.CONV, (64, 32, 32) if big else (16, 16, 16))
-    return SlotContract(SlotKind.LINEAR, (1024,) if big else (128,))
+        return SlotContract(SlotKind.CONV, conv)
+    return SlotContract(SlotKind.LINEAR, linear)
 
 
 def exec_ratio(
@@ -133,14 +138,18 @@ async def throughput_ratio(compiler: BlueprintCompiler, device: str, seconds: fl
 async def run(args: argparse.Namespace) -> dict:
     device = args.device
     big = device.startswith("cuda")
-    blueprints = library()[: 4 if args.quick else None]
+    size = args.size or ("big" if big else "small")
+    blueprints = library()
+    if args.families:
+        blueprints = tuple(bp for bp in blueprints if bp.family in args.families.split(","))
+    blueprints = blueprints[: 4 if args.quick else None]
     options = OptimizerOptions(repeats=5 if args.quick else 10, batch=256 if big else 32)
     workers = args.workers or (4 if big else 1)
     compile_s, loads_ms, ratios, rows = [], [], {}, []
     async with BlueprintCompiler(device=device, workers=workers, options=options) as compiler:
         await compiler.wait_ready()
         for bp in blueprints:
-            contract = contract_for(bp, big)
+            contract = contract_for(bp, size)
             start = time.perf_counter()
             kernel = await compiler.compile(bp, contract, seed=0)
             compile_s.append(time.perf_counter() - start)
@@ -185,6 +194,7 @@ async def run(args: argparse.Namespace) -> dict:
         "exec_overhead_worst_blueprint": worst,
         **throughput,
         "workers": workers,
+        "size": size,
         "batch": options.batch,
         "blueprints": rows,
         "machine": machine(),
@@ -196,6 +206,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 blueprints, fewer repeats")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--families", default=None, help="comma-separated blueprint families")
+    parser.add_argument(
+        "--size",
+        choices=("small", "big", "large"),
+        default=None,
+        help="slot shapes (default: small on CPU, big on CUDA)",
+    )
     parser.add_argument("--out", default=None, help="result name (default compile[_cuda])")
     args = parser.parse_args()
     result = anyio.run(run, args)
