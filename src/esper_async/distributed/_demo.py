@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..compiler import OptimizerOptions
 from ..controller import ControllerConfig, EpochReport, Germinate, HeuristicController
 from ..demo import DigitsHost
 from ..reliability import CheckpointStore
@@ -53,6 +54,8 @@ class DDPDemoConfig:
         compile is in flight); ``None``: none.
     :ivar resume: restore the newest checkpoint in ``checkpoints`` first.
     :ivar check_every_epoch: check the ranks equal after every epoch (always at the end).
+    :ivar forms: execution forms rank 0's kernel optimizer measures (``None``: the device's
+        defaults).
     """
 
     epochs: int = 20
@@ -67,6 +70,7 @@ class DDPDemoConfig:
     checkpoints: str | None = None
     resume: bool = False
     check_every_epoch: bool = True
+    forms: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -82,7 +86,9 @@ class DDPDemoResult:
     :ivar compiles: kernels compiled on this rank (0 except on rank 0).
     :ivar received: kernels received from rank 0.
     :ivar step_s: wall seconds of every training step on this rank.
-    :ivar ddp_builds: ``(time.time(), kernel ids grafted)`` at every DDP (re)build.
+    :ivar ddp_builds: ``(time.time(), ("slot:kernel id", ...))`` at every DDP (re)build: the
+        seeds it carries.
+    :ivar arrivals: ``(time.time(), blueprint, kernel id)`` when each kernel reached this rank.
     :ivar germinated: ``(time.time(), slot, blueprint)`` of every germination decided.
     :ivar checkpoints: paths of the checkpoints written.
     :ivar test_acc: accuracy on the test split.
@@ -100,6 +106,7 @@ class DDPDemoResult:
     step_s: list[float]
     ddp_builds: list[tuple[float, tuple[str, ...]]]
     germinated: list[tuple[float, str, str]]
+    arrivals: list[tuple[float, str, str]]
     checkpoints: list[str]
     test_acc: float
     params: int
@@ -118,6 +125,7 @@ class DDPDemoResult:
             "step_s": self.step_s,
             "ddp_builds": [[t, list(k)] for t, k in self.ddp_builds],
             "germinated": [list(g) for g in self.germinated],
+            "arrivals": [list(a) for a in self.arrivals],
             "checkpoints": self.checkpoints,
             "events": [[e.epoch, e.step, e.slot, e.source, e.target] for e in self.fit.events],
             "val_loss": [r.val_loss for r in self.fit.history],
@@ -175,7 +183,9 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
 
     def built(wrapper: DeferredDDP) -> None:
         seeded = tuple(
-            sorted(s.kernel_id for s in find_slots(model).values() if s.kernel_id is not None)
+            f"{name}:{slot.kernel_id}"
+            for name, slot in find_slots(model).items()
+            if slot.seed is not None
         )
         builds.append((wrapper.built_at or time.time(), seeded))
 
@@ -184,7 +194,11 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
         if cfg.use_store and ctx.is_leader:
             store = await stack.enter_async_context(KernelStore(cfg.store))
         compiler = RankCompiler(
-            ctx, device=str(ctx.device), workers=cfg.compile_workers, store=store
+            ctx,
+            device=str(ctx.device),
+            workers=cfg.compile_workers,
+            store=store,
+            options=OptimizerOptions(forms=cfg.forms),
         )
         await stack.enter_async_context(compiler)
         controller = BroadcastController(HeuristicController(cfg.controller, seed=cfg.seed), ctx)
@@ -263,6 +277,7 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
             step_s=step_s,
             ddp_builds=builds,
             germinated=germinated,
+            arrivals=compiler.arrivals,
             checkpoints=written,
             test_acc=_accuracy(model, data.test, ctx.device),
             params=trainer.param_count(),

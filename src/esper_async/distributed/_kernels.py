@@ -85,6 +85,8 @@ class RankCompiler(BlueprintCompiler):
     :ivar kernels: every kernel this rank has handed out, by id (checkpoints need the bytes).
     :ivar received: kernels this rank received from rank 0.
     :ivar wait_seconds: seconds this rank spent waiting for rank 0's kernels.
+    :ivar arrivals: ``(time.time(), blueprint name, kernel id)`` when each kernel was ready on
+        this rank (compiled or found on rank 0, received on the others).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class RankCompiler(BlueprintCompiler):
         self.kernels: dict[str, Kernel] = {}
         self.received = 0
         self.wait_seconds = 0.0
+        self.arrivals: list[tuple[float, str, str]] = []
         self._requests: Counter[str] = Counter()
 
     async def __aenter__(self) -> RankCompiler:
@@ -162,6 +165,7 @@ class RankCompiler(BlueprintCompiler):
         else:
             kernel = await self._follow(blueprint, entry)
         self.kernels[kernel.kernel_id] = kernel
+        self.arrivals.append((time.time(), blueprint.name, kernel.kernel_id))
         return kernel
 
     async def _lead(

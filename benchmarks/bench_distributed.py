@@ -1,0 +1,226 @@
+"""Growth under DDP: per-rank step time, scaling efficiency, germination → graft live on all ranks.
+
+    python benchmarks/bench_distributed.py                    # NCCL, 1 then 2 GPUs
+    python benchmarks/bench_distributed.py --backend gloo --quick   # CPU, 1 then 2 processes
+
+The driver launches the demo model's growth run (``esper_async.distributed.run_ddp_demo``) with
+torchrun, once per world size, in turn, each with a fresh kernel store (so every kernel is really
+compiled, on rank 0). Each rank records the wall time of every training step and when each
+kernel arrived and each DDP rebuild happened; rank 0 gathers them. Figures:
+
+* per-rank step time: median (and mean, p90) of every step, steps right after a DDP rebuild
+  included (the median is robust to them);
+* scaling efficiency (weak scaling, the same batch per rank): throughput with N ranks over N
+  times the throughput with one, ``(N * batch / slowest rank's median step) / (N * batch / T1)``;
+* germination → live on all ranks: from the moment rank 0's decision to germinate was
+  broadcast to the latest rank's first step with the seed's parameters in DDP. With
+  ``graft="epoch"`` (what keeps ranks in step) it is at least the rest of an epoch; the compile
+  and the kernel's arrival on each rank are reported beside it.
+
+NCCL runs keep ``NCCL_NVLS_ENABLE=0``. Results: ``benchmarks/results/distributed.json`` (NCCL);
+gloo results are printed (or written to ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import RESULTS, machine, write
+
+#: Per launch, seconds before the driver gives up on it.
+LAUNCH_TIMEOUT_S = 240
+
+
+def _rank_program(args: argparse.Namespace) -> None:
+    import anyio
+    import torch
+    import torch.distributed as dist
+
+    from esper_async.controller import ControllerConfig
+    from esper_async.distributed import DDPDemoConfig, init_distributed, run_ddp_demo
+
+    torch.set_num_threads(args.threads)
+    ctx = init_distributed(backend=args.backend)
+    try:
+        cfg = DDPDemoConfig(
+            epochs=args.epochs,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            controller=ControllerConfig(
+                plateau_patience=1,
+                plateau_tolerance=1.0,
+                max_live_seeds=args.max_live,
+                training_epochs=1,
+                blend_epochs=1,
+                probation_epochs=1,
+                embargo_epochs=1,
+            ),
+            store=str(Path(args.workdir) / f"store-world{ctx.world_size}"),
+            forms=tuple(args.forms.split(",")) if args.forms else None,
+        )
+        result = anyio.run(run_ddp_demo, cfg, ctx)
+        ranks: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(ranks, result.to_json(), group=ctx.group)
+        if ctx.is_leader:
+            out = Path(args.workdir) / f"world{ctx.world_size}.json"
+            out.write_text(json.dumps({"machine": machine(), "ranks": ranks}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(world: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": str(args.threads)}
+    src = Path(__file__).resolve().parents[1] / "src"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(src)) if p)
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={world}", str(Path(__file__).resolve()), "--rank-program",
+        "--workdir", str(workdir), "--backend", args.backend, "--epochs", str(args.epochs),
+        "--seed", str(args.seed), "--batch-size", str(args.batch_size),
+        "--max-live", str(args.max_live), "--threads", str(args.threads),
+    ]  # fmt: skip
+    if args.limit is not None:
+        argv += ["--limit", str(args.limit)]
+    if args.forms:
+        argv += ["--forms", args.forms]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    if proc.returncode != 0:
+        sys.exit(f"world {world} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads((workdir / f"world{world}.json").read_text())  # type: ignore[no-any-return]
+
+
+def _step_stats(step_s: list[float]) -> dict[str, float]:
+    ms = sorted(1e3 * s for s in step_s)
+    return {
+        "median_ms": round(statistics.median(ms), 4),
+        "mean_ms": round(statistics.fmean(ms), 4),
+        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 4),
+        "steps": len(ms),
+    }
+
+
+def _growth_latency(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per germination: when its kernel reached each rank, and when it was live on all."""
+    lead = ranks[0]
+    out = []
+    for when, slot, blueprint in lead["germinated"]:
+        live, arrived = [], []
+        for rank in ranks:
+            build = next(
+                (
+                    t
+                    for t, seeds in rank["ddp_builds"]
+                    if t >= when and any(s.startswith(f"{slot}:") for s in seeds)
+                ),
+                None,
+            )
+            live.append(None if build is None else build - when)
+            arrival = next(
+                (t for t, bp, _ in rank["arrivals"] if t >= when and bp == blueprint), None
+            )
+            arrived.append(None if arrival is None else arrival - when)
+        done = None not in live
+        out.append(
+            {
+                "slot": slot,
+                "blueprint": blueprint,
+                "kernel_ready_s_per_rank": [None if a is None else round(a, 4) for a in arrived],
+                "live_s_per_rank": [None if x is None else round(x, 4) for x in live],
+                "live_on_all_ranks_s": round(max(live), 4) if done else None,  # type: ignore[type-var]
+            }
+        )
+    return out
+
+
+def _summarise(world: int, data: dict[str, Any], batch: int) -> dict[str, Any]:
+    ranks = data["ranks"]
+    per_rank = [_step_stats(r["step_s"]) for r in ranks]
+    slowest = max(s["median_ms"] for s in per_rank)
+    return {
+        "world_size": world,
+        "per_rank_step": per_rank,
+        "samples_per_s": round(world * batch / (slowest / 1e3), 1),
+        "ranks_equal": len({r["final"]["digest"] for r in ranks}) == 1
+        and all(r["final"]["slots"] == ranks[0]["final"]["slots"] for r in ranks),
+        "final_digest": ranks[0]["final"]["digest"][:16],
+        "kernels_compiled_rank0": ranks[0]["compiles"],
+        "kernels_received": [r["received"] for r in ranks],
+        "ddp_builds": len(ranks[0]["ddp_builds"]),
+        "lifecycle_events": len(ranks[0]["events"]),
+        "germination_to_live": _growth_latency(ranks),
+        "test_acc": ranks[0]["test_acc"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rank-program", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
+    parser.add_argument("--worlds", default="1,2", help="world sizes to run, in turn")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--max-live", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--forms", default=None, help="kernel forms to measure, e.g. export")
+    parser.add_argument("--quick", action="store_true", help="6 epochs on 600 images")
+    parser.add_argument("--output", default=None, help="results file (NCCL default: results)")
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.limit = 6, args.limit or 600
+    if args.rank_program:
+        _rank_program(args)
+        return
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
+        for world in (int(w) for w in args.worlds.split(",")):
+            data = _launch(world, args, Path(tmp))
+            runs[world] = _summarise(world, data, args.batch_size)
+            device_info = data["machine"]
+    base = runs.get(1)
+    for world, run in runs.items():
+        if base is not None and world > 1:
+            run["scaling_efficiency_vs_1"] = round(
+                run["samples_per_s"] / (world * base["samples_per_s"]), 4
+            )
+    result = {
+        "benchmark": "distributed",
+        "backend": args.backend,
+        "machine": device_info,
+        "nccl_nvls_enable": "0",
+        "config": {
+            "model": "DigitsHost (demo), slots conv1, conv2, fc1",
+            "epochs": args.epochs,
+            "batch_per_rank": args.batch_size,
+            "limit": args.limit,
+            "max_live_seeds": args.max_live,
+            "forms": args.forms or "device defaults",
+            "graft": "epoch",
+            "threads_per_rank": args.threads,
+        },
+        "runs": {f"world{w}": r for w, r in runs.items()},
+    }
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.output is not None:
+        Path(args.output).write_text(text + "\n")
+    elif args.backend == "nccl":
+        path = write("distributed", result)
+        print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
