@@ -79,7 +79,8 @@ def _rank_program(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def _launch(world: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def _launch(world: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any] | str:
+    """Rank 0's gathered results of one launch, or the launch's error output."""
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": str(args.threads)}
     src = Path(__file__).resolve().parents[1] / "src"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(src)) if p)
@@ -94,9 +95,19 @@ def _launch(world: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
         argv += ["--limit", str(args.limit)]
     if args.forms:
         argv += ["--forms", args.forms]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    try:
+        proc = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=args.launch_timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        return f"timed out after {args.launch_timeout} s: {str(exc.stderr)[-2000:]}"
     if proc.returncode != 0:
-        sys.exit(f"world {world} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return f"exit {proc.returncode}: {proc.stderr[-4000:]}"
+    if args.raw:
+        Path(args.raw).mkdir(parents=True, exist_ok=True)
+        (Path(args.raw) / f"world{world}.json").write_bytes(
+            (workdir / f"world{world}.json").read_bytes()
+        )
     return json.loads((workdir / f"world{world}.json").read_text())  # type: ignore[no-any-return]
 
 
@@ -178,21 +189,28 @@ def main() -> None:
     parser.add_argument("--forms", default=None, help="kernel forms to measure, e.g. export")
     parser.add_argument("--quick", action="store_true", help="6 epochs on 600 images")
     parser.add_argument("--output", default=None, help="results file (NCCL default: results)")
+    parser.add_argument("--raw", default=None, help="copy each launch's per-rank data here")
+    parser.add_argument("--launch-timeout", type=float, default=LAUNCH_TIMEOUT_S)
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.limit = 6, args.limit or 600
     if args.rank_program:
         _rank_program(args)
         return
-    runs = {}
+    runs: dict[int, dict[str, Any]] = {}
+    device_info: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         for world in (int(w) for w in args.worlds.split(",")):
             data = _launch(world, args, Path(tmp))
+            if isinstance(data, str):
+                print(f"world {world} failed: {data}", file=sys.stderr)
+                runs[world] = {"world_size": world, "error": data[-1500:]}
+                continue
             runs[world] = _summarise(world, data, args.batch_size)
             device_info = data["machine"]
     base = runs.get(1)
     for world, run in runs.items():
-        if base is not None and world > 1:
+        if base is not None and "error" not in base and "error" not in run and world > 1:
             run["scaling_efficiency_vs_1"] = round(
                 run["samples_per_s"] / (world * base["samples_per_s"]), 4
             )
@@ -200,7 +218,8 @@ def main() -> None:
         "benchmark": "distributed",
         "backend": args.backend,
         "machine": device_info,
-        "nccl_nvls_enable": "0",
+        "nccl_nvls_enable": "0" if args.backend == "nccl" else None,
+        "baseline": "the same script at world size 1 (DDP over one rank)",
         "config": {
             "model": "DigitsHost (demo), slots conv1, conv2, fc1",
             "epochs": args.epochs,

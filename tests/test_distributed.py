@@ -139,15 +139,29 @@ def test_resume_from_rank0_checkpoint(tmp_path: Path, store: Path, epochs: tuple
     assert ("germinated", "training") not in moves
 
 
+def _fits(blueprint: Any, contract: Any) -> bool:
+    from esper_async._exceptions import BlueprintError
+
+    try:
+        blueprint.check_fits(contract)
+    except BlueprintError:
+        return False
+    return True
+
+
 def _check_control(out: Path) -> None:
     """Rank program: decisions come from rank 0; divergence is caught, on every rank."""
+    import anyio
     import torch
 
+    from esper_async._exceptions import CompileError
+    from esper_async.blueprints import library
     from esper_async.controller import Cull, EpochReport
     from esper_async.demo import DigitsHost
     from esper_async.distributed import (
         BroadcastController,
         ControllerBroadcastError,
+        RankCompiler,
         RankDivergenceError,
         check_ranks_in_sync,
         init_distributed,
@@ -178,6 +192,19 @@ def _check_control(out: Path) -> None:
     except (ControllerBroadcastError, RuntimeError) as exc:
         found["controller_error"] = type(exc).__name__
 
+    async def compile_too_slowly() -> str:
+        # A compile deadline no compile can meet: rank 0's failure must reach rank 1 as an error.
+        contract = slots["conv1"].contract
+        assert contract is not None
+        blueprint = next(b for b in library() if _fits(b, contract))
+        async with RankCompiler(ctx, workers=1, timeout=0.01) as compiler:
+            try:
+                await compiler.compile(blueprint, contract, seed=0)
+            except CompileError as exc:
+                return f"{type(exc).__name__}: {exc}"
+        return "compiled"
+
+    found["compile_failure"] = anyio.run(compile_too_slowly)
     found["in_sync_digest"] = check_ranks_in_sync(model, ctx).digest
     if ctx.rank == 1:
         with torch.no_grad():
@@ -199,12 +226,15 @@ def _check_control(out: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_control_plane_broadcasts_and_catches_divergence(tmp_path: Path) -> None:
+def test_control_plane_broadcasts_fails_alike_and_catches_divergence(tmp_path: Path) -> None:
     ranks = _launch([str(Path(__file__).resolve()), "control", str(tmp_path)], tmp_path)
     lead, follow = ranks
     assert lead["reasons"] == follow["reasons"] == ["decided on rank 0"]
     assert lead["controller_error"] == "RuntimeError"
     assert follow["controller_error"] == "ControllerBroadcastError"
+    assert lead["compile_failure"].startswith("CompileTimeoutError")
+    assert follow["compile_failure"].startswith("CompileError: rank 0 could not compile")
+    assert "CompileTimeoutError" in follow["compile_failure"]
     assert lead["in_sync_digest"] == follow["in_sync_digest"]
     for rank in ranks:
         field, odd, diff = rank["params"]
