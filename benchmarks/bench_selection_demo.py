@@ -3,8 +3,9 @@ turns out best for a slot, compared with uniform random choice?
 
     python benchmarks/bench_selection_demo.py [--quick] → benchmarks/results/selection_demo.json
 
-Each seed trains the demo's growth run twice: once choosing with Gaussian Thompson sampling (its
-statistics carried from one seed to the next, as a lab's selector would be), once choosing
+Each seed trains the demo's growth run twice: once choosing with the controller's default
+selector, Gaussian Thompson sampling (its statistics carried from one seed to the next, as a
+lab's selector would be), once choosing
 uniformly at random (ε-greedy with ε = 1). Every seed that reaches probation is measured by its
 counterfactual contribution (validation loss without it minus with it). The best blueprint of a
 slot is the one with the highest mean contribution over all runs of both arms; a pick is "best"
@@ -25,19 +26,19 @@ import structlog
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, write  # noqa: E402
+from _common import machine, write
 
-from esper_async import (  # noqa: E402
+from esper_async import (
     Blueprint,
     BlueprintCompiler,
     HeuristicController,
     Trainer,
     wrap,
 )
-from esper_async.controller import ControllerConfig  # noqa: E402
-from esper_async.data import digits_loaders  # noqa: E402
-from esper_async.demo import DigitsHost  # noqa: E402
-from esper_async.selection import IntelligentSeedSelector, make_strategy  # noqa: E402
+from esper_async.controller import ControllerConfig
+from esper_async.data import digits_loaders
+from esper_async.demo import DigitsHost
+from esper_async.selection import IntelligentSeedSelector, make_strategy
 
 CANDIDATES = (
     Blueprint("residual_conv", {"kernel_size": 3, "expansion": 2}),
@@ -77,9 +78,8 @@ async def run(args: argparse.Namespace) -> dict:
     epochs = 20 if args.quick else 40
     names = {bp.id: bp.name for bp in CANDIDATES}
     live = ControllerConfig().max_live_seeds
-    thompson = IntelligentSeedSelector(
-        "thompson_gaussian", max_live=live, rng_seed=0, param_rent=1e-6
-    )
+    # The selector the controller builds by default (its variances scaled to the rewards).
+    thompson = HeuristicController(seed=0).selector
     picks: dict[str, list] = {"thompson_gaussian": [], "uniform_random": []}
     measured: dict[tuple[str, str], list[float]] = defaultdict(list)
     async with BlueprintCompiler() as compiler:

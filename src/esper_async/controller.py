@@ -17,7 +17,12 @@ import structlog
 from ._exceptions import NoLegalArmError
 from .blueprints import Blueprint, library
 from .seeds import HealthSignals, SeedSlot, SeedState
-from .selection import IntelligentSeedSelector, PerformanceTracker, SlotCandidate
+from .selection import (
+    IntelligentSeedSelector,
+    PerformanceTracker,
+    SlotCandidate,
+    make_strategy,
+)
 
 __all__ = (
     "Controller",
@@ -164,6 +169,12 @@ def plateaued(history: Sequence[EpochReport], patience: int, tolerance: float) -
     return recent > before * (1.0 - tolerance)
 
 
+#: Scale of a seed's reward: validation-loss contributions on the digits are 0.001–0.1. Gaussian
+#: Thompson sampling with unit prior and noise variances (its defaults) would need hundreds of
+#: seeds to tell such arms apart; these variances match the scale, so a few lives suffice.
+REWARD_PRIOR_VAR = 1e-2
+REWARD_NOISE_VAR = 1e-3
+
 #: Reward contribution charged to a seed culled for non-finite values: worse than any seed that
 #: merely failed to help, so the selector learns to avoid what breaks.
 FAILURE_CONTRIBUTION = -1.0
@@ -184,7 +195,8 @@ class HeuristicController:
 
     :param config: thresholds.
     :param selector: chooses where and what to grow (default: Gaussian Thompson sampling seeded
-        with ``seed``, at most ``config.max_live_seeds`` live seeds).
+        with ``seed``, its variances scaled to validation-loss rewards, at most
+        ``config.max_live_seeds`` live seeds).
     :param blueprints: the designs on offer (default: the standard library).
     :param tracker: per (slot, blueprint) statistics from real training (default: a new one).
     :param seed: RNG seed of the default selector.
@@ -201,9 +213,13 @@ class HeuristicController:
     ) -> None:
         self.config = config or ControllerConfig()
         self.selector = selector or IntelligentSeedSelector(
-            "thompson_gaussian",
+            make_strategy(
+                "thompson_gaussian",
+                prior_var=REWARD_PRIOR_VAR,
+                noise_var=REWARD_NOISE_VAR,
+                seed=seed,
+            ),
             max_live=self.config.max_live_seeds,
-            rng_seed=seed,
             param_rent=self.config.param_rent,
         )
         self.blueprints = tuple(blueprints or library())
