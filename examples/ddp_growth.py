@@ -12,6 +12,7 @@ Control traffic (decisions, checks, checkpoint paths) always goes over a separat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -54,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     controller = EAGER if args.eager else ControllerConfig()
     if args.max_live is not None:
-        controller = ControllerConfig(**{**controller.__dict__, "max_live_seeds": args.max_live})
+        controller = dataclasses.replace(controller, max_live_seeds=args.max_live)
     ctx = init_distributed(backend=args.backend)
     try:
         cfg = DDPDemoConfig(
