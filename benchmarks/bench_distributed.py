@@ -168,6 +168,8 @@ def _summarise(world: int, data: dict[str, Any], batch: int) -> dict[str, Any]:
         "kernels_compiled_rank0": ranks[0]["compiles"],
         "kernels_received": [r["received"] for r in ranks],
         "ddp_builds": len(ranks[0]["ddp_builds"]),
+        "ddp_params_per_build": ranks[0]["ddp_params"],
+        "bare_host_params": ranks[0]["host_params"],
         "lifecycle_events": len(ranks[0]["events"]),
         "germination_to_live": _growth_latency(ranks),
         "test_acc": ranks[0]["test_acc"],

@@ -104,6 +104,9 @@ def test_growth_run_ends_with_equal_ranks(tmp_path: Path, store: Path, epochs: i
     assert len(lead["ddp_builds"]) == len(follow["ddp_builds"]) > 1
     assert [k for _, k in lead["ddp_builds"]] == [k for _, k in follow["ddp_builds"]]
     assert lead["ddp_builds"][-1][1], "no seed was grafted by the end"
+    # Dormant slots cost DDP nothing: before any graft it synchronises the bare host's parameters.
+    assert lead["ddp_params"][0] == lead["host_params"]
+    assert lead["ddp_params"][-1] > lead["host_params"]
     assert lead["steps"] == follow["steps"] > 0
     assert lead["val_loss"] == follow["val_loss"]
 

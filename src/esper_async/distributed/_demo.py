@@ -88,6 +88,9 @@ class DDPDemoResult:
     :ivar step_s: wall seconds of every training step on this rank.
     :ivar ddp_builds: ``(time.time(), ("slot:kernel id", ...))`` at every DDP (re)build: the
         seeds it carries.
+    :ivar ddp_params: trainable parameters DDP synchronised, at every (re)build.
+    :ivar host_params: parameters of the bare host (no slots): what DDP carries while every slot
+        is dormant.
     :ivar arrivals: ``(time.time(), blueprint, kernel id)`` when each kernel reached this rank.
     :ivar germinated: ``(time.time(), slot, blueprint)`` of every germination decided.
     :ivar checkpoints: paths of the checkpoints written.
@@ -105,6 +108,8 @@ class DDPDemoResult:
     received: int
     step_s: list[float]
     ddp_builds: list[tuple[float, tuple[str, ...]]]
+    ddp_params: list[int]
+    host_params: int
     germinated: list[tuple[float, str, str]]
     arrivals: list[tuple[float, str, str]]
     checkpoints: list[str]
@@ -124,6 +129,8 @@ class DDPDemoResult:
             "steps": len(self.step_s),
             "step_s": self.step_s,
             "ddp_builds": [[t, list(k)] for t, k in self.ddp_builds],
+            "ddp_params": self.ddp_params,
+            "host_params": self.host_params,
             "germinated": [list(g) for g in self.germinated],
             "arrivals": [list(a) for a in self.arrivals],
             "checkpoints": self.checkpoints,
@@ -178,6 +185,7 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
     model.to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=_LR)
     builds: list[tuple[float, tuple[str, ...]]] = []
+    synced: list[int] = []
     step_s: list[float] = []
     written: list[str] = []
 
@@ -188,6 +196,9 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
             if slot.seed is not None
         )
         builds.append((wrapper.built_at or time.time(), seeded))
+        ddp = wrapper.ddp
+        assert ddp is not None
+        synced.append(sum(p.numel() for p in ddp.parameters() if p.requires_grad))
 
     async with AsyncExitStack() as stack:
         store = None
@@ -276,6 +287,8 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
             received=compiler.received,
             step_s=step_s,
             ddp_builds=builds,
+            ddp_params=synced,
+            host_params=sum(p.numel() for p in DigitsHost().parameters()),
             germinated=germinated,
             arrivals=compiler.arrivals,
             checkpoints=written,
