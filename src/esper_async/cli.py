@@ -12,7 +12,7 @@ import anyio
 import structlog
 
 from .controller import EpochReport
-from .demo import DemoConfig, DemoResult, run_demo
+from .demo import DemoConfig, DemoResult, load_demo_config, run_demo
 from .seeds import SeedState
 from .store._cli import add_store_parser, run_store_command
 from .telemetry import add_trace_parser
@@ -77,14 +77,22 @@ def format_table(result: DemoResult) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    run_dir = args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
-    cfg = DemoConfig(
-        epochs=args.epochs,
-        seed=args.seed,
-        store=args.store,
-        use_store=not args.no_store,
-        run_dir=run_dir,
-    )
+    if args.resume is not None:
+        run_dir = args.resume
+        try:
+            cfg = load_demo_config(run_dir)
+        except FileNotFoundError:
+            print(f"esper-async: {run_dir} holds no demo run to resume", file=sys.stderr)
+            return 2
+    else:
+        run_dir = args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+        cfg = DemoConfig(
+            epochs=args.epochs,
+            seed=args.seed,
+            store=args.store,
+            use_store=not args.no_store,
+            run_dir=run_dir,
+        )
     print(
         f"esper_async demo: digits (8x8, bundled), impaired conv host, {cfg.epochs} epochs, "
         f"seed {cfg.seed}; slots {', '.join(cfg.slots)}"
@@ -121,7 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=DemoConfig.seed)
     demo.add_argument("--store", default=None, help="kernel store directory (default: user cache)")
     demo.add_argument("--no-store", action="store_true", help="compile every kernel afresh")
-    demo.add_argument("--run-dir", default=None, help="where the trace goes (default runs/demo-*)")
+    demo.add_argument(
+        "--run-dir", default=None,
+        help="where the trace and checkpoints go (default runs/demo-*)",
+    )
+    demo.add_argument(
+        "--resume", metavar="RUN_DIR", default=None,
+        help="continue the demo run in RUN_DIR from its last checkpoints (other options are "
+        "read from the run)",
+    )
     demo.set_defaults(func=_demo)
     add_store_parser(sub).set_defaults(func=lambda a: anyio.run(run_store_command, a))
     add_trace_parser(sub)

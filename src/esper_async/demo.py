@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,7 +20,18 @@ from .store import KernelStore
 from .telemetry import Telemetry, TelemetryConfig
 from .trainer import FitResult, Trainer
 
-__all__ = ("DemoConfig", "DemoResult", "DigitsHost", "RunSummary", "evaluate_accuracy", "run_demo")
+__all__ = (
+    "DemoConfig",
+    "DemoResult",
+    "DigitsHost",
+    "RunSummary",
+    "evaluate_accuracy",
+    "load_demo_config",
+    "run_demo",
+)
+
+#: The demo's options, written into its run directory so ``--resume`` can read them back.
+_CONFIG_FILE = "demo.json"
 
 
 class DigitsHost(nn.Module):
@@ -62,7 +76,33 @@ class DemoConfig:
     """Kernel store directory; default :func:`~esper_async.store.default_store_path`."""
     use_store: bool = True
     run_dir: str | None = None
-    """Where the run's trace (JSON-lines spans) goes; ``None``: no trace file."""
+    """Where the run's trace (JSON-lines spans), options and checkpoints go (checkpoints in
+    ``checkpoints/static`` and ``checkpoints/growth``); ``None``: none of these."""
+    checkpoint_every: int = 1
+    """Epochs between checkpoints (with a ``run_dir``)."""
+    resume: bool = False
+    """Continue the runs from their checkpoints in ``run_dir`` (a finished run trains no more)."""
+
+    def to_json(self) -> dict[str, object]:
+        """The options as JSON-ready data (the inverse of :meth:`from_json`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> DemoConfig:
+        """Read options written by :meth:`to_json`."""
+        fields = dict(data)
+        fields["slots"] = tuple(fields["slots"])  # type: ignore[arg-type]
+        fields["controller"] = ControllerConfig(**fields["controller"])  # type: ignore[arg-type]
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+def load_demo_config(run_dir: str | Path) -> DemoConfig:
+    """The options of the demo run in ``run_dir``, set to resume it.
+
+    :raises FileNotFoundError: if ``run_dir`` holds no demo run.
+    """
+    data = json.loads((Path(run_dir) / _CONFIG_FILE).read_text())
+    return dataclasses.replace(DemoConfig.from_json(data), run_dir=str(run_dir), resume=True)
 
 
 @dataclass(frozen=True)
@@ -101,6 +141,11 @@ def evaluate_accuracy(model: nn.Module, loader: object) -> float:
     return correct / max(1, total)
 
 
+def _save_config(cfg: DemoConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / _CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
+
+
 ProgressFn = Callable[[str, EpochReport, FitResult], None]
 
 
@@ -125,10 +170,14 @@ async def _run(
         telemetry=telemetry,
         controller=HeuristicController(cfg.controller, seed=cfg.seed),
     )
+    checkpoints = None if cfg.run_dir is None else Path(cfg.run_dir) / "checkpoints" / label
     fit = await trainer.fit(
         data.train,
         data.val,
         epochs=cfg.epochs,
+        checkpoint_dir=checkpoints,
+        checkpoint_every=cfg.checkpoint_every,
+        resume=cfg.resume,
         on_epoch=None if progress is None else (lambda r, f: progress(label, r, f)),
     )
     return RunSummary(
@@ -159,6 +208,8 @@ async def run_demo(
     :param compiler: the compiler for the growth run (default: a new one).
     """
     cfg = config or DemoConfig()
+    if cfg.run_dir is not None and not cfg.resume:
+        _save_config(cfg, Path(cfg.run_dir))
     async with AsyncExitStack() as stack:
         telemetry = await stack.enter_async_context(
             Telemetry.create(

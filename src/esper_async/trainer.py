@@ -4,14 +4,25 @@ One task — the training task — is the only writer of the model and the optim
 them only between steps. Compiles run beside it in the trainer's task group and hand finished
 kernels back through a memory-object stream; the training task grafts them at the next step
 boundary. CPU steps run in a worker thread so the event loop stays free.
+
+Faults do not stop training (see ``docs/reliability.md``): a seed that raises, turns non-finite or
+runs out of memory is culled and its step redone without it; a bad loss (non-finite, or a spike)
+never updates the model, and the governor rolls model, optimizer and seeds back to the last good
+snapshot (taken at epoch boundaries) and embargoes the culprit; failed compiles are retried with
+jittered backoff when their workers died, and each blueprint has a circuit breaker. Checkpoints of
+the whole morphogenetic state are written atomically at epoch boundaries, and a run resumes from
+them without compiling anything.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -22,11 +33,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from opentelemetry.sdk.trace import TracerProvider
 from torch import nn
 
-from ._exceptions import EsperError
+from ._exceptions import CompileError, CompileTimeoutError, EsperError, SeedRuntimeError
 from ._execution import StepRunner
 from ._optim import add_module_params, remove_module_params
+from ._results import FitResult, GrowthEvent
 from .blueprints import Blueprint
-from .compiler import BlueprintCompiler
+from .compiler import BlueprintCompiler, WorkerDiedError
 from .controller import (
     Controller,
     Counterfactual,
@@ -40,6 +52,23 @@ from .controller import (
     StartBlending,
 )
 from .kernels import Kernel, load_kernel
+from .reliability import (
+    Admission,
+    BreakerBoard,
+    BreakerState,
+    CheckpointError,
+    CheckpointStore,
+    Governor,
+    GovernorError,
+    Restored,
+    Snapshot,
+    retry,
+)
+from .reliability._config import ReliabilityConfig
+from .reliability._errors import LossAnomaly, is_out_of_memory
+from .reliability._guard import StepGuard
+from .reliability._incidents import Incident, IncidentKind
+from .reliability._persist import apply_checkpoint, checkpoint_payload
 from .seeds import SeedSlot, SeedState, find_slots
 from .telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_RUN, Telemetry
 
@@ -55,46 +84,6 @@ _READY_BUFFER = 16
 
 
 @dataclass(frozen=True)
-class GrowthEvent:
-    """One lifecycle transition, as it happened.
-
-    :ivar epoch: the epoch in which it happened.
-    :ivar step: the global training step.
-    :ivar slot: the slot's name.
-    :ivar source: the state before.
-    :ivar target: the state after.
-    :ivar reason: why, with the figures behind the decision.
-    """
-
-    epoch: int
-    step: int
-    slot: str
-    source: str
-    target: str
-    reason: str
-
-
-@dataclass
-class FitResult:
-    """What :meth:`Trainer.fit` returns.
-
-    :ivar history: one report per epoch.
-    :ivar events: every lifecycle transition, in order.
-    :ivar wall_s: wall-clock seconds of the whole fit.
-    :ivar steps: training steps taken.
-    """
-
-    history: list[EpochReport] = field(default_factory=list)
-    events: list[GrowthEvent] = field(default_factory=list)
-    wall_s: float = 0.0
-    steps: int = 0
-
-    def count(self, target: SeedState) -> int:
-        """How many transitions into ``target`` happened."""
-        return sum(e.target == target.value for e in self.events)
-
-
-@dataclass(frozen=True)
 class _Compiled:
     slot: str
     blueprint: Blueprint
@@ -105,6 +94,21 @@ class _Compiled:
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean())
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a compile failure may pass if tried again: its workers died (or their pipes
+    broke), not the blueprint."""
+    if isinstance(exc, EsperError):  # typed: retried only when the workers died
+        return isinstance(exc, CompileError) and isinstance(exc.__cause__, WorkerDiedError)
+    return isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
+
+
+def _loader_generator(loader: object) -> torch.Generator | None:
+    """The RNG that orders a ``DataLoader``'s batches, if it has one (saved in checkpoints)."""
+    sampler = getattr(loader, "sampler", None)
+    generator = getattr(sampler, "generator", None) or getattr(loader, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
 
 
 class Trainer:
@@ -131,6 +135,8 @@ class Trainer:
         cull), since such wrappers capture the parameter set when they are built.
     :param telemetry: the run's telemetry (spans for the run, epochs, sampled steps, compiles,
         lifecycle transitions; step-time and seed metrics). Default: recorded nowhere.
+    :param scheduler: a learning-rate scheduler, stepped once per epoch (and checkpointed).
+    :param reliability: fault handling: breakers, compile retries, resource limits, the governor.
     :raises ValueError: if ``graft`` is neither ``"epoch"`` nor ``"step"``.
     """
 
@@ -149,6 +155,8 @@ class Trainer:
         graft_deadline_epochs: int = 2,
         telemetry: Telemetry | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        reliability: ReliabilityConfig | None = None,
     ) -> None:
         if graft not in ("epoch", "step"):
             raise ValueError(f"graft must be 'epoch' or 'step', got {graft!r}")
@@ -177,6 +185,37 @@ class Trainer:
         self._steps = StepRunner.for_device(self.device)
         # Deserialising an exported program is not safe to run twice at once in one process.
         self._load_limiter = anyio.CapacityLimiter(1)
+        self.scheduler = scheduler
+        self.reliability = rel = reliability or ReliabilityConfig()
+        self.breakers = BreakerBoard(rel.breaker, clock=rel.clock)
+        self.governor = Governor(rel.governor)
+        self.admission = Admission(rel.limits)
+        #: Every kernel loaded in a slot (and in the last snapshot), by id: checkpoints carry them.
+        self.kernels: dict[str, Kernel] = {}
+        self._guard = StepGuard(
+            lambda x: self.runner(x), self.optimizer, loss_fn, self.slots, self.governor
+        )
+        self._pending: dict[str, Blueprint] = {}  # compiles in flight, by slot
+        self._faulty: set[int] = set()  # ids of seeds culled for faults since the last snapshot
+        self._growth_paused_until = 0  # first epoch at which germination may start again
+        self._oom_pause = rel.oom_backoff_epochs
+        self._stop_requested = False
+        self._checkpoint_requested = False
+        self._tg: TaskGroup | None = None
+        self._send: MemoryObjectSendStream[_Compiled] | None = None
+
+    @property
+    def result(self) -> FitResult:
+        """The current (or last) fit's record so far."""
+        return self._result
+
+    def request_stop(self) -> None:
+        """End :meth:`fit` cleanly after the current epoch (checkpointed if checkpoints are on)."""
+        self._stop_requested = True
+
+    def request_checkpoint(self) -> None:
+        """Write a checkpoint at the next epoch boundary, whatever the schedule."""
+        self._checkpoint_requested = True
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -187,54 +226,104 @@ class Trainer:
         *,
         epochs: int,
         on_epoch: Callable[[EpochReport, FitResult], None] | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
     ) -> FitResult:
-        """Train for ``epochs`` epochs, growing seeds as the controller decides.
+        """Train until epoch ``epochs``, growing seeds as the controller decides.
 
         :param train_loader: batches ``(inputs, targets)`` for training, e.g. a ``DataLoader``.
         :param val_loader: batches for validation and the controller's measurements.
-        :param epochs: how many epochs to train.
+        :param epochs: the run's length in epochs (a resumed run trains the ones left).
         :param on_epoch: called after every epoch with its report (for progress display).
-        :returns: the run's history and growth events.
+        :param checkpoint_dir: where checkpoints go (``None``: none are written).
+        :param checkpoint_every: epochs between checkpoints (the last epoch is always written).
+        :param resume: continue from the newest checkpoint in ``checkpoint_dir``, if there is one.
+        :returns: the run's history, growth events and incidents (a resumed run's include those
+            before the checkpoint).
+        :raises GovernorError: if rolling back could not make training sound again.
+        :raises ValueError: if ``resume`` is set without a ``checkpoint_dir``.
         """
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir to resume from")
+        checkpoints = None
+        if checkpoint_dir is not None:
+            checkpoints = CheckpointStore(checkpoint_dir, keep=self.reliability.checkpoint_keep)
+        generator = _loader_generator(train_loader)
         self._result = result = FitResult()
+        first = 0
+        if resume and checkpoints is not None and checkpoints.paths():
+            first = self.restore(checkpoints.directory, generator=generator).epoch
+            result = self._result
         self._steps_per_epoch = max(1, len(train_loader))  # type: ignore[arg-type]
+        self._stop_requested = False
+        self._pending.clear()
+        self.admission.in_flight = 0
         started = time.perf_counter()
         send, ready = anyio.create_memory_object_stream[_Compiled](_READY_BUFFER)
         tel = self.telemetry
-        async with AsyncExitStack() as stack:
-            if self.grow:
-                await stack.enter_async_context(self.compiler)
-            tg = await stack.enter_async_context(anyio.create_task_group())
-            await stack.enter_async_context(send)
-            await stack.enter_async_context(ready)
-            run_span = stack.enter_context(
-                tel.span(SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow)
-            )
-            for epoch in range(epochs):
-                self.epoch = epoch
-                with tel.span(SPAN_EPOCH, epoch=epoch) as epoch_span:
-                    report = await self._train_epoch(train_loader, val_loader, ready)
-                    epoch_span.set_attribute("esper.loss", report.val_loss)
-                    await self._await_late_kernels(ready)
-                    if self.grow:
-                        for decision in self.controller.decide(report, result.history, self.slots):
-                            self._apply(decision, tg, send)
-                result.history.append(report)
-                log.info(
-                    "epoch",
-                    epoch=epoch,
-                    train_loss=report.train_loss,
-                    val_loss=report.val_loss,
-                    val_acc=report.val_acc,
+        try:
+            async with AsyncExitStack() as stack:
+                if self.grow:
+                    await stack.enter_async_context(self.compiler)
+                tg = await stack.enter_async_context(anyio.create_task_group())
+                await stack.enter_async_context(send)
+                await stack.enter_async_context(ready)
+                run_span = stack.enter_context(
+                    tel.span(SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow)
                 )
-                if on_epoch is not None:
-                    on_epoch(report, result)
-            run_span.set_attribute("esper.params", self.param_count())
-            # Compiles still running when training ends are not needed any more.
-            tg.cancel_scope.cancel()
+                self._tg, self._send = tg, send
+                self._resume_compiles()
+                self.governor.offer(await self._snapshot())
+                for epoch in range(first, epochs):
+                    self.epoch = epoch
+                    report = await self._epoch(train_loader, val_loader, ready)
+                    last = epoch + 1 == epochs or self._stop_requested
+                    await self._end_epoch(epoch, checkpoints, checkpoint_every, last, generator)
+                    log.info(
+                        "epoch",
+                        epoch=epoch,
+                        train_loss=report.train_loss,
+                        val_loss=report.val_loss,
+                        val_acc=report.val_acc,
+                    )
+                    if on_epoch is not None:
+                        on_epoch(report, result)
+                    if self._stop_requested:
+                        break
+                run_span.set_attribute("esper.params", self.param_count())
+                # Compiles still running when training ends are not needed any more.
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The task group wraps what the training task raised: give callers the error itself.
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from group.exceptions[0].__cause__
+            raise
+        finally:
+            self._tg = self._send = None
         result.wall_s = time.perf_counter() - started
         result.steps = self.step
         return result
+
+    async def _epoch(
+        self,
+        train_loader: Iterable[Batch],
+        val_loader: Iterable[Batch],
+        ready: MemoryObjectReceiveStream[_Compiled],
+    ) -> EpochReport:
+        """Train one epoch, graft what is due, apply the controller's decisions."""
+        self.governor.new_epoch()
+        with self.telemetry.span(SPAN_EPOCH, epoch=self.epoch) as epoch_span:
+            report = await self._train_epoch(train_loader, val_loader, ready)
+            epoch_span.set_attribute("esper.loss", report.val_loss)
+            await self._await_late_kernels(ready)
+            if self.grow:
+                for decision in self.controller.decide(report, self._result.history, self.slots):
+                    self._apply(decision)
+        self._result.history.append(report)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return report
 
     async def _train_epoch(
         self,
@@ -252,25 +341,49 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             with tel.step_span(self.step, epoch=self.epoch):
                 started = time.perf_counter()
-                losses.append(float(await self._steps.run(self._train_step, x, y)))
+                loss = await self._guarded_step(x, y)
                 tel.metrics.step_finished(time.perf_counter() - started)
+            if loss is not None:
+                losses.append(loss)
             self.step += 1
             for slot in self.slots.values():
                 self._tracked(slot, slot.on_step)
-        report = await anyio.to_thread.run_sync(
-            self._evaluate, val_loader, self.epoch, sum(losses) / max(1, len(losses))
-        )
+        report = await self._guarded_evaluate(val_loader, sum(losses) / max(1, len(losses)))
         for slot in self.slots.values():
             slot.lifecycle.epochs_in_state += 1
         return report
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.runner(x), y)
-        loss.backward()
-        self.optimizer.step()
-        # Not .item(): on a GPU that would wait for the device inside the launching thread.
-        return loss.detach()
+    async def _guarded_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """One training step that survives a failing seed or a bad loss.
+
+        :returns: the loss, or ``None`` when the batch was dropped by a rollback.
+        """
+        for _ in range(len(self.slots) + 1):  # every retry culls a seed, so this ends
+            try:
+                # The loss is read before the update (a device sync on a GPU): a bad step must
+                # never reach the parameters.
+                return await self._steps.run(self._guard.step, x, y)
+            except SeedRuntimeError as exc:
+                if not self.slots[exc.slot].lifecycle.live:  # a fossilized seed: nothing to cull
+                    self._roll_back(LossAnomaly("fossilized seed failed", float("nan")), exc)
+                    return None
+                self._seed_failed(exc)
+            except LossAnomaly as exc:
+                self._roll_back(exc, exc.__cause__)
+                return None
+        raise AssertionError("unreachable: every slot's seed was culled and the step still failed")
+
+    async def _guarded_evaluate(self, loader: Iterable[Batch], train_loss: float) -> EpochReport:
+        """The validation measurements; a seed that fails in them is culled and they are redone."""
+        evaluate = partial(self._evaluate, loader, self.epoch, train_loss)
+        for _ in range(len(self.slots)):
+            try:
+                return await anyio.to_thread.run_sync(evaluate)
+            except SeedRuntimeError as exc:
+                if not self.slots[exc.slot].lifecycle.live:
+                    raise
+                self._seed_failed(exc)
+        return await anyio.to_thread.run_sync(evaluate)
 
     @torch.no_grad()
     def _evaluate(self, loader: Iterable[Batch], epoch: int, train_loss: float) -> EpochReport:
@@ -349,14 +462,16 @@ class Trainer:
             )
         return out
 
-    def _apply(
-        self, decision: Decision, tg: TaskGroup, send: MemoryObjectSendStream[_Compiled]
-    ) -> None:
+    def _apply(self, decision: Decision) -> None:
         slot = self.slots[decision.slot]
         match decision:
             case Germinate(blueprint=blueprint, reason=reason):
+                refusal = self._refusal(blueprint)
+                if refusal is not None:
+                    self._incident(IncidentKind.GERMINATION_REFUSED, slot, refusal, blueprint)
+                    return
                 self._tracked(slot, slot.germinate, blueprint, reason)
-                tg.start_soon(self._compile, slot.slot_name, blueprint, send.clone())
+                self._start_compile(slot.slot_name, blueprint)
             case StartBlending(epochs=epochs, reason=reason):
                 self._tracked(slot, slot.start_blending, epochs * self._steps_per_epoch, reason)
             case Fossilize(reason=reason):
@@ -366,29 +481,80 @@ class Trainer:
             case Release(reason=reason):
                 self._tracked(slot, slot.release, reason)
 
-    def _cull(self, slot: SeedSlot, reason: str) -> None:
+    def _refusal(self, blueprint: Blueprint) -> str | None:
+        """Why a germination of ``blueprint`` may not start now (backpressure), or ``None``."""
+        if self.epoch + 1 < self._growth_paused_until:
+            return f"growth paused until epoch {self._growth_paused_until} after out-of-memory"
+        reason = self.admission.refusal()
+        if reason is not None:
+            return reason
+        breaker = self.breakers[blueprint.id]
+        if not breaker.allow():
+            return f"{blueprint.name} paused by its breaker for {breaker.retry_after():.1f} s more"
+        return self.admission.try_start()
+
+    def _start_compile(self, slot: str, blueprint: Blueprint) -> None:
+        assert self._tg is not None and self._send is not None  # only during fit()
+        self._pending[slot] = blueprint
+        self._tg.start_soon(self._compile, slot, blueprint, self._send.clone())
+
+    def _resume_compiles(self) -> None:
+        """Start the compile of every germinated slot that has none in flight (after a resume or
+        a rollback brought a germination back)."""
+        for name, slot in self.slots.items():
+            if slot.state is SeedState.GERMINATED and name not in self._pending:
+                assert slot.blueprint is not None
+                self.admission.reserve()
+                self._start_compile(name, slot.blueprint)
+
+    def _cull(self, slot: SeedSlot, reason: str, *, release: bool = False) -> None:
+        """Cull ``slot``'s seed and embargo the slot (``release``: free it again at once)."""
         seed = self._tracked(slot, slot.cull, reason)
         if seed is not None:
             remove_module_params(self.optimizer, seed)
             self._rewrap()
         self._tracked(slot, slot.embargo, "cooling down after cull")
+        if release:
+            self._tracked(slot, slot.release, "nothing was grafted; the blueprint's breaker "
+                          "decides when it is tried again")
+        self.admission.set_loaded(self._loaded_bytes())
 
     async def _compile(
         self, slot: str, blueprint: Blueprint, send: MemoryObjectSendStream[_Compiled]
     ) -> None:
         contract = self.slots[slot].contract
         assert contract is not None  # germinate() checked it
+        rel = self.reliability
+
+        def retried(exc: BaseException, attempt: int, delay: float) -> None:
+            self._incident(
+                IncidentKind.COMPILE_RETRIED, self.slots[slot],
+                f"attempt {attempt} failed ({exc}); retrying in {delay:.2f} s", blueprint,
+            )
+
         async with send:
+            error: EsperError
             try:
-                kernel = await self.compiler.compile(blueprint, contract, seed=self.seed)
+                kernel = await retry(
+                    lambda: self.compiler.compile(blueprint, contract, seed=self.seed),
+                    attempts=rel.compile_attempts, backoff=rel.backoff, retry_on=_transient,
+                    what=f"compile {blueprint.name}", on_retry=retried,
+                )
                 module = await anyio.to_thread.run_sync(
                     lambda: load_kernel(kernel, device=self.device), limiter=self._load_limiter
                 )
             except EsperError as exc:
-                log.warning("compile failed", slot=slot, blueprint=blueprint.name, error=str(exc))
-                await send.send(_Compiled(slot, blueprint, None, None, exc))
+                error = exc
+            except Exception as exc:  # an unmapped dependency error must not end the run
+                error = CompileError(
+                    f"compiling {blueprint.name}: {exc!r}", blueprint=blueprint.name
+                )
+                error.__cause__ = exc
+            else:
+                await send.send(_Compiled(slot, blueprint, kernel, module, None))
                 return
-            await send.send(_Compiled(slot, blueprint, kernel, module, None))
+            log.warning("compile failed", slot=slot, blueprint=blueprint.name, error=str(error))
+            await send.send(_Compiled(slot, blueprint, None, None, error))
 
     def _graft_ready(self, ready: MemoryObjectReceiveStream[_Compiled]) -> None:
         """Graft every kernel that finished compiling (called between steps only)."""
@@ -409,15 +575,169 @@ class Trainer:
             self._graft(await ready.receive())
 
     def _graft(self, done: _Compiled) -> None:
+        self.admission.finished()
+        if self._pending.get(done.slot) == done.blueprint:
+            del self._pending[done.slot]
         slot = self.slots[done.slot]
         if slot.state is not SeedState.GERMINATED or slot.blueprint != done.blueprint:
             return  # the slot moved on (e.g. culled) while the kernel compiled
+        breaker = self.breakers[done.blueprint.id]
         if done.module is None or done.kernel is None:
-            self._cull(slot, f"compile failed: {done.error}")
+            breaker.record_failure(str(done.error))
+            if isinstance(done.error, CompileTimeoutError):
+                self._incident(IncidentKind.COMPILE_TIMEOUT, slot, str(done.error), done.blueprint)
+                self._cull(slot, f"compile timed out: {done.error}", release=True)
+            else:
+                self._incident(IncidentKind.COMPILE_FAILED, slot, str(done.error), done.blueprint)
+                self._cull(slot, f"compile failed: {done.error}")
             return
-        self._tracked(slot, slot.graft, done.module, done.kernel.kernel_id)
-        add_module_params(self.optimizer, done.module)
+        try:
+            self._tracked(slot, slot.graft, done.module, done.kernel.kernel_id)
+            add_module_params(self.optimizer, done.module)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._seed_failed(SeedRuntimeError(f"grafting: {exc}", slot=slot.slot_name), exc)
+            return
+        self.kernels[done.kernel.kernel_id] = done.kernel
+        self._oom_pause = self.reliability.oom_backoff_epochs  # a graft went through: reset
+        if breaker.state is not BreakerState.CLOSED:
+            breaker.record_success()  # the half-open trial went through
         self._rewrap()
+        self.admission.set_loaded(self._loaded_bytes())
+
+    # --- faults: seeds that fail, losses that go bad -------------------------------------------
+
+    def _incident(
+        self, kind: IncidentKind, slot: SeedSlot | None, detail: str,
+        blueprint: Blueprint | None = None,
+    ) -> None:
+        bp = blueprint or (None if slot is None else slot.blueprint)
+        incident = Incident(
+            self.epoch, self.step, kind, None if slot is None else slot.slot_name,
+            None if bp is None else bp.name, detail,
+        )
+        self._result.incidents.append(incident)
+        log.warning("incident", **incident.to_json())
+
+    def _seed_failed(self, exc: SeedRuntimeError, cause: BaseException | None = None) -> None:
+        """A seed raised, turned non-finite or ran out of memory: cull it (and after an OOM,
+        pause growth, doubling the pause each time)."""
+        slot = self.slots[exc.slot]
+        if is_out_of_memory(cause or exc):
+            kind = IncidentKind.OUT_OF_MEMORY
+            self._growth_paused_until = self.epoch + 1 + self._oom_pause
+            self._oom_pause = min(2 * self._oom_pause, self.reliability.oom_backoff_max_epochs)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        elif exc.__cause__ is not None:
+            kind = IncidentKind.SEED_RAISED
+        else:
+            kind = IncidentKind.SEED_NON_FINITE
+        self._incident(kind, slot, str(exc))
+        if slot.blueprint is not None:
+            self.breakers[slot.blueprint.id].record_failure(kind.value)
+        self._faulty.add(id(slot.seed))
+        self._cull(slot, f"{kind.value}: {exc}")
+
+    def _roll_back(self, anomaly: LossAnomaly, cause: BaseException | None = None) -> None:
+        """Restore the last good snapshot and embargo what caused the bad loss.
+
+        :raises GovernorError: when the epoch's rollback budget is spent.
+        """
+        kind = IncidentKind.LOSS_SPIKE if anomaly.kind == "spike" else IncidentKind.NON_FINITE_LOSS
+        culprit = None if anomaly.culprit is None else self.slots[anomaly.culprit]
+        snapshot = self.governor.snapshot
+        to = "no snapshot to roll back to" if snapshot is None else f"back to step {snapshot.step}"
+        self._incident(kind, culprit, f"{anomaly}; {to}")
+        if not self.governor.note_rollback():
+            raise GovernorError(
+                f"{self.governor.rollbacks_this_epoch - 1} rollbacks in epoch {self.epoch} did not "
+                f"make training sound ({anomaly}); lower the learning rate or check the data",
+                step=self.step,
+            ) from cause or anomaly
+        if snapshot is not None:
+            snapshot.restore(self.model, self.optimizer, self.slots, self._extras())
+            self._rewrap()
+            self._resume_compiles()
+            for slot in self.slots.values():  # seeds culled for faults since stay culled
+                if slot.seed is not None and id(slot.seed) in self._faulty and slot.lifecycle.live:
+                    self._cull(slot, "culled for a fault before the rollback")
+        if culprit is not None and culprit.lifecycle.live:
+            if culprit.blueprint is not None:
+                self.breakers[culprit.blueprint.id].record_failure(kind.value)
+            self._cull(culprit, f"caused a {kind.value} (loss {anomaly.loss:.4g})")
+        self.admission.set_loaded(self._loaded_bytes())
+
+    def _loaded_bytes(self) -> int:
+        return sum(
+            self.kernels[s.kernel_id].nbytes for s in self.slots.values()
+            if s.seed is not None and s.kernel_id in self.kernels
+        )
+
+    # --- snapshots and checkpoints, at epoch boundaries -----------------------------------------
+
+    def _extras(self) -> dict[str, Any]:
+        return {} if self.scheduler is None else {"scheduler": self.scheduler}
+
+    async def _snapshot(self) -> Snapshot:
+        """A copy of the state now, taken in a worker thread (the model is not changing: this
+        task, its only writer, is waiting)."""
+        return await anyio.to_thread.run_sync(
+            Snapshot.take, self.step, self.model, self.optimizer, self.slots, self._extras()
+        )
+
+    async def _end_epoch(
+        self, epoch: int, checkpoints: CheckpointStore | None, every: int, last: bool,
+        generator: torch.Generator | None,
+    ) -> None:
+        if self.governor.due(epoch) and self.governor.offer(await self._snapshot()):
+            live = {s.kernel_id for s in self.slots.values() if s.kernel_id is not None}
+            self.kernels = {k: v for k, v in self.kernels.items() if k in live}
+            self._faulty.clear()
+        due = (epoch + 1) % max(1, every) == 0 or last or self._checkpoint_requested
+        if checkpoints is not None and due:
+            self._checkpoint_requested = False
+            await self.save_checkpoint(checkpoints.directory, generator=generator)
+
+    async def save_checkpoint(
+        self, directory: str | os.PathLike[str], *, generator: torch.Generator | None = None
+    ) -> Path | None:
+        """Write a checkpoint of the run now (call between epochs, or from ``on_epoch``).
+
+        A write that fails is recorded as an incident; the previous checkpoint stands.
+
+        :param directory: the checkpoint directory.
+        :param generator: the training loader's RNG, to resume its order.
+        :returns: the file written, or ``None`` if the write failed.
+        """
+        payload = await anyio.to_thread.run_sync(checkpoint_payload, self, generator)
+        store = CheckpointStore(directory, keep=self.reliability.checkpoint_keep)
+        try:
+            return await anyio.to_thread.run_sync(store.save, payload)
+        except CheckpointError as exc:
+            self._incident(IncidentKind.CHECKPOINT_FAILED, None, str(exc))
+            return None
+
+    def restore(
+        self, checkpoint: str | os.PathLike[str], *, generator: torch.Generator | None = None
+    ) -> Restored:
+        """Restore the run from ``checkpoint`` (a file, or a directory: its newest checkpoint).
+
+        The model must be built and wrapped as the checkpointed one was; grafted and fossilized
+        seeds are loaded from the kernel bytes in the checkpoint (nothing is compiled). Then
+        :meth:`fit` with the same ``epochs`` trains the epochs left.
+
+        :param generator: the training loader's RNG, to resume its order.
+        :raises CheckpointError: if there is no readable checkpoint, or it does not fit the model.
+        """
+        path = Path(checkpoint)
+        store = CheckpointStore(path if path.is_dir() else path.parent)
+        restored = apply_checkpoint(self, store.load(None if path.is_dir() else path), generator)
+        self.admission.set_loaded(self._loaded_bytes())
+        self._rewrap()
+        log.info("resumed", checkpoint=str(path), epoch=restored.epoch, step=restored.step)
+        return restored
 
     def _rewrap(self) -> nn.Module:
         """The module training steps call: the model, wrapped anew if a wrapper is set."""

@@ -60,6 +60,7 @@ async def retry(
     retry_on: Callable[[BaseException], bool],
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     what: str = "call",
+    on_retry: Callable[[BaseException, int, float], None] | None = None,
 ) -> T:
     """Await ``fn()`` up to ``attempts`` times, sleeping a jittered delay between tries.
 
@@ -69,6 +70,8 @@ async def retry(
     :param retry_on: whether an exception is worth another try (others propagate at once).
     :param sleep: how to wait (injectable so tests do not sleep).
     :param what: a name for logs.
+    :param on_retry: called with the exception, the attempt (from 1) and the delay before each
+        retry.
     :raises Exception: the last attempt's exception, or the first one ``retry_on`` rejects.
     """
     if attempts < 1:
@@ -84,5 +87,7 @@ async def retry(
                 "retrying", what=what, attempt=attempt + 1, delay_s=round(delay, 3),
                 error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
             )
+            if on_retry is not None:
+                on_retry(exc, attempt + 1, delay)
             await sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover

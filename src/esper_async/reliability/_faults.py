@@ -73,8 +73,8 @@ class FaultPlan:
     :param seed: seeds the draws.
     :param rate: probability that an operation carries a fault.
     :param kinds: the kinds to draw from (uniformly).
-    :param at_least_once: every kind is injected at least once: the first fault-carrying draws
-        go through ``kinds`` in a shuffled order before free draws begin.
+    :param at_least_once: every kind is injected exactly once among the first ``2·len(kinds)``
+        operations after the warm-up (at shuffled positions), before ``rate`` applies.
     :param skip_first: operations at the start that carry no fault (warm-up: the governor needs
         some good losses before it can judge spikes).
     """
@@ -89,8 +89,9 @@ class FaultPlan:
         if not 0.0 <= self.rate <= 1.0:
             raise ValueError(f"rate must lie in [0, 1], got {self.rate}")
         self._rng = random.Random(self.seed)
-        self._first = list(self.kinds) if self.at_least_once else []
-        self._rng.shuffle(self._first)
+        kinds = list(self.kinds) if self.at_least_once else []
+        self._scheduled: list[FaultKind | None] = [*kinds, *[None] * len(kinds)]
+        self._rng.shuffle(self._scheduled)
         self.drawn = 0
 
     def draw(self) -> FaultKind | None:
@@ -98,8 +99,8 @@ class FaultPlan:
         self.drawn += 1
         if self.drawn <= self.skip_first:
             return None
-        if self._first and self._rng.random() < max(self.rate, 0.25):
-            return self._first.pop()
+        if self._scheduled:
+            return self._scheduled.pop()
         if self._rng.random() < self.rate:
             return self._rng.choice(list(self.kinds))
         return None

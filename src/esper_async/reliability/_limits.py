@@ -62,6 +62,11 @@ class Admission:
             self.refused += 1
         return reason
 
+    def reserve(self) -> None:
+        """Count a compile in flight that is started regardless of the bounds (one re-issued
+        after a rollback or a resume: its germination was admitted before)."""
+        self.in_flight += 1
+
     def finished(self) -> None:
         """A compile's outcome reached the trainer (kernel or error)."""
         self.in_flight = max(0, self.in_flight - 1)

@@ -26,6 +26,11 @@ that stream, beside the host's later layers (:func:`esper_async.streams.train_be
 is then a copy of ``h`` and the gradients are those above. Other states read the seed's output on
 the main stream, so they gain nothing from a side stream and run inline. On a CPU, or with no side
 stream, nothing changes.
+
+A seed that raises in its forward pass surfaces as :class:`~esper_async.SeedRuntimeError` naming
+the slot (the original error chained), so the trainer knows which seed to cull. With
+:attr:`SeedSlot.check_finite` on (the trainer's diagnosis after a non-finite loss), a seed whose
+output is not finite while its input is raises it too.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._exceptions import LifecycleError
+from .._exceptions import LifecycleError, SeedRuntimeError
 from ..blueprints import Blueprint, SlotContract
 from ..streams import train_beside
 from ._lifecycle import Lifecycle, SeedState
@@ -101,6 +106,9 @@ class SeedSlot(nn.Module):
         self.alpha = 0.0
         self.blend_steps = 1
         self.observe = False
+        #: Raise ``SeedRuntimeError`` when the seed turns finite input into non-finite output
+        #: (off in training steps: checking costs a device sync).
+        self.check_finite = False
         #: CUDA stream on which a TRAINING seed runs (``None``: inline, as on a CPU).
         self.side_stream: torch.cuda.Stream | None = None
         self._ablated = False
@@ -120,14 +128,36 @@ class SeedSlot(nn.Module):
             return h
         state = self.lifecycle.state
         if state is SeedState.TRAINING:
-            if self.side_stream is not None and h.is_cuda:
-                return train_beside(seed, h, self.side_stream)
-            s = seed(h.detach())
+            if self.side_stream is not None and h.is_cuda and not self.check_finite:
+                try:
+                    return train_beside(seed, h, self.side_stream)
+                except Exception as exc:
+                    raise self._failure(exc) from exc
+            s = self._run_seed(seed, h.detach())
             return h + (s - s.detach())
-        s = seed(h)
+        s = self._run_seed(seed, h)
         if state is SeedState.BLENDING:
             return h + self.alpha * s
         return h + s
+
+    def _run_seed(self, seed: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        try:
+            s = seed(h)
+        except Exception as exc:
+            raise self._failure(exc) from exc
+        finite_in = self.check_finite and bool(torch.isfinite(h).all())
+        if finite_in and not bool(torch.isfinite(s).all()):
+            raise SeedRuntimeError(
+                f"the seed in slot {self.slot_name!r} ({self.kernel_id}) produced non-finite "
+                "values from finite input", slot=self.slot_name,
+            )
+        return s
+
+    def _failure(self, exc: Exception) -> SeedRuntimeError:
+        return SeedRuntimeError(
+            f"the seed in slot {self.slot_name!r} ({self.kernel_id}) raised "
+            f"{type(exc).__name__}: {exc}", slot=self.slot_name,
+        )
 
     @torch.no_grad()
     def _record(self, h: torch.Tensor) -> None:

@@ -1,0 +1,48 @@
+"""``ReliabilityConfig``: how the trainer survives faults, in one place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ._backoff import Backoff
+from ._breaker import BreakerConfig
+from ._governor import GovernorConfig
+from ._limits import ResourceLimits
+
+__all__ = ("ReliabilityConfig",)
+
+
+@dataclass(frozen=True)
+class ReliabilityConfig:
+    """The trainer's fault handling.
+
+    :ivar breaker: per-blueprint circuit breakers (failures: compile errors, runtime faults, OOM).
+    :ivar compile_attempts: tries of one compile whose workers died (the compiler itself also
+        retries once on a fresh worker within each try).
+    :ivar backoff: jittered delays between those tries.
+    :ivar limits: bounds on compiles in flight and loaded kernel bytes.
+    :ivar governor: loss judgement, snapshots and the rollback budget.
+    :ivar oom_backoff_epochs: after an out-of-memory, no germination for this many epochs
+        (doubled on each further OOM, up to ``oom_backoff_max_epochs``).
+    :ivar oom_backoff_max_epochs: the cap of that pause.
+    :ivar checkpoint_keep: checkpoints kept on disk.
+    :ivar clock: monotonic seconds for the breakers (injectable in tests).
+    """
+
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    compile_attempts: int = 3
+    backoff: Backoff = field(default_factory=lambda: Backoff(base_s=0.5, cap_s=10.0))
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
+    oom_backoff_epochs: int = 1
+    oom_backoff_max_epochs: int = 16
+    checkpoint_keep: int = 2
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if self.compile_attempts < 1 or self.oom_backoff_epochs < 0 or self.checkpoint_keep < 1:
+            raise ValueError(
+                "compile_attempts and checkpoint_keep must be >= 1 and oom_backoff_epochs >= 0"
+            )

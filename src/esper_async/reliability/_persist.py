@@ -1,0 +1,71 @@
+"""The trainer's side of checkpoints: what of a run goes into one, and how it comes back.
+
+These functions read and set the trainer's attributes (it is their only caller); the format
+itself is :mod:`esper_async.reliability._checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._results import FitResult, GrowthEvent
+from ._checkpoint import Restored, capture_state, restore_state
+from ._incidents import Incident
+from ._record import report_from_json, report_to_json
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ("apply_checkpoint", "checkpoint_payload")
+
+
+def _stateful(trainer: Trainer) -> dict[str, Any]:
+    """Everything with a ``state_dict()`` a checkpoint carries."""
+    controller = trainer.controller if hasattr(trainer.controller, "state_dict") else None
+    return {
+        "controller": controller, "scheduler": trainer.scheduler, "governor": trainer.governor,
+        "breakers": trainer.breakers,
+    }
+
+
+def checkpoint_payload(trainer: Trainer, generator: torch.Generator | None) -> dict[str, Any]:
+    """The checkpoint of ``trainer``'s run now (blocking: copies every tensor to the CPU)."""
+    result = trainer.result
+    record = {
+        "history": [report_to_json(r) for r in result.history],
+        "events": [dataclasses.asdict(e) for e in result.events],
+        "incidents": [i.to_json() for i in result.incidents],
+        "growth_paused_until": trainer._growth_paused_until,
+        "oom_pause": trainer._oom_pause,
+    }
+    return capture_state(
+        epoch=len(result.history), step=trainer.step, model=trainer.model,
+        optimizer=trainer.optimizer, slots=trainer.slots, kernels=trainer.kernels,
+        stateful=_stateful(trainer), record=record, generator=generator,
+    )
+
+
+def apply_checkpoint(
+    trainer: Trainer, payload: dict[str, Any], generator: torch.Generator | None
+) -> Restored:
+    """Put ``payload`` back into ``trainer`` (model, seeds, optimizer, statistics, counters and
+    the run's record so far)."""
+    restored = restore_state(
+        payload, model=trainer.model, optimizer=trainer.optimizer, slots=trainer.slots,
+        stateful=_stateful(trainer), device=trainer.device, generator=generator,
+    )
+    record = restored.record
+    trainer.step, trainer.epoch = restored.step, restored.epoch
+    trainer.kernels = dict(restored.kernels)
+    trainer._growth_paused_until = int(record["growth_paused_until"])
+    trainer._oom_pause = int(record["oom_pause"])
+    trainer._result = FitResult(
+        history=[report_from_json(r) for r in record["history"]],
+        events=[GrowthEvent(**e) for e in record["events"]],
+        incidents=[Incident.from_json(i) for i in record["incidents"]],
+        steps=restored.step,
+    )
+    return restored
