@@ -26,6 +26,14 @@ def test_judges_losses_against_the_recent_median(loss: float, verdict: str | Non
     assert governor.judge(loss) == verdict
 
 
+def test_a_spike_must_also_clear_the_floor() -> None:
+    governor = Governor(GovernorConfig(spike_factor=10.0, spike_floor=1.0, warmup=2))
+    for value in (1e-6, 1e-6):
+        governor.accept(value)
+    assert governor.judge(1e-3) is None  # 1000x, but far below the floor: noise
+    assert governor.judge(1.5) == "spike"
+
+
 def test_no_spike_judgement_during_warmup() -> None:
     governor = Governor(GovernorConfig(warmup=4))
     governor.accept(1.0)

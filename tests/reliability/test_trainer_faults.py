@@ -15,9 +15,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from esper_async import Blueprint
 from esper_async.compiler import BlueprintCompiler
 from esper_async.controller import Decision, EpochReport, Germinate
-from esper_async.reliability import BreakerConfig, FaultKind, GovernorConfig, GovernorError
-from esper_async.reliability._config import ReliabilityConfig
-from esper_async.reliability._incidents import IncidentKind
+from esper_async.reliability import (
+    BreakerConfig,
+    FaultKind,
+    GovernorConfig,
+    GovernorError,
+    IncidentKind,
+    ReliabilityConfig,
+)
 from esper_async.reliability.drill import DrillConfig, run_drill
 from esper_async.seeds import SeedSlot, SeedState, wrap
 from esper_async.trainer import Trainer

@@ -19,12 +19,15 @@ from ._checkpoint import Restored as Restored
 from ._checkpoint import capture_state as capture_state
 from ._checkpoint import restore_state as restore_state
 from ._checkpoint import write_atomic as write_atomic
+from ._config import ReliabilityConfig as ReliabilityConfig
 from ._errors import GovernorError as GovernorError
 from ._errors import is_out_of_memory as is_out_of_memory
 from ._faults import FaultKind as FaultKind
 from ._faults import FaultPlan as FaultPlan
 from ._governor import Governor as Governor
 from ._governor import GovernorConfig as GovernorConfig
+from ._incidents import Incident as Incident
+from ._incidents import IncidentKind as IncidentKind
 from ._limits import Admission as Admission
 from ._limits import ResourceLimits as ResourceLimits
 from ._snapshot import Snapshot as Snapshot
@@ -43,6 +46,9 @@ __all__ = (
     "Governor",
     "GovernorConfig",
     "GovernorError",
+    "Incident",
+    "IncidentKind",
+    "ReliabilityConfig",
     "ResourceLimits",
     "Restored",
     "Snapshot",

@@ -2,7 +2,8 @@
 
 Every step's loss is judged before the backward pass. A loss is *bad* when it is not finite, or
 when it spikes: more than ``spike_factor`` times the median of the last ``window`` good losses
-(after ``warmup`` good losses have been seen). A bad step never updates the model. The trainer
+*and* more than ``spike_floor`` above it (a model that has driven its loss near zero would
+otherwise see spikes in noise), after ``warmup`` good losses have been seen. A bad step never updates the model. The trainer
 then asks which seed caused it (see :meth:`~esper_async.Trainer`), restores the last good
 :class:`~esper_async.reliability.Snapshot` and embargoes the culprit.
 
@@ -33,7 +34,8 @@ log = structlog.get_logger(__name__)
 class GovernorConfig:
     """When the governor intervenes.
 
-    :ivar spike_factor: a loss above this multiple of the recent median is a spike.
+    :ivar spike_factor: a loss above this multiple of the recent median is a spike...
+    :ivar spike_floor: ...if it is also this much above the median (in loss units).
     :ivar window: good losses the median is taken over.
     :ivar warmup: good losses seen before spikes are judged (early losses move fast).
     :ivar snapshot_every_epochs: epochs between snapshots.
@@ -43,13 +45,14 @@ class GovernorConfig:
     """
 
     spike_factor: float = 10.0
+    spike_floor: float = 1.0
     window: int = 32
     warmup: int = 8
     snapshot_every_epochs: int = 1
     max_rollbacks_per_epoch: int = 8
 
     def __post_init__(self) -> None:
-        if self.spike_factor <= 1 or self.window < 1 or self.warmup < 1:
+        if self.spike_factor <= 1 or self.spike_floor < 0 or self.window < 1 or self.warmup < 1:
             raise ValueError(f"governor needs spike_factor > 1, window, warmup >= 1: {self}")
         if self.snapshot_every_epochs < 1 or self.max_rollbacks_per_epoch < 1:
             raise ValueError(f"governor intervals must be >= 1: {self}")
@@ -73,7 +76,8 @@ class Governor:
         """The loss above which a step counts as a spike now (``inf`` during warm-up)."""
         if len(self._recent) < self.config.warmup:
             return math.inf
-        return self.config.spike_factor * max(statistics.median(self._recent), 1e-8)
+        median = statistics.median(self._recent)
+        return max(self.config.spike_factor * median, median + self.config.spike_floor)
 
     def judge(self, loss: float) -> str | None:
         """``"non_finite"`` or ``"spike"`` for a bad loss, ``None`` for a good one."""
