@@ -27,6 +27,9 @@ from esper_async.reliability.drill import DrillConfig, run_drill
 from esper_async.seeds import SeedSlot, SeedState, wrap
 from esper_async.trainer import Trainer
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA)]
+
 
 def _loaders(bad: dict[int, float] | None = None, n: int = 96) -> tuple[list, list]:
     gen = torch.Generator().manual_seed(0)
@@ -52,6 +55,7 @@ def _trainer(model: nn.Module, **kwargs: object) -> Trainer:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("scale", "kind"),
     [
@@ -60,11 +64,11 @@ def _trainer(model: nn.Module, **kwargs: object) -> Trainer:
     ],
 )
 async def test_a_bad_batch_rolls_back_and_training_continues(
-    scale: float, kind: IncidentKind
+    scale: float, kind: IncidentKind, device: str
 ) -> None:
     train, val = _loaders(bad={4: scale})  # epoch 0 trains batches 0..5; batch 4 is bad
     model = _model()
-    trainer = _trainer(model)
+    trainer = _trainer(model, device=device)
     fit = await trainer.fit(train, val, epochs=3)
     assert [i.kind for i in fit.incidents] == [kind] * 3  # once per epoch: the batch repeats
     assert trainer.governor.rollbacks == 3
@@ -107,12 +111,16 @@ def _shuffled(seed: int = 0) -> DataLoader:
 
 
 @pytest.mark.asyncio
-async def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+async def test_resume_continues_exactly_as_an_uninterrupted_run(
+    tmp_path: Path, device: str
+) -> None:
     def run_parts() -> tuple[nn.Module, Trainer, DataLoader]:
-        model = _model()
+        model = _model().to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        return model, Trainer(model, grow=False, optimizer=opt, scheduler=sched), _shuffled()
+        trainer = Trainer(model, grow=False, optimizer=opt, scheduler=sched, device=device)
+        return model, trainer, _shuffled()
 
     val = _loaders()[1]
     straight_model, straight, loader = run_parts()
