@@ -637,7 +637,8 @@ class Trainer:
         self._incident(kind, slot, str(exc))
         if slot.blueprint is not None:
             self.breakers[slot.blueprint.id].record_failure(kind.value)
-        self._faulty.add(id(slot.seed))
+        if slot.seed is not None:
+            self._faulty.add(id(slot.seed))
         self._cull(slot, f"{kind.value}: {exc}")
 
     def _roll_back(self, anomaly: LossAnomaly, cause: BaseException | None = None) -> None:
