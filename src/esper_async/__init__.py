@@ -44,6 +44,17 @@ from .demo import run_demo as run_demo
 from .kernels import Kernel as Kernel
 from .kernels import export_kernel as export_kernel
 from .kernels import load_kernel as load_kernel
+from .reliability import Backoff as Backoff
+from .reliability import BreakerConfig as BreakerConfig
+from .reliability import CheckpointError as CheckpointError
+from .reliability import CheckpointStore as CheckpointStore
+from .reliability import FaultKind as FaultKind
+from .reliability import GovernorConfig as GovernorConfig
+from .reliability import GovernorError as GovernorError
+from .reliability import Incident as Incident
+from .reliability import IncidentKind as IncidentKind
+from .reliability import ReliabilityConfig as ReliabilityConfig
+from .reliability import ResourceLimits as ResourceLimits
 from .seeds import SeedSlot as SeedSlot
 from .seeds import SeedState as SeedState
 from .seeds import find_slots as find_slots
@@ -85,12 +96,17 @@ from .trainer import Trainer as Trainer
 __version__ = "0.1.0"
 
 __all__ = (
+    "UCB1",
     "AddResidual",
     "AddSkip",
+    "Backoff",
     "Blueprint",
     "BlueprintCompiler",
     "BlueprintError",
+    "BreakerConfig",
     "BridgeKind",
+    "CheckpointError",
+    "CheckpointStore",
     "CompileError",
     "CompileTimeoutError",
     "Controller",
@@ -100,10 +116,15 @@ __all__ = (
     "EpochReport",
     "EpsilonGreedy",
     "EsperError",
+    "FaultKind",
     "FitResult",
     "FxRewire",
+    "GovernorConfig",
+    "GovernorError",
     "GrowthEvent",
     "HeuristicController",
+    "Incident",
+    "IncidentKind",
     "InsertAfter",
     "IntelligentSeedSelector",
     "Kernel",
@@ -122,7 +143,9 @@ __all__ = (
     "OptimizerOptions",
     "PerformanceTracker",
     "ProcessPool",
+    "ReliabilityConfig",
     "RemoveLayer",
+    "ResourceLimits",
     "SeedRuntimeError",
     "SeedSlot",
     "SeedState",
@@ -145,7 +168,6 @@ __all__ = (
     "ThompsonBeta",
     "ThompsonGaussian",
     "Trainer",
-    "UCB1",
     "ValidationReport",
     "Widen",
     "build",
