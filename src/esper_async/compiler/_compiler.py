@@ -128,6 +128,18 @@ class BlueprintCompiler:
         if wait is not None:
             await wait()
 
+    def store_key(self, blueprint: Blueprint, contract: SlotContract, seed: int) -> str:
+        """The kernel-store key of a compile: everything that decides the kernel's bytes — the
+        blueprint, the contract, the init seed, the torch version, the device kind and the
+        optimizer's options."""
+        return kernel_key(
+            blueprint,
+            contract,
+            torch_version=torch.__version__,
+            device_kind=self.device_kind,
+            optimizer_options={**self.options.to_json(), "init_seed": seed},
+        )
+
     async def compile(
         self,
         blueprint: Blueprint,
@@ -155,13 +167,7 @@ class BlueprintCompiler:
         blueprint.check_fits(contract)
         if self.store is None:
             return await self._compile(blueprint, contract, seed, timeout, trace_carrier)
-        key = kernel_key(
-            blueprint,
-            contract,
-            torch_version=torch.__version__,
-            device_kind=self.device_kind,
-            optimizer_options={**self.options.to_json(), "init_seed": seed},
-        )
+        key = self.store_key(blueprint, contract, seed)
         compiles_before = self.compiles
         with self._span(SPAN_STORE_GET, blueprint=blueprint.name, store_key=key[:16]) as span:
             kernel = await self.store.get_or_compile(

@@ -27,7 +27,6 @@ from typing import Any
 
 import anyio
 import structlog
-import torch
 import torch.distributed as dist
 
 from .._exceptions import (
@@ -39,7 +38,6 @@ from .._exceptions import (
 from ..blueprints import Blueprint, SlotContract
 from ..compiler import BlueprintCompiler
 from ..kernels import Kernel, KernelMetadata
-from ..store import kernel_key
 from ._context import RankContext
 
 __all__ = ("RankCompiler",)
@@ -125,13 +123,7 @@ class RankCompiler(BlueprintCompiler):
 
     def channel_key(self, blueprint: Blueprint, contract: SlotContract, seed: int) -> str:
         """The store key of this request: what every rank asks for, computed the same way."""
-        return kernel_key(
-            blueprint,
-            contract,
-            torch_version=torch.__version__,
-            device_kind=self.device_kind,
-            optimizer_options={**self.options.to_json(), "init_seed": seed},
-        )
+        return self.store_key(blueprint, contract, seed)
 
     async def compile(
         self,
