@@ -109,6 +109,8 @@ def test_growth_run_ends_with_equal_ranks(tmp_path: Path, store: Path, epochs: i
     assert lead["ddp_params"][-1] > lead["host_params"]
     assert lead["steps"] == follow["steps"] > 0
     assert lead["val_loss"] == follow["val_loss"]
+    # RankMeanLoss: the training loss every rank's step guard judged is the same on every rank.
+    assert lead["train_loss"] == follow["train_loss"]
 
 
 @pytest.mark.timeout(180)
@@ -205,6 +207,7 @@ def _check_control(out: Path) -> None:
         ControllerBroadcastError,
         RankCompiler,
         RankDivergenceError,
+        RankMeanLoss,
         check_ranks_in_sync,
         init_distributed,
     )
@@ -247,6 +250,12 @@ def _check_control(out: Path) -> None:
         return "compiled"
 
     found["compile_failure"] = anyio.run(compile_too_slowly)
+
+    weight = torch.tensor([float(ctx.rank + 1)], requires_grad=True)
+    mean_loss = RankMeanLoss(lambda a, b: (a * b).sum(), ctx)(weight, torch.tensor([2.0]))
+    mean_loss.backward()
+    assert weight.grad is not None
+    found["mean_loss"] = [float(mean_loss), float(weight.grad)]
     found["in_sync_digest"] = check_ranks_in_sync(model, ctx).digest
     if ctx.rank == 1:
         with torch.no_grad():
@@ -277,6 +286,8 @@ def test_control_plane_broadcasts_fails_alike_and_catches_divergence(tmp_path: P
     assert lead["compile_failure"].startswith("CompileTimeoutError")
     assert follow["compile_failure"].startswith("CompileError: rank 0 could not compile")
     assert "CompileTimeoutError" in follow["compile_failure"]
+    # The loss value is the ranks' mean (2 and 4), the gradient each rank's own (2).
+    assert lead["mean_loss"] == follow["mean_loss"] == [3.0, 2.0]
     assert lead["in_sync_digest"] == follow["in_sync_digest"]
     for rank in ranks:
         field, odd, diff = rank["params"]

@@ -24,6 +24,7 @@ from ._errors import ControllerBroadcastError as ControllerBroadcastError
 from ._errors import DistributedError as DistributedError
 from ._errors import RankDivergenceError as RankDivergenceError
 from ._kernels import RankCompiler as RankCompiler
+from ._loss import RankMeanLoss as RankMeanLoss
 from ._sync import RankState as RankState
 from ._sync import check_ranks_in_sync as check_ranks_in_sync
 from ._sync import rank_state as rank_state
@@ -38,6 +39,7 @@ __all__ = (
     "RankCompiler",
     "RankContext",
     "RankDivergenceError",
+    "RankMeanLoss",
     "RankState",
     "ShardSampler",
     "check_ranks_in_sync",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..compiler import OptimizerOptions
 from ..controller import ControllerConfig, EpochReport, Germinate, HeuristicController
@@ -29,6 +30,7 @@ from ._control import BroadcastController
 from ._data import ShardSampler, distributed_digits_loaders
 from ._ddp import DeferredDDP, ddp_wrapper
 from ._kernels import RankCompiler
+from ._loss import RankMeanLoss
 from ._sync import RankState, check_ranks_in_sync
 
 __all__ = ("DDPDemoConfig", "DDPDemoResult", "run_ddp_demo")
@@ -136,6 +138,7 @@ class DDPDemoResult:
             "checkpoints": self.checkpoints,
             "events": [[e.epoch, e.step, e.slot, e.source, e.target] for e in self.fit.events],
             "val_loss": [r.val_loss for r in self.fit.history],
+            "train_loss": [r.train_loss for r in self.fit.history],
             "test_acc": self.test_acc,
             "params": self.params,
         }
@@ -234,6 +237,7 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
         trainer = Trainer(
             model,
             optimizer=optimizer,
+            loss_fn=RankMeanLoss(nn.functional.cross_entropy, ctx),
             controller=controller,
             compiler=compiler,
             device=ctx.device,
