@@ -1,9 +1,9 @@
 """``ProcessPool``: a bounded pool of spawn-context worker processes, driven from anyio.
 
 Workers are fresh interpreters (``multiprocessing`` spawn context: never fork a process that holds
-torch threads or a CUDA context). Each one sets its torch and Inductor thread counts and lowers its
-CPU priority before it reports ready, so compiles use the cores training leaves idle and yield to
-training when both want the same core.
+torch threads or a CUDA context). Each one sets its torch and Inductor thread counts and puts itself
+under the ``SCHED_IDLE`` scheduling policy before it reports ready, so compiles use only the cores
+training leaves idle.
 
 Resource handling: the pool is opened with ``async with``; leaving it kills every worker. A worker
 whose call is cancelled or times out is killed, not reused: its state is unknown.
@@ -31,8 +31,8 @@ __all__ = ("CompileExecutor", "ProcessPool", "WorkerDiedError", "WorkerError")
 
 log = structlog.get_logger(__name__)
 
-#: Worker processes run at this niceness: when training and a compile compete for a core, the
-#: kernel scheduler favours training.
+#: Niceness of worker processes where SCHED_IDLE is not allowed: when training and a compile
+#: compete for a core, the kernel scheduler then still favours training.
 WORKER_NICENESS = 10
 
 
@@ -60,9 +60,14 @@ class CompileExecutor(Protocol):
 def _worker_main(conn: Connection, threads: int, imports: Sequence[str], niceness: int) -> None:
     """The loop of one worker process: receive ``(fn, args)``, send back the outcome."""
     try:
-        os.nice(niceness)
-    except OSError:
-        pass
+        # SCHED_IDLE: the worker runs only on a core that training leaves idle, so compiles
+        # never slow a training step that wants both cores; plain niceness is the fallback.
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(niceness)
+        except OSError:
+            pass
     import torch
 
     torch.set_num_threads(threads)
