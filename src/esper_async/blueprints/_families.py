@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -46,8 +46,9 @@ class Option:
                 f"{family}: option {key!r} must be one of {list(self.choices)}, got {value!r}",
                 blueprint=family,
             )
-        if (self.low is not None and value < self.low) or (
-            self.high is not None and value > self.high
+        number = cast(float, value)  # an int or float: the type check above passed
+        if (self.low is not None and number < self.low) or (
+            self.high is not None and number > self.high
         ):
             raise BlueprintError(
                 f"{family}: option {key!r} must lie in [{self.low}, {self.high}], got {value!r}",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
+from typing import Any
 
 import structlog
 import torch
@@ -181,7 +182,7 @@ class BlueprintCompiler:
             self.telemetry.metrics.store_lookup(hit=hit)
         return kernel
 
-    def _span(self, name: str, **attrs: object) -> AbstractContextManager[Span]:
+    def _span(self, name: str, **attrs: Any) -> AbstractContextManager[Span]:
         if self.telemetry is None:
             return nullcontext(INVALID_SPAN)
         return self.telemetry.span(name, **attrs)

@@ -54,7 +54,12 @@ class CompileExecutor(Protocol):
 
     async def __aenter__(self) -> CompileExecutor: ...
 
-    async def __aexit__(self, *exc: object) -> None: ...
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 def _worker_main(conn: Connection, threads: int, imports: Sequence[str], niceness: int) -> None:

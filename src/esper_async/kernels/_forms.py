@@ -29,7 +29,8 @@ __all__ = ("FORMS", "apply_form")
 class _ChannelsLast(nn.Module):
     def __init__(self, program: nn.Module) -> None:
         super().__init__()
-        self.program = program.to(memory_format=torch.channels_last)
+        # torch's type stubs for Module.to omit memory_format, which it accepts.
+        self.program = program.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.program(h.contiguous(memory_format=torch.channels_last))
