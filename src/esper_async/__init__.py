@@ -41,6 +41,15 @@ from .controller import HeuristicController as HeuristicController
 from .data import digits_loaders as digits_loaders
 from .demo import DemoConfig as DemoConfig
 from .demo import run_demo as run_demo
+from .distributed import BroadcastController as BroadcastController
+from .distributed import ControllerBroadcastError as ControllerBroadcastError
+from .distributed import DistributedError as DistributedError
+from .distributed import RankCompiler as RankCompiler
+from .distributed import RankDivergenceError as RankDivergenceError
+from .distributed import RankMeanLoss as RankMeanLoss
+from .distributed import check_ranks_in_sync as check_ranks_in_sync
+from .distributed import ddp_wrapper as ddp_wrapper
+from .distributed import init_distributed as init_distributed
 from .kernels import Kernel as Kernel
 from .kernels import export_kernel as export_kernel
 from .kernels import load_kernel as load_kernel
@@ -105,14 +114,17 @@ __all__ = (
     "BlueprintError",
     "BreakerConfig",
     "BridgeKind",
+    "BroadcastController",
     "CheckpointError",
     "CheckpointStore",
     "CompileError",
     "CompileTimeoutError",
     "Controller",
+    "ControllerBroadcastError",
     "ControllerConfig",
     "DemoConfig",
     "DiscountedUCB",
+    "DistributedError",
     "EpochReport",
     "EpsilonGreedy",
     "EsperError",
@@ -143,6 +155,9 @@ __all__ = (
     "OptimizerOptions",
     "PerformanceTracker",
     "ProcessPool",
+    "RankCompiler",
+    "RankDivergenceError",
+    "RankMeanLoss",
     "ReliabilityConfig",
     "RemoveLayer",
     "ResourceLimits",
@@ -171,12 +186,15 @@ __all__ = (
     "ValidationReport",
     "Widen",
     "build",
+    "check_ranks_in_sync",
     "configure_logging",
+    "ddp_wrapper",
     "default_store_path",
     "digits_loaders",
     "enable_side_streams",
     "export_kernel",
     "find_slots",
+    "init_distributed",
     "kernel_key",
     "library",
     "load_kernel",

@@ -21,7 +21,12 @@ boundary where they occur and chained with ``raise ... from exc``.
     ├── SurgeryError              an architecture change was rejected; nothing was changed
     ├── SeedRuntimeError          a grafted kernel failed or produced non-finite values
     ├── StreamError               a CUDA stream operation failed, or CUDA is needed and absent
-    └── TelemetryConfigError      telemetry was configured in a way that cannot work
+    ├── TelemetryConfigError      telemetry was configured in a way that cannot work
+    ├── CheckpointError           (esper_async.reliability) a checkpoint cannot be written or read
+    ├── GovernorError             (esper_async.reliability) rolling back did not make training sound
+    └── DistributedError          (esper_async.distributed) ranks disagree or cannot coordinate
+        ├── RankDivergenceError       ranks hold different structure or parameters
+        └── ControllerBroadcastError  rank 0's decision could not reach the other ranks
 """
 
 from __future__ import annotations
