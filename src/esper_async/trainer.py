@@ -175,7 +175,7 @@ class Trainer:
         self.graft_deadline_epochs = 1 if graft == "epoch" else graft_deadline_epochs
         self.slots: dict[str, SeedSlot] = find_slots(model)
         self.wrap_model = wrap_model
-        self.runner = self._rewrap()
+        self._rewrap()
         self.step = 0
         self.epoch = 0
         self._steps_per_epoch = 1
@@ -183,7 +183,9 @@ class Trainer:
         # CPU: the step runs in a worker thread; CUDA: it is launched in one and its completion is
         # awaited through the stream bridge, so the event loop never waits on the device.
         self._steps = StepRunner.for_device(self.device)
-        # Deserialising an exported program is not safe to run twice at once in one process.
+        # torch.export keeps tracing state that two exports in threads of one process corrupted
+        # ("pop empty mode stack"); loading deserialises through the same machinery, so loads
+        # are kept one at a time.
         self._load_limiter = anyio.CapacityLimiter(1)
         self.scheduler = scheduler
         self.reliability = rel = reliability or ReliabilityConfig()
@@ -740,10 +742,10 @@ class Trainer:
         log.info("resumed", checkpoint=str(path), epoch=restored.epoch, step=restored.step)
         return restored
 
-    def _rewrap(self) -> nn.Module:
-        """The module training steps call: the model, wrapped anew if a wrapper is set."""
+    def _rewrap(self) -> None:
+        """Set :attr:`runner`, the module training steps call: the model, wrapped anew if a
+        wrapper is set (after every change of structure)."""
         self.runner = self.model if self.wrap_model is None else self.wrap_model(self.model)
-        return self.runner
 
     def param_count(self) -> int:
         """Trainable parameters of the model now, seeds included."""

@@ -175,6 +175,8 @@ class KernelValidator:
                     grads_ok = grads_ok and got is None and want is None
                     continue
                 grad_err = max(grad_err, float((got.float() - want.float()).abs().max()))
+                # Gradients sum over the batch and spatial positions, so their rounding error
+                # grows with that count; a tenfold absolute tolerance covers the batches used here.
                 grads_ok = grads_ok and torch.allclose(got.float(), want.float(), rtol, atol * 10)
             worst = max(worst, grad_err)
             check(f"gradients[b={batch}]", grads_ok and math.isfinite(grad_err), f"{grad_err:.2e}")
