@@ -95,6 +95,7 @@ from .surgery import RemoveLayer as RemoveLayer
 from .surgery import SurgeryPolicy as SurgeryPolicy
 from .surgery import SurgeryPolicyConfig as SurgeryPolicyConfig
 from .surgery import Widen as Widen
+from .surgery import WidenSlot as WidenSlot
 from .telemetry import Telemetry as Telemetry
 from .telemetry import TelemetryConfig as TelemetryConfig
 from .telemetry import configure_logging as configure_logging
@@ -185,6 +186,7 @@ __all__ = (
     "Trainer",
     "ValidationReport",
     "Widen",
+    "WidenSlot",
     "build",
     "check_ranks_in_sync",
     "configure_logging",

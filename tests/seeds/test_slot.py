@@ -8,6 +8,7 @@ from esper_async import BlueprintError, LifecycleError
 from esper_async.blueprints import Blueprint, SlotKind
 from esper_async.kernels import export_kernel, load_kernel
 from esper_async.seeds import SeedSlot, SeedState, find_slots, wrap
+from esper_async.seeds._slot import UnitMap
 
 
 class Host(nn.Module):
@@ -148,3 +149,39 @@ def test_germinate_checks_the_contract() -> None:
     with pytest.raises(BlueprintError, match="fits conv slots"):
         slots["fc"].germinate(Blueprint("residual_conv"))
     assert slots["fc"].state is SeedState.DORMANT
+
+
+@pytest.mark.parametrize("slot_name", ["conv", "fc"])
+@pytest.mark.parametrize("state", ["training", "blending", "fossilized"])
+def test_a_unit_map_spreads_the_seed_over_a_wider_host(slot_name: str, state: str) -> None:
+    _, slots = wrapped()
+    slot = slots[slot_name]
+    blueprint = Blueprint("bottleneck") if slot_name == "conv" else Blueprint("mlp")
+    seed = graft(slot, blueprint)
+    if state != "training":
+        slot.start_blending(steps=2)
+        slot.on_step()
+    if state == "fossilized":
+        slot.on_step()
+        slot.fossilize()
+    x = X if slot_name == "conv" else torch.randn(5, 4 * 6 * 6)
+    dim = 1 if slot_name == "conv" else -1
+    width = slot.contract.shape[0]
+    index = torch.tensor([*range(width), 1, 0, 1])
+    # A wider host whose first units are the old ones, as Net2Wider makes it.
+    old = slot.host
+    wider = nn.Conv2d(1, width + 3, 3, padding=1) if slot_name == "conv" else nn.Linear(144, 11)
+    with torch.no_grad():
+        wider.weight.copy_(old.weight.index_select(0, index))
+        wider.bias.copy_(old.bias.index_select(0, index))
+    slot.host = wider
+    slot.unit_map = UnitMap(index, dim=dim, features=width)
+
+    h = wider(x)
+    s = seed(h.narrow(dim, 0, width)).index_select(dim, index)
+    expected = {"training": h, "blending": h + 0.5 * s, "fossilized": h + s}[state]
+    out = slot(x)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in seed.parameters())
+    assert "unit_map.index" in slot.state_dict()

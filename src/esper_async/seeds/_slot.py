@@ -25,7 +25,17 @@ On a GPU, a slot given a side stream (:attr:`SeedSlot.side_stream`, set by
 that stream, beside the host's later layers (:func:`esper_async.streams.train_beside`); the output
 is then a copy of ``h`` and the gradients are those above. Other states read the seed's output on
 the main stream, so they gain nothing from a side stream and run inline. On a CPU, or with no side
-stream, nothing changes.
+stream, nothing changes. A widened slot (below) runs its seed inline too.
+
+Widening the host (:class:`esper_async.surgery.WidenSlot`, Net2Wider) gives it more output units
+than the seed, whose kernel is exported with a fixed width ``C``. The slot then holds a
+:class:`UnitMap` ``m`` (unit ``k`` of the host is a replica of original unit ``m[k] < C``): the
+seed reads the first ``C`` units of ``h`` (the original ones, which widening never moves) and its
+output is spread along ``m`` before it is added, ``s[:, m]`` in place of ``s`` in the table above
+(along the channel dimension of a conv's ``NCHW`` output, the last one of a Linear's). Unit ``k``
+of the widened slot then outputs ``h_{m[k]} + s_{m[k]}``, a replica of what the slot output
+before, so the consumers' split columns keep the model's function. A dormant slot never reads the
+map.
 
 A seed that raises in its forward pass surfaces as :class:`~esper_async.SeedRuntimeError` naming
 the slot (the original error chained), so the trainer knows which seed to cull. With
@@ -48,7 +58,7 @@ from ..blueprints import Blueprint, SlotContract
 from ..streams import train_beside
 from ._lifecycle import Lifecycle, SeedState
 
-__all__ = ("HealthSignals", "SeedSlot")
+__all__ = ("HealthSignals", "SeedSlot", "UnitMap")
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,41 @@ def _grad_norm(module: nn.Module | None) -> float:
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
+class UnitMap(nn.Module):
+    """Where a widened slot's output units come from: unit ``k`` replicates seed unit
+    ``index[k]``.
+
+    A module (not a bare buffer on the slot) so that surgery swaps it like any child, and its
+    undo journal, which records child tables, restores it exactly. ``index`` is a persistent
+    buffer: it is in the model's ``state_dict``.
+
+    :param index: long tensor, one entry per host unit, each in ``[0, features)``; it starts with
+        ``arange(features)`` (widening keeps the original units first).
+    :param dim: the unit dimension of the host's output (1 for a conv's ``NCHW``, -1 for a
+        Linear).
+    :param features: ``C``, the seed's width (the slot's contract width).
+    """
+
+    index: torch.Tensor
+
+    def __init__(self, index: torch.Tensor, *, dim: int, features: int) -> None:
+        super().__init__()
+        self.register_buffer("index", index)
+        self.dim = dim
+        self.features = features
+
+    def narrow(self, h: torch.Tensor) -> torch.Tensor:
+        """The seed's input: the first ``features`` units of the host's output (a view)."""
+        return h.narrow(self.dim, 0, self.features)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        """The seed's output ``(N, C, ...)`` spread to the host's width, ``s[:, index]``."""
+        return s.index_select(self.dim, self.index)
+
+    def extra_repr(self) -> str:
+        return f"units={len(self.index)}, dim={self.dim}, features={self.features}"
+
+
 class SeedSlot(nn.Module):
     """A host module wrapped with a place for a seed. Made by :func:`esper_async.wrap`.
 
@@ -92,7 +137,10 @@ class SeedSlot(nn.Module):
         reads and adds to.
     :param name: the slot's name (the host's path in the model).
     :param contract: the shape contract, found by probing the model (see :func:`wrap`).
+    :ivar unit_map: set by widening the host (``None``: host and seed have the same width).
     """
+
+    unit_map: UnitMap | None
 
     def __init__(self, host: nn.Module, *, name: str, contract: SlotContract | None = None) -> None:
         super().__init__()
@@ -111,6 +159,8 @@ class SeedSlot(nn.Module):
         self.check_finite = False
         #: CUDA stream on which a TRAINING seed runs (``None``: inline, as on a CPU).
         self.side_stream: torch.cuda.Stream | None = None
+        # A child entry even while empty, so that surgery's journal of child tables covers it.
+        self.register_module("unit_map", None)
         self._ablated = False
         self._act_stats: tuple[float, float, float, bool] = (math.nan, math.nan, math.nan, True)
 
@@ -127,20 +177,25 @@ class SeedSlot(nn.Module):
         if seed is None or self._ablated:
             return h
         state = self.lifecycle.state
+        units = self.unit_map
         if state is SeedState.TRAINING:
-            if self.side_stream is not None and h.is_cuda and not self.check_finite:
+            beside = self.side_stream is not None and h.is_cuda and not self.check_finite
+            if beside and units is None:
                 try:
                     return train_beside(seed, h, self.side_stream)
                 except Exception as exc:
                     raise self._failure(exc) from exc
-            s = self._run_seed(seed, h.detach())
+            s = self._run_seed(seed, h.detach(), units)
             return h + (s - s.detach())
-        s = self._run_seed(seed, h)
+        s = self._run_seed(seed, h, units)
         if state is SeedState.BLENDING:
             return h + self.alpha * s
         return h + s
 
-    def _run_seed(self, seed: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _run_seed(self, seed: nn.Module, h: torch.Tensor, units: UnitMap | None) -> torch.Tensor:
+        """The seed's output on ``h``, spread along ``units`` when the host was widened."""
+        if units is not None:
+            return units(self._run_seed(seed, units.narrow(h), None))
         try:
             s = seed(h)
         except Exception as exc:

@@ -1,9 +1,9 @@
 """Runtime architecture modification with validation and exact rollback (the surgeon).
 
 Operations (:class:`InsertAfter`, :class:`RemoveLayer`, :class:`Widen`, :class:`AddResidual`,
-:class:`AddSkip`, :class:`FxRewire`) are staged in a :class:`SurgeryTransaction` opened by
-:meth:`ModelSurgeon.transaction`, validated against a probe batch and committed, or rolled back
-    bitwise.
+:class:`AddSkip`, :class:`FxRewire`, :class:`WidenSlot`) are staged in a
+:class:`SurgeryTransaction` opened by :meth:`ModelSurgeon.transaction`, validated against a probe
+batch and committed, or rolled back bitwise.
 :class:`SurgeryPolicy` proposes widenings for the controller.
 """
 
@@ -30,6 +30,7 @@ from ._validation import SurgeryBudget as SurgeryBudget
 from ._validation import SurgeryReport as SurgeryReport
 from ._validation import SurgeryValidationConfig as SurgeryValidationConfig
 from ._widen import Widen as Widen
+from ._widen_slot import WidenSlot as WidenSlot
 
 __all__ = (
     "AddResidual",
@@ -51,6 +52,7 @@ __all__ = (
     "SurgeryTransaction",
     "SurgeryValidationConfig",
     "Widen",
+    "WidenSlot",
     "identity_conv2d",
     "identity_linear",
 )

@@ -1,0 +1,261 @@
+"""Net2Wider on a seed slot's host: widen the layer a seed sits on, whatever the seed's state.
+
+A seed is an exported kernel with a fixed width ``C``, so the seed itself cannot grow. Widening
+the slot's host ``h`` from ``n`` to ``m`` units with the unit map ``g`` (as :class:`Widen` does)
+and giving the slot the composed map ``u' = u[g]`` (``u``: the slot's old map, the identity at
+first) keeps the slot's function: the seed still reads the first ``C`` units (widening keeps the
+first ``n`` units in place) and its output is spread along ``u'`` (see
+:class:`~esper_async.seeds.SeedSlot`), so new unit ``k`` outputs ``h_{g(k)} + s_{u[g(k)]}``, which
+is old unit ``g(k)`` of the slot's output. The consumers' columns are split with fractions that
+sum to one over the replicas, exactly as for :class:`Widen`, so the model's output is unchanged.
+
+The slot is the producer boundary: its consumers are found by tracing the slot's parent one level
+deep with torch.fx, through batch norms, elementwise functions and ``flatten(1)`` (a Linear after
+a flattened conv output reads ``n × H·W`` features; each unit's block of ``H·W`` columns is
+split as one). A consumer that is itself a slot is widened at its host's input; its own seed and
+contract are untouched, since its output keeps its width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._exceptions import SurgeryError
+from ..seeds import SeedSlot
+from ..seeds._slot import UnitMap
+from ._context import SurgeryContext
+from ._widen import (
+    _carry_state,
+    _ChildLeafTracer,
+    _classify,
+    _replication,
+    _widened_consumer,
+    _widened_norm,
+    _widened_producer,
+    _width_of,
+)
+
+__all__ = ("WidenSlot", "find_slot_consumers")
+
+
+@dataclass(frozen=True)
+class SlotConsumer:
+    """A layer that reads a widened slot's output.
+
+    :ivar path: dotted name of the Linear or Conv2d (a slot's host for a consumer slot).
+    :ivar block: input columns per unit: 1, or ``H·W`` for a Linear after ``flatten(1)``.
+    """
+
+    path: str
+    block: int = 1
+
+
+def _flattens(node: fx.Node) -> bool:
+    """Whether ``node`` is ``x.flatten(1)`` or ``torch.flatten(x, 1)`` (to the last dim)."""
+    is_method = node.op == "call_method" and node.target == "flatten"
+    is_function = node.op == "call_function" and node.target is torch.flatten
+    if not (is_method or is_function):
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return (start, end) == (1, -1)
+
+
+def find_slot_consumers(
+    model: nn.Module, slot_path: str, width: int, *, operation: str, unit_major: bool
+) -> tuple[list[str], list[SlotConsumer]]:
+    """Find the batch norms and the layers fed by the slot at ``slot_path``.
+
+    :param model: the root module.
+    :param slot_path: dotted name of the slot (not the root).
+    :param width: the slot's current output width (its host's).
+    :param operation: the operation's description, for errors.
+    :param unit_major: whether ``flatten(1)`` of the slot's output keeps each unit's values
+        together (a conv's ``NCHW``), so a Linear after it can be split block by block.
+    :return: ``(norm_paths, consumers)``, dotted names from the root.
+    :raises SurgeryError: the parent cannot be traced, the slot is called more than once, or its
+        output reaches something whose input cannot simply grow (an addition, a reshape other
+        than a conv's ``flatten(1)``, the parent's output).
+    """
+    parent_path, _, name = slot_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    prefix = f"{parent_path}." if parent_path else ""
+    try:
+        graph = _ChildLeafTracer(parent).trace(parent)
+    except Exception as exc:
+        raise SurgeryError(
+            f"{operation}: cannot trace {parent_path or 'the root'!r} with torch.fx to find what "
+            f"{slot_path!r} feeds ({exc})",
+            operation=operation,
+        ) from exc
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if len(calls) != 1:
+        raise SurgeryError(
+            f"{operation}: {slot_path!r} is called {len(calls)} times in its parent's forward",
+            operation=operation,
+        )
+    norms: list[str] = []
+    consumers: dict[str, SlotConsumer] = {}
+    # (node, whether the slot's output was flattened on the way to it)
+    frontier: list[tuple[fx.Node, bool]] = [(user, False) for user in calls[0].users]
+    seen: set[tuple[fx.Node, bool]] = set()
+    while frontier:
+        node, flat = frontier.pop()
+        if (node, flat) in seen:
+            continue
+        seen.add((node, flat))
+        if unit_major and not flat and _flattens(node):
+            frontier.extend((user, True) for user in node.users)
+            continue
+        layer, path = _layer_at(parent, node)
+        if layer is not None:
+            consumer = _consumer(layer, prefix + path, width, flat)
+            if consumer is None:
+                raise SurgeryError(
+                    f"{operation}: the output of {slot_path!r} reaches {path!r} "
+                    f"({type(layer).__name__}), which does not read {width} units",
+                    operation=operation,
+                )
+            consumers[consumer.path] = consumer
+            continue
+        kind = _classify(parent, node, width)
+        if kind is None:
+            raise SurgeryError(
+                f"{operation}: the output of {slot_path!r} reaches {node.format_node()}, which "
+                "cannot simply take a wider input",
+                operation=operation,
+            )
+        if kind == "norm":
+            norms.append(prefix + str(node.target))
+        frontier.extend((user, flat) for user in node.users)
+    if not consumers:
+        raise SurgeryError(f"{operation}: {slot_path!r} feeds no consumer", operation=operation)
+    return sorted(set(norms)), [consumers[path] for path in sorted(consumers)]
+
+
+def _layer_at(parent: nn.Module, node: fx.Node) -> tuple[nn.Module | None, str]:
+    """The Linear or Conv2d an fx node calls (a slot's host for a slot), and its path in
+    ``parent``; ``(None, "")`` for anything else."""
+    if node.op != "call_module":
+        return None, ""
+    path = str(node.target)
+    module = parent.get_submodule(path)
+    if isinstance(module, SeedSlot):
+        return module.host, f"{path}.host"
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return module, path
+    return None, ""
+
+
+def _consumer(layer: nn.Module, path: str, width: int, flat: bool) -> SlotConsumer | None:
+    """``layer`` as a consumer of ``width`` units (flattened or not), or ``None`` if it is
+    not one."""
+    if isinstance(layer, nn.Linear) and flat and layer.in_features % width == 0:
+        return SlotConsumer(path, layer.in_features // width)
+    if isinstance(layer, nn.Linear) and not flat and layer.in_features == width:
+        return SlotConsumer(path)
+    fits = not flat and layer.groups == 1 and layer.in_channels == width  # type: ignore[operator]
+    if isinstance(layer, nn.Conv2d) and fits:
+        return SlotConsumer(path)
+    return None
+
+
+def _blocks(
+    mapping: torch.Tensor, fractions: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unit map and fractions over a flattened consumer's columns: unit ``j``'s block of
+    ``block`` columns comes from unit ``g(j)``'s, all scaled by ``f_j``. Starts with
+    ``arange(n·block)``, as :func:`_grow` requires."""
+    if block == 1:
+        return mapping, fractions
+    offsets = torch.arange(block, device=mapping.device)
+    columns = (mapping.unsqueeze(1) * block + offsets).flatten()
+    return columns, fractions.repeat_interleave(block)
+
+
+@dataclass(frozen=True)
+class WidenSlot:
+    """Widen the host of the seed slot at ``target`` to ``width`` outputs, whatever its seed's
+    state, with the norms and consumers the slot feeds.
+
+    :param target: dotted name of a :class:`~esper_async.seeds.SeedSlot` whose host is a Linear,
+        or a Conv2d with ``groups == 1``.
+    :param width: the new number of output features or channels (larger than the current one).
+    :param seed: seeds the choice of replicated units and split fractions (reproducible surgery).
+    """
+
+    target: str
+    width: int
+    seed: int = 0
+
+    @property
+    def preserves_function(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return f"widen slot {self.target!r} to {self.width}"
+
+    def apply(self, ctx: SurgeryContext) -> None:
+        operation = self.describe()
+        slot = ctx.resolve(self.target, operation=operation)
+        ctx.parent_of(self.target, operation=operation)
+        if not isinstance(slot, SeedSlot):
+            raise SurgeryError(
+                f"{operation}: {self.target!r} is a {type(slot).__name__}, not a SeedSlot; use "
+                "Widen for a plain layer",
+                operation=operation,
+            )
+        host = slot.host
+        old_width = _width_of(host, operation)
+        if self.width <= old_width:
+            raise SurgeryError(
+                f"{operation}: the new width must exceed the current {old_width}",
+                operation=operation,
+            )
+        norm_paths, consumers = find_slot_consumers(
+            ctx.model, self.target, old_width, operation=operation,
+            unit_major=isinstance(host, nn.Conv2d),
+        )
+        assert isinstance(host, (nn.Linear, nn.Conv2d))
+        mapping, fractions = _replication(old_width, self.width, self.seed, host.weight.device)
+
+        swaps: list[tuple[str, nn.Module, nn.Module, torch.Tensor, torch.Tensor, bool]] = []
+        host_path = f"{self.target}.host"
+        swaps.append((host_path, host, _widened_producer(host, mapping), mapping, fractions, False))
+        for path in norm_paths:
+            norm = ctx.resolve(path, operation=operation)
+            assert isinstance(norm, _BatchNorm)
+            swaps.append((path, norm, _widened_norm(norm, mapping), mapping, fractions, False))
+        for consumer in consumers:
+            layer = ctx.resolve(consumer.path, operation=operation)
+            assert isinstance(layer, (nn.Linear, nn.Conv2d))
+            columns, shares = _blocks(mapping, fractions, consumer.block)
+            widened = _widened_consumer(layer, columns, shares)
+            swaps.append((consumer.path, layer, widened, columns, shares, True))
+
+        for path, old, new, units, split, is_consumer in swaps:
+            for key, old_param in old.named_parameters(recurse=False):
+                new_param = getattr(new, key)
+                if new_param is old_param:
+                    continue
+                state = _carry_state(ctx, old_param, units, split, is_consumer)
+                ctx.replace_parameter(old_param, new_param, state)
+            ctx.replace(path, new, operation=operation)
+
+        # The slot's map composes: new unit k replicates old unit g(k), itself seed unit u[g(k)].
+        previous = slot.unit_map
+        if previous is None:
+            dim = 1 if isinstance(host, nn.Conv2d) else -1
+            unit_map = UnitMap(mapping.clone(), dim=dim, features=old_width)
+        else:
+            index = previous.index.index_select(0, mapping.to(previous.index.device))
+            unit_map = UnitMap(index, dim=previous.dim, features=previous.features)
+        unit_map.train(slot.training)
+        ctx.keep(self.target, operation=operation)
+        slot.unit_map = unit_map
+
+
