@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from esper_async import SurgeryError
-from esper_async.surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig, Widen
+from esper_async.seeds import wrap
+from esper_async.surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig, Widen, WidenSlot
 
 from ._helpers import tiny_mlp, train, vectors
 
@@ -132,3 +133,37 @@ async def test_a_proposal_runs_through_the_surgeon_and_training_goes_on() -> Non
     assert model[2].out_features == 24
     losses = train(model, opt, data, 10)
     assert losses[-1] < losses[0]
+
+
+def test_a_fossilized_slot_is_proposed_as_a_slot_widening_after_one_fossil() -> None:
+    steps = _Steps()
+    policy = SurgeryPolicy(SurgeryPolicyConfig(cooldown_steps=0), step=steps)
+    assert policy.config.fossil_threshold == 1  # a slot can fossilize only once
+    model = tiny_mlp()
+    wrap(model, ["2"], example_input=torch.zeros(2, 8))
+    steps.now = 7
+    policy.record_fossilized("2")
+    op = policy.propose(model)
+    assert op == WidenSlot("2", 24, seed=7)
+    policy.committed(op)
+    assert policy.propose(model) is None  # the fossil bought one widening
+
+
+def test_the_policy_state_round_trips() -> None:
+    policy, steps = _policy(max_operations=3)
+    model = tiny_mlp()
+    policy.record_fossilized("0")
+    policy.record_fossilized("0")
+    op = policy.propose(model)
+    assert op is not None
+    policy.committed(op)
+    steps.now = 4
+    policy.record_fossilized("2")
+    state = policy.state_dict()
+    copy = SurgeryPolicy(policy.config, step=steps)
+    copy.load_state_dict(state)
+    assert copy.state_dict() == state
+    steps.now = 10
+    policy.record_fossilized("2")
+    copy.record_fossilized("2")
+    assert copy.propose(model) == policy.propose(model) == Widen("2", 24, seed=10)
