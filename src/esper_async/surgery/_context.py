@@ -28,6 +28,8 @@ __all__ = (
     "SurgeryContext",
     "describe_callable",
     "eval_mode",
+    "module_list",
+    "parameter_list",
     "run_probe",
     "tensor_leaves",
 )
@@ -46,6 +48,42 @@ def run_probe(model: nn.Module, probe: Any) -> Any:
     if isinstance(probe, dict):
         return model(**probe)
     return model(probe)
+
+
+def module_list(root: nn.Module) -> list[nn.Module]:
+    """``list(root.modules())``: every module once, in the same (pre-order) order.
+
+    Validation walks the whole model several times per transaction (eval mode, optimizer sync,
+    the budget); torch's generator chain (``named_modules`` builds every dotted name) costs about
+    half a millisecond per walk on a ResNet-18, this plain walk of the child tables a fraction.
+    """
+    seen: set[int] = set()
+    found: list[nn.Module] = []
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found.append(module)
+        stack.extend(reversed([child for child in module._modules.values() if child is not None]))
+    return found
+
+
+def parameter_list(root: nn.Module, modules: list[nn.Module] | None = None) -> list[nn.Parameter]:
+    """``list(root.parameters())``: every parameter once, in the same order.
+
+    :param root: the module tree.
+    :param modules: ``module_list(root)``, when the caller already has it.
+    """
+    seen: set[int] = set()
+    found: list[nn.Parameter] = []
+    for module in module_list(root) if modules is None else modules:
+        for param in module._parameters.values():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                found.append(param)
+    return found
 
 
 class OptimizerSnapshot:
@@ -222,7 +260,7 @@ class SurgeryContext:
         """
         if self.optimizer is None:
             return
-        now = list(self.model.parameters())
+        now = parameter_list(self.model)
         now_ids = {id(p) for p in now}
         gone = {id(p) for p in before if id(p) not in now_ids}
         if gone:
@@ -385,13 +423,15 @@ class eval_mode:
         self._flags: list[tuple[nn.Module, bool]] = []
 
     def __enter__(self) -> None:
-        self._flags = [(module, module.training) for module in self._model.modules()]
+        # The flag is written into each instance dict, as ``nn.Module.__setattr__`` would (it is
+        # a plain attribute), without that method's slow path.
+        self._flags = [(module, module.training) for module in module_list(self._model)]
         for module, _ in self._flags:
-            module.training = False
+            module.__dict__["training"] = False
 
     def __exit__(self, *exc: object) -> None:
         for module, flag in self._flags:
-            module.training = flag
+            module.__dict__["training"] = flag
 
 
 def tensor_leaves(value: Any) -> Iterator[torch.Tensor]:

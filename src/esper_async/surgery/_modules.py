@@ -27,11 +27,11 @@ def identity_linear(features: int, *, bias: bool = True) -> nn.Linear:
     :param features: input and output width.
     :param bias: whether it has a (zero) bias.
     """
-    layer = nn.Linear(features, features, bias=bias)
-    with torch.no_grad():
-        layer.weight.copy_(torch.eye(features))
-        if layer.bias is not None:
-            layer.bias.zero_()
+    # Built on the meta device: the default random initialisation would be overwritten at once.
+    layer = nn.Linear(features, features, bias=bias, device="meta")
+    layer.weight = nn.Parameter(torch.eye(features))
+    if bias:
+        layer.bias = nn.Parameter(torch.zeros(features))
     return layer
 
 
@@ -48,11 +48,18 @@ def identity_conv2d(channels: int, kernel_size: int = 3, *, bias: bool = True) -
             f"identity_conv2d needs an odd kernel size, got {kernel_size}",
             operation="identity_conv2d",
         )
-    layer = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=bias)
-    with torch.no_grad():
-        nn.init.dirac_(layer.weight)
-        if layer.bias is not None:
-            layer.bias.zero_()
+    # Built on the meta device: the default random initialisation (several milliseconds for a
+    # 256-channel 3x3 conv) would be overwritten at once. The Dirac kernel is set by one indexed
+    # write instead of ``nn.init.dirac_``'s per-channel loop.
+    layer = nn.Conv2d(
+        channels, channels, kernel_size, padding=kernel_size // 2, bias=bias, device="meta"
+    )
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size)
+    units, centre = torch.arange(channels), kernel_size // 2
+    weight[units, units, centre, centre] = 1.0
+    layer.weight = nn.Parameter(weight)
+    if bias:
+        layer.bias = nn.Parameter(torch.zeros(channels))
     return layer
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .._exceptions import SurgeryError
-from ._context import OptimizerSnapshot, SurgeryContext
+from ._context import OptimizerSnapshot, SurgeryContext, parameter_list
 from ._operations import SurgeryOperation
 from ._validation import (
     RegionCheck,
@@ -188,7 +188,7 @@ class SurgeryTransaction:
     def _stage(self, operation: SurgeryOperation) -> RegionCheck:
         ctx, description = self._ctx, operation.describe()
         mark = ctx.mark()
-        before = list(ctx.model.parameters())
+        before = parameter_list(ctx.model)
         operation.apply(ctx)
         ctx.sync_optimizer(before)
         region = ctx.region_since(mark)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._context import Captured, eval_mode, tensor_leaves
+from ._context import Captured, eval_mode, module_list, parameter_list, tensor_leaves
 
 __all__ = (
     "RegionCheck",
@@ -116,10 +116,12 @@ class SurgeryReport:
 
 def footprint(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
     """``(trainable parameter elements, bytes of parameters + buffers + optimizer state)``."""
-    params = list(model.parameters())
+    modules = module_list(model)
+    params = parameter_list(model, modules)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     size = sum(p.numel() * p.element_size() for p in params)
-    size += sum(b.numel() * b.element_size() for b in model.buffers())
+    buffers = {id(b): b for m in modules for b in m._buffers.values() if b is not None}
+    size += sum(b.numel() * b.element_size() for b in buffers.values())
     if optimizer is not None:
         for state in optimizer.state.values():
             for value in state.values():
@@ -257,7 +259,11 @@ def check_commit(
     problems: list[str] = []
     if optimizer is not None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        missing: list[str] = []
+        if any(p.requires_grad and id(p) not in held for p in parameter_list(model)):
+            missing = [
+                n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held
+            ]
         if missing:
             problems.append(f"the optimizer does not step {missing[:5]}")
     trainable, size = footprint(model, optimizer)
