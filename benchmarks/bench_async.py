@@ -7,6 +7,10 @@
   :class:`StepRunner`, a :class:`LoopLagMonitor` heartbeat running) over that of a plain
   synchronous loop (``step()``), same model, data and process, in alternating blocks. Both loops
   read the loss every step (``float(loss)``). Goal: under 1.02.
+  ``extra_us_per_step`` is the difference of the medians. ``async_overhead_ratio_gpu_bound``: the
+  same on a step the GPU dominates (width-128 host, batch 256), where that fixed cost is a smaller
+  share. ``trainer``: the whole ``Trainer.fit`` (guarded steps, telemetry, epoch boundaries)
+  against a plain loop doing the same work, alternating epoch by epoch.
 * ``loop_lag_p99_ms``: the heartbeat's p99 lateness during the async blocks (goal: under 5 ms on a
   GPU, 20 ms on a CPU).
 * ``bridge_latency_us`` (GPU): time from launching a tiny kernel to resuming after awaiting its
@@ -45,16 +49,18 @@ from esper_async.streams import BridgeKind, CompletionBridge, enable_side_stream
 CPU_COST_CYCLES = 3_500_000
 
 
-def conv_host() -> nn.Module:
-    """The CIFAR-sized conv host of ``bench_dormant``: six Conv2d, two Linear."""
+def conv_host(width: int = 32) -> nn.Module:
+    """The CIFAR-sized conv host of ``bench_dormant``: six Conv2d, two Linear (``width`` channels
+    in the first block, doubling per block; 32 is ``bench_dormant``'s, 128 makes a GPU-bound step
+    at batch 256)."""
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
                 nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
 
     return nn.Sequential(
-        *block(3, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
-        nn.Linear(128 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, 10),
+        *block(3, width), *block(width, 2 * width), *block(2 * width, 4 * width), nn.Flatten(),
+        nn.Linear(4 * width * 4 * 4, 256), nn.ReLU(), nn.Linear(256, 10),
     )
 
 
@@ -97,12 +103,13 @@ def seeded_host(device: torch.device) -> nn.Module:
 
 async def overhead(
     device: torch.device, batch: int, rounds: int, steps: int, bridge: BridgeKind | None,
-    *, heartbeat: bool = True,
+    *, heartbeat: bool = True, width: int = 32,
 ) -> dict[str, Any]:
-    """Alternating blocks of plain and awaited steps; per-step medians, their ratio, loop lag
-    (``heartbeat=False``: no monitor runs, to show what the heartbeat itself costs)."""
+    """Alternating blocks of plain and awaited steps; per-step medians, their ratio and
+    difference, loop lag (``heartbeat=False``: no monitor runs, to show what the heartbeat itself
+    costs; ``width``: see :func:`conv_host`)."""
     torch.manual_seed(0)
-    step = make_step(conv_host().to(device), batch, device)
+    step = make_step(conv_host(width).to(device), batch, device)
     runner = StepRunner.for_device(device, **({"bridge": bridge} if bridge else {}))
     plain: list[float] = []
     awaited: list[float] = []
@@ -132,13 +139,73 @@ async def overhead(
     p_med, a_med = statistics.median(plain), statistics.median(awaited)
     return {
         "batch": batch,
+        "width": width,
         "bridge": None if bridge is None else bridge.value,
         "heartbeat": heartbeat,
         "median_step_ms": {"plain": round(p_med * 1e3, 4), "async": round(a_med * 1e3, 4)},
         "ratio": round(a_med / p_med, 4),
+        "extra_us_per_step": round((a_med - p_med) * 1e6, 1),
         "loop_lag_ms": {"p50": round(stats.p50_ms, 4), "p99": round(stats.p99_ms, 4),
                         "max": round(stats.max_ms, 4), "samples": stats.samples},
         "rounds": rounds, "steps_per_block": steps,
+    }
+
+
+async def trainer_overhead(
+    device: torch.device, batch: int, epochs: int, steps: int, *, width: int = 32,
+) -> dict[str, Any]:
+    """The whole :class:`~esper_async.Trainer` (guarded steps, telemetry, epoch boundaries) vs a
+    plain loop doing the same work. Each epoch is ``steps`` training batches and one validation
+    batch; after every trainer epoch (``on_epoch``) the plain loop runs one block of the same
+    size on its own copy of the model, so the two alternate. The plain step reads the loss
+    before ``backward()`` as the trainer's guard does."""
+    from esper_async import Trainer
+
+    gen = torch.Generator().manual_seed(0)
+    train = [(torch.randn(batch, 3, 32, 32, generator=gen),
+              torch.randint(0, 10, (batch,), generator=gen)) for _ in range(steps)]
+    val = [train[0]]
+    torch.manual_seed(0)
+    model = conv_host(width)
+    plain_model = copy.deepcopy(model).to(device)
+    trainer = Trainer(model, grow=False, device=device, seed=0)
+    opt = type(trainer.optimizer)(plain_model.parameters(), **trainer.optimizer.defaults)
+    loss_fn = trainer.loss_fn
+
+    def plain_block() -> None:
+        plain_model.train()
+        for x, y in train:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(plain_model(x), y)
+            float(loss.detach())
+            loss.backward()
+            opt.step()
+        plain_model.eval()
+        with torch.no_grad():
+            for x, y in val:
+                float(loss_fn(plain_model(x.to(device)), y.to(device)))
+
+    fitted: list[float] = []
+    plain: list[float] = []
+    last = time.perf_counter()
+
+    def on_epoch(report: Any, result: Any) -> None:
+        nonlocal last
+        fitted.append((time.perf_counter() - last) / steps)
+        start = time.perf_counter()
+        plain_block()
+        plain.append((time.perf_counter() - start) / steps)
+        last = time.perf_counter()
+
+    await trainer.fit(train, val, epochs=epochs, on_epoch=on_epoch)
+    warm = 2  # the first epochs warm the allocator, cuDNN and the worker thread
+    p_med, t_med = statistics.median(plain[warm:]), statistics.median(fitted[warm:])
+    return {
+        "batch": batch, "width": width, "epochs_measured": epochs - warm, "steps_per_epoch": steps,
+        "median_step_ms": {"plain": round(p_med * 1e3, 4), "trainer": round(t_med * 1e3, 4)},
+        "ratio": round(t_med / p_med, 4),
+        "extra_us_per_step": round((t_med - p_med) * 1e6, 1),
     }
 
 
@@ -235,7 +302,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                    heartbeat=False))
         runs.append(await overhead(device, 32, rounds, steps, BridgeKind.EVENT_THREAD))
         runs.append(await overhead(device, 256, rounds, steps, BridgeKind.EVENT_THREAD))
+        # A GPU-bound step (width 128, batch 256): the same fixed cost per step, a smaller share.
+        wide = await overhead(device, 256, rounds, max(10, steps // 5), BridgeKind.HOST_FUNC,
+                              width=128)
+        runs.append(wide)
         result["overhead"] = runs
+        result["async_overhead_ratio_gpu_bound"] = wide["ratio"]
+        result["trainer"] = [
+            await trainer_overhead(device, 32, 8 if quick else 22, 20 if quick else 40),
+            await trainer_overhead(device, 256, 8 if quick else 22, 10 if quick else 20, width=128),
+        ]
         result.update(await bridge_latency(200 if quick else 2000))
         result["side_streams"] = [
             side_streams(b, 5 if quick else 20, 10 if quick else 20) for b in (32, 256)
@@ -245,6 +321,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["device_name"] = result["machine"]["cpu"]
         rounds, steps = (4, 5) if quick else (12, 10)
         result["overhead"] = [await overhead(device, 32, rounds, steps, None)]
+        result["trainer"] = [await trainer_overhead(device, 32, 6 if quick else 14, 10)]
         result["bridge_latency_us"] = None
         result["side_streams"] = None
         result["note"] = "CPU: steps run in a worker thread; bridges and side streams need CUDA"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import anyio
 import structlog
+import torch
 
 from .controller import EpochReport
 from .demo import DemoConfig, DemoResult, load_demo_config, run_demo
@@ -92,10 +93,20 @@ def _demo(args: argparse.Namespace) -> int:
             store=args.store,
             use_store=not args.no_store,
             run_dir=run_dir,
+            device=args.device,
         )
+    try:
+        device = cfg.resolved_device()
+    except RuntimeError as exc:
+        print(f"esper-async: bad --device {cfg.device!r}: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"esper-async: --device {cfg.device} needs CUDA, which is not available here",
+              file=sys.stderr)
+        return 2
     print(
         f"esper_async demo: digits (8x8, bundled), impaired conv host, {cfg.epochs} epochs, "
-        f"seed {cfg.seed}; slots {', '.join(cfg.slots)}"
+        f"seed {cfg.seed}, device {device}; slots {', '.join(cfg.slots)}"
     )
     result = anyio.run(lambda: run_demo(cfg, progress=_Progress(cfg.epochs)))
     print()
@@ -132,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--run-dir", default=None,
         help="where the trace and checkpoints go (default runs/demo-*)",
+    )
+    demo.add_argument(
+        "--device", default=DemoConfig.device,
+        help="cpu (default), cuda, cuda:N, or auto (CUDA when available)",
     )
     demo.add_argument(
         "--resume", metavar="RUN_DIR", default=None,

@@ -82,6 +82,16 @@ class DemoConfig:
     """Epochs between checkpoints (with a ``run_dir``)."""
     resume: bool = False
     """Continue the runs from their checkpoints in ``run_dir`` (a finished run trains no more)."""
+    device: str = "cpu"
+    """Where both runs train and kernels are optimised: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or
+    ``"auto"`` (CUDA when available). On a GPU each step is launched from a worker thread and
+    awaited through the CUDA completion bridge (see ``docs/async.md``)."""
+
+    def resolved_device(self) -> torch.device:
+        """:attr:`device` with ``"auto"`` resolved."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def to_json(self) -> dict[str, object]:
         """The options as JSON-ready data (the inverse of :meth:`from_json`)."""
@@ -131,11 +141,15 @@ class DemoResult:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, loader: object) -> float:
-    """Accuracy of ``model`` over every batch of ``loader``."""
+def evaluate_accuracy(
+    model: nn.Module, loader: object, device: torch.device | str | None = None
+) -> float:
+    """Accuracy of ``model`` over every batch of ``loader`` (moved to ``device`` if given)."""
     model.eval()
     correct = total = 0
     for x, y in loader:  # type: ignore[attr-defined]
+        if device is not None:
+            x, y = x.to(device), y.to(device)
         correct += int((model(x).argmax(dim=1) == y).sum())
         total += len(y)
     return correct / max(1, total)
@@ -162,10 +176,12 @@ async def _run(
     model = DigitsHost()
     if grow:
         wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
+    device = cfg.resolved_device()
     trainer = Trainer(
         model,
         grow=grow,
         seed=cfg.seed,
+        device=device,
         compiler=compiler,
         telemetry=telemetry,
         controller=HeuristicController(cfg.controller, seed=cfg.seed),
@@ -182,7 +198,7 @@ async def _run(
     )
     return RunSummary(
         label=label,
-        test_acc=evaluate_accuracy(model, data.test),
+        test_acc=evaluate_accuracy(model, data.test, device),
         params=trainer.param_count(),
         fossilized=fit.count(SeedState.FOSSILIZED),
         culled=fit.count(SeedState.CULLED),
@@ -220,7 +236,9 @@ async def run_demo(
         if cfg.use_store:
             store = await stack.enter_async_context(KernelStore(cfg.store))
         if compiler is None:
-            compiler = BlueprintCompiler(store=store, telemetry=telemetry)
+            compiler = BlueprintCompiler(
+                device=str(cfg.resolved_device()), store=store, telemetry=telemetry
+            )
         await stack.enter_async_context(compiler)
         static = await _run("static", cfg, False, progress, compiler, telemetry)
         await compiler.wait_ready()

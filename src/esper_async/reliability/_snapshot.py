@@ -7,7 +7,10 @@ seeds back first — so the model has the structure it had — then loads the te
 the optimizer's groups around the restored parameters. Seeds grafted since the snapshot leave the
 model; seeds culled since come back.
 
-Copies are taken on the CPU (``copy_to_cpu``), so a snapshot costs host memory, not device memory.
+Copies are taken on the CPU, so a snapshot costs host memory, not device memory. GPU tensors are
+copied into pinned host buffers without waiting for each copy, then the copying streams are
+synchronised once; whether the parameters are finite is judged on their device at the same time
+(one flag per device), so no per-tensor device sync and no host-side scan is needed.
 """
 
 from __future__ import annotations
@@ -156,14 +159,47 @@ def _clone(value: Any) -> Any:
     return copy.copy(value)
 
 
+class _HostCopier:
+    """Copies nested state to the CPU. GPU tensors go into pinned buffers with non-blocking
+    copies; :meth:`wait` synchronises the streams that carry them (call it before reading)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            src = value.detach()
+            if not src.is_cuda:
+                return src.to("cpu", copy=True)
+            dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            dst.copy_(src, non_blocking=True)
+            self._streams.setdefault(src.device, torch.cuda.current_stream(src.device))
+            return dst
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        return copy.copy(value)
+
+    def wait(self) -> None:
+        for stream in self._streams.values():
+            stream.synchronize()
+
+
 def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
-    return copy.copy(value)
+    copier = _HostCopier()
+    out = copier(value)
+    copier.wait()
+    return out
+
+
+def _all_finite(tensors: Any) -> bool:
+    """Whether every floating tensor is finite: one reduction and one read per device."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for flag in flags:
+        by_device.setdefault(flag.device, []).append(flag)
+    return all(bool(torch.stack(group).all()) for group in by_device.values())
 
 
 @dataclass
@@ -184,21 +220,30 @@ class Snapshot:
     optimizer_state: dict[str, Any]
     groups: list[list[str]]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Whether the copied model state is finite (``None``: judged from the copies when asked).
+    finite: bool | None = None
 
     @classmethod
     def take(
         cls, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
         slots: Mapping[str, SeedSlot], extra: Mapping[str, Any] | None = None,
     ) -> Snapshot:
-        """Copy the state now. Call between steps (the training task is the only writer)."""
-        return cls(
+        """Copy the state now. Call between steps (the training task is the only writer).
+
+        Blocks until the copies are complete (run it in a worker thread)."""
+        state = dict(model.state_dict())
+        copier = _HostCopier()
+        snapshot = cls(
             step=step,
             slots={name: capture_slot(slot) for name, slot in slots.items()},
-            model_state=_to_cpu(dict(model.state_dict())),
-            optimizer_state=_to_cpu(optimizer.state_dict()),
+            model_state=copier(state),
+            optimizer_state=copier(optimizer.state_dict()),
             groups=optimizer_groups(model, optimizer),
-            extra={k: _to_cpu(v.state_dict()) for k, v in (extra or {}).items()},
+            extra={k: copier(v.state_dict()) for k, v in (extra or {}).items()},
+            finite=_all_finite(state.values()),
         )
+        copier.wait()
+        return snapshot
 
     def restore(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, slots: Mapping[str, SeedSlot],
@@ -221,7 +266,6 @@ class Snapshot:
 
     def params_finite(self) -> bool:
         """Whether every floating tensor of the model's copied state is finite."""
-        return all(
-            bool(torch.isfinite(t).all()) for t in self.model_state.values()
-            if t.is_floating_point()
-        )
+        if self.finite is None:
+            self.finite = _all_finite(self.model_state.values())
+        return self.finite
