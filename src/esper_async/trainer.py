@@ -12,6 +12,12 @@ snapshot (taken at epoch boundaries) and embargoes the culprit; failed compiles 
 jittered backoff when their workers died, and each blueprint has a circuit breaker. Checkpoints of
 the whole morphogenetic state are written atomically at epoch boundaries, and a run resumes from
 them without compiling anything.
+
+With a surgery policy (``surgery=``), the trainer also changes the model's architecture: at an
+epoch boundary, after the controller's decisions, each seed that fossilized is reported to the
+policy, and the widening it proposes (see ``docs/surgery.md``) runs as one validated transaction
+between steps; the optimizer steps the new parameters from the next step on. Committed operations
+are recorded in checkpoints and replayed on the fresh model when a run resumes.
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from opentelemetry.sdk.trace import TracerProvider
 from torch import nn
 
-from ._exceptions import CompileError, CompileTimeoutError, EsperError, SeedRuntimeError
+from ._exceptions import (
+    CompileError,
+    CompileTimeoutError,
+    EsperError,
+    SeedRuntimeError,
+    SurgeryError,
+)
 from ._execution import StepRunner
 from ._optim import add_module_params, remove_module_params
 from ._results import FitResult, GrowthEvent
@@ -70,7 +82,9 @@ from .reliability._guard import StepGuard
 from .reliability._incidents import Incident, IncidentKind
 from .reliability._persist import apply_checkpoint, checkpoint_payload
 from .seeds import SeedSlot, SeedState, find_slots
-from .telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_RUN, Telemetry
+from .surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig
+from .surgery._replay import operation_record
+from .telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_ROLLBACK, SPAN_RUN, SPAN_SURGERY, Telemetry
 
 __all__ = ("FitResult", "GrowthEvent", "Trainer")
 
@@ -81,6 +95,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Finished compiles waiting for a step boundary. Small: at most a few seeds germinate at once.
 _READY_BUFFER = 16
+#: Validation examples a surgery's probe batch takes: enough to show a broken function-preservation
+#: promise, for the cost of one small forward pass.
+_SURGERY_PROBE = 64
 
 
 @dataclass(frozen=True)
@@ -137,7 +154,13 @@ class Trainer:
         lifecycle transitions; step-time and seed metrics). Default: recorded nowhere.
     :param scheduler: a learning-rate scheduler, stepped once per epoch (and checkpointed).
     :param reliability: fault handling: breakers, compile retries, resource limits, the governor.
-    :raises ValueError: if ``graft`` is neither ``"epoch"`` nor ``"step"``.
+    :param surgery: architecture changes during training (``None``: none). A
+        :class:`~esper_async.surgery.SurgeryPolicyConfig` (the trainer builds the policy on its
+        step counter) or a ready :class:`~esper_async.surgery.SurgeryPolicy`. The trainer reports
+        every fossilized seed's slot to it and applies its proposals at epoch boundaries.
+    :raises ValueError: if ``graft`` is neither ``"epoch"`` nor ``"step"``, or the surgery
+        policy's ``fossil_threshold`` exceeds 1 (a slot fossilizes at most once, so it could never
+        fire).
     """
 
     def __init__(
@@ -157,9 +180,18 @@ class Trainer:
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         reliability: ReliabilityConfig | None = None,
+        surgery: SurgeryPolicyConfig | SurgeryPolicy | None = None,
     ) -> None:
         if graft not in ("epoch", "step"):
             raise ValueError(f"graft must be 'epoch' or 'step', got {graft!r}")
+        if isinstance(surgery, SurgeryPolicyConfig):
+            surgery = SurgeryPolicy(surgery, step=lambda: self.step)
+        if surgery is not None and surgery.config.fossil_threshold > 1:
+            raise ValueError(
+                f"surgery fossil_threshold={surgery.config.fossil_threshold} can never be reached: "
+                "the trainer reports fossils per seed slot, and a slot fossilizes at most once; "
+                "use fossil_threshold=1"
+            )
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -205,6 +237,11 @@ class Trainer:
         self._checkpoint_requested = False
         self._tg: TaskGroup | None = None
         self._send: MemoryObjectSendStream[_Compiled] | None = None
+        #: Proposes architecture changes (``None``: the architecture changes only by seeds).
+        self.surgery = surgery
+        self.surgeon = ModelSurgeon()
+        #: Every surgery committed on the model, as records (checkpoints carry them for replay).
+        self.surgeries: list[dict[str, Any]] = []
 
     @property
     def result(self) -> FitResult:
@@ -322,6 +359,8 @@ class Trainer:
             if self.grow:
                 for decision in self.controller.decide(report, self._result.history, self.slots):
                     self._apply(decision)
+            if self.surgery is not None:
+                await self._operate(val_loader)
         self._result.history.append(report)
         if self.scheduler is not None:
             self.scheduler.step()
@@ -478,6 +517,8 @@ class Trainer:
                 self._tracked(slot, slot.start_blending, epochs * self._steps_per_epoch, reason)
             case Fossilize(reason=reason):
                 self._tracked(slot, slot.fossilize, reason)
+                if self.surgery is not None:
+                    self.surgery.record_fossilized(slot.slot_name)
             case Cull(reason=reason):
                 self._cull(slot, reason)
             case Release(reason=reason):
@@ -607,6 +648,53 @@ class Trainer:
             breaker.record_success()  # the half-open trial went through
         self._rewrap()
         self.admission.set_loaded(self._loaded_bytes())
+
+    # --- surgery: architecture changes, at epoch boundaries -------------------------------------
+
+    async def _operate(self, val_loader: Iterable[Batch]) -> None:
+        """Apply the surgery policy's proposal, if it has one, in one transaction (between steps:
+        the training task, the model's only writer, is here). A refused proposal changes nothing.
+        """
+        assert self.surgery is not None
+        operation = self.surgery.propose(self.model)
+        if operation is None:
+            return
+        x, _ = next(iter(val_loader))
+        probe = x[:_SURGERY_PROBE].to(self.device)
+        before = self.param_count()
+        with self.telemetry.span(
+            SPAN_SURGERY, surgery__op=operation.describe(), slot=operation.target,
+            epoch=self.epoch, step=self.step,
+        ) as span:
+            try:
+                await self.surgeon.apply(self.model, self.optimizer, operation, probe=probe)
+            except SurgeryError as exc:
+                self.surgery.rejected(operation)
+                span.set_attribute("esper.outcome", "rejected")
+                with self.telemetry.span(
+                    SPAN_ROLLBACK, surgery__op=operation.describe(),
+                    error__type=type(exc).__name__,
+                ):
+                    pass
+                log.warning(
+                    "surgery rejected", operation=operation.describe(), error=str(exc),
+                    epoch=self.epoch, step=self.step,
+                )
+                return
+            self.surgery.committed(operation)
+            self.surgeries.append(operation_record(operation))
+            self._rewrap()
+            added = self.param_count() - before
+            span.set_attribute("esper.outcome", "committed")
+            span.set_attribute("esper.params.added", added)
+            self.telemetry.metrics.params_added(added, slot=operation.target)
+            log.info(
+                "surgery", operation=operation.describe(), params_before=before,
+                params_after=before + added, epoch=self.epoch, step=self.step,
+            )
+        # The last snapshot has the old shapes: a rollback must land on the new structure.
+        if not self.governor.offer(await self._snapshot()):
+            self.governor.snapshot = None
 
     # --- faults: seeds that fail, losses that go bad -------------------------------------------
 

@@ -2,17 +2,24 @@
 
 These functions read and set the trainer's attributes (it is their only caller); the format
 itself is :mod:`esper_async.reliability._checkpoint`.
+
+A checkpoint's tensors have the shapes of the model after every surgery committed before it, but a
+resumed run builds its model afresh: the record lists the committed operations, and
+:func:`apply_checkpoint` replays those the model lacks before it loads any tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._exceptions import SurgeryError
 from .._results import FitResult, GrowthEvent
-from ._checkpoint import Restored, capture_state, restore_state
+from ..surgery._replay import replay_operations
+from ._checkpoint import CheckpointError, Restored, capture_state, restore_state
 from ._incidents import Incident
 from ._record import report_from_json, report_to_json
 
@@ -27,7 +34,7 @@ def _stateful(trainer: Trainer) -> dict[str, Any]:
     controller = trainer.controller if hasattr(trainer.controller, "state_dict") else None
     return {
         "controller": controller, "scheduler": trainer.scheduler, "governor": trainer.governor,
-        "breakers": trainer.breakers,
+        "breakers": trainer.breakers, "surgery": trainer.surgery,
     }
 
 
@@ -40,6 +47,7 @@ def checkpoint_payload(trainer: Trainer, generator: torch.Generator | None) -> d
         "incidents": [i.to_json() for i in result.incidents],
         "growth_paused_until": trainer._growth_paused_until,
         "oom_pause": trainer._oom_pause,
+        "surgery": trainer.surgeries,
     }
     return capture_state(
         epoch=len(result.history), step=trainer.step, model=trainer.model,
@@ -52,7 +60,12 @@ def apply_checkpoint(
     trainer: Trainer, payload: dict[str, Any], generator: torch.Generator | None
 ) -> Restored:
     """Put ``payload`` back into ``trainer`` (model, seeds, optimizer, statistics, counters and
-    the run's record so far)."""
+    the run's record so far), replaying first the surgeries the model lacks.
+
+    :raises CheckpointError: the model has surgeries the checkpoint lacks, or a recorded surgery
+        does not fit it.
+    """
+    _replay_surgeries(trainer, json.loads(payload["record"]).get("surgery", []))
     restored = restore_state(
         payload, model=trainer.model, optimizer=trainer.optimizer, slots=trainer.slots,
         stateful=_stateful(trainer), device=trainer.device, generator=generator,
@@ -69,3 +82,21 @@ def apply_checkpoint(
         steps=restored.step,
     )
     return restored
+
+
+def _replay_surgeries(trainer: Trainer, recorded: list[dict[str, Any]]) -> None:
+    """Bring ``trainer``'s model to the structure of a checkpoint that recorded ``recorded``."""
+    done = trainer.surgeries
+    if recorded[: len(done)] != done:
+        raise CheckpointError(
+            f"the model has had surgery ({done}) that the checkpoint does not start with "
+            f"({recorded}); build the model afresh before restoring", path="",
+        )
+    try:
+        replay_operations(trainer.model, trainer.optimizer, recorded[len(done) :])
+    except SurgeryError as exc:
+        raise CheckpointError(
+            f"the checkpoint's surgery does not fit the model ({exc}); build and wrap the model "
+            "as the checkpointed run did", path="",
+        ) from exc
+    trainer.surgeries = list(recorded)

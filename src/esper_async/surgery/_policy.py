@@ -30,10 +30,10 @@ from ..seeds import SeedSlot
 from ._widen import Widen
 from ._widen_slot import WidenSlot
 
-__all__ = ("Proposal", "SurgeryPolicy", "SurgeryPolicyConfig")
+__all__ = ("SurgeryPolicy", "SurgeryPolicyConfig")
 
 #: What the policy proposes: a plain layer's widening, or a seed slot host's.
-Proposal = Widen | WidenSlot
+_Proposal = Widen | WidenSlot
 
 _log = structlog.get_logger(__name__)
 
@@ -99,7 +99,7 @@ class SurgeryPolicy:
         now, window = self._step(), self.config.window_steps
         return sum(1 for s in self._fossils.get(layer, []) if window is None or now - s < window)
 
-    def propose(self, model: nn.Module) -> Proposal | None:
+    def propose(self, model: nn.Module) -> _Proposal | None:
         """The widening to attempt now, or ``None``.
 
         :param model: the live model (read only: current widths).
@@ -126,16 +126,16 @@ class SurgeryPolicy:
                 return Widen(layer, target, seed=now)
         return None
 
-    def committed(self, operation: Proposal) -> None:
+    def committed(self, operation: _Proposal) -> None:
         """The proposal was committed: reset the layer's count and start the cooldown."""
         self._committed += 1
         self._after(operation, "committed")
 
-    def rejected(self, operation: Proposal) -> None:
+    def rejected(self, operation: _Proposal) -> None:
         """The proposal was rolled back: reset the layer's count and start the cooldown anyway."""
         self._after(operation, "rejected")
 
-    def _after(self, operation: Proposal, outcome: str) -> None:
+    def _after(self, operation: _Proposal, outcome: str) -> None:
         self._last_surgery = self._step()
         self._fossils.pop(operation.target, None)
         _log.info("surgery.policy", layer=operation.target, width=operation.width, outcome=outcome)

@@ -39,7 +39,7 @@ from ._widen import (
     _width_of,
 )
 
-__all__ = ("WidenSlot", "find_slot_consumers")
+__all__ = ("SlotConsumer", "WidenSlot", "find_slot_consumers")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,88 @@
+"""Committed widenings as plain records, and their replay on a freshly built model.
+
+A checkpoint holds tensors shaped by every surgery committed before it. Resuming builds the model
+afresh, so the trainer records each committed operation (:func:`operation_record`, JSON-ready)
+and, before loading a checkpoint's tensors, replays the records on the new model
+(:func:`replay_operations`). Replay makes the same structure (the operations are deterministic
+given their ``seed``); the checkpoint's tensors then overwrite the values, so replay skips the
+probe and its validation, which the operation passed when it was first committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._exceptions import SurgeryError
+from ._context import SurgeryContext
+from ._widen import Widen
+from ._widen_slot import WidenSlot
+
+__all__ = ("operation_from_record", "operation_record", "replay_operations")
+
+_KINDS = {"widen": Widen, "widen_slot": WidenSlot}
+
+
+def operation_record(operation: Widen | WidenSlot) -> dict[str, Any]:
+    """``operation`` as JSON-ready data (the inverse of :func:`operation_from_record`).
+
+    :raises SurgeryError: for an operation that cannot be recorded (only widenings can).
+    """
+    if isinstance(operation, WidenSlot):
+        return {"op": "widen_slot", "target": operation.target, "width": operation.width,
+                "seed": operation.seed}
+    if isinstance(operation, Widen):
+        record: dict[str, Any] = {"op": "widen", "target": operation.target,
+                                  "width": operation.width, "seed": operation.seed}
+        if operation.consumers is not None:
+            record["consumers"] = list(operation.consumers)
+            record["norms"] = list(operation.norms)
+        return record
+    raise SurgeryError(
+        f"{type(operation).__name__} cannot be recorded for replay; only Widen and WidenSlot can",
+        operation=str(operation),
+    )
+
+
+def operation_from_record(record: Mapping[str, Any]) -> Widen | WidenSlot:
+    """The operation a record describes.
+
+    :raises SurgeryError: the record names no known operation.
+    """
+    kind = record.get("op")
+    if kind == "widen_slot":
+        return WidenSlot(str(record["target"]), int(record["width"]), seed=int(record["seed"]))
+    if kind == "widen":
+        consumers = record.get("consumers")
+        return Widen(
+            str(record["target"]), int(record["width"]),
+            consumers=None if consumers is None else tuple(consumers),
+            norms=tuple(record.get("norms", ())), seed=int(record["seed"]),
+        )
+    raise SurgeryError(
+        f"unknown surgery record {dict(record)!r}; known operations: {', '.join(sorted(_KINDS))}",
+        operation="replay",
+    )
+
+
+def replay_operations(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    records: Iterable[Mapping[str, Any]],
+) -> None:
+    """Apply recorded operations to ``model`` (and swap their parameters in ``optimizer``), in
+    order, without a probe or validation. Call it on a freshly built model before loading a
+    state saved after the operations.
+
+    :raises SurgeryError: a record does not fit the model (it was not built as the recorded one);
+        operations before it stay applied.
+    """
+    ctx = SurgeryContext(model, optimizer, probe=None)
+    for record in records:
+        operation = operation_from_record(record)
+        before = list(ctx.model.parameters())
+        operation.apply(ctx)
+        ctx.sync_optimizer(before)
