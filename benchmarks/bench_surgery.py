@@ -157,6 +157,7 @@ async def measure(quick: bool) -> dict[str, Any]:
         copy.deepcopy(model)
         copy.deepcopy(optimizer.state_dict())
         deepcopy_ms.append((time.perf_counter() - started) * 1e3)
+    floors = await _floors(surgeon, model, optimizer, probe, repeats)
     forward_ms: list[float] = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -182,6 +183,7 @@ async def measure(quick: bool) -> dict[str, Any]:
             statistics.median(deepcopy_ms) / statistics.median(rollback_ms), 1
         ),
         "probe_forward_p50_ms": round(statistics.median(forward_ms), 3),
+        "floor": floors,
         "seed_target_ms": 100,
         "goal_ms": 20,
         "cpu": _cpu_name(),
@@ -190,6 +192,65 @@ async def measure(quick: bool) -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
     }
+
+
+async def _floors(
+    surgeon: ModelSurgeon,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    probe: torch.Tensor,
+    repeats: int,
+) -> dict[str, Any]:
+    """Per operation, the work no implementation of it can skip, timed on its own.
+
+    * ``region``: the module validation checked (read from the committed transaction's report);
+    * ``forward_to_region_ms``: the probe forward on the old structure until that module has
+      returned (its input and old output are needed: everything before it has to run);
+    * ``new_megabytes`` and ``write_new_ms``: the parameters and optimizer-state tensors the
+      operation creates (present after it, not before), and the time to allocate and fill
+      tensors of those shapes (all kept alive until the last is written, as the operation must).
+    """
+    from esper_async.surgery._context import SurgeryContext
+
+    floors: dict[str, Any] = {}
+    for name, factory in operations().items():
+        before = _tensor_ids(model, optimizer)
+        state = _Reset(model, optimizer)
+        async with surgeon.transaction(model, optimizer, probe=probe) as tx:
+            await tx.stage(factory())
+        region = tx.checks[0].region
+        created = [t for key, t in _tensors(model, optimizer).items() if key not in before]
+        state.restore()
+        module = model.get_submodule(region) if region else model
+        forward_ms, write_ms = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            SurgeryContext(model, optimizer, probe).capture([module], operation=name)
+            forward_ms.append((time.perf_counter() - started) * 1e3)
+            started = time.perf_counter()
+            written = [torch.empty_like(t).copy_(t) for t in created]
+            write_ms.append((time.perf_counter() - started) * 1e3)
+            del written
+        floors[name] = {
+            "region": region,
+            "forward_to_region_ms": round(statistics.median(forward_ms), 3),
+            "new_megabytes": round(sum(t.numel() * t.element_size() for t in created) / 1e6, 2),
+            "write_new_ms": round(statistics.median(write_ms), 3),
+        }
+    return floors
+
+
+def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+    found = {id(p): p.detach() for p in model.parameters()}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                found[id(value)] = value
+    return found
+
+
+def _tensor_ids(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[int]:
+    return set(_tensors(model, optimizer))
 
 
 class _Reset:

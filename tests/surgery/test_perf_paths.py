@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from esper_async.surgery import identity_conv2d, identity_linear
+from esper_async import SurgeryError
+from esper_async.surgery import ModelSurgeon, Widen, _widen, identity_conv2d, identity_linear
 from esper_async.surgery._context import eval_mode, module_list, parameter_list
 from esper_async.surgery._widen import _grow, _grow_scaled, _replication
 
-from ._helpers import TinyNet
+from ._helpers import TinyNet, assert_same, fingerprint, images, train
 
 
 @pytest.mark.parametrize(
@@ -90,3 +91,41 @@ def test_identity_layers_have_plain_trainable_parameters() -> None:
         assert all(p.dtype == torch.get_default_dtype() for p in layer.parameters())
     assert identity_conv2d(5, 3, bias=False).bias is None
     assert identity_linear(5, bias=False).bias is None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("defect", "message"),
+    [
+        pytest.param("unscaled", "altered the output", id="consumer-not-rescaled"),
+        pytest.param("detached", "no gradient reaches", id="producer-cut-from-autograd"),
+    ],
+)
+async def test_a_defective_widening_is_caught_in_its_region_and_undone(
+    monkeypatch: pytest.MonkeyPatch, defect: str, message: str
+) -> None:
+    """The region-local check sees a broken fast path: a consumer whose copied columns are not
+    split (the output changes) or a producer whose new weight no gradient reaches."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, opt, images(), 2)
+    before = fingerprint(model, opt)
+    good_consumer, good_producer = _widen._widened_consumer, _widen._widened_producer
+
+    def unscaled(consumer: nn.Module, mapping: torch.Tensor, fractions: torch.Tensor) -> nn.Module:
+        return good_consumer(consumer, mapping, torch.ones_like(fractions))
+
+    def detached(producer: nn.Conv2d, mapping: torch.Tensor) -> nn.Module:
+        new = good_producer(producer, mapping)
+        assert isinstance(new, nn.Conv2d)
+        new.forward = lambda x: new._conv_forward(x, new.weight.detach(), new.bias)  # type: ignore[method-assign]
+        return new
+
+    if defect == "unscaled":
+        monkeypatch.setattr(_widen, "_widened_consumer", unscaled)
+    else:
+        monkeypatch.setattr(_widen, "_widened_producer", detached)
+    with pytest.raises(SurgeryError, match=message):
+        await ModelSurgeon().apply(model, opt, Widen("layer1.1.conv1", 12), probe=images(4)[0])
+    assert_same(before, fingerprint(model, opt))

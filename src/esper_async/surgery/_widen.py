@@ -324,6 +324,10 @@ def _grow_scaled(
     shape[dim] = len(mapping)
     out = tensor.new_empty(shape)
     head, tail = out.narrow(dim, 0, old), out.narrow(dim, old, len(mapping) - old)
+    if factor is None and dim == 0:
+        head.copy_(tensor)
+        torch.index_select(tensor, 0, mapping[old:], out=tail)  # contiguous: gathered in place
+        return out
     extra = tensor.index_select(dim, mapping[old:])
     if factor is None:
         head.copy_(tensor)
