@@ -816,11 +816,13 @@ class Trainer:
         """Restore the run from ``checkpoint`` (a file, or a directory: its newest checkpoint).
 
         The model must be built and wrapped as the checkpointed one was; grafted and fossilized
-        seeds are loaded from the kernel bytes in the checkpoint (nothing is compiled). Then
+        seeds are loaded from the kernel bytes in the checkpoint (nothing is compiled), and the
+        surgeries the checkpoint records are replayed on the model first (build it afresh). Then
         :meth:`fit` with the same ``epochs`` trains the epochs left.
 
         :param generator: the training loader's RNG, to resume its order.
-        :raises CheckpointError: if there is no readable checkpoint, or it does not fit the model.
+        :raises CheckpointError: if there is no readable checkpoint, or it does not fit the model
+            (its recorded surgeries included).
         """
         path = Path(checkpoint)
         store = CheckpointStore(path if path.is_dir() else path.parent)
