@@ -126,6 +126,9 @@ def test_a_fossilized_slot_is_widened_during_fit_and_every_parameter_trains() ->
     assert unchanged == []
     losses = [r.train_loss for r in result.history]
     assert losses[-1] < losses[1] < losses[0]
+    # A rollback would land on the widened structure: the governor's snapshot has its shapes.
+    snapshot = trainer.governor.snapshot
+    assert snapshot is not None and snapshot.model_state["conv1.host.weight"].shape[0] == 6
     surgery = [s for s in spans.get_finished_spans() if s.name == SPAN_SURGERY]
     assert len(surgery) == 1 and surgery[0].attributes is not None
     assert surgery[0].attributes["esper.outcome"] == "committed"

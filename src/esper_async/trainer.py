@@ -659,8 +659,10 @@ class Trainer:
         operation = self.surgery.propose(self.model)
         if operation is None:
             return
-        x, _ = next(iter(val_loader))
-        probe = x[:_SURGERY_PROBE].to(self.device)
+        batch = next(iter(val_loader), None)
+        if batch is None:  # nothing to validate the change on: ask again at the next boundary
+            return
+        probe = batch[0][:_SURGERY_PROBE].to(self.device)
         before = self.param_count()
         with self.telemetry.span(
             SPAN_SURGERY, surgery__op=operation.describe(), slot=operation.target,
