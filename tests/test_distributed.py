@@ -296,7 +296,86 @@ def test_control_plane_broadcasts_fails_alike_and_catches_divergence(tmp_path: P
         assert rank["structure"] == ["structure", [1]]
 
 
+def _check_fault(out: Path) -> None:
+    """Rank program: a seed fails on rank 1's data only; both ranks blame it and cull it alike."""
+    import torch
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from esper_async._exceptions import SeedRuntimeError
+    from esper_async.blueprints import build, library
+    from esper_async.demo import DigitsHost
+    from esper_async.distributed import RankMeanLoss, check_ranks_in_sync, init_distributed
+    from esper_async.reliability import Governor, StepGuard
+    from esper_async.reliability._errors import LossAnomaly
+    from esper_async.seeds import find_slots, wrap
+
+    ctx = init_distributed(backend="gloo")
+    torch.manual_seed(0)
+    model = DigitsHost()
+    wrap(model, ["conv1", "fc1"], example_input=torch.zeros(2, 1, 8, 8))
+    slots = find_slots(model)
+    for name, slot in slots.items():
+        assert slot.contract is not None
+        blueprint = next(b for b in library(slot.contract.kind) if _fits(b, slot.contract))
+        slot.germinate(blueprint)
+        slot.graft(build(blueprint, slot.contract, seed=0), f"kernel-{name}")
+
+    class BreaksOnRankOne(nn.Module):
+        """The fc1 seed: from its third call on, it raises on rank 1 (on that rank's data)."""
+
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.calls = 0
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if ctx.rank == 1 and self.calls >= 3:
+                raise RuntimeError("bad input on this shard")
+            return self.inner(h)
+
+    assert slots["fc1"].seed is not None
+    slots["fc1"].seed = BreaksOnRankOne(slots["fc1"].seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ddp = DistributedDataParallel(model)
+    guard = StepGuard(lambda x: ddp(x), optimizer, RankMeanLoss(nn.functional.cross_entropy, ctx),
+                      slots, Governor())
+    gen = torch.Generator().manual_seed(100 + ctx.rank)  # each rank its own shard
+    events: list[list[Any]] = []
+    losses = []
+    for step in range(6):
+        x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        for _ in range(len(slots) + 1):
+            try:
+                losses.append(guard.step(x, y))
+                break
+            except SeedRuntimeError as exc:
+                events.append([step, exc.slot])
+                slots[exc.slot].cull("failed")
+                ddp = DistributedDataParallel(model)  # the structure changed: re-wrap
+            except LossAnomaly as exc:
+                events.append([step, f"anomaly: {exc}"])
+                break
+    found = {"events": events, "losses": losses,
+             "digest": check_ranks_in_sync(model, ctx).digest,
+             "states": {n: s.state.value for n, s in slots.items()}}
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps(found))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_a_seed_failing_on_one_rank_is_culled_on_every_rank(tmp_path: Path) -> None:
+    lead, follow = _launch([str(Path(__file__).resolve()), "fault", str(tmp_path)], tmp_path)
+    # Rank 1's seed raised at the third step; rank 0's did not, yet both blamed it there.
+    assert lead["events"] == follow["events"] == [[2, "fc1"]]
+    assert lead["states"] == follow["states"] == {"conv1": "training", "fc1": "culled"}
+    assert lead["losses"] == follow["losses"] and len(lead["losses"]) == 6
+    assert lead["digest"] == follow["digest"]
+
+
 if __name__ == "__main__":
-    if sys.argv[1] != "control":
-        sys.exit(f"no rank program {sys.argv[1]!r}; the one case is 'control'")
-    _check_control(Path(sys.argv[2]))
+    cases = {"control": _check_control, "fault": _check_fault}
+    if sys.argv[1] not in cases:
+        sys.exit(f"no rank program {sys.argv[1]!r}; the cases are {sorted(cases)}")
+    cases[sys.argv[1]](Path(sys.argv[2]))

@@ -6,10 +6,15 @@ could judge a spike that the others do not and skip a backward pass they run: th
 collectives would then pair up wrongly. Wrapped in :class:`RankMeanLoss`, the loss *value* is the
 mean over ranks (the same bytes everywhere, so every rank's governor judges alike and keeps the
 same history), while its *gradient* is the rank's own, which DDP then averages as usual.
+
+It is also the step guard's :class:`~esper_async.reliability.StepConsensus`: a rank whose forward
+pass raised contributes NaN to the mean (so every rank judges the step bad), and the ranks agree on
+which seed to blame before anyone culls or rolls back.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,3 +51,16 @@ class RankMeanLoss:
         # `loss - loss.detach()` is exactly zero: the value is `mean` to the bit on every rank,
         # the gradient is this rank's.
         return mean + (loss - loss.detach())
+
+    def failed_forward(self) -> float:
+        """This rank's forward pass raised: join the loss's all-reduce with NaN; returns the
+        mean, NaN on every rank."""
+        total = torch.full((1,), math.nan, dtype=torch.float64)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.ctx.group)
+        return float(total) / self.ctx.world_size
+
+    def agree_culprit(self, index: int) -> int:
+        """The largest slot index any rank found to blame (-1: no rank found one)."""
+        found = torch.tensor([index], dtype=torch.int64)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.ctx.group)
+        return int(found)

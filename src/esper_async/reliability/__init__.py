@@ -26,6 +26,8 @@ from ._faults import FaultKind as FaultKind
 from ._faults import FaultPlan as FaultPlan
 from ._governor import Governor as Governor
 from ._governor import GovernorConfig as GovernorConfig
+from ._guard import StepConsensus as StepConsensus
+from ._guard import StepGuard as StepGuard
 from ._incidents import Incident as Incident
 from ._incidents import IncidentKind as IncidentKind
 from ._limits import Admission as Admission
@@ -52,6 +54,8 @@ __all__ = (
     "ResourceLimits",
     "Restored",
     "Snapshot",
+    "StepConsensus",
+    "StepGuard",
     "capture_state",
     "is_out_of_memory",
     "restore_state",

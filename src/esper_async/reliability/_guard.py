@@ -12,12 +12,20 @@ looks for the seed behind it:
 
 Whatever no seed explains is a :class:`LossAnomaly` without a culprit (the trainer rolls back).
 A seed that raises in its forward pass surfaces as ``SeedRuntimeError`` straight from the slot.
+
+Under data parallelism a seed may fail on one rank's shard only. When the ``loss_fn`` is a
+:class:`StepConsensus` (``esper_async.distributed.RankMeanLoss`` is one), the ranks agree instead:
+a rank whose forward raised still takes part in the loss's collective, with a non-finite value,
+so every rank judges the step non-finite and diagnoses it; the ranks then agree on one culprit
+(or on none), and every rank raises the same error. The trainer's reaction (cull, or roll back)
+is then the same everywhere and the ranks stay in step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -26,9 +34,27 @@ from ..seeds import SeedSlot
 from ._errors import LossAnomaly, is_out_of_memory
 from ._governor import Governor
 
-__all__ = ("StepGuard",)
+__all__ = ("StepConsensus", "StepGuard")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class StepConsensus(Protocol):
+    """A ``loss_fn`` whose calls are collectives over ranks, and that lets the ranks agree on a
+    failed step (see the module doc)."""
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def failed_forward(self) -> float:
+        """Stand in for the call a failed forward pass could not make: take part in the same
+        collective with a non-finite value, and return the (non-finite) agreed loss."""
+        ...
+
+    def agree_culprit(self, index: int) -> int:
+        """The culprit every rank will name: ``index`` is this rank's finding (a position in the
+        sorted slot names, -1 for none); the result is the same on every rank."""
+        ...
 
 
 class StepGuard:
@@ -59,8 +85,15 @@ class StepGuard:
             seed (nothing updated).
         """
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.forward(x), y)
-        value = float(loss.detach())
+        consensus = self.loss_fn if isinstance(self.loss_fn, StepConsensus) else None
+        try:
+            loss = self.loss_fn(self.forward(x), y)
+        except SeedRuntimeError:
+            if consensus is None:
+                raise
+            value = consensus.failed_forward()  # the other ranks are in the loss's collective
+        else:
+            value = float(loss.detach())
         verdict = self.governor.judge(value)
         if verdict is not None:
             raise self._diagnose(verdict, value, x, y)
@@ -83,18 +116,35 @@ class StepGuard:
     ) -> SeedRuntimeError | LossAnomaly:
         live = [s for s in self.slots.values() if s.seed is not None]
         if verdict == "non_finite":
+            found: SeedRuntimeError | None = None
             with self._checking(live):
                 try:
                     self.forward(x)
                 except SeedRuntimeError as exc:
-                    return exc
-            return LossAnomaly("non_finite", value)
+                    found = exc
+            if isinstance(self.loss_fn, StepConsensus):
+                found = self._agree(self.loss_fn, found)
+            return found if found is not None else LossAnomaly("non_finite", value)
         for slot in live:
             with slot.ablated():
                 ablated = float(self.loss_fn(self.forward(x), y))
             if self.governor.judge(ablated) is None:
                 return LossAnomaly("spike", value, culprit=slot.slot_name)
         return LossAnomaly("spike", value)
+
+    def _agree(
+        self, consensus: StepConsensus, found: SeedRuntimeError | None
+    ) -> SeedRuntimeError | None:
+        """The culprit every rank names (the highest-ordered slot any rank found), or none."""
+        names = sorted(self.slots)
+        agreed = consensus.agree_culprit(-1 if found is None else names.index(found.slot))
+        if agreed < 0:
+            return None
+        if found is not None and found.slot == names[agreed]:
+            return found
+        return SeedRuntimeError(
+            f"the seed in slot {names[agreed]!r} failed on another rank's data", slot=names[agreed]
+        )
 
     @staticmethod
     @contextmanager
