@@ -158,6 +158,10 @@ class Trainer:
         :class:`~esper_async.surgery.SurgeryPolicyConfig` (the trainer builds the policy on its
         step counter) or a ready :class:`~esper_async.surgery.SurgeryPolicy`. The trainer reports
         every fossilized seed's slot to it and applies its proposals at epoch boundaries.
+    :param writes_checkpoints: whether this process writes the checkpoints of
+        ``fit(checkpoint_dir=...)``. Under DDP pass ``ctx.is_leader``: rank 0 writes into a
+        directory every rank can read, and with ``resume=True`` every rank restores the same
+        newest file (every rank holds the same state, so rank 0's is the job's).
     :raises ValueError: if ``graft`` is neither ``"epoch"`` nor ``"step"``, or the surgery
         policy's ``fossil_threshold`` exceeds 1 (a slot fossilizes at most once, so it could never
         fire).
@@ -181,6 +185,7 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         reliability: ReliabilityConfig | None = None,
         surgery: SurgeryPolicyConfig | SurgeryPolicy | None = None,
+        writes_checkpoints: bool = True,
     ) -> None:
         if graft not in ("epoch", "step"):
             raise ValueError(f"graft must be 'epoch' or 'step', got {graft!r}")
@@ -192,6 +197,7 @@ class Trainer:
                 "the trainer reports fossils per seed slot, and a slot fossilizes at most once; "
                 "use fossil_threshold=1"
             )
+        self.writes_checkpoints = writes_checkpoints
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -791,6 +797,8 @@ class Trainer:
         due = (epoch + 1) % max(1, every) == 0 or last or self._checkpoint_requested
         if checkpoints is not None and due:
             self._checkpoint_requested = False
+            if not self.writes_checkpoints:
+                return
             await self.save_checkpoint(checkpoints.directory, generator=generator)
 
     async def save_checkpoint(

@@ -140,6 +140,28 @@ async def test_resume_continues_exactly_as_an_uninterrupted_run(
     assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
 
 
+@pytest.mark.asyncio
+async def test_a_non_writing_rank_writes_no_checkpoint_but_resumes_from_the_writers(
+    tmp_path: Path,
+) -> None:
+    """Under DDP only rank 0 writes (``writes_checkpoints=ctx.is_leader``); the others resume from
+    the same directory. Two trainers stand in for the two ranks of one job."""
+    val = _loaders()[1]
+    silent_dir, shared = tmp_path / "silent", tmp_path / "shared"
+    silent = Trainer(_model(), grow=False, writes_checkpoints=False)
+    await silent.fit(_loaders()[0], val, epochs=2, checkpoint_dir=silent_dir)
+    assert not list(silent_dir.glob("*.pt"))
+    writer = Trainer(_model(), grow=False)
+    await writer.fit(_loaders()[0], val, epochs=2, checkpoint_dir=shared)
+    assert list(shared.glob("*.pt"))
+    reader_model = _model()
+    reader = Trainer(reader_model, grow=False, writes_checkpoints=False)
+    await reader.fit(_loaders()[0], val, epochs=2, checkpoint_dir=shared, resume=True)
+    assert reader.step == writer.step
+    state, want = reader_model.state_dict(), writer.model.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+
+
 class _GerminateEveryEpoch:
     """A controller that asks for the same blueprint in the same slot at every boundary."""
 
