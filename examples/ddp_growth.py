@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from esper_async.controller import ControllerConfig
 from esper_async.distributed import DDPDemoConfig, init_distributed, run_ddp_demo
+from esper_async.surgery import SurgeryPolicyConfig
 
 # Grow at once and move fast: germinate on the first plateau check, one epoch per stage.
 EAGER = ControllerConfig(
@@ -47,6 +48,10 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="rank 0's kernel store directory")
     parser.add_argument("--checkpoints", default=None, help="checkpoint directory")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--surgery", action="store_true",
+        help="widen each slot whose seed fossilizes (x1.5, at most x2)",
+    )
     parser.add_argument("--backend", default=None, choices=["gloo", "nccl"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--out", default=None, help="write rank<N>.json here")
@@ -67,6 +72,8 @@ def main() -> None:
             store=args.store,
             checkpoints=args.checkpoints,
             resume=args.resume,
+            surgery=SurgeryPolicyConfig(fossil_threshold=1, cooldown_steps=0)
+            if args.surgery else None,
         )
         result = anyio.run(run_ddp_demo, cfg, ctx)
         if args.out is not None:
@@ -83,6 +90,8 @@ def main() -> None:
             )
             for e in fit.events:
                 print(f"  epoch {e.epoch:>3} {e.slot:<6} {e.source} -> {e.target}: {e.reason}")
+            for op in result.surgeries:
+                print(f"  surgery: {op}")
     finally:
         dist.destroy_process_group()
 

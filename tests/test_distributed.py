@@ -144,6 +144,29 @@ def test_resume_from_rank0_checkpoint(tmp_path: Path, store: Path, epochs: tuple
     assert ("germinated", "training") not in moves
 
 
+@pytest.mark.timeout(240)
+def test_surgery_under_ddp_is_the_same_on_every_rank_and_resumes(
+    tmp_path: Path, store: Path
+) -> None:
+    ckpt = tmp_path / "checkpoints"
+    common = ["--surgery", "--checkpoints", str(ckpt)]
+    first = _growth(tmp_path / "a", store, "--epochs", "8", *common)
+    _same_ranks(first)
+    lead, follow = first
+    assert lead["surgeries"], "no slot was widened (no seed fossilized?)"
+    assert lead["surgeries"] == follow["surgeries"]
+    assert {s["op"] for s in lead["surgeries"]} == {"widen_slot"}
+    # The widened parameters were all-reduced by a DDP rebuilt around them, on both ranks alike.
+    assert lead["ddp_params"] == follow["ddp_params"]
+    assert lead["ddp_params"][-1] > max(lead["ddp_params"][:-1])
+    second = _growth(tmp_path / "b", store, "--epochs", "2", "--resume", *common)
+    _same_ranks(second)
+    for rank in second:
+        # Every rank replayed the surgeries on its fresh model, then loaded rank 0's tensors.
+        assert rank["restored"]["digest"] == lead["final"]["digest"]
+        assert rank["surgeries"][: len(lead["surgeries"])] == lead["surgeries"]
+
+
 @pytest.mark.parametrize(
     ("size", "world"), [pytest.param(10, 2, id="even"), pytest.param(11, 3, id="padded")]
 )

@@ -5,12 +5,15 @@ Every rank holds the same model (see :func:`check_ranks_in_sync`), so rank 0's s
 :class:`~esper_async.reliability.CheckpointStore` (kernel artifact bytes included) and tells every
 rank the path; :func:`load_checkpoint` has rank 0 choose the newest checkpoint, every rank read
 that same file, restore its model, optimizer and controller, and then checks that all ranks agree.
-Nothing is compiled on resume: the seeds are loaded from the bytes in the checkpoint.
+Nothing is compiled on resume: the seeds are loaded from the bytes in the checkpoint. Surgeries
+committed before a checkpoint (``surgeries=``, the trainer's :attr:`~esper_async.Trainer.surgeries`)
+are recorded in it and replayed on the fresh model before its tensors load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._exceptions import SurgeryError
 from ..reliability import CheckpointError, CheckpointStore, Restored, capture_state, restore_state
 from ..seeds import SeedState, find_slots
+from ..surgery import SurgeryPolicy
+from ..surgery._replay import replay_operations
 from ._context import RankContext
 from ._control import BroadcastController
 from ._kernels import RankCompiler
@@ -48,6 +54,8 @@ def save_checkpoint(
     compiler: RankCompiler,
     controller: BroadcastController | None = None,
     record: Mapping[str, Any] | None = None,
+    surgeries: Sequence[Mapping[str, Any]] = (),
+    surgery: SurgeryPolicy | None = None,
 ) -> Path | None:
     """Rank 0 writes the run's state; every rank returns its path. A collective.
 
@@ -62,6 +70,8 @@ def save_checkpoint(
     :param compiler: this rank's compiler: it knows the bytes of every grafted kernel.
     :param controller: its rank-0 state is saved under ``"controller"``.
     :param record: JSON-ready data kept beside the state (returned by :func:`load_checkpoint`).
+    :param surgeries: the surgeries committed on the model so far (``trainer.surgeries``).
+    :param surgery: the trainer's surgery policy: its counts are saved.
     :raises CheckpointError: if rank 0 cannot write (rank 0 raises its error; the others raise
         this).
     """
@@ -81,8 +91,8 @@ def save_checkpoint(
                 optimizer=optimizer,
                 slots=slots,
                 kernels=compiler.kernels,
-                stateful={"controller": controller},
-                record=dict(record or {}),
+                stateful={"controller": controller, "surgery": surgery},
+                record={**(record or {}), "surgery": [dict(r) for r in surgeries]},
             )
             path = str(checkpoints.save(payload))
         except Exception as exc:  # every rank must reach the broadcast below
@@ -106,12 +116,16 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     compiler: RankCompiler,
     controller: BroadcastController | None = None,
+    surgery: SurgeryPolicy | None = None,
 ) -> Restored:
     """Every rank restores rank 0's newest checkpoint, then the ranks are checked. A collective.
 
     ``model`` is freshly built and wrapped with the same slots on every rank, ``optimizer`` made
-    over its parameters; both are restored in place, seeds included. Build the trainer after this
-    and set its ``step`` to :attr:`Restored.step`.
+    over its parameters; both are restored in place, seeds included, after the recorded surgeries
+    are replayed on it. Build the trainer after this, set its ``step`` to :attr:`Restored.step`
+    and its ``surgeries`` to ``restored.record["surgery"]``.
+
+    :param surgery: the surgery policy the trainer will use: its saved counts are restored.
 
     :param checkpoints: the directory rank 0 wrote to (every rank must be able to read it).
     :raises CheckpointError: if there is no checkpoint, or it does not load, or does not fit.
@@ -128,12 +142,19 @@ def load_checkpoint(
             path=str(checkpoints.directory),
         )
     payload = checkpoints.load(shared)
+    try:
+        replay_operations(model, optimizer, json.loads(payload["record"]).get("surgery", []))
+    except SurgeryError as exc:
+        raise CheckpointError(
+            f"rank {ctx.rank}: the checkpoint's surgery does not fit the model ({exc}); build "
+            "and wrap the model as the checkpointed run did", path=shared,
+        ) from exc
     restored = restore_state(
         payload,
         model=model,
         optimizer=optimizer,
         slots=find_slots(model),
-        stateful={"controller": controller},
+        stateful={"controller": controller, "surgery": surgery},
         device=ctx.device,
     )
     compiler.kernels.update(restored.kernels)

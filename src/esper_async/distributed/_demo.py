@@ -23,6 +23,7 @@ from ..demo import DigitsHost
 from ..reliability import CheckpointStore
 from ..seeds import find_slots, wrap
 from ..store import KernelStore
+from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
 from ..trainer import FitResult, Trainer
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._context import RankContext
@@ -58,6 +59,10 @@ class DDPDemoConfig:
     :ivar check_every_epoch: check the ranks equal after every epoch (always at the end).
     :ivar forms: execution forms rank 0's kernel optimizer measures (``None``: the device's
         defaults).
+    :ivar surgery: widen slots whose seeds fossilize (``None``: no surgery). Every rank runs the
+        same policy on the same inputs — the fossilizations rank 0 decided and broadcast, the step
+        count, the whole validation split as probe — so every rank proposes, validates and commits
+        the same operation; the DDP rebuild after it checks the ranks' parameter shapes.
     """
 
     epochs: int = 20
@@ -73,6 +78,7 @@ class DDPDemoConfig:
     resume: bool = False
     check_every_epoch: bool = True
     forms: tuple[str, ...] | None = None
+    surgery: SurgeryPolicyConfig | None = None
 
 
 @dataclass
@@ -98,6 +104,7 @@ class DDPDemoResult:
     :ivar checkpoints: paths of the checkpoints written.
     :ivar test_acc: accuracy on the test split.
     :ivar params: trainable parameters at the end.
+    :ivar surgeries: the surgeries committed on the model (replayed ones included).
     """
 
     rank: int
@@ -117,6 +124,7 @@ class DDPDemoResult:
     checkpoints: list[str]
     test_acc: float
     params: int
+    surgeries: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -141,6 +149,7 @@ class DDPDemoResult:
             "train_loss": [r.train_loss for r in self.fit.history],
             "test_acc": self.test_acc,
             "params": self.params,
+            "surgeries": self.surgeries,
         }
 
 
@@ -217,6 +226,10 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
         await stack.enter_async_context(compiler)
         controller = BroadcastController(HeuristicController(cfg.controller, seed=cfg.seed), ctx)
         checkpoints = None if cfg.checkpoints is None else CheckpointStore(cfg.checkpoints)
+        policy = None
+        if cfg.surgery is not None:
+            policy = SurgeryPolicy(cfg.surgery, step=lambda: trainer.step)
+        surgeries: list[dict[str, Any]] = []
         restored_state, base_epoch, base_step = None, 0, 0
         if cfg.resume:
             if checkpoints is None:
@@ -228,7 +241,9 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
                 optimizer=optimizer,
                 compiler=compiler,
                 controller=controller,
+                surgery=policy,
             )
+            surgeries = list(restored.record.get("surgery", []))
             restored_state = check_ranks_in_sync(model, ctx)
             base_epoch, base_step = restored.epoch, restored.step
             sampler = data.train.sampler
@@ -247,8 +262,10 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
                 device_ids=None if ctx.device.type == "cpu" else [ctx.local_rank],
                 on_build=built,
             ),
+            surgery=policy,
         )
         trainer.step = base_step
+        trainer.surgeries = surgeries
         await compiler.wait_ready()
 
         def on_epoch(report: EpochReport, fit: FitResult) -> None:
@@ -267,6 +284,8 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
                     compiler=compiler,
                     controller=controller,
                     record={"sampler_epoch": sampler.epoch},
+                    surgeries=trainer.surgeries,
+                    surgery=policy,
                 )
                 if path is not None:
                     written.append(str(path))
@@ -298,4 +317,5 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
             checkpoints=written,
             test_acc=_accuracy(model, data.test, ctx.device),
             params=trainer.param_count(),
+            surgeries=list(trainer.surgeries),
         )
