@@ -324,17 +324,13 @@ def _grow_scaled(
     shape[dim] = len(mapping)
     out = tensor.new_empty(shape)
     head, tail = out.narrow(dim, 0, old), out.narrow(dim, old, len(mapping) - old)
-    if factor is None and dim == 0:
-        head.copy_(tensor)
-        torch.index_select(tensor, 0, mapping[old:], out=tail)  # contiguous: gathered in place
-        return out
-    extra = tensor.index_select(dim, mapping[old:])
     if factor is None:
         head.copy_(tensor)
-        tail.copy_(extra)
-    else:
-        torch.mul(tensor, factor.narrow(dim, 0, old), out=head)
-        torch.mul(extra, factor.narrow(dim, old, len(mapping) - old), out=tail)
+        torch.index_select(tensor, dim, mapping[old:], out=tail)  # gathered in place
+        return out
+    torch.mul(tensor, factor.narrow(dim, 0, old), out=head)
+    extra = tensor.index_select(dim, mapping[old:])
+    torch.mul(extra, factor.narrow(dim, old, len(mapping) - old), out=tail)
     return out
 
 
