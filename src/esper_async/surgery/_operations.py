@@ -3,8 +3,7 @@
 An operation is a small frozen dataclass with ``preserves_function``, ``describe()`` and
 ``apply(ctx)``. ``apply`` runs inside a transaction and changes the model only through the
 :class:`~esper_async.surgery._context.SurgeryContext`, which journals every change for rollback; it
-    never
-writes into an existing tensor or module (see ``_context``). The transaction adds new parameters to
+never writes into an existing tensor or module (see ``_context``). The transaction adds new parameters to
 the optimizer and drops removed ones after each operation.
 """
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from .._exceptions import SurgeryError
-from ._context import SurgeryContext
+from ._context import SurgeryContext, module_list
 from ._modules import SkipAround, shortcut_for
 
 __all__ = ("AddResidual", "InsertAfter", "RemoveLayer", "SurgeryOperation", "place_like")
@@ -83,7 +82,7 @@ class InsertAfter:
         operation = self.describe()
         old = ctx.resolve(self.target, operation=operation)
         parent, name = ctx.parent_of(self.target, operation=operation)
-        if any(m is self.module for m in ctx.model.modules()):
+        if any(m is self.module for m in module_list(ctx.model)):
             raise SurgeryError(
                 f"{operation}: this module object is already part of the model; pass a new one",
                 operation=operation,
