@@ -94,6 +94,7 @@ def _demo(args: argparse.Namespace) -> int:
             use_store=not args.no_store,
             run_dir=run_dir,
             device=args.device,
+            surgery=args.surgery,
         )
     try:
         device = cfg.resolved_device()
@@ -119,6 +120,8 @@ def _demo(args: argparse.Namespace) -> int:
             SeedState.CULLED.value,
         ):
             print(f"  epoch {event.epoch:>3}  {event.slot:<6} {event.target:<10} {event.reason}")
+    for op in result.growth.surgeries:
+        print(f"  surgery: {op}")
     gain = result.growth.test_acc - result.static.test_acc
     print(f"\ngrowth vs static: {gain:+.4f} test accuracy")
     where = f" (store: {result.store_path})" if result.store_path else ""
@@ -143,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--run-dir", default=None,
         help="where the trace and checkpoints go (default runs/demo-*)",
+    )
+    demo.add_argument(
+        "--surgery", action="store_true",
+        help="the growth run also widens each slot whose seed fossilized (WidenSlot)",
     )
     demo.add_argument(
         "--device", default=DemoConfig.device,

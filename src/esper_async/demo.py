@@ -17,6 +17,7 @@ from .controller import ControllerConfig, EpochReport, HeuristicController
 from .data import digits_loaders
 from .seeds import SeedState, wrap
 from .store import KernelStore
+from .surgery import SurgeryPolicyConfig
 from .telemetry import Telemetry, TelemetryConfig
 from .trainer import FitResult, Trainer
 
@@ -82,6 +83,9 @@ class DemoConfig:
     """Epochs between checkpoints (with a ``run_dir``)."""
     resume: bool = False
     """Continue the runs from their checkpoints in ``run_dir`` (a finished run trains no more)."""
+    surgery: bool = False
+    """Let the growth run also widen each slot whose seed fossilized (``WidenSlot``, ×1.5 per
+    widening, at most ×2), as one validated transaction at an epoch boundary."""
     device: str = "cpu"
     """Where both runs train and kernels are optimised: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or
     ``"auto"`` (CUDA when available). On a GPU each step is launched from a worker thread and
@@ -126,6 +130,8 @@ class RunSummary:
     culled: int
     wall_s: float
     fit: FitResult
+    surgeries: tuple[dict[str, object], ...] = ()
+    """The architecture changes committed (``DemoConfig.surgery``)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,7 @@ async def _run(
         compiler=compiler,
         telemetry=telemetry,
         controller=HeuristicController(cfg.controller, seed=cfg.seed),
+        surgery=SurgeryPolicyConfig(cooldown_steps=0) if grow and cfg.surgery else None,
     )
     checkpoints = None if cfg.run_dir is None else Path(cfg.run_dir) / "checkpoints" / label
     fit = await trainer.fit(
@@ -204,6 +211,7 @@ async def _run(
         culled=fit.count(SeedState.CULLED),
         wall_s=fit.wall_s,
         fit=fit,
+        surgeries=tuple(trainer.surgeries),
     )
 
 
