@@ -7,7 +7,9 @@ probe batch: shapes, function preservation, gradient reachability) and the commi
 coverage, budget). The change is then undone outside the timed region, so every sample starts from
 the same model. Rollback is timed separately: a transaction whose block raises after staging a
 widening; the baseline it is compared with is the naive snapshot (``copy.deepcopy`` of the model and
-of the optimizer's state dict) that the journal avoids.
+of the optimizer's state dict) that the journal avoids. ``floor`` gives, per operation, the work no
+implementation of it can skip (the probe forward up to its region, writing the tensors it creates),
+timed on its own: the distance from an operation's p50 to its floor is what surgery itself adds.
 
 Usage: ``python benchmarks/bench_surgery.py [--quick] [--threads N] [--out PATH]``
 """
@@ -209,9 +211,10 @@ async def _floors(
     * ``new_megabytes`` and ``write_new_ms``: the parameters and optimizer-state tensors the
       operation creates (present after it, not before), and the time to allocate and fill
       tensors of those shapes (all kept alive until the last is written, as the operation must).
-    """
-    from esper_async.surgery._context import SurgeryContext
 
+    Both run in a worker thread, as a transaction's work does. The new region's own forward (also
+    needed) is left out, so the floor is a lower bound.
+    """
     floors: dict[str, Any] = {}
     for name, factory in operations().items():
         before = _tensor_ids(model, optimizer)
@@ -222,15 +225,15 @@ async def _floors(
         created = [t for key, t in _tensors(model, optimizer).items() if key not in before]
         state.restore()
         module = model.get_submodule(region) if region else model
-        forward_ms, write_ms = [], []
+        forward_ms: list[float] = []
+        write_ms: list[float] = []
         for _ in range(repeats):
-            started = time.perf_counter()
-            SurgeryContext(model, optimizer, probe).capture([module], operation=name)
-            forward_ms.append((time.perf_counter() - started) * 1e3)
-            started = time.perf_counter()
-            written = [torch.empty_like(t).copy_(t) for t in created]
-            write_ms.append((time.perf_counter() - started) * 1e3)
-            del written
+            # In a worker thread, where a transaction does this work (its malloc arena differs).
+            forward, write = await anyio.to_thread.run_sync(
+                _floor_sample, model, optimizer, probe, module, created
+            )
+            forward_ms.append(forward)
+            write_ms.append(write)
         floors[name] = {
             "region": region,
             "forward_to_region_ms": round(statistics.median(forward_ms), 3),
@@ -238,6 +241,26 @@ async def _floors(
             "write_new_ms": round(statistics.median(write_ms), 3),
         }
     return floors
+
+
+def _floor_sample(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    probe: torch.Tensor,
+    module: nn.Module,
+    created: list[torch.Tensor],
+) -> tuple[float, float]:
+    """Milliseconds of one probe forward cut after ``module``, and of writing ``created`` anew."""
+    from esper_async.surgery._context import SurgeryContext
+
+    started = time.perf_counter()
+    SurgeryContext(model, optimizer, probe).capture([module], operation="floor")
+    forward = (time.perf_counter() - started) * 1e3
+    started = time.perf_counter()
+    written = [torch.empty_like(t).copy_(t) for t in created]
+    write = (time.perf_counter() - started) * 1e3
+    del written
+    return forward, write
 
 
 def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
