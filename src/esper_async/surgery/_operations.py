@@ -3,8 +3,8 @@
 An operation is a small frozen dataclass with ``preserves_function``, ``describe()`` and
 ``apply(ctx)``. ``apply`` runs inside a transaction and changes the model only through the
 :class:`~esper_async.surgery._context.SurgeryContext`, which journals every change for rollback; it
-never writes into an existing tensor or module (see ``_context``). The transaction adds new parameters to
-the optimizer and drops removed ones after each operation.
+never writes into an existing tensor or module (see ``_context``). The transaction adds new
+parameters to the optimizer and drops removed ones after each operation.
 """
 
 from __future__ import annotations
