@@ -319,8 +319,9 @@ def test_control_plane_broadcasts_fails_alike_and_catches_divergence(tmp_path: P
         assert rank["structure"] == ["structure", [1]]
 
 
-def _check_fault(out: Path) -> None:
-    """Rank program: a seed fails on rank 1's data only; both ranks blame it and cull it alike."""
+def _check_fault(out: Path, oom: bool = False) -> None:
+    """Rank program: a seed fails on rank 1's data only (raises, or runs out of memory); both
+    ranks blame it, for the same kind of failure, and cull it alike."""
     import torch
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -329,7 +330,7 @@ def _check_fault(out: Path) -> None:
     from esper_async.blueprints import build, library
     from esper_async.demo import DigitsHost
     from esper_async.distributed import RankMeanLoss, check_ranks_in_sync, init_distributed
-    from esper_async.reliability import Governor, StepGuard
+    from esper_async.reliability import Governor, StepGuard, is_out_of_memory
     from esper_async.reliability._errors import LossAnomaly
     from esper_async.seeds import find_slots, wrap
 
@@ -355,6 +356,8 @@ def _check_fault(out: Path) -> None:
         def forward(self, h: torch.Tensor) -> torch.Tensor:
             self.calls += 1
             if ctx.rank == 1 and self.calls >= 3:
+                if oom:
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated on this shard)")
                 raise RuntimeError("bad input on this shard")
             return self.inner(h)
 
@@ -374,7 +377,7 @@ def _check_fault(out: Path) -> None:
                 losses.append(guard.step(x, y))
                 break
             except SeedRuntimeError as exc:
-                events.append([step, exc.slot])
+                events.append([step, exc.slot, is_out_of_memory(exc)])
                 slots[exc.slot].cull("failed")
                 ddp = DistributedDataParallel(model)  # the structure changed: re-wrap
             except LossAnomaly as exc:
@@ -388,17 +391,23 @@ def _check_fault(out: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_seed_failing_on_one_rank_is_culled_on_every_rank(tmp_path: Path) -> None:
-    lead, follow = _launch([str(Path(__file__).resolve()), "fault", str(tmp_path)], tmp_path)
-    # Rank 1's seed raised at the third step; rank 0's did not, yet both blamed it there.
-    assert lead["events"] == follow["events"] == [[2, "fc1"]]
+@pytest.mark.parametrize("case", ["fault", "fault-oom"])
+def test_a_seed_failing_on_one_rank_is_culled_on_every_rank(tmp_path: Path, case: str) -> None:
+    lead, follow = _launch([str(Path(__file__).resolve()), case, str(tmp_path)], tmp_path)
+    # Rank 1's seed failed at the third step; rank 0's did not, yet both blamed it there, for
+    # the same kind of failure (an OOM also pauses growth, so the ranks must agree on it).
+    assert lead["events"] == follow["events"] == [[2, "fc1", case == "fault-oom"]]
     assert lead["states"] == follow["states"] == {"conv1": "training", "fc1": "culled"}
     assert lead["losses"] == follow["losses"] and len(lead["losses"]) == 6
     assert lead["digest"] == follow["digest"]
 
 
 if __name__ == "__main__":
-    cases = {"control": _check_control, "fault": _check_fault}
+    cases = {
+        "control": _check_control,
+        "fault": _check_fault,
+        "fault-oom": lambda out: _check_fault(out, oom=True),
+    }
     if sys.argv[1] not in cases:
         sys.exit(f"no rank program {sys.argv[1]!r}; the cases are {sorted(cases)}")
     cases[sys.argv[1]](Path(sys.argv[2]))

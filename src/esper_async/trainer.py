@@ -78,7 +78,7 @@ from .reliability import (
 )
 from .reliability._config import ReliabilityConfig
 from .reliability._errors import LossAnomaly, is_out_of_memory
-from .reliability._guard import StepGuard
+from .reliability._guard import StepConsensus, StepGuard
 from .reliability._incidents import Incident, IncidentKind
 from .reliability._persist import apply_checkpoint, checkpoint_payload
 from .seeds import SeedSlot, SeedState, find_slots
@@ -524,7 +524,7 @@ class Trainer:
             case Fossilize(reason=reason):
                 self._tracked(slot, slot.fossilize, reason)
                 if self.surgery is not None:
-                    self.surgery.record_fossilized(slot.slot_name)
+                    self.surgery.record_fossilized(self._module_path(slot))
             case Cull(reason=reason):
                 self._cull(slot, reason)
             case Release(reason=reason):
@@ -674,18 +674,22 @@ class Trainer:
             SPAN_SURGERY, surgery__op=operation.describe(), slot=operation.target,
             epoch=self.epoch, step=self.step,
         ) as span:
+            refusal: SurgeryError | None = None
             try:
                 await self.surgeon.apply(self.model, self.optimizer, operation, probe=probe)
             except SurgeryError as exc:
+                refusal = exc
+            self._agree_on_surgery(operation, committed=refusal is None)
+            if refusal is not None:
                 self.surgery.rejected(operation)
                 span.set_attribute("esper.outcome", "rejected")
                 with self.telemetry.span(
                     SPAN_ROLLBACK, surgery__op=operation.describe(),
-                    error__type=type(exc).__name__,
+                    error__type=type(refusal).__name__,
                 ):
                     pass
                 log.warning(
-                    "surgery rejected", operation=operation.describe(), error=str(exc),
+                    "surgery rejected", operation=operation.describe(), error=str(refusal),
                     epoch=self.epoch, step=self.step,
                 )
                 return
@@ -703,6 +707,32 @@ class Trainer:
         # The last snapshot has the old shapes: a rollback must land on the new structure.
         if not self.governor.offer(await self._snapshot()):
             self.governor.snapshot = None
+
+    def _module_path(self, module: nn.Module) -> str:
+        """``module``'s dotted path in the model (a slot's name is its path in the module that
+        :func:`~esper_async.wrap` was given, which may sit deeper in the trainer's model)."""
+        for name, candidate in self.model.named_modules():
+            if candidate is module:
+                return name
+        raise ValueError(f"{type(module).__name__} is not part of the trainer's model")
+
+    def _agree_on_surgery(self, operation: Any, *, committed: bool) -> None:
+        """Under data parallelism (a :class:`StepConsensus` loss), check that every rank reached
+        the same outcome. Every rank validated the same operation on the same probe and equal
+        parameters, so they agree unless numerics differ between devices; if they do not, the
+        models now differ and the run stops here, on every rank, rather than hang in DDP.
+
+        :raises EsperError: some rank committed the operation and another refused it.
+        """
+        if not isinstance(self.loss_fn, StepConsensus):
+            return
+        everywhere = self.loss_fn.agree_all(committed)
+        nowhere = self.loss_fn.agree_all(not committed)
+        if not (everywhere or nowhere):
+            raise EsperError(
+                f"surgery {operation.describe()} was committed on some ranks and refused on "
+                "others: the ranks' models differ; resume from the last checkpoint"
+            )
 
     # --- faults: seeds that fail, losses that go bad -------------------------------------------
 
@@ -757,7 +787,6 @@ class Trainer:
             ) from cause or anomaly
         if snapshot is not None:
             snapshot.restore(self.model, self.optimizer, self.slots, self._extras())
-            self._rewrap()
             self._resume_compiles()
             for slot in self.slots.values():  # seeds culled for faults since stay culled
                 if slot.seed is not None and id(slot.seed) in self._faulty and slot.lifecycle.live:
@@ -766,6 +795,9 @@ class Trainer:
             if culprit.blueprint is not None:
                 self.breakers[culprit.blueprint.id].record_failure(kind.value)
             self._cull(culprit, f"caused a {kind.value} (loss {anomaly.loss:.4g})")
+        # A fresh wrapper even with nothing restored: a DDP whose forward raised mid-way on one
+        # rank keeps per-step state the other ranks' wrappers do not (see StepConsensus).
+        self._rewrap()
         self.admission.set_loaded(self._loaded_bytes())
 
     def _loaded_bytes(self) -> int:

@@ -60,7 +60,13 @@ class RankMeanLoss:
         return float(total) / self.ctx.world_size
 
     def agree_culprit(self, index: int) -> int:
-        """The largest slot index any rank found to blame (-1: no rank found one)."""
+        """The largest culprit code any rank found (-1: no rank found one)."""
         found = torch.tensor([index], dtype=torch.int64)
         dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.ctx.group)
         return int(found)
+
+    def agree_all(self, ok: bool) -> bool:
+        """Whether ``ok`` on every rank (an all-reduce of the minimum)."""
+        flag = torch.tensor([int(ok)], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.ctx.group)
+        return bool(flag)

@@ -23,6 +23,7 @@ is then the same everywhere and the ranks stay in step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
@@ -33,6 +34,9 @@ from .._exceptions import SeedRuntimeError
 from ..seeds import SeedSlot
 from ._errors import LossAnomaly, is_out_of_memory
 from ._governor import Governor
+
+#: How a seed failed, in the order the ranks' agreement prefers (the largest wins).
+_NON_FINITE, _RAISED, _OOM = 0, 1, 2
 
 __all__ = ("StepConsensus", "StepGuard")
 
@@ -52,8 +56,13 @@ class StepConsensus(Protocol):
         ...
 
     def agree_culprit(self, index: int) -> int:
-        """The culprit every rank will name: ``index`` is this rank's finding (a position in the
-        sorted slot names, -1 for none); the result is the same on every rank."""
+        """The culprit every rank will name: ``index`` is this rank's finding (a non-negative
+        code, -1 for none); the result — the largest code any rank found — is the same on every
+        rank."""
+        ...
+
+    def agree_all(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (the same answer on every rank)."""
         ...
 
 
@@ -91,7 +100,8 @@ class StepGuard:
         except SeedRuntimeError:
             if consensus is None:
                 raise
-            value = consensus.failed_forward()  # the other ranks are in the loss's collective
+            consensus.failed_forward()  # the other ranks are in the loss's collective
+            value = math.nan  # this rank has no loss: the step is bad here, whatever the mean
         else:
             value = float(loss.detach())
         verdict = self.governor.judge(value)
@@ -135,16 +145,25 @@ class StepGuard:
     def _agree(
         self, consensus: StepConsensus, found: SeedRuntimeError | None
     ) -> SeedRuntimeError | None:
-        """The culprit every rank names (the highest-ordered slot any rank found), or none."""
+        """The failure every rank names — the highest-ordered slot any rank found, and how it
+        failed (out of memory over raised over non-finite, since the trainer's reaction depends
+        on it) — or none."""
         names = sorted(self.slots)
-        agreed = consensus.agree_culprit(-1 if found is None else names.index(found.slot))
+        mine = -1 if found is None else 3 * names.index(found.slot) + _failure_kind(found)
+        agreed = consensus.agree_culprit(mine)
         if agreed < 0:
             return None
-        if found is not None and found.slot == names[agreed]:
+        if agreed == mine:
             return found
-        return SeedRuntimeError(
-            f"the seed in slot {names[agreed]!r} failed on another rank's data", slot=names[agreed]
+        slot, kind = names[agreed // 3], agreed % 3
+        error = SeedRuntimeError(
+            f"the seed in slot {slot!r} failed on another rank's data", slot=slot
         )
+        if kind == _OOM:
+            error.__cause__ = torch.OutOfMemoryError("out of memory on another rank")
+        elif kind == _RAISED:
+            error.__cause__ = RuntimeError("raised on another rank")
+        return error
 
     @staticmethod
     @contextmanager
@@ -156,3 +175,10 @@ class StepGuard:
         finally:
             for slot in slots:
                 slot.check_finite = False
+
+
+def _failure_kind(exc: SeedRuntimeError) -> int:
+    """How a seed failed, as the trainer tells it apart (see ``Trainer._seed_failed``)."""
+    if is_out_of_memory(exc):
+        return _OOM
+    return _RAISED if exc.__cause__ is not None else _NON_FINITE
