@@ -61,8 +61,8 @@ class DDPDemoConfig:
         defaults).
     :ivar surgery: widen slots whose seeds fossilize (``None``: no surgery). Every rank runs the
         same policy on the same inputs — the fossilizations rank 0 decided and broadcast, the step
-        count, the whole validation split as probe — so every rank proposes, validates and commits
-        the same operation; the DDP rebuild after it checks the ranks' parameter shapes.
+        count, the first 64 validation examples as probe — so every rank proposes, validates and
+        commits the same operation; the ranks then check that they agree on the outcome.
     """
 
     epochs: int = 20

@@ -186,13 +186,6 @@ class _HostCopier:
             stream.synchronize()
 
 
-def _to_cpu(value: Any) -> Any:
-    copier = _HostCopier()
-    out = copier(value)
-    copier.wait()
-    return out
-
-
 def _all_finite(tensors: Any) -> bool:
     """Whether every floating tensor is finite: one reduction and one read per device."""
     flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]

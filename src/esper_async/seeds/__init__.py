@@ -6,6 +6,7 @@ from ._lifecycle import Lifecycle as Lifecycle
 from ._lifecycle import SeedState as SeedState
 from ._slot import HealthSignals as HealthSignals
 from ._slot import SeedSlot as SeedSlot
+from ._slot import UnitMap as UnitMap
 from ._wrap import find_slots as find_slots
 from ._wrap import wrap as wrap
 
@@ -16,6 +17,7 @@ __all__ = (
     "Lifecycle",
     "SeedSlot",
     "SeedState",
+    "UnitMap",
     "find_slots",
     "wrap",
 )
