@@ -145,20 +145,24 @@ async def test_a_non_writing_rank_writes_no_checkpoint_but_resumes_from_the_writ
     tmp_path: Path,
 ) -> None:
     """Under DDP only rank 0 writes (``writes_checkpoints=ctx.is_leader``); the others resume from
-    the same directory. Two trainers stand in for the two ranks of one job."""
-    val = _loaders()[1]
+    the same directory. Trainers in one process stand in for the ranks of one job."""
+    train, val = _loaders()
     silent_dir, shared = tmp_path / "silent", tmp_path / "shared"
     silent = Trainer(_model(), grow=False, writes_checkpoints=False)
-    await silent.fit(_loaders()[0], val, epochs=2, checkpoint_dir=silent_dir)
+    await silent.fit(train, val, epochs=2, checkpoint_dir=silent_dir)
     assert not list(silent_dir.glob("*.pt"))
+
+    straight = Trainer(_model(), grow=False)
+    await straight.fit(train, val, epochs=3)
     writer = Trainer(_model(), grow=False)
-    await writer.fit(_loaders()[0], val, epochs=2, checkpoint_dir=shared)
-    assert list(shared.glob("*.pt"))
-    reader_model = _model()
-    reader = Trainer(reader_model, grow=False, writes_checkpoints=False)
-    await reader.fit(_loaders()[0], val, epochs=2, checkpoint_dir=shared, resume=True)
-    assert reader.step == writer.step
-    state, want = reader_model.state_dict(), writer.model.state_dict()
+    await writer.fit(train, val, epochs=2, checkpoint_dir=shared)  # stopped after epoch 2 of 3
+    written = sorted(shared.glob("*.pt"))
+    assert written
+    reader = Trainer(_model(), grow=False, writes_checkpoints=False)
+    await reader.fit(train, val, epochs=3, checkpoint_dir=shared, resume=True)
+    assert sorted(shared.glob("*.pt")) == written  # the reader trained on, and wrote nothing
+    assert reader.step == straight.step
+    state, want = reader.model.state_dict(), straight.model.state_dict()
     assert all(torch.equal(state[k], want[k]) for k in want)
 
 

@@ -90,10 +90,24 @@ async def test_widening_a_slot_with_a_seed_preserves_the_output(
     model, opt = _model({"conv1": state, "conv2": state, "fc1": state})
     slot = find_slots(model)[target]
     seed = slot.seed
+    assert seed is not None
     expected = evaluate(model, X)
     width = slot.host.out_features if target == "fc1" else slot.host.out_channels  # type: ignore[union-attr]
 
+    def seed_grads() -> list[torch.Tensor]:
+        # A TRAINING slot outputs exactly h, so only the seed's gradient shows its unit map: the
+        # widened units' consumer fractions sum to one, so it must not change.
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        model(X).logsumexp(dim=1).mean().backward()
+        return [p.grad.clone() for p in seed.parameters() if p.grad is not None]
+
+    grads = seed_grads()
     await ModelSurgeon().apply(model, opt, WidenSlot(target, width + 3, seed=5), probe=X[:8])
+    after = seed_grads()
+    assert grads and len(after) == len(grads)
+    for g0, g1 in zip(grads, after, strict=True):
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
 
     assert slot.seed is seed and slot.state is state
     assert slot.unit_map is not None and len(slot.unit_map.index) == width + 3
