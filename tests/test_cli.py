@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
+import structlog
 import torch
 
 from esper_async.cli import main
@@ -17,6 +19,15 @@ EAGER = ControllerConfig(
     plateau_patience=1, plateau_tolerance=1.0, max_live_seeds=3,
     training_epochs=1, blend_epochs=1, probation_epochs=1, embargo_epochs=1,
 )
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging_config() -> Iterator[None]:
+    """``main`` configures structlog to print to the stream that is ``sys.stderr`` now (pytest's
+    capture, closed after the test): put the configuration back for the tests that follow."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def test_an_unknown_device_is_refused_before_training(capsys: pytest.CaptureFixture[str]) -> None:
