@@ -125,9 +125,8 @@ def load_checkpoint(
     are replayed on it. Build the trainer after this, set its ``step`` to :attr:`Restored.step`
     and its ``surgeries`` to ``restored.record["surgery"]``.
 
-    :param surgery: the surgery policy the trainer will use: its saved counts are restored.
-
     :param checkpoints: the directory rank 0 wrote to (every rank must be able to read it).
+    :param surgery: the surgery policy the trainer will use: its saved counts are restored.
     :raises CheckpointError: if there is no checkpoint, or it does not load, or does not fit.
     :raises RankDivergenceError: if the ranks disagree after restoring.
     """
