@@ -57,15 +57,7 @@ def _rank_program(args: argparse.Namespace) -> None:
             seed=args.seed,
             batch_size=args.batch_size,
             limit=args.limit,
-            controller=ControllerConfig(
-                plateau_patience=1,
-                plateau_tolerance=1.0,
-                max_live_seeds=args.max_live,
-                training_epochs=1,
-                blend_epochs=1,
-                probation_epochs=1,
-                embargo_epochs=1,
-            ),
+            controller=ControllerConfig.eager(max_live_seeds=args.max_live),
             store=str(Path(args.workdir) / f"store-world{ctx.world_size}"),
             forms=tuple(args.forms.split(",")) if args.forms else None,
         )

@@ -25,17 +25,6 @@ from esper_async.controller import ControllerConfig
 from esper_async.distributed import DDPDemoConfig, init_distributed, run_ddp_demo
 from esper_async.surgery import SurgeryPolicyConfig
 
-# Grow at once and move fast: germinate on the first plateau check, one epoch per stage.
-EAGER = ControllerConfig(
-    plateau_patience=1,
-    plateau_tolerance=1.0,
-    max_live_seeds=2,
-    training_epochs=1,
-    blend_epochs=1,
-    probation_epochs=1,
-    embargo_epochs=1,
-)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -58,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    controller = EAGER if args.eager else ControllerConfig()
+    controller = ControllerConfig.eager(max_live_seeds=2) if args.eager else ControllerConfig()
     if args.max_live is not None:
         controller = dataclasses.replace(controller, max_live_seeds=args.max_live)
     ctx = init_distributed(backend=args.backend)

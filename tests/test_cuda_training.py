@@ -20,11 +20,7 @@ from esper_async.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# Grow at once and move fast: germinate on the first epoch, one epoch per stage.
-EAGER = ControllerConfig(
-    plateau_patience=1, plateau_tolerance=1.0, max_live_seeds=3,
-    training_epochs=1, blend_epochs=1, probation_epochs=1, embargo_epochs=1,
-)
+EAGER = ControllerConfig.eager()
 
 
 @pytest.fixture

@@ -8,16 +8,7 @@ from esper_async.controller import ControllerConfig
 from esper_async.demo import DemoConfig, run_demo
 from esper_async.seeds import SeedState
 
-# Grow at once and move fast: germinate on the first epoch, one epoch per stage.
-EAGER = ControllerConfig(
-    plateau_patience=1,
-    plateau_tolerance=1.0,
-    max_live_seeds=3,
-    training_epochs=1,
-    blend_epochs=1,
-    probation_epochs=1,
-    embargo_epochs=1,
-)
+EAGER = ControllerConfig.eager()
 
 
 def test_reduced_demo_grows_and_judges_seeds() -> None:

@@ -158,6 +158,15 @@ class ControllerConfig:
     fossilize_margin: float = 0.0
     param_rent: float = 1e-6
 
+    @classmethod
+    def eager(cls, *, max_live_seeds: int = 3) -> ControllerConfig:
+        """Grow at once and move fast: germinate at the first plateau check (any epoch counts as
+        a plateau), one epoch per stage. For quick runs, examples and tests, not for results."""
+        return cls(
+            plateau_patience=1, plateau_tolerance=1.0, max_live_seeds=max_live_seeds,
+            training_epochs=1, blend_epochs=1, probation_epochs=1, embargo_epochs=1,
+        )
+
 
 def plateaued(history: Sequence[EpochReport], patience: int, tolerance: float) -> bool:
     """Whether the best validation loss of the last ``patience`` epochs failed to beat the best

@@ -13,10 +13,7 @@ import torch
 from esper_async.controller import ControllerConfig
 from esper_async.demo import DemoConfig, run_demo
 
-EAGER = ControllerConfig(
-    plateau_patience=1, plateau_tolerance=1.0, max_live_seeds=3, training_epochs=1,
-    blend_epochs=1, probation_epochs=1, embargo_epochs=1,
-)
+EAGER = ControllerConfig.eager()
 
 
 def config(run_dir: str, store: str, epochs: int) -> DemoConfig:
