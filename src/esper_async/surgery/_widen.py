@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._exceptions import SurgeryError
 from ._context import SurgeryContext
 
-__all__ = ("Widen", "find_consumers")
+__all__ = ("Widen", "find_consumers", "traced_call")
 
 # Modules and functions acting on each unit independently: a widened unit's replicas stay replicas.
 _ELEMENTWISE_MODULES = (
@@ -84,6 +84,36 @@ class _ChildLeafTracer(fx.Tracer):
         return id(m) in self._children or super().is_leaf_module(m, module_qualified_name)
 
 
+def traced_call(
+    model: nn.Module, target: str, *, operation: str, hint: str = ""
+) -> tuple[nn.Module, str, fx.Node]:
+    """Trace ``target``'s parent one level deep and find the one node that calls ``target``.
+
+    :return: ``(parent, prefix, node)``: the parent module, its dotted path plus ``"."`` (empty
+        for the root), and the ``call_module`` node.
+    :raises SurgeryError: the parent cannot be traced, or calls ``target`` other than once.
+    """
+    parent_path, _, name = target.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    prefix = f"{parent_path}." if parent_path else ""
+    suffix = f"; {hint}" if hint else ""
+    try:
+        graph = _ChildLeafTracer(parent).trace(parent)
+    except Exception as exc:
+        raise SurgeryError(
+            f"{operation}: cannot trace {parent_path or 'the root'!r} with torch.fx to find what "
+            f"{target!r} feeds ({exc}){suffix}",
+            operation=operation,
+        ) from exc
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if len(calls) != 1:
+        raise SurgeryError(
+            f"{operation}: {target!r} is called {len(calls)} times in its parent's forward{suffix}",
+            operation=operation,
+        )
+    return parent, prefix, calls[0]
+
+
 def find_consumers(
     model: nn.Module, target: str, width: int, *, operation: str
 ) -> tuple[list[str], list[str]]:
@@ -101,27 +131,11 @@ def find_consumers(
         width cannot simply grow (an addition, a concatenation, a reshape, the parent's output);
         pass ``consumers=`` (and ``norms=``) explicitly then.
     """
-    parent_path, _, name = target.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    prefix = f"{parent_path}." if parent_path else ""
     hint = "pass consumers= (and norms=) to Widen explicitly"
-    try:
-        graph = _ChildLeafTracer(parent).trace(parent)
-    except Exception as exc:
-        raise SurgeryError(
-            f"{operation}: cannot trace {parent_path or 'the root'!r} with torch.fx to find what "
-            f"{target!r} feeds ({exc}); {hint}",
-            operation=operation,
-        ) from exc
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
-    if len(calls) != 1:
-        raise SurgeryError(
-            f"{operation}: {target!r} is called {len(calls)} times in its parent's forward; {hint}",
-            operation=operation,
-        )
+    parent, prefix, call = traced_call(model, target, operation=operation, hint=hint)
     norms: list[str] = []
     consumers: list[str] = []
-    frontier, seen = list(calls[0].users), set()
+    frontier, seen = list(call.users), set()
     while frontier:
         node = frontier.pop()
         if node in seen:

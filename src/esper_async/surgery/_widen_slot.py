@@ -30,13 +30,13 @@ from ..seeds._slot import UnitMap
 from ._context import SurgeryContext
 from ._widen import (
     _carry_state,
-    _ChildLeafTracer,
     _classify,
     _replication,
     _widened_consumer,
     _widened_norm,
     _widened_producer,
     _width_of,
+    traced_call,
 )
 
 __all__ = ("SlotConsumer", "WidenSlot", "find_slot_consumers")
@@ -81,27 +81,11 @@ def find_slot_consumers(
         output reaches something whose input cannot simply grow (an addition, a reshape other
         than a conv's ``flatten(1)``, the parent's output).
     """
-    parent_path, _, name = slot_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    prefix = f"{parent_path}." if parent_path else ""
-    try:
-        graph = _ChildLeafTracer(parent).trace(parent)
-    except Exception as exc:
-        raise SurgeryError(
-            f"{operation}: cannot trace {parent_path or 'the root'!r} with torch.fx to find what "
-            f"{slot_path!r} feeds ({exc})",
-            operation=operation,
-        ) from exc
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
-    if len(calls) != 1:
-        raise SurgeryError(
-            f"{operation}: {slot_path!r} is called {len(calls)} times in its parent's forward",
-            operation=operation,
-        )
+    parent, prefix, call = traced_call(model, slot_path, operation=operation)
     norms: list[str] = []
     consumers: dict[str, SlotConsumer] = {}
     # (node, whether the slot's output was flattened on the way to it)
-    frontier: list[tuple[fx.Node, bool]] = [(user, False) for user in calls[0].users]
+    frontier: list[tuple[fx.Node, bool]] = [(user, False) for user in call.users]
     seen: set[tuple[fx.Node, bool]] = set()
     while frontier:
         node, flat = frontier.pop()
