@@ -5,7 +5,6 @@ the device machine (see the closing note of issue 5)."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -21,14 +20,6 @@ from esper_async.trainer import Trainer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 EAGER = ControllerConfig.eager()
-
-
-@pytest.fixture
-def deterministic_cudnn() -> Iterator[None]:
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 def _batches(n: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

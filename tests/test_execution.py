@@ -4,7 +4,6 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Iterator
 
 import anyio
 import anyio.lowlevel
@@ -22,14 +21,6 @@ from esper_async._execution import (
 from esper_async.streams import BridgeKind, StreamError
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture
-def deterministic_cudnn() -> Iterator[None]:
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 class StepFailed(Exception):

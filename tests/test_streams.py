@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -253,14 +253,6 @@ async def test_cancelled_wait_leaves_the_bridge_usable(kind: BridgeKind) -> None
 
 
 # --- CUDA: seeds on side streams ---
-
-
-@pytest.fixture
-def deterministic_cudnn() -> Iterator[None]:
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 @CUDA
