@@ -85,6 +85,8 @@ class StepGuard:
         self.loss_fn = loss_fn
         self.slots = slots
         self.governor = governor
+        # Checked once, not per step: a runtime Protocol check inspects attributes.
+        self._consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on ``(x, y)``; returns the loss.
@@ -94,7 +96,7 @@ class StepGuard:
             seed (nothing updated).
         """
         self.optimizer.zero_grad(set_to_none=True)
-        consensus = self.loss_fn if isinstance(self.loss_fn, StepConsensus) else None
+        consensus = self._consensus
         try:
             loss = self.loss_fn(self.forward(x), y)
         except SeedRuntimeError:
@@ -132,8 +134,8 @@ class StepGuard:
                     self.forward(x)
                 except SeedRuntimeError as exc:
                     found = exc
-            if isinstance(self.loss_fn, StepConsensus):
-                found = self._agree(self.loss_fn, found)
+            if self._consensus is not None:
+                found = self._agree(self._consensus, found)
             return found if found is not None else LossAnomaly("non_finite", value)
         for slot in live:
             with slot.ablated():
