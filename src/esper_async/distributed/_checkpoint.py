@@ -19,7 +19,6 @@ from typing import Any
 
 import structlog
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .._exceptions import SurgeryError
@@ -38,9 +37,8 @@ log = structlog.get_logger(__name__)
 
 
 def _broadcast_path(ctx: RankContext, path: str | None) -> str | None:
-    box: list[Any] = [path]
-    dist.broadcast_object_list(box, src=ctx.LEADER, group=ctx.group)
-    return box[0]  # type: ignore[no-any-return]
+    found: str | None = ctx.channel.broadcast_object(path, ctx.LEADER)
+    return found
 
 
 def save_checkpoint(
