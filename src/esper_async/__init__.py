@@ -12,6 +12,7 @@ from ._exceptions import KernelError as KernelError
 from ._exceptions import KernelIntegrityError as KernelIntegrityError
 from ._exceptions import KernelValidationError as KernelValidationError
 from ._exceptions import LifecycleError as LifecycleError
+from ._exceptions import LoaderError as LoaderError
 from ._exceptions import NoLegalArmError as NoLegalArmError
 from ._exceptions import SeedRuntimeError as SeedRuntimeError
 from ._exceptions import SelectionError as SelectionError
@@ -150,6 +151,7 @@ __all__ = (
     "LagStats",
     "LifecycleError",
     "LinUCB",
+    "LoaderError",
     "LoopLagMonitor",
     "ModelSurgeon",
     "NoLegalArmError",

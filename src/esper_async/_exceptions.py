@@ -22,6 +22,7 @@ boundary where they occur and chained with ``raise ... from exc``.
     ├── SeedRuntimeError          a grafted kernel failed or produced non-finite values
     ├── StreamError               a CUDA stream operation failed, or CUDA is needed and absent
     ├── TelemetryConfigError      telemetry was configured in a way that cannot work
+    ├── LoaderError               a data loader yields no batches, or cannot be iterated again
     ├── CheckpointError           (esper_async.reliability) a checkpoint cannot be written or read
     ├── GovernorError             (esper_async.reliability) rolling back did not make training sound
     └── DistributedError          (esper_async.distributed) ranks disagree or cannot coordinate
@@ -42,6 +43,7 @@ __all__ = (
     "KernelIntegrityError",
     "KernelValidationError",
     "LifecycleError",
+    "LoaderError",
     "NoLegalArmError",
     "SeedRuntimeError",
     "SelectionError",
@@ -194,3 +196,15 @@ class StreamError(EsperError, RuntimeError):
 class TelemetryConfigError(EsperError, ValueError):
     """Telemetry was configured in a way that cannot work (an exporter that is not installed,
     a malformed endpoint, an unreadable trace file)."""
+
+
+class LoaderError(EsperError, ValueError):
+    """A training or validation loader cannot be used: it yielded no batches, or it is a one-shot
+    iterator (a generator) that a run of several epochs would find empty after the first.
+
+    :ivar loader: ``"training"`` or ``"validation"``.
+    """
+
+    def __init__(self, message: str, *, loader: str) -> None:
+        super().__init__(message)
+        self.loader = loader

@@ -511,7 +511,7 @@ def _fill(
     report.committed_data_lost = lost
     report.checkpoints_verified = verified
     report.non_finite_losses_recorded = sum(
-        not math.isfinite(r.train_loss) for r in fit.history
+        r.train_loss is not None and not math.isfinite(r.train_loss) for r in fit.history
     )
     report.incidents = dict(sorted(Counter(i.kind.value for i in fit.incidents).items()))
     report.rollbacks = trainer.governor.rollbacks
