@@ -56,6 +56,8 @@ from .kernels import load_kernel as load_kernel
 from .reliability import Backoff as Backoff
 from .reliability import BreakerConfig as BreakerConfig
 from .reliability import CheckpointError as CheckpointError
+from .reliability import CheckpointIntegrityError as CheckpointIntegrityError
+from .reliability import CheckpointMismatchError as CheckpointMismatchError
 from .reliability import CheckpointStore as CheckpointStore
 from .reliability import FaultKind as FaultKind
 from .reliability import GovernorConfig as GovernorConfig
@@ -117,6 +119,8 @@ __all__ = (
     "BridgeKind",
     "BroadcastController",
     "CheckpointError",
+    "CheckpointIntegrityError",
+    "CheckpointMismatchError",
     "CheckpointStore",
     "CompileError",
     "CompileTimeoutError",
