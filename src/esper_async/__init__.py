@@ -7,6 +7,7 @@ built from blueprints — that are blended in and then kept or removed.
 from ._exceptions import BlueprintError as BlueprintError
 from ._exceptions import CompileError as CompileError
 from ._exceptions import CompileTimeoutError as CompileTimeoutError
+from ._exceptions import DemoConfigError as DemoConfigError
 from ._exceptions import EsperError as EsperError
 from ._exceptions import KernelError as KernelError
 from ._exceptions import KernelIntegrityError as KernelIntegrityError
@@ -128,6 +129,7 @@ __all__ = (
     "ControllerBroadcastError",
     "ControllerConfig",
     "DemoConfig",
+    "DemoConfigError",
     "DiscountedUCB",
     "DistributedError",
     "EpochReport",
