@@ -26,7 +26,6 @@ import io
 import os
 import struct
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,7 +58,7 @@ def unseal(data: bytes, *, path: str) -> bytes:
     if len(data) < size or data[-size : -size + len(MAGIC)] != MAGIC:
         if data[-_ZIP_END_SIZE : -_ZIP_END_SIZE + len(_ZIP_END)] == _ZIP_END:
             why = ("has no digest: it was written by an older esper_async, and unverified "
-                   "checkpoints are refused")
+                   "checkpoints are refused; resume from a newer one or start the run anew")
         else:
             why = "does not end with its digest trailer: it is truncated or has bytes appended"
         raise CheckpointIntegrityError(f"checkpoint {path} {why}", path=path)
@@ -92,7 +91,10 @@ def decode(data: bytes, *, path: str) -> dict[str, Any]:
     :raises CheckpointIntegrityError: if the seal does not verify, or the payload does not
         deserialise into a dict.
     """
-    payload = unseal(data, path=path)
+    return _deserialise(unseal(data, path=path), path)
+
+
+def _deserialise(payload: bytes, path: str) -> dict[str, Any]:
     try:
         loaded = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -114,7 +116,18 @@ def read_verified(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     name = str(path)
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size >= _TRAILER.size:
+                f.seek(size - _TRAILER.size)
+                magic, length, digest = _TRAILER.unpack(f.read(_TRAILER.size))
+                if magic == MAGIC and length == size - _TRAILER.size:
+                    f.seek(0)
+                    payload = f.read(length)  # one copy in memory: torch reads it in place
+                    if len(payload) == length and hashlib.sha256(payload).digest() == digest:
+                        return _deserialise(payload, name)
+            f.seek(0)
+            data = f.read()  # damaged: read it whole to say how
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {name}: {exc}", path=name) from exc
     return decode(data, path=name)
