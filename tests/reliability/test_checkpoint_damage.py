@@ -224,8 +224,9 @@ def test_a_cut_or_extended_file_is_detected_and_resume_falls_back(
     _warned_about(_resume_falls_back(ckpts), newer, message)
 
 
-def test_a_flip_anywhere_is_detected(pristine: Path) -> None:
-    """Every 7th byte of the file, and each byte of the trailer: none goes unnoticed."""
+def test_a_flip_anywhere_is_detected(pristine: Path, tmp_path: Path) -> None:
+    """Every 7th byte of the file, and each byte of the trailer, in memory; every 97th through
+    the file reader: none goes unnoticed."""
     data = (pristine / NEWER).read_bytes()
     positions = sorted({*range(0, len(data), 7), *range(len(data) - TRAILER, len(data))})
     assert len(positions) > 5000
@@ -235,6 +236,15 @@ def test_a_flip_anywhere_is_detected(pristine: Path) -> None:
         with pytest.raises(CheckpointIntegrityError):
             unseal(bytes(damaged), path="x")
     assert unseal(data, path="x") == data[:-TRAILER]
+    store, path = CheckpointStore(tmp_path), tmp_path / NEWER
+    for position in range(0, len(data), 97):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x80
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointIntegrityError):
+            store.read(path)
+    path.write_bytes(data)
+    assert store.read(path)["epoch"] == 2
 
 
 def _resealed(ckpts: Path, change: Callable[[dict], None]) -> Path:
