@@ -7,6 +7,7 @@ built from blueprints — that are blended in and then kept or removed.
 from ._exceptions import BlueprintError as BlueprintError
 from ._exceptions import CompileError as CompileError
 from ._exceptions import CompileTimeoutError as CompileTimeoutError
+from ._exceptions import DemoConfigError as DemoConfigError
 from ._exceptions import EsperError as EsperError
 from ._exceptions import KernelError as KernelError
 from ._exceptions import KernelIntegrityError as KernelIntegrityError
@@ -57,6 +58,8 @@ from .kernels import load_kernel as load_kernel
 from .reliability import Backoff as Backoff
 from .reliability import BreakerConfig as BreakerConfig
 from .reliability import CheckpointError as CheckpointError
+from .reliability import CheckpointIntegrityError as CheckpointIntegrityError
+from .reliability import CheckpointMismatchError as CheckpointMismatchError
 from .reliability import CheckpointStore as CheckpointStore
 from .reliability import FaultKind as FaultKind
 from .reliability import GovernorConfig as GovernorConfig
@@ -118,6 +121,8 @@ __all__ = (
     "BridgeKind",
     "BroadcastController",
     "CheckpointError",
+    "CheckpointIntegrityError",
+    "CheckpointMismatchError",
     "CheckpointStore",
     "CompileError",
     "CompileTimeoutError",
@@ -125,6 +130,7 @@ __all__ = (
     "ControllerBroadcastError",
     "ControllerConfig",
     "DemoConfig",
+    "DemoConfigError",
     "DiscountedUCB",
     "DistributedError",
     "EpochReport",

@@ -23,7 +23,10 @@ boundary where they occur and chained with ``raise ... from exc``.
     ├── StreamError               a CUDA stream operation failed, or CUDA is needed and absent
     ├── TelemetryConfigError      telemetry was configured in a way that cannot work
     ├── LoaderError               a data loader yields no batches, or cannot be iterated again
+    ├── DemoConfigError           the demo's options (or a run's demo.json) are invalid
     ├── CheckpointError           (esper_async.reliability) a checkpoint cannot be written or read
+    │   ├── CheckpointIntegrityError  a checkpoint file is damaged (digest, truncation, content)
+    │   └── CheckpointMismatchError   a sound checkpoint does not fit the model restored into
     ├── GovernorError             (esper_async.reliability) rolling back did not make training sound
     └── DistributedError          (esper_async.distributed) ranks disagree or cannot coordinate
         ├── RankDivergenceError       ranks hold different structure or parameters
@@ -38,6 +41,7 @@ __all__ = (
     "BlueprintError",
     "CompileError",
     "CompileTimeoutError",
+    "DemoConfigError",
     "EsperError",
     "KernelError",
     "KernelIntegrityError",
@@ -208,3 +212,17 @@ class LoaderError(EsperError, ValueError):
     def __init__(self, message: str, *, loader: str) -> None:
         super().__init__(message)
         self.loader = loader
+
+
+class DemoConfigError(EsperError, ValueError):
+    """The demo's options are invalid: given directly, or read back from a run's ``demo.json``.
+
+    :ivar key: the option concerned (``"controller.blend_epochs"`` for a nested one), or ``None``
+        when the file as a whole cannot be read.
+    :ivar path: the file read, where there was one.
+    """
+
+    def __init__(self, message: str, *, key: str | None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.path = path

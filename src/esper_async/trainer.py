@@ -289,7 +289,8 @@ class Trainer:
         :param on_epoch: called after every epoch with its report (for progress display).
         :param checkpoint_dir: where checkpoints go (``None``: none are written).
         :param checkpoint_every: epochs between checkpoints (the last epoch is always written).
-        :param resume: continue from the newest checkpoint in ``checkpoint_dir``, if there is one.
+        :param resume: continue from the newest checkpoint in ``checkpoint_dir`` that restores
+            (damaged ones are skipped with a warning); there must be one.
         :returns: the run's history, growth events and incidents (a resumed run's include those
             before the checkpoint). An epoch in which every step was dropped reports
             ``train_loss=None`` and records an ``epoch_without_steps`` incident; one whose
@@ -300,6 +301,8 @@ class Trainer:
         :raises LoaderError: if a loader yields no batches, or is a one-shot iterator and more
             than one epoch is to run (checked before training where it can be).
         :raises ValueError: if ``resume`` is set without a ``checkpoint_dir``.
+        :raises CheckpointError: if ``resume`` is set and ``checkpoint_dir`` holds no checkpoint,
+            or none that restores (see :meth:`restore`).
         """
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir to resume from")
@@ -309,7 +312,7 @@ class Trainer:
         generator = _loader_generator(train_loader)
         self._result = result = FitResult()
         first = 0
-        if resume and checkpoints is not None and checkpoints.paths():
+        if resume and checkpoints is not None:
             first = self.restore(checkpoints.directory, generator=generator).epoch
             result = self._result
         check_loaders({"training": train_loader, "validation": val_loader}, epochs - first)
@@ -929,23 +932,34 @@ class Trainer:
     def restore(
         self, checkpoint: str | os.PathLike[str], *, generator: torch.Generator | None = None
     ) -> Restored:
-        """Restore the run from ``checkpoint`` (a file, or a directory: its newest checkpoint).
+        """Restore the run from ``checkpoint`` (a file, or a directory: its newest checkpoint that
+        restores).
 
         The model must be built and wrapped as the checkpointed one was; grafted and fossilized
         seeds are loaded from the kernel bytes in the checkpoint (nothing is compiled), and the
         surgeries the checkpoint records are replayed on the model first (build it afresh). Then
         :meth:`fit` with the same ``epochs`` trains the epochs left.
 
+        Every file is verified against its digest before it is read. From a directory, a
+        checkpoint that is damaged or does not restore is skipped with a warning naming it, and
+        the one before it is used.
+
+        :param checkpoint: a checkpoint file, or a checkpoint directory.
         :param generator: the training loader's RNG, to resume its order.
-        :raises CheckpointError: if there is no readable checkpoint, or it does not fit the model
-            (its recorded surgeries included).
+        :raises CheckpointError: if there is no checkpoint, or none restores (the error lists
+            each file tried and why; a ``CheckpointMismatchError`` when the files are sound but
+            the model does not fit them).
         """
         path = Path(checkpoint)
-        store = CheckpointStore(path if path.is_dir() else path.parent)
-        restored = apply_checkpoint(self, store.load(None if path.is_dir() else path), generator)
+        is_file = path.is_file()  # a path that does not exist names a directory with none
+        store = CheckpointStore(path.parent if is_file else path)
+        used, restored = store.restore(
+            lambda p, payload: apply_checkpoint(self, payload, generator, str(p)),
+            path if is_file else None,
+        )
         self.admission.set_loaded(self._loaded_bytes())
         self._rewrap()
-        log.info("resumed", checkpoint=str(path), epoch=restored.epoch, step=restored.step)
+        log.info("resumed", checkpoint=str(used), epoch=restored.epoch, step=restored.step)
         return restored
 
     def _rewrap(self) -> None:

@@ -52,7 +52,8 @@ from ..seeds import SeedSlot, SeedState, find_slots, wrap
 from ..store import KernelStore
 from ..trainer import FitResult, Trainer
 from ._breaker import BreakerConfig, BreakerState
-from ._checkpoint import CheckpointStore, restore_state
+from ._checkpoint import restore_state
+from ._checkpoint_store import CheckpointStore
 from ._config import ReliabilityConfig
 from ._drill_families import DRILL_FAMILY
 from ._faults import (
