@@ -42,7 +42,7 @@ SOAK_RUNS ?= 30
 soak-distributed: $(STAMP)
 	@$(PY) -c "while True: pass" & load=$$!; trap "kill $$load" EXIT; \
 	for i in $$(seq 1 $(SOAK_RUNS)); do \
-	  $(PY) -m pytest -q -p no:cacheprovider tests/test_distributed.py tests/test_control_channel.py \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/distributed/ \
 	    || { echo "soak run $$i of $(SOAK_RUNS) FAILED"; exit 1; }; \
 	  echo "soak run $$i of $(SOAK_RUNS) passed"; \
 	done

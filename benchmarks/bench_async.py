@@ -40,10 +40,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, interleaved_medians, machine
 
-from esper_async._execution import LagStats, LoopLagMonitor, StepRunner
 from esper_async.blueprints import build, library
-from esper_async.seeds import find_slots, wrap
-from esper_async.streams import BridgeKind, CompletionBridge, enable_side_streams
+from esper_async.runtime import BridgeKind, CompletionBridge
+from esper_async.runtime._execution import LagStats, LoopLagMonitor, StepRunner
+from esper_async.seeds import enable_side_streams, find_slots, wrap
 
 #: GPU cycles of the kernel each CPU-cost wait waits for (~2 ms on an H100 at ~1.8 GHz).
 CPU_COST_CYCLES = 3_500_000

@@ -29,7 +29,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians, machine, write
 
-from esper_async import Blueprint, SlotContract, SlotKind, build, library, load_kernel
+from esper_async import Blueprint, SlotContract, SlotKind, library, load_kernel
+from esper_async.blueprints import build
 from esper_async.compiler import BlueprintCompiler, OptimizerOptions
 
 

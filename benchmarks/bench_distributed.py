@@ -45,7 +45,7 @@ def _rank_program(args: argparse.Namespace) -> None:
     import anyio
     import torch
 
-    from esper_async.controller import ControllerConfig
+    from esper_async.control._controller import ControllerConfig
     from esper_async.distributed import DDPDemoConfig, init_distributed, run_ddp_demo
 
     torch.set_num_threads(args.threads)

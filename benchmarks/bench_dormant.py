@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians, machine, write
 
 from esper_async import wrap
-from esper_async.demo import DigitsHost
+from esper_async.apps.demo import DigitsHost
 
 
 def conv_host() -> nn.Module:

@@ -8,7 +8,7 @@ kernel, graft, blend, cull); a seeded plan gives a fraction of them a fault: a c
 killed with SIGKILL mid-compile, a compile past its timeout, a corrupted store blob, a kernel
 that raises, returns NaN/Inf or runs out of memory, a blended seed that makes the loss spike, a
 host parameter gone NaN. Compile faults are real compiles in real worker processes; the other
-operations are served from the kernel store. See ``esper_async.reliability.drill``.
+operations are served from the kernel store. See ``esper_async.apps.drill``.
 
 Figures: ``operations``, ``faults_injected`` (by kind), ``training_crashes`` (must be 0),
 ``committed_data_lost`` (must be 0), ``success_rate`` (every injected fault is recoverable; goal
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, write
 
-from esper_async.reliability.drill import DrillConfig, run_drill
+from esper_async.apps.drill import DrillConfig, run_drill
 
 
 def main() -> int:

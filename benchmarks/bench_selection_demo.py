@@ -35,9 +35,9 @@ from esper_async import (
     Trainer,
     wrap,
 )
-from esper_async.controller import ControllerConfig
-from esper_async.data import digits_loaders
-from esper_async.demo import DigitsHost
+from esper_async.apps.data import digits_loaders
+from esper_async.apps.demo import DigitsHost
+from esper_async.control._controller import ControllerConfig
 from esper_async.selection import IntelligentSeedSelector, make_strategy
 
 CANDIDATES = (

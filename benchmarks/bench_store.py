@@ -121,7 +121,7 @@ async def _bench(
 
 def _demo_second_run(quick: bool) -> dict[str, object]:
     """Run the demo twice on one fresh store: the second run must compile nothing."""
-    from esper_async.demo import DemoConfig, run_demo
+    from esper_async.apps.demo import DemoConfig, run_demo
 
     epochs = 20 if quick else 40
     with tempfile.TemporaryDirectory(prefix="bench-demo-store-") as tmp:

@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 import torch
 
-from esper_async.controller import ControllerConfig
+from esper_async.control._controller import ControllerConfig
 from esper_async.distributed import DDPDemoConfig, init_distributed, run_ddp_demo
 from esper_async.surgery import SurgeryPolicyConfig
 

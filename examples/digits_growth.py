@@ -13,12 +13,13 @@ import anyio
 import torch
 
 import esper_async as ea
-from esper_async.demo import DigitsHost, evaluate_accuracy
+from esper_async.apps.data import digits_loaders
+from esper_async.apps.demo import DigitsHost, evaluate_accuracy
 
 
 async def train(grow: bool, epochs: int, seed: int) -> tuple[float, int, ea.FitResult]:
     torch.manual_seed(seed)
-    data = ea.digits_loaders(seed=seed)
+    data = digits_loaders(seed=seed)
     model = DigitsHost()
     if grow:
         ea.wrap(model, ["conv1", "conv2", "fc1"], example_input=torch.zeros(2, 1, 8, 8))

@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper_async import BlueprintError
 from esper_async.blueprints import (
     Blueprint,
     Family,
@@ -13,6 +12,7 @@ from esper_async.blueprints import (
     library,
     register_family,
 )
+from esper_async.errors import BlueprintError
 
 CONTRACTS = {
     SlotKind.CONV: SlotContract(SlotKind.CONV, (8, 6, 6)),

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from esper_async import BlueprintError
 from esper_async.blueprints import Blueprint, SlotContract, SlotKind, library
+from esper_async.errors import BlueprintError
 
 
 def test_equal_blueprints_share_id_and_hash() -> None:

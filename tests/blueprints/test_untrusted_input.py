@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esper_async import BlueprintError
 from esper_async.blueprints import Blueprint, SlotContract, SlotKind, build, library
+from esper_async.errors import BlueprintError
 
 MAX_MESSAGE = 500
 FAMILIES = sorted({bp.family for bp in library()})

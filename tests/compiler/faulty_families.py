@@ -13,8 +13,8 @@ import time
 import torch
 from torch import nn
 
-from esper_async import BlueprintError
 from esper_async.blueprints import Family, Option, SlotKind, register_family
+from esper_async.errors import BlueprintError
 
 
 def _raises(contract, message: str = "boom") -> nn.Module:

@@ -7,16 +7,14 @@ import anyio
 import faulty_families  # noqa: F401  (registers the test families in this process too)
 import pytest
 
-from esper_async import (
-    Blueprint,
+from esper_async import Blueprint, SlotContract, SlotKind
+from esper_async.compiler import BlueprintCompiler, OptimizerOptions
+from esper_async.errors import (
     BlueprintError,
     CompileError,
     CompileTimeoutError,
     KernelValidationError,
-    SlotContract,
-    SlotKind,
 )
-from esper_async.compiler import BlueprintCompiler, OptimizerOptions
 from esper_async.kernels import load_kernel
 
 LINEAR = SlotContract(SlotKind.LINEAR, (8,))

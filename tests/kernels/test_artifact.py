@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from esper_async import KernelIntegrityError
 from esper_async.blueprints import Blueprint, SlotContract, SlotKind, build
+from esper_async.errors import KernelIntegrityError
 from esper_async.kernels import Kernel, KernelMetadata, export_kernel, load_kernel
 
 CONTRACT = SlotContract(SlotKind.CONV, (4, 6, 6))

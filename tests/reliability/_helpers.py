@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from esper_async import Blueprint, Kernel, export_kernel, load_kernel
-from esper_async._optim import add_module_params, remove_module_params
 from esper_async.seeds import SeedSlot, SeedState, find_slots, wrap
+from esper_async.training._optim import add_module_params, remove_module_params
 
 FEATURES = 8
 _KERNELS: dict[tuple[str, int], Kernel] = {}

@@ -10,8 +10,8 @@ import sys
 import anyio
 import torch
 
-from esper_async.controller import ControllerConfig
-from esper_async.demo import DemoConfig, run_demo
+from esper_async.apps.demo import DemoConfig, run_demo
+from esper_async.control._controller import ControllerConfig
 
 EAGER = ControllerConfig.eager()
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from esper_async import CompileError
+from esper_async.errors import CompileError
 from esper_async.reliability import Backoff, retry
 
 

@@ -27,7 +27,7 @@ from esper_async.reliability import (
 )
 from esper_async.reliability._checkpoint_file import unseal
 from esper_async.seeds import wrap
-from esper_async.trainer import Trainer
+from esper_async.training.trainer import Trainer
 
 TRAILER = 48
 OLDER, NEWER = "ckpt-00000001.pt", "ckpt-00000002.pt"

@@ -11,9 +11,9 @@ import anyio
 import pytest
 import structlog
 
-from esper_async import DemoConfigError
-from esper_async.cli import main
-from esper_async.demo import DemoConfig, load_demo_config, run_demo
+from esper_async.apps.cli import main
+from esper_async.apps.demo import DemoConfig, load_demo_config, run_demo
+from esper_async.errors import DemoConfigError
 from esper_async.reliability import CheckpointError
 
 

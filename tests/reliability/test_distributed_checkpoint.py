@@ -1,7 +1,7 @@
 """The data-parallel checkpoint path (``distributed.save_checkpoint`` / ``load_checkpoint``) in a
 real one-rank gloo job: a damaged newest checkpoint is skipped for the one before, and a directory
 without checkpoints is an error that says where rank 0 looked. (Two-process resumes are in
-``tests/test_distributed.py``.)"""
+``tests/distributed/test_ddp.py``.)"""
 
 from __future__ import annotations
 

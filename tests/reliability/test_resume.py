@@ -15,12 +15,12 @@ import pytest
 import torch
 from _resume_child import EAGER, config
 
-from esper_async.controller import HeuristicController
-from esper_async.data import digits_loaders
-from esper_async.demo import DigitsHost
+from esper_async.apps.data import digits_loaders
+from esper_async.apps.demo import DigitsHost
+from esper_async.control._controller import HeuristicController
 from esper_async.reliability import CheckpointStore
 from esper_async.seeds import find_slots, wrap
-from esper_async.trainer import Trainer
+from esper_async.training.trainer import Trainer
 
 HERE = Path(__file__).parent
 LIVE = {"training", "blending", "probation", "fossilized"}
@@ -115,7 +115,7 @@ def test_sigkill_mid_epoch_then_resume_restores_structure_and_statistics(tmp_pat
 
     # The command line resumes it too, to the end of the run.
     done = subprocess.run(
-        [sys.executable, "-m", "esper_async.cli", "demo", "--resume", str(run_dir)],
+        [sys.executable, "-m", "esper_async.apps.cli", "demo", "--resume", str(run_dir)],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr[-2000:]

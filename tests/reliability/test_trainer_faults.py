@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from esper_async import Blueprint
+from esper_async.apps.drill import DrillConfig, run_drill
 from esper_async.compiler import BlueprintCompiler
-from esper_async.controller import Decision, EpochReport, Germinate
+from esper_async.control._controller import Decision, EpochReport, Germinate
 from esper_async.reliability import (
     BreakerConfig,
     FaultKind,
@@ -23,9 +24,8 @@ from esper_async.reliability import (
     IncidentKind,
     ReliabilityConfig,
 )
-from esper_async.reliability.drill import DrillConfig, run_drill
 from esper_async.seeds import SeedSlot, SeedState, wrap
-from esper_async.trainer import Trainer
+from esper_async.training.trainer import Trainer
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA)]

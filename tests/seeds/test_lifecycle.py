@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from esper_async import LifecycleError
+from esper_async.errors import LifecycleError
 from esper_async.seeds import LIVE_STATES, TRANSITIONS, Lifecycle, SeedState
 
 S = SeedState

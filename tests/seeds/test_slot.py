@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from esper_async import BlueprintError, LifecycleError
 from esper_async.blueprints import Blueprint, SlotKind
+from esper_async.errors import BlueprintError, LifecycleError
 from esper_async.kernels import export_kernel, load_kernel
 from esper_async.seeds import SeedSlot, SeedState, find_slots, wrap
 from esper_async.seeds._slot import UnitMap

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import esper_async.selection as selection
-from esper_async import NoLegalArmError, SelectionError
 from esper_async.blueprints import Blueprint, SlotContract, build, library
+from esper_async.errors import NoLegalArmError, SelectionError
 from esper_async.selection import (
     ArmCost,
     IntelligentSeedSelector,

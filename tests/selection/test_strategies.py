@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esper_async import NoLegalArmError, SelectionError
+from esper_async.errors import NoLegalArmError, SelectionError
 from esper_async.selection import (
     DiscountedUCB,
     EpsilonGreedy,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esper_async import SelectionError
+from esper_async.errors import SelectionError
 from esper_async.selection import PerformanceTracker, SeedOutcome
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from esper_async import StoreError, StoreIntegrityError
+from esper_async.errors import StoreError, StoreIntegrityError
 from esper_async.store._blobs import BlobStore
 
 DATA = b"artifact bytes " * 100

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from esper_async import StoreError
 from esper_async.blueprints import Blueprint, SlotContract
+from esper_async.errors import StoreError
 from esper_async.store import STORE_ENV_VAR, default_store_path, kernel_key
 
 BP = Blueprint("mlp", {"hidden_mult": 2})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from esper_async import StoreError, StoreIntegrityError
+from esper_async.errors import StoreError, StoreIntegrityError
 from esper_async.kernels import Kernel
 from esper_async.store import KernelStatus, KernelStore
 

@@ -8,7 +8,7 @@ import aiosqlite
 import anyio
 import pytest
 
-from esper_async import StoreError
+from esper_async.errors import StoreError
 from esper_async.kernels import Kernel
 from esper_async.store import SCHEMA_VERSION, KernelStatus, KernelStore
 from esper_async.store._blobs import BlobStore

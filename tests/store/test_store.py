@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from esper_async import CompileError, KernelIntegrityError, StoreError, StoreIntegrityError
+from esper_async.errors import CompileError, KernelIntegrityError, StoreError, StoreIntegrityError
 from esper_async.kernels import Kernel, export_kernel, load_kernel
 from esper_async.store import KernelStatus, KernelStore
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-from esper_async import SurgeryError
+from esper_async.errors import SurgeryError
 from esper_async.surgery import AddSkip, FxRewire, GatedShortcut, ModelSurgeon
 
 from ._helpers import TinyNet, assert_same, evaluate, fingerprint, images, train

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from esper_async import SurgeryError
+from esper_async.errors import SurgeryError
 from esper_async.surgery import (
     GatedResidual,
     GatedShortcut,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from esper_async import SurgeryError
+from esper_async.errors import SurgeryError
 from esper_async.surgery import ModelSurgeon, Widen, _widen, identity_conv2d, identity_linear
 from esper_async.surgery._context import eval_mode, module_list, parameter_list
 from esper_async.surgery._widen import _grow, _grow_scaled, _replication

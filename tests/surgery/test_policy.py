@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper_async import SurgeryError
+from esper_async.errors import SurgeryError
 from esper_async.seeds import wrap
 from esper_async.surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig, Widen, WidenSlot
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from esper_async import SurgeryError
+from esper_async.errors import SurgeryError
 from esper_async.surgery import (
     AddResidual,
     AddSkip,

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from esper_async import SurgeryError
+from esper_async.apps.demo import DigitsHost
 from esper_async.blueprints import Blueprint
-from esper_async.demo import DigitsHost
+from esper_async.errors import SurgeryError
 from esper_async.kernels import Kernel, export_kernel, load_kernel
 from esper_async.seeds import SeedSlot, SeedState, find_slots, wrap
 from esper_async.surgery import ModelSurgeon, WidenSlot

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from esper_async import TelemetryConfigError
+from esper_async.errors import TelemetryConfigError
 from esper_async.telemetry import (
     ATTR_BLUEPRINT,
     METRIC_STEP_DURATION,

@@ -45,8 +45,8 @@ from importlib.util import find_spec
 import structlog
 import torch
 
-from esper_async._exceptions import EsperError
-from esper_async.apps.char_text import CharVocab, EvalWindows, RandomWindows
+from ..errors import EsperError
+from .char_text import CharVocab, EvalWindows, RandomWindows
 
 __all__ = (
     "INSTALL_COMMAND",

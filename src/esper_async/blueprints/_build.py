@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._exceptions import BlueprintError
+from ..errors import BlueprintError
 from ._checks import clip_text, is_int
+from ._contract import SlotContract
 from ._families import get_family
-from ._ir import Blueprint, SlotContract
+from ._ir import Blueprint
 
 __all__ = ("build",)
 

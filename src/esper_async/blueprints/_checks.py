@@ -13,7 +13,7 @@ import math
 import reprlib
 from typing import Any
 
-from .._exceptions import BlueprintError
+from ..errors import BlueprintError
 
 __all__ = (
     "DTYPES",

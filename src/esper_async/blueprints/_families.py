@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from .._exceptions import BlueprintError
+from ..errors import BlueprintError
 from ._checks import check_name, clip_repr, clip_text
-from ._ir import SlotContract, SlotKind
+from ._contract import SlotContract, SlotKind
 
 if TYPE_CHECKING:
     from ._ir import Blueprint

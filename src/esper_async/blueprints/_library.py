@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._ir import Blueprint, SlotKind
+from ._contract import SlotKind
+from ._ir import Blueprint
 
 __all__ = ("library",)
 

@@ -19,26 +19,28 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
 from opentelemetry.trace import INVALID_SPAN, Span
 
-from .._exceptions import (
+from ..blueprints import Blueprint, SlotContract
+from ..errors import (
     BlueprintError,
     CompileError,
     CompileTimeoutError,
     KernelIntegrityError,
     KernelValidationError,
 )
-from ..blueprints import Blueprint, SlotContract
 from ..kernels import Kernel, KernelMetadata
-from ..store import KernelStore, kernel_key
 from ..telemetry import SPAN_COMPILE, SPAN_STORE_GET, Telemetry, inject_context
 from ._job import CompileOutcome, CompileRequest, compile_job
 from ._optimizer import OptimizerOptions
 from ._pool import CompileExecutor, ProcessPool, WorkerDiedError, WorkerError
+
+if TYPE_CHECKING:  # the store (and SQLite) load only when a store is used
+    from ..store import KernelStore
 
 __all__ = ("BlueprintCompiler", "default_workers")
 
@@ -133,6 +135,8 @@ class BlueprintCompiler:
         """The kernel-store key of a compile: everything that decides the kernel's bytes — the
         blueprint, the contract, the init seed, the torch version, the device kind and the
         optimizer's options."""
+        from ..store import kernel_key  # not at import: the store package loads SQLite
+
         return kernel_key(
             blueprint,
             contract,

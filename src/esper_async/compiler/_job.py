@@ -13,8 +13,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import BlueprintError, CompileError
 from ..blueprints import Blueprint, SlotContract
+from ..errors import BlueprintError, CompileError
 from ..kernels import export_kernel
 from ..telemetry import SPAN_COMPILE_WORKER, Telemetry, WorkerTelemetrySpec
 from ._optimizer import KernelOptimizer, OptimizerOptions

@@ -14,12 +14,8 @@ from ._context import RankContext as RankContext
 from ._context import init_distributed as init_distributed
 from ._control import BroadcastController as BroadcastController
 from ._data import ShardSampler as ShardSampler
-from ._data import distributed_digits_loaders as distributed_digits_loaders
 from ._ddp import DeferredDDP as DeferredDDP
 from ._ddp import ddp_wrapper as ddp_wrapper
-from ._demo import DDPDemoConfig as DDPDemoConfig
-from ._demo import DDPDemoResult as DDPDemoResult
-from ._demo import run_ddp_demo as run_ddp_demo
 from ._errors import ControllerBroadcastError as ControllerBroadcastError
 from ._errors import DistributedError as DistributedError
 from ._errors import RankDivergenceError as RankDivergenceError
@@ -32,8 +28,6 @@ from ._sync import rank_state as rank_state
 __all__ = (
     "BroadcastController",
     "ControllerBroadcastError",
-    "DDPDemoConfig",
-    "DDPDemoResult",
     "DeferredDDP",
     "DistributedError",
     "RankCompiler",
@@ -44,10 +38,8 @@ __all__ = (
     "ShardSampler",
     "check_ranks_in_sync",
     "ddp_wrapper",
-    "distributed_digits_loaders",
     "init_distributed",
     "load_checkpoint",
     "rank_state",
-    "run_ddp_demo",
     "save_checkpoint",
 )

@@ -21,7 +21,7 @@ import structlog
 import torch
 from torch import nn
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 from ..reliability import (
     CheckpointError,
     CheckpointMismatchError,

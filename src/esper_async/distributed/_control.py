@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from ..controller import Controller, Decision, EpochReport
+from ..control._controller import Controller, Decision, EpochReport
 from ..seeds import SeedSlot
 from ._context import RankContext
 from ._errors import ControllerBroadcastError, RankDivergenceError
@@ -26,7 +26,7 @@ log = structlog.get_logger(__name__)
 
 
 class BroadcastController:
-    """A :class:`~esper_async.controller.Controller` that decides on rank 0 only and broadcasts.
+    """A :class:`~esper_async.control.Controller` that decides on rank 0 only and broadcasts.
 
     ``decide`` is a collective: every rank's trainer calls it once per epoch boundary, which the
     trainer guarantees when every rank runs the same number of epochs.

@@ -1,4 +1,4 @@
-"""The digits, sharded for data parallelism.
+"""Sharding a data set for data parallelism.
 
 Each rank trains on its own shard of the training split (a :class:`ShardSampler`, reshuffled
 every epoch), while every rank evaluates the **whole** validation and test splits: with equal
@@ -8,16 +8,12 @@ figures every rank sees.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
-from ..data import DigitsLoaders, digits_loaders
-from ._context import RankContext
-
-__all__ = ("ShardSampler", "distributed_digits_loaders")
+__all__ = ("ShardSampler",)
 
 
 class ShardSampler(DistributedSampler[Any]):
@@ -35,29 +31,3 @@ class ShardSampler(DistributedSampler[Any]):
         indices = super().__iter__()
         self.epoch += 1
         return indices
-
-
-def distributed_digits_loaders(
-    ctx: RankContext,
-    *,
-    batch_size: int = 64,
-    seed: int = 0,
-    limit: int | None = None,
-) -> DigitsLoaders:
-    """The splits of :func:`esper_async.data.digits_loaders`, the training one sharded by rank.
-
-    :param ctx: this rank's context.
-    :param batch_size: training batch size per rank (the global batch is ``world_size`` times).
-    :param seed: seeds the split and the shuffle (the same on every rank).
-    :param limit: use only this many images.
-    """
-    splits = digits_loaders(batch_size=batch_size, seed=seed, limit=limit)
-    dataset = splits.train.dataset
-    assert isinstance(dataset, Sized)
-    sampler = ShardSampler(
-        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
-    )
-    train: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler
-    )
-    return DigitsLoaders(train=train, val=splits.val, test=splits.test)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .._exceptions import EsperError
+from ..errors import EsperError
 
 __all__ = ("ControllerBroadcastError", "DistributedError", "RankDivergenceError")
 

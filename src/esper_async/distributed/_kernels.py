@@ -29,14 +29,14 @@ import anyio
 import structlog
 import torch.distributed as dist
 
-from .._exceptions import (
+from ..blueprints import Blueprint, SlotContract
+from ..compiler import BlueprintCompiler
+from ..errors import (
     CompileError,
     CompileTimeoutError,
     EsperError,
     KernelIntegrityError,
 )
-from ..blueprints import Blueprint, SlotContract
-from ..compiler import BlueprintCompiler
 from ..kernels import Kernel, KernelMetadata
 from ._context import RankContext
 

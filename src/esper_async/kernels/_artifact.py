@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._exceptions import CompileError, KernelIntegrityError
 from ..blueprints import Blueprint, SlotContract, build
+from ..errors import CompileError, KernelIntegrityError
 from ._forms import apply_form
 
 __all__ = ("Kernel", "KernelMetadata", "KernelModule", "export_kernel", "load_kernel")

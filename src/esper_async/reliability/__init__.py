@@ -5,7 +5,7 @@ the loss governor with its in-memory snapshots, atomic checkpoints of the whole 
 state (sealed with their sha256, verified before they are read), and the fault-injection means
 the drills use. See ``docs/reliability.md``.
 
-The fault drill itself (which runs a trainer) lives in :mod:`esper_async.reliability.drill`.
+The fault drill itself (which runs a trainer) lives in :mod:`esper_async.apps.drill`.
 """
 
 from ._backoff import Backoff as Backoff
@@ -29,8 +29,6 @@ from ._faults import FaultKind as FaultKind
 from ._faults import FaultPlan as FaultPlan
 from ._governor import Governor as Governor
 from ._governor import GovernorConfig as GovernorConfig
-from ._guard import StepConsensus as StepConsensus
-from ._guard import StepGuard as StepGuard
 from ._incidents import Incident as Incident
 from ._incidents import IncidentKind as IncidentKind
 from ._limits import Admission as Admission
@@ -59,8 +57,6 @@ __all__ = (
     "ResourceLimits",
     "Restored",
     "Snapshot",
-    "StepConsensus",
-    "StepGuard",
     "capture_state",
     "is_out_of_memory",
     "restore_state",

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .._exceptions import EsperError
+from ..errors import EsperError
 
 __all__ = (
     "CheckpointError",

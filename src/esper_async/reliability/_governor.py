@@ -5,7 +5,7 @@ when it spikes: more than ``spike_factor`` times the median of the last ``window
 *and* more than ``spike_floor`` above it (a model that has driven its loss near zero would
 otherwise see spikes in noise), after ``warmup`` good losses have been seen. A bad step never
 updates the model. The trainer then asks which seed caused it (see
-:class:`~esper_async.reliability._guard.StepGuard`), restores the last good
+:class:`~esper_async.training._guard.StepGuard`), restores the last good
 :class:`~esper_async.reliability.Snapshot` and embargoes the culprit.
 
 Snapshots are taken at epoch boundaries only (never per step), copied to host memory in a

@@ -1,9 +1,11 @@
-"""The seed layer: slots in a host model, their lifecycle and blending."""
+"""The seed layer: slots in a host model, their lifecycle and blending, and side streams."""
 
 from ._lifecycle import LIVE_STATES as LIVE_STATES
 from ._lifecycle import TRANSITIONS as TRANSITIONS
 from ._lifecycle import Lifecycle as Lifecycle
 from ._lifecycle import SeedState as SeedState
+from ._side_streams import SideStreams as SideStreams
+from ._side_streams import enable_side_streams as enable_side_streams
 from ._slot import HealthSignals as HealthSignals
 from ._slot import SeedSlot as SeedSlot
 from ._slot import UnitMap as UnitMap
@@ -17,7 +19,9 @@ __all__ = (
     "Lifecycle",
     "SeedSlot",
     "SeedState",
+    "SideStreams",
     "UnitMap",
+    "enable_side_streams",
     "find_slots",
     "wrap",
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .._exceptions import LifecycleError
+from ..errors import LifecycleError
 
 __all__ = ("LIVE_STATES", "TRANSITIONS", "Lifecycle", "SeedState")
 

@@ -21,8 +21,8 @@ are untouched, but the gradient of the loss reaches the seed's parameters. Detac
 seed's input keeps the seed's backward pass from adding to the host's gradients.
 
 On a GPU, a slot given a side stream (:attr:`SeedSlot.side_stream`, set by
-:func:`esper_async.streams.enable_side_streams`) runs a TRAINING seed's forward and backward on
-that stream, beside the host's later layers (:func:`esper_async.streams.train_beside`); the output
+:func:`esper_async.seeds.enable_side_streams`) runs a TRAINING seed's forward and backward on
+that stream, beside the host's later layers (``seeds._streams.train_beside``); the output
 is then a copy of ``h`` and the gradients are those above. Other states read the seed's output on
 the main stream, so they gain nothing from a side stream and run inline. On a CPU, or with no side
 stream, nothing changes. A widened slot (below) runs its seed inline too.
@@ -53,10 +53,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._exceptions import LifecycleError, SeedRuntimeError
 from ..blueprints import Blueprint, SlotContract
-from ..streams import train_beside
+from ..errors import LifecycleError, SeedRuntimeError
 from ._lifecycle import Lifecycle, SeedState
+from ._streams import train_beside
 
 __all__ = ("HealthSignals", "SeedSlot", "UnitMap")
 

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .._exceptions import BlueprintError
 from ..blueprints import SlotContract, SlotKind
+from ..errors import BlueprintError
 from ._slot import SeedSlot
 
 __all__ = ("find_slots", "wrap")

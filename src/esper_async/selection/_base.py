@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .._exceptions import NoLegalArmError, SelectionError
+from ..errors import NoLegalArmError, SelectionError
 
 __all__ = ("ArmKey", "Context", "Strategy")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .._exceptions import NoLegalArmError, SelectionError
+from ..errors import NoLegalArmError, SelectionError
 from ._base import Context, _check_reward, _Indexed
 
 __all__ = ("LinUCB",)

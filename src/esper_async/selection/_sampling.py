@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .._exceptions import SelectionError
+from ..errors import SelectionError
 from ._base import Context, _check_reward, _Indexed, _MeanEstimator
 
 __all__ = ("EpsilonGreedy", "Softmax", "ThompsonBeta", "ThompsonGaussian")

@@ -21,8 +21,8 @@ import numpy as np
 import structlog
 import torch
 
-from .._exceptions import BlueprintError, NoLegalArmError, SelectionError
 from ..blueprints import Blueprint, SlotContract, build
+from ..errors import BlueprintError, NoLegalArmError, SelectionError
 from ._strategies import ArmKey, Strategy, make_strategy
 
 __all__ = ("ArmCost", "IntelligentSeedSelector", "SlotCandidate", "estimate_cost")

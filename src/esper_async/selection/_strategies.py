@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .._exceptions import SelectionError
+from ..errors import SelectionError
 from ._base import ArmKey, Context, Strategy, _Indexed
 from ._linucb import LinUCB
 from ._sampling import EpsilonGreedy, Softmax, ThompsonBeta, ThompsonGaussian

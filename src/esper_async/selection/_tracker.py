@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from .._exceptions import SelectionError
+from ..errors import SelectionError
 
 __all__ = ("PairSummary", "PerformanceTracker", "SeedOutcome")
 

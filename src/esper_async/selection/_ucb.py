@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .._exceptions import SelectionError
+from ..errors import SelectionError
 from ._base import Context, _check_reward, _MeanEstimator
 
 __all__ = ("UCB1", "DiscountedUCB", "SlidingWindowUCB")

@@ -25,7 +25,7 @@ import aiofiles.os
 import anyio
 import structlog
 
-from .._exceptions import StoreError, StoreIntegrityError
+from ..errors import StoreError, StoreIntegrityError
 
 __all__ = ("BlobStore", "sha256_hex")
 

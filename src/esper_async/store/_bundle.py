@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import StoreError, StoreIntegrityError
+from ..errors import StoreError, StoreIntegrityError
 from ._blobs import sha256_hex
 
 __all__ = ("BUNDLE_FORMAT", "BUNDLE_VERSION", "BundleEntry", "read_bundle", "write_bundle")

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from .._exceptions import StoreError
+from ..errors import StoreError
 from ._keys import STORE_ENV_VAR
 from ._records import KernelRecord, KernelStatus
 from ._store import KernelStore

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import StoreError
 from ..blueprints import Blueprint, SlotContract
+from ..errors import StoreError
 
 __all__ = ("STORE_ENV_VAR", "default_store_path", "kernel_key")
 

@@ -17,8 +17,8 @@ import aiosqlite
 import anyio
 import structlog
 
-from .._exceptions import StoreError, StoreIntegrityError
 from ..blueprints import Blueprint
+from ..errors import StoreError, StoreIntegrityError
 from ..kernels import Kernel, KernelMetadata
 from ._bundle import BundleEntry, read_bundle, write_bundle
 from ._records import GcReport, KernelRecord, KernelStatus, StoreStats, VerifyReport

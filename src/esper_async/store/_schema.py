@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import aiosqlite
 
-from .._exceptions import StoreError
+from ..errors import StoreError
 
 __all__ = ("MIGRATIONS", "SCHEMA_VERSION", "migrate", "read_version")
 

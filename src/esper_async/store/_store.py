@@ -31,8 +31,8 @@ import aiosqlite
 import anyio
 import structlog
 
-from .._exceptions import KernelIntegrityError, StoreError, StoreIntegrityError
 from ..blueprints import Blueprint
+from ..errors import KernelIntegrityError, StoreError, StoreIntegrityError
 from ..kernels import Kernel, KernelMetadata
 from ._blobs import BlobStore, sha256_hex
 from ._keys import default_store_path

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = (
     "Captured",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 from ._context import SurgeryContext, describe_callable
 from ._modules import GatedShortcut, shortcut_for
 from ._operations import place_like

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = (
     "GatedResidual",

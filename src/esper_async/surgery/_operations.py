@@ -15,7 +15,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 from ._context import SurgeryContext, module_list
 from ._modules import SkipAround, shortcut_for
 

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 from torch import nn
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 from ..seeds import SeedSlot
 from ._widen import Widen
 from ._widen_slot import WidenSlot

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 from ._context import SurgeryContext
 from ._widen import Widen
 from ._widen_slot import WidenSlot

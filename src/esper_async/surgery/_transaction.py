@@ -31,7 +31,7 @@ import structlog
 import torch
 from torch import nn
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 from ._context import OptimizerSnapshot, SurgeryContext, parameter_list
 from ._operations import SurgeryOperation
 from ._validation import (

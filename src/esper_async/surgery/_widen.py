@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 from ._context import SurgeryContext
 
 __all__ = ("Widen", "find_consumers", "traced_call")

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._exceptions import SurgeryError
+from ..errors import SurgeryError
 from ..seeds import SeedSlot
 from ..seeds._slot import UnitMap
 from ._context import SurgeryContext

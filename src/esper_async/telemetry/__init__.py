@@ -1,4 +1,4 @@
-"""Telemetry of esper_async: OpenTelemetry traces and metrics, structlog logs, a trace viewer.
+"""Telemetry of esper_async: OpenTelemetry traces and metrics, and structlog logs.
 
 One :class:`Telemetry` per run holds that run's tracer and meter providers (never the globals).
 See ``docs/telemetry.md`` for the attribute scheme and for pointing a run at an OTLP collector.
@@ -226,27 +226,6 @@ from ._tracing import (
 from ._tracing import (
     inject_context as inject_context,
 )
-from ._viewer import (
-    SpanNode as SpanNode,
-)
-from ._viewer import (
-    add_trace_parser as add_trace_parser,
-)
-from ._viewer import (
-    build_forest as build_forest,
-)
-from ._viewer import (
-    render_html as render_html,
-)
-from ._viewer import (
-    render_timeline as render_timeline,
-)
-from ._viewer import (
-    render_tree as render_tree,
-)
-from ._viewer import (
-    run_trace_command as run_trace_command,
-)
 
 __all__ = (
     "ATTR_ARM_NAMES",
@@ -304,16 +283,13 @@ __all__ = (
     "JsonlMetricExporter",
     "JsonlSpanExporter",
     "Metrics",
-    "SpanNode",
     "SpanRecord",
     "StepSampler",
     "Telemetry",
     "TelemetryConfig",
     "WorkerTelemetrySpec",
     "add_trace_context",
-    "add_trace_parser",
     "attribute_key",
-    "build_forest",
     "configure_logging",
     "console_span_exporter",
     "extract_context",
@@ -325,10 +301,6 @@ __all__ = (
     "otlp_metric_exporter",
     "otlp_span_exporter",
     "read_span_records",
-    "render_html",
-    "render_timeline",
-    "render_tree",
-    "run_trace_command",
     "selection_attributes",
     "span_file_name",
     "span_to_record",

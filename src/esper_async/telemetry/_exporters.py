@@ -35,7 +35,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import format_span_id, format_trace_id
 
-from .._exceptions import TelemetryConfigError
+from ..errors import TelemetryConfigError
 
 __all__ = (
     "SPAN_FILE_GLOB",

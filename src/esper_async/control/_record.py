@@ -1,0 +1,35 @@
+"""Epoch reports to JSON and back, for checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..seeds import HealthSignals
+from ._controller import Counterfactual, EpochReport
+
+__all__ = ("report_from_json", "report_to_json")
+
+
+def report_to_json(report: EpochReport) -> dict[str, Any]:
+    """``report`` as JSON-ready data (non-finite floats stay floats: JSON writes them as NaN)."""
+    return {
+        "epoch": report.epoch, "train_loss": report.train_loss, "val_loss": report.val_loss,
+        "val_acc": report.val_acc,
+        "health": {k: dataclasses.asdict(v) for k, v in report.health.items()},
+        "counterfactual": {k: dataclasses.asdict(v) for k, v in report.counterfactual.items()},
+        "steps": report.steps, "dropped": report.dropped,
+    }
+
+
+def report_from_json(data: dict[str, Any]) -> EpochReport:
+    """The inverse of :func:`report_to_json` (a report written before ``steps`` and ``dropped``
+    were recorded reads back with both 0)."""
+    train_loss = data["train_loss"]
+    return EpochReport(
+        epoch=int(data["epoch"]), train_loss=None if train_loss is None else float(train_loss),
+        val_loss=float(data["val_loss"]), val_acc=float(data["val_acc"]),
+        health={k: HealthSignals(**v) for k, v in data["health"].items()},
+        counterfactual={k: Counterfactual(**v) for k, v in data["counterfactual"].items()},
+        steps=int(data.get("steps", 0)), dropped=int(data.get("dropped", 0)),
+    )

@@ -1,0 +1,186 @@
+"""``StepGuard``: one training step that refuses to apply a bad update, and says why.
+
+The step runs forward and computes the loss; the governor judges the loss *before* the backward
+pass, so a bad loss never reaches the parameters. When it is bad, a diagnosis (no gradients)
+looks for the seed behind it:
+
+* a non-finite loss: the forward runs again with every slot checking its seed's output; a seed
+  whose output is not finite while its input is finite raises
+  :class:`~esper_async.SeedRuntimeError` (culled by the trainer, the step redone without it);
+* a spike: the loss is measured again with each live seed ablated in turn; a seed whose removal
+  brings the loss back under the threshold is named as the culprit.
+
+Whatever no seed explains is a :class:`LossAnomaly` without a culprit (the trainer rolls back).
+A seed that raises in its forward pass surfaces as ``SeedRuntimeError`` straight from the slot.
+
+Under data parallelism a seed may fail on one rank's shard only. When the ``loss_fn`` is a
+:class:`StepConsensus` (``esper_async.distributed.RankMeanLoss`` is one), the ranks agree instead:
+a rank whose forward raised still takes part in the loss's collective, with a non-finite value,
+so every rank judges the step non-finite and diagnoses it; the ranks then agree on one culprit
+(or on none), and every rank raises the same error. The trainer's reaction (cull, or roll back)
+is then the same everywhere and the ranks stay in step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..errors import SeedRuntimeError
+from ..reliability._errors import LossAnomaly, is_out_of_memory
+from ..reliability._governor import Governor
+from ..seeds import SeedSlot
+
+#: How a seed failed, in the order the ranks' agreement prefers (the largest wins).
+_NON_FINITE, _RAISED, _OOM = 0, 1, 2
+
+__all__ = ("StepConsensus", "StepGuard")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class StepConsensus(Protocol):
+    """A ``loss_fn`` whose calls are collectives over ranks, and that lets the ranks agree on a
+    failed step (see the module doc)."""
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def failed_forward(self) -> float:
+        """Stand in for the call a failed forward pass could not make: take part in the same
+        collective with a non-finite value, and return the (non-finite) agreed loss."""
+        ...
+
+    def agree_culprit(self, index: int) -> int:
+        """The culprit every rank will name: ``index`` is this rank's finding (a non-negative
+        code, -1 for none); the result — the largest code any rank found — is the same on every
+        rank."""
+        ...
+
+    def agree_all(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (the same answer on every rank)."""
+        ...
+
+
+class StepGuard:
+    """Guarded training steps over one model.
+
+    :param forward: calls the model (or the wrapper training steps use, e.g. DDP).
+    :param optimizer: its optimizer.
+    :param loss_fn: ``loss_fn(logits, targets)``.
+    :param slots: the model's slots by name.
+    :param governor: judges losses and keeps the recent good ones.
+    """
+
+    def __init__(
+        self, forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn, slots: Mapping[str, SeedSlot], governor: Governor,
+    ) -> None:
+        self.forward = forward
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.slots = slots
+        self.governor = governor
+        # Checked once, not per step: a runtime Protocol check inspects attributes.
+        self._consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on ``(x, y)``; returns the loss.
+
+        :raises SeedRuntimeError: a seed raised or produced non-finite values (nothing updated).
+        :raises LossAnomaly: the loss was bad for a reason the diagnosis did or did not pin on a
+            seed (nothing updated).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        consensus = self._consensus
+        try:
+            loss = self.loss_fn(self.forward(x), y)
+        except SeedRuntimeError:
+            if consensus is None:
+                raise
+            consensus.failed_forward()  # the other ranks are in the loss's collective
+            value = math.nan  # this rank has no loss: the step is bad here, whatever the mean
+        else:
+            value = float(loss.detach())
+        verdict = self.governor.judge(value)
+        if verdict is not None:
+            raise self._diagnose(verdict, value, x, y)
+        try:
+            loss.backward()
+        except SeedRuntimeError:
+            raise
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            raise LossAnomaly("backward", value) from exc
+        self.optimizer.step()
+        self.governor.accept(value)
+        return value
+
+    @torch.no_grad()
+    def _diagnose(
+        self, verdict: str, value: float, x: torch.Tensor, y: torch.Tensor
+    ) -> SeedRuntimeError | LossAnomaly:
+        live = [s for s in self.slots.values() if s.seed is not None]
+        if verdict == "non_finite":
+            found: SeedRuntimeError | None = None
+            with self._checking(live):
+                try:
+                    self.forward(x)
+                except SeedRuntimeError as exc:
+                    found = exc
+            if self._consensus is not None:
+                found = self._agree(self._consensus, found)
+            return found if found is not None else LossAnomaly("non_finite", value)
+        for slot in live:
+            with slot.ablated():
+                ablated = float(self.loss_fn(self.forward(x), y))
+            if self.governor.judge(ablated) is None:
+                return LossAnomaly("spike", value, culprit=slot.slot_name)
+        return LossAnomaly("spike", value)
+
+    def _agree(
+        self, consensus: StepConsensus, found: SeedRuntimeError | None
+    ) -> SeedRuntimeError | None:
+        """The failure every rank names — the highest-ordered slot any rank found, and how it
+        failed (out of memory over raised over non-finite, since the trainer's reaction depends
+        on it) — or none."""
+        names = sorted(self.slots)
+        mine = -1 if found is None else 3 * names.index(found.slot) + _failure_kind(found)
+        agreed = consensus.agree_culprit(mine)
+        if agreed < 0:
+            return None
+        if agreed == mine:
+            return found
+        slot, kind = names[agreed // 3], agreed % 3
+        error = SeedRuntimeError(
+            f"the seed in slot {slot!r} failed on another rank's data", slot=slot
+        )
+        if kind == _OOM:
+            error.__cause__ = torch.OutOfMemoryError("out of memory on another rank")
+        elif kind == _RAISED:
+            error.__cause__ = RuntimeError("raised on another rank")
+        return error
+
+    @staticmethod
+    @contextmanager
+    def _checking(slots: list[SeedSlot]) -> Iterator[None]:
+        for slot in slots:
+            slot.check_finite = True
+        try:
+            yield
+        finally:
+            for slot in slots:
+                slot.check_finite = False
+
+
+def _failure_kind(exc: SeedRuntimeError) -> int:
+    """How a seed failed, as the trainer tells it apart (see ``Trainer._seed_failed``)."""
+    if is_out_of_memory(exc):
+        return _OOM
+    return _RAISED if exc.__cause__ is not None else _NON_FINITE

@@ -1,0 +1,53 @@
+"""What a training run records: its lifecycle transitions and its per-epoch results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..control._controller import EpochReport
+from ..reliability._incidents import Incident
+from ..seeds import SeedState
+
+__all__ = ("FitResult", "GrowthEvent")
+
+
+@dataclass(frozen=True)
+class GrowthEvent:
+    """One lifecycle transition, as it happened.
+
+    :ivar epoch: the epoch in which it happened.
+    :ivar step: the global training step.
+    :ivar slot: the slot's name.
+    :ivar source: the state before.
+    :ivar target: the state after.
+    :ivar reason: why, with the figures behind the decision.
+    """
+
+    epoch: int
+    step: int
+    slot: str
+    source: str
+    target: str
+    reason: str
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    :ivar history: one report per epoch.
+    :ivar events: every lifecycle transition, in order.
+    :ivar wall_s: wall-clock seconds of the whole fit.
+    :ivar steps: training steps taken.
+    :ivar incidents: every fault met and what was done about it, in order.
+    """
+
+    history: list[EpochReport] = field(default_factory=list)
+    events: list[GrowthEvent] = field(default_factory=list)
+    wall_s: float = 0.0
+    steps: int = 0
+    incidents: list[Incident] = field(default_factory=list)
+
+    def count(self, target: SeedState) -> int:
+        """How many transitions into ``target`` happened."""
+        return sum(e.target == target.value for e in self.events)

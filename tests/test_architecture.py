@@ -1,0 +1,133 @@
+"""The package's layers: each imports only the layers below it, and no module imports itself
+back through others (see ``docs/architecture.md``).
+
+Read from the source with ``ast`` (nothing is imported). Imports under ``if TYPE_CHECKING:`` are
+left out: they are annotations, not dependencies at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "esper_async"
+
+#: Bottom to top. A module may import its own layer's packages and the layers below.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors",),
+    ("blueprints",),
+    ("kernels",),
+    ("seeds",),
+    ("runtime",),
+    ("compiler", "store", "telemetry", "reliability"),
+    ("selection", "control"),
+    ("surgery", "distributed"),
+    ("training",),
+    ("apps",),
+)
+LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The ``esper_async`` modules ``path`` imports when it runs."""
+    me = _module_name(path)
+    is_package = path.name == "__init__.py"
+    tree = ast.parse(path.read_text())
+    type_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for stmt in block.body
+        for node in ast.walk(stmt)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = me.split(".")[: None if is_package else -1]
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            candidates = [target, *(f"{target}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        else:
+            continue
+        found |= {c for c in candidates if c in MODULES and c != me}
+    return found
+
+
+GRAPH = {name: _runtime_imports(path) for name, path in MODULES.items()}
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYER_OF.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_every_subpackage_has_a_layer() -> None:
+    top = {m.split(".")[1] for m in MODULES if m.count(".") >= 1}
+    assert top <= set(LAYER_OF), f"put {sorted(top - set(LAYER_OF))} in LAYERS"
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    violations = [
+        f"{module} imports {target}"
+        for module, targets in GRAPH.items()
+        for target in targets
+        if (a := _layer(module)) is not None and (b := _layer(target)) is not None and b > a
+    ]
+    assert not violations, "\n".join(sorted(violations))
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(GRAPH[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(GRAPH):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles() == []
