@@ -176,7 +176,14 @@ def parse_metadata(data: object, where: str, *, resolve: bool = False) -> Kernel
     if resolve and _blueprint(blueprint_json, where).to_json() != blueprint_json:
         raise StoreError(f"{where}: metadata 'blueprint_json' is not canonical blueprint JSON")
     contract = _mapping(data, "contract", where)
-    _contract(contract, where)
+    slot = _contract(contract, where)
+    input_shape = _shape(data, "input_shape", where)
+    dtype = _string(data, "dtype", where)
+    if input_shape != slot.shape or dtype != slot.dtype:
+        raise StoreError(
+            f"{where}: input shape {clip(input_shape)} / dtype {clip(dtype)} disagree with the "
+            f"contract {clip(contract, 80)}"
+        )
     compile_s = data.get("compile_s")
     if (
         isinstance(compile_s, bool)
@@ -188,9 +195,9 @@ def parse_metadata(data: object, where: str, *, resolve: bool = False) -> Kernel
         sha256=str(sha256),
         blueprint_json=blueprint_json,
         contract=contract,
-        input_shape=_shape(data, "input_shape", where),
+        input_shape=input_shape,
         output_shape=_shape(data, "output_shape", where),
-        dtype=_string(data, "dtype", where),
+        dtype=dtype,
         param_count=_integer(data, "param_count", where, minimum=0),
         torch_version=_string(data, "torch_version", where),
         device_kind=_string(data, "device_kind", where),
