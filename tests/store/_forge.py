@@ -14,13 +14,13 @@ from esper_async.store import KernelRequest
 from esper_async.store._bundle import BUNDLE_FORMAT, BUNDLE_VERSION
 
 
-def entry(kernel: Kernel, request: KernelRequest, **changes: Any) -> dict[str, Any]:
-    """A manifest entry for ``kernel`` under ``request`` (valid unless ``changes`` break it)."""
+def entry(kernel: Kernel, asked: KernelRequest, /, **changes: Any) -> dict[str, Any]:
+    """A manifest entry for ``kernel`` under ``asked`` (valid unless ``changes`` break it)."""
     item: dict[str, Any] = {
-        "key": request.key,
+        "key": asked.key,
         "kernel_id": kernel.kernel_id,
         "metadata": kernel.metadata.to_json(),
-        "request": copy.deepcopy(request.document),
+        "request": copy.deepcopy(asked.document),
         "tags": ["forged"],
         "validation_reports": [{"passed": True, "report": {"max_abs_error": 0.0}}],
         "blob": f"blobs/{kernel.kernel_id}",
