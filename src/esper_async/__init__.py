@@ -81,6 +81,7 @@ from .selection import ThompsonBeta as ThompsonBeta
 from .selection import ThompsonGaussian as ThompsonGaussian
 from .selection import make_strategy as make_strategy
 from .selection import strategy_names as strategy_names
+from .store import KernelRequest as KernelRequest
 from .store import KernelStore as KernelStore
 from .store import default_store_path as default_store_path
 from .store import kernel_key as kernel_key
@@ -144,6 +145,7 @@ __all__ = (
     "KernelError",
     "KernelIntegrityError",
     "KernelOptimizer",
+    "KernelRequest",
     "KernelStore",
     "KernelValidationError",
     "KernelValidator",
