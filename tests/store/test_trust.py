@@ -409,3 +409,17 @@ async def test_verify_and_gc_refuse_a_lost_index_and_keep_every_blob(
     assert (await _run("--path", str(tmp_path), "gc", "--orphan-grace-s", "0"))[0] == 2
     assert "move blobs/ aside" in capsys.readouterr().err
     assert _blob_files(tmp_path) == {k.kernel_id for k in kernels[:2]}
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_stored_report_is_an_integrity_error(
+    tmp_path: Path, kernels: list[Kernel]
+) -> None:
+    request = request_for(kernels[0].blueprint)
+    async with KernelStore(tmp_path) as store:
+        await store.put(request, kernels[0], validation_report={"ok": True})
+    with sqlite3.connect(tmp_path / "store.sqlite3") as conn:
+        conn.execute("UPDATE validation_reports SET report_json = '{not json'")
+    async with KernelStore(tmp_path) as store:
+        with pytest.raises(StoreIntegrityError, match="validation report of key"):
+            await store.validation_reports(request.key)

@@ -12,12 +12,45 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from .._exceptions import StoreIntegrityError
+from ..blueprints import Blueprint
 from ..kernels import Kernel
-from ._bundle import ManifestEntry
+from ._bundle import ManifestEntry, StagedBundle
+from ._keys import canonical_text
+from ._records import KernelStatus
+from ._rows import NewRow
 from ._untrusted import clip
 
-__all__ = ("validate_entry",)
+__all__ = ("checked_rows", "validate_entry")
+
+
+async def checked_rows(staged: StagedBundle) -> list[NewRow]:
+    """Validate every entry of a staged bundle (each in a worker thread) and return the rows
+    to commit; the first failure refuses the whole bundle.
+
+    :raises StoreIntegrityError: if a kernel fails validation.
+    """
+    rows: list[NewRow] = []
+    for entry in staged.entries:
+        where = f"bundle {staged.source.name} entry {entry.index} (key {entry.key[:12]})"
+        report, nbytes = await anyio.to_thread.run_sync(
+            validate_entry, entry, staged.files[entry.kernel_id], where
+        )
+        rows.append(
+            NewRow(
+                key=entry.key,
+                metadata=entry.metadata,
+                nbytes=nbytes,
+                blueprint=Blueprint.from_json(entry.metadata.blueprint_json),
+                status=KernelStatus.READY,
+                tags=entry.tags,
+                report=report,
+                request_text=canonical_text(entry.request),
+            )
+        )
+    return rows
 
 
 def validate_entry(entry: ManifestEntry, staged: Path, where: str) -> tuple[dict[str, Any], int]:

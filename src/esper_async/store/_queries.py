@@ -21,8 +21,7 @@ from .._exceptions import StoreError, StoreIntegrityError
 from ..blueprints import Blueprint
 from ..kernels import Kernel
 from ._bundle import BundleEntry, BundleLimits, stage_bundle, write_bundle
-from ._import import validate_entry
-from ._keys import canonical_text
+from ._import import checked_rows
 from ._records import (
     GcReport,
     KernelRecord,
@@ -31,9 +30,9 @@ from ._records import (
     VerifyReport,
     known_status,
 )
-from ._rows import NewRow, insert_row, quarantine_row
+from ._rows import insert_row, quarantine_row
 from ._schema import read_version
-from ._untrusted import check_row, load_json
+from ._untrusted import check_row, load_json, sort_rows
 
 if TYPE_CHECKING:
     from ._blobs import BlobStore
@@ -206,6 +205,7 @@ class StoreQueries:
     async def validation_reports(self, key: str) -> list[dict[str, Any]]:
         """The validation reports of ``key``, oldest first, as ``{"passed", "report", "at"}``.
 
+        :raises StoreIntegrityError: if a stored report is malformed.
         :raises StoreError: on database errors.
         """
         sql = (
@@ -218,7 +218,14 @@ class StoreQueries:
                 return list(await cursor.fetchall())
 
         rows = await self._db("read validation reports", fetch, mode="read")
-        return [{"passed": bool(r[0]), "report": json.loads(r[1]), "at": float(r[2])} for r in rows]
+        where = f"a validation report of key {key[:12]}"
+        try:
+            return [
+                {"passed": bool(r[0]), "report": load_json(r[1], where), "at": float(r[2])}
+                for r in rows
+            ]
+        except (StoreError, TypeError, ValueError) as exc:
+            raise StoreIntegrityError(f"{where} is malformed: {exc}", key=key) from exc
 
     async def stats(self) -> StoreStats:
         """Figures about the store (one consistent snapshot) and this process's use of it.
@@ -416,24 +423,9 @@ class StoreQueries:
             ),
             mode="read",
         )
-        bad_rows: list[str] = []
-        ready: dict[str, str] = {}
-        now = self._clock()
-        for key, kernel_id, status, metadata_json, request_json in rows:
-            reason = None
-            if not known_status(status):
-                reason = f"unknown status {str(status)[:20]!r}"
-            elif status == KernelStatus.READY.value:
-                try:
-                    check_row(str(key), kernel_id, metadata_json, request_json, None)
-                except StoreIntegrityError as exc:
-                    reason = str(exc)
-            if reason is None:
-                if status == KernelStatus.READY.value:
-                    ready.setdefault(str(kernel_id), str(key))
-                continue
-            bad_rows.append(str(key))
-            await self._quarantine_rows([(str(key), str(kernel_id), reason)], now)
+        ready, refused = sort_rows(rows)
+        if refused:
+            await self._quarantine_rows(refused, self._clock())
         bad: list[str] = []
         for kernel_id, key in sorted(ready.items()):
             try:
@@ -453,7 +445,7 @@ class StoreQueries:
             ok=len(ready) - len(bad),
             quarantined=tuple(bad),
             orphans=orphans,
-            bad_rows=tuple(bad_rows),
+            bad_rows=tuple(key for key, _, _ in refused),
             irregular=tuple(moved),
         )
 
@@ -547,24 +539,7 @@ class StoreQueries:
             stage_bundle, Path(path), self._blobs.tmp_dir, limits
         )
         try:
-            rows: list[NewRow] = []
-            for entry in staged.entries:
-                where = f"bundle {Path(path).name} entry {entry.index} (key {entry.key[:12]})"
-                report, nbytes = await anyio.to_thread.run_sync(
-                    validate_entry, entry, staged.files[entry.kernel_id], where
-                )
-                rows.append(
-                    NewRow(
-                        key=entry.key,
-                        metadata=entry.metadata,
-                        nbytes=nbytes,
-                        blueprint=Blueprint.from_json(entry.metadata.blueprint_json),
-                        status=KernelStatus.READY,
-                        tags=entry.tags,
-                        report=report,
-                        request_text=canonical_text(entry.request),
-                    )
-                )
+            rows = await checked_rows(staged)
             for kernel_id, tmp in staged.files.items():
                 await self._blobs.adopt(tmp, kernel_id)
             now = self._clock()

@@ -19,6 +19,7 @@ from .._exceptions import BlueprintError, StoreError, StoreIntegrityError
 from ..blueprints import Blueprint, SlotContract
 from ..kernels import KernelMetadata
 from ._keys import INIT_SEED_OPTION, KEY_VERSION, canonical_text, request_mismatch
+from ._records import KernelStatus, known_status
 
 __all__ = (
     "MAX_NAME_CHARS",
@@ -29,6 +30,7 @@ __all__ = (
     "load_json",
     "parse_metadata",
     "parse_request",
+    "sort_rows",
 )
 
 #: Longest string accepted in a short field (torch version, dtype, execution form, tag).
@@ -284,3 +286,27 @@ def check_row(
     except StoreError as exc:
         raise StoreIntegrityError(str(exc), key=key) from exc
     return metadata
+
+
+def sort_rows(rows: list[Any]) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """Check rows ``(key, kernel_id, status, metadata_json, request_json)`` as ``verify`` does.
+
+    :returns: the ready kernel ids that passed (each with one of its keys), and the rows that
+        failed as ``(key, kernel_id, reason)``.
+    """
+    ready: dict[str, str] = {}
+    refused: list[tuple[str, str, str]] = []
+    for key, kernel_id, status, metadata_json, request_json in rows:
+        reason = None
+        if not known_status(status):
+            reason = f"unknown status {str(status)[:20]!r}"
+        elif status == KernelStatus.READY.value:
+            try:
+                check_row(str(key), kernel_id, metadata_json, request_json, None)
+            except StoreIntegrityError as exc:
+                reason = str(exc)
+            else:
+                ready.setdefault(str(kernel_id), str(key))
+        if reason is not None:
+            refused.append((str(key), str(kernel_id), reason))
+    return ready, refused
