@@ -10,21 +10,26 @@ import torch
 
 from esper_async.blueprints import Blueprint, SlotContract, library
 from esper_async.kernels import Kernel, export_kernel
-from esper_async.store import kernel_key
+from esper_async.store import KernelRequest
 
 #: A small linear contract: exports take about 0.1 s each.
 CONTRACT = SlotContract("linear", (8,))
 
 
-def key_for(blueprint: Blueprint, **optimizer_options: object) -> str:
-    """The store key of ``blueprint`` on ``CONTRACT`` for this process's torch on CPU."""
-    return kernel_key(
+def request_for(blueprint: Blueprint, **optimizer_options: object) -> KernelRequest:
+    """The store request of ``blueprint`` on ``CONTRACT`` for this process's torch on CPU."""
+    return KernelRequest(
         blueprint,
         CONTRACT,
         torch_version=torch.__version__,
         device_kind="cpu",
         optimizer_options=optimizer_options,
     )
+
+
+def key_for(blueprint: Blueprint, **optimizer_options: object) -> str:
+    """The store key of ``blueprint`` on ``CONTRACT`` (``request_for(...).key``)."""
+    return request_for(blueprint, **optimizer_options).key
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from esper_async.kernels import Kernel
-from esper_async.store import KernelStore
+from esper_async.store import SCHEMA_VERSION, KernelStore
 from esper_async.store._cli import add_store_parser, run_store_command
 
-from .conftest import key_for
+from .conftest import request_for
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -32,11 +32,11 @@ def store_dir(tmp_path: Path) -> Path:
 
 
 async def _fill(store_dir: Path, kernels: list[Kernel]) -> list[str]:
-    keys = [key_for(k.blueprint, i=i) for i, k in enumerate(kernels)]
+    requests = [request_for(k.blueprint, i=i) for i, k in enumerate(kernels)]
     async with KernelStore(store_dir) as store:
-        for i, (key, kernel) in enumerate(zip(keys, kernels, strict=True)):
-            await store.put(key, kernel, tags=[f"t{i % 2}"])
-    return keys
+        for i, (request, kernel) in enumerate(zip(requests, kernels, strict=True)):
+            await store.put(request, kernel, tags=[f"t{i % 2}"])
+    return [r.key for r in requests]
 
 
 @pytest.mark.asyncio
@@ -48,7 +48,8 @@ async def test_ls_and_stats(store_dir: Path, kernels: list[Kernel]) -> None:
     assert status == 0 and [r["key"] for r in json.loads(text)] == [keys[1]]
     status, text = await _run("--path", str(store_dir), "--json", "stats")
     stats = json.loads(text)
-    assert status == 0 and stats["kernels"] == {"ready": 3} and stats["schema_version"] == 2
+    assert status == 0 and stats["kernels"] == {"ready": 3}
+    assert stats["schema_version"] == SCHEMA_VERSION
     status, text = await _run("--path", str(store_dir), "stats")
     assert status == 0 and "3 ready" in text
 

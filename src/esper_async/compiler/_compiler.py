@@ -40,7 +40,7 @@ from ._optimizer import OptimizerOptions
 from ._pool import CompileExecutor, ProcessPool, WorkerDiedError, WorkerError
 
 if TYPE_CHECKING:  # the store (and SQLite) load only when a store is used
-    from ..store import KernelStore
+    from ..store import KernelRequest, KernelStore
 
 __all__ = ("BlueprintCompiler", "default_workers")
 
@@ -131,19 +131,26 @@ class BlueprintCompiler:
         if wait is not None:
             await wait()
 
-    def store_key(self, blueprint: Blueprint, contract: SlotContract, seed: int) -> str:
-        """The kernel-store key of a compile: everything that decides the kernel's bytes — the
-        blueprint, the contract, the init seed, the torch version, the device kind and the
-        optimizer's options."""
-        from ..store import kernel_key  # not at import: the store package loads SQLite
+    def store_request(
+        self, blueprint: Blueprint, contract: SlotContract, seed: int
+    ) -> KernelRequest:
+        """The kernel-store request of a compile: everything that decides the kernel's bytes —
+        the blueprint, the contract, the init seed, the torch version, the device kind and the
+        optimizer's options. The store checks the kernel it serves against it."""
+        from ..store import KernelRequest  # not at import: the store package loads SQLite
 
-        return kernel_key(
+        return KernelRequest(
             blueprint,
             contract,
             torch_version=torch.__version__,
             device_kind=self.device_kind,
-            optimizer_options={**self.options.to_json(), "init_seed": seed},
+            optimizer_options=self.options.to_json(),
+            init_seed=seed,
         )
+
+    def store_key(self, blueprint: Blueprint, contract: SlotContract, seed: int) -> str:
+        """The kernel-store key of a compile (:meth:`store_request`'s key)."""
+        return self.store_request(blueprint, contract, seed).key
 
     async def compile(
         self,
@@ -172,11 +179,13 @@ class BlueprintCompiler:
         blueprint.check_fits(contract)
         if self.store is None:
             return await self._compile(blueprint, contract, seed, timeout, trace_carrier)
-        key = self.store_key(blueprint, contract, seed)
+        request = self.store_request(blueprint, contract, seed)
         compiles_before = self.compiles
-        with self._span(SPAN_STORE_GET, blueprint=blueprint.name, store_key=key[:16]) as span:
+        with self._span(
+            SPAN_STORE_GET, blueprint=blueprint.name, store_key=request.key[:16]
+        ) as span:
             kernel = await self.store.get_or_compile(
-                key,
+                request,
                 lambda: self._compile(blueprint, contract, seed, timeout, trace_carrier),
                 tags=(blueprint.family,),
             )

@@ -1,12 +1,15 @@
 """The kernel store: a persistent, content-addressed kernel library shared between processes.
 
 Rows (metadata, lineage, validation reports, usage) live in SQLite in WAL mode; artifacts live
-in content-addressed files written atomically and verified on every read. See
-:class:`KernelStore`.
+in content-addressed files written atomically and verified on every read, and every row served
+is checked against the :class:`KernelRequest` it was stored for. See :class:`KernelStore` and
+docs/store.md ("Trust model").
 """
 
 from ._bundle import BundleEntry as BundleEntry
+from ._bundle import BundleLimits as BundleLimits
 from ._keys import STORE_ENV_VAR as STORE_ENV_VAR
+from ._keys import KernelRequest as KernelRequest
 from ._keys import default_store_path as default_store_path
 from ._keys import kernel_key as kernel_key
 from ._lru import ByteLRU as ByteLRU
@@ -25,9 +28,11 @@ __all__ = (
     "STORE_ENV_VAR",
     "BlueprintRecord",
     "BundleEntry",
+    "BundleLimits",
     "ByteLRU",
     "GcReport",
     "KernelRecord",
+    "KernelRequest",
     "KernelStatus",
     "KernelStore",
     "LRUStats",

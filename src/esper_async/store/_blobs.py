@@ -9,12 +9,18 @@ Layout under the store's root::
 A blob is written to ``tmp/``, flushed, fsynced, renamed onto its final name and its directory
 fsynced, so a reader sees either no file or the whole file. Since a name is the hash of its
 content, two writers of one blob write the same bytes and the rename is idempotent.
+
+Only regular files are blobs. A blob path that is a directory, a symbolic link, a FIFO or a
+device is reported as corrupt (and quarantined by the store) and never opened through: reads
+check ``lstat`` first and open with ``O_NOFOLLOW | O_NONBLOCK``, so a link cannot point a read
+elsewhere and a FIFO cannot block it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +43,11 @@ _HASH_IN_THREAD_BYTES = 4 * 1024 * 1024
 
 _HEX = frozenset("0123456789abcdef")
 
+#: Reads of a blob file go through the kernel in chunks of this size.
+_READ_CHUNK = 1024 * 1024
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
 
 def sha256_hex(data: bytes) -> str:
     """The hex sha256 of ``data``."""
@@ -52,6 +63,59 @@ async def _digest(data: bytes) -> str:
 def _check_digest(digest: str) -> None:
     if len(digest) != 64 or not set(digest) <= _HEX:
         raise StoreError(f"{digest!r} is not a hex sha256 digest")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device or special file"
+
+
+def _read_regular(path: Path, digest: str) -> bytes:
+    """Read the regular file ``path`` whole (blocking); anything else is an integrity error."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError as exc:
+        raise StoreIntegrityError(f"blob {digest[:12]} is missing ({path})", key=digest) from exc
+    except OSError as exc:
+        raise StoreError(f"cannot stat blob {digest[:12]} ({path}): {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreIntegrityError(
+            f"blob {digest[:12]} is {_kind(info.st_mode)}, not a regular file ({path})", key=digest
+        )
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError as exc:
+        raise StoreIntegrityError(f"blob {digest[:12]} is missing ({path})", key=digest) from exc
+    except OSError as exc:  # ELOOP: replaced by a link since the lstat
+        raise StoreIntegrityError(
+            f"blob {digest[:12]} cannot be opened as a file: {exc}", key=digest
+        ) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreIntegrityError(
+                f"blob {digest[:12]} is {_kind(info.st_mode)}, not a regular file", key=digest
+            )
+        chunks: list[bytes] = []
+        remaining = info.st_size
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, _READ_CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise StoreError(f"cannot read blob {digest[:12]} ({path}): {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,42 +178,75 @@ class BlobStore:
         final = self.path_of(actual)
         if await self._verifies(final, actual, len(data)):
             return actual
-        tmp = self.tmp_dir / f"{actual}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        renamed = False
+        tmp = self.staging_path(actual)
         try:
-            await aiofiles.os.makedirs(final.parent, exist_ok=True)
             async with aiofiles.open(tmp, "xb") as handle:
                 await handle.write(data)
                 await handle.flush()
                 await anyio.to_thread.run_sync(os.fsync, handle.fileno())
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._unlink_quietly(tmp)
+            if isinstance(exc, OSError):
+                raise StoreError(
+                    f"cannot write blob {actual[:12]} under {self.root}: {exc}"
+                ) from exc
+            raise
+        await self.adopt(tmp, actual)
+        return actual
+
+    def staging_path(self, digest: str) -> Path:
+        """A fresh path in ``tmp/`` to write the blob ``digest`` to before :meth:`adopt`."""
+        _check_digest(digest)
+        return self.tmp_dir / f"{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+    async def adopt(self, tmp: Path, digest: str) -> None:
+        """Rename the fsynced file ``tmp`` (in ``tmp/``, holding the blob ``digest``, checked by
+        the caller) onto the blob's name and fsync its directory; ``tmp`` is gone afterwards.
+
+        Whatever is in the way and is not a regular file (a directory, a link) is quarantined
+        first.
+
+        :raises StoreError: if the file cannot be moved.
+        """
+        final = self.path_of(digest)
+        renamed = False
+        try:
+            await aiofiles.os.makedirs(final.parent, exist_ok=True)
+            await self._clear_irregular(final, digest)
             await aiofiles.os.replace(tmp, final)
             renamed = True
             await anyio.to_thread.run_sync(_fsync_dir, final.parent)
         except OSError as exc:
-            raise StoreError(f"cannot write blob {actual[:12]} under {self.root}: {exc}") from exc
+            raise StoreError(f"cannot write blob {digest[:12]} under {self.root}: {exc}") from exc
         finally:
             if not renamed:
                 with anyio.CancelScope(shield=True):
                     await self._unlink_quietly(tmp)
-        return actual
+
+    async def _clear_irregular(self, final: Path, digest: str) -> None:
+        try:
+            info = await anyio.to_thread.run_sync(os.lstat, final)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(info.st_mode):
+            moved = await self.quarantine(digest)
+            _log.warning(
+                "store.irregular_blob_quarantined",
+                kernel_id=digest,
+                kind=_kind(info.st_mode),
+                moved_to=str(moved),
+            )
 
     async def read(self, digest: str) -> bytes:
         """Read the blob ``digest`` and check its sha256.
 
-        :raises StoreIntegrityError: if the file is missing or its bytes do not hash to
-            ``digest``; the caller quarantines it and must not use the bytes.
+        :raises StoreIntegrityError: if the file is missing, is not a regular file, or its bytes
+            do not hash to ``digest``; the caller quarantines it and must not use the bytes.
         :raises StoreError: if the file exists but cannot be read.
         """
         path = self.path_of(digest)
-        try:
-            async with aiofiles.open(path, "rb") as handle:
-                data = await handle.read()
-        except FileNotFoundError as exc:
-            raise StoreIntegrityError(
-                f"blob {digest[:12]} is missing ({path})", key=digest
-            ) from exc
-        except OSError as exc:
-            raise StoreError(f"cannot read blob {digest[:12]} ({path}): {exc}") from exc
+        data = await anyio.to_thread.run_sync(_read_regular, path, digest)
         actual = await _digest(data)
         if actual != digest:
             raise StoreIntegrityError(
@@ -175,33 +272,70 @@ class BlobStore:
         return target
 
     async def remove(self, digest: str) -> bool:
-        """Delete the blob ``digest``; ``False`` if it was not there.
+        """Delete the blob file ``digest``; ``False`` if there was no such regular file.
+
+        Anything else at its path (a directory, a link) is left for :meth:`quarantine`.
 
         :raises StoreError: if it exists but cannot be deleted.
         """
+        path = self.path_of(digest)
         try:
-            await aiofiles.os.remove(self.path_of(digest))
+            if not stat.S_ISREG((await anyio.to_thread.run_sync(os.lstat, path)).st_mode):
+                return False
+            await aiofiles.os.remove(path)
         except FileNotFoundError:
             return False
         except OSError as exc:
             raise StoreError(f"cannot delete blob {digest[:12]}: {exc}") from exc
         return True
 
-    def iter_digests(self) -> Iterator[tuple[str, int, float]]:
-        """Yield ``(digest, size, mtime)`` for every blob on disk (blocking: run in a thread)."""
-        if not self.blobs_dir.is_dir():
+    def _entries(self) -> Iterator[tuple[str, os.stat_result]]:
+        """``(digest, lstat)`` of every digest-named entry in a shard directory (blocking)."""
+        try:
+            shards = list(os.scandir(self.blobs_dir))
+        except FileNotFoundError:
             return
-        for shard in self.blobs_dir.iterdir():
-            if not shard.is_dir():
+        for shard in shards:
+            if not shard.is_dir(follow_symlinks=False):
                 continue
-            for entry in shard.iterdir():
+            try:
+                entries = list(os.scandir(shard.path))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
                 name = entry.name
-                if len(name) == 64 and set(name) <= _HEX:
+                if len(name) == 64 and set(name) <= _HEX and name[:2] == shard.name:
                     try:
-                        info = entry.stat()
+                        yield name, entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    yield name, info.st_size, info.st_mtime
+
+    def iter_digests(self) -> Iterator[tuple[str, int, float]]:
+        """Yield ``(digest, size, mtime)`` for every blob file on disk (blocking: run in a
+        thread). Only regular files are listed; see :meth:`iter_irregular`."""
+        for name, info in self._entries():
+            if stat.S_ISREG(info.st_mode):
+                yield name, info.st_size, info.st_mtime
+
+    def iter_irregular(self) -> Iterator[str]:
+        """Yield the digests whose path holds something other than a regular file (blocking)."""
+        for name, info in self._entries():
+            if not stat.S_ISREG(info.st_mode):
+                yield name
+
+    def has_blobs(self) -> bool:
+        """Whether anything at all is stored under ``blobs/`` (blocking)."""
+        try:
+            with os.scandir(self.blobs_dir) as shards:
+                for shard in shards:
+                    if not shard.is_dir(follow_symlinks=False):
+                        return True
+                    with os.scandir(shard.path) as entries:
+                        if any(True for _ in entries):
+                            return True
+        except FileNotFoundError:
+            return False
+        return False
 
     def remove_stale(self, directory: Path, older_than: float) -> int:
         """Delete files in ``directory`` last modified before ``older_than`` (blocking).
@@ -213,7 +347,8 @@ class BlobStore:
             return 0
         for entry in directory.iterdir():
             try:
-                if entry.is_file() and entry.stat().st_mtime < older_than:
+                info = entry.lstat()
+                if stat.S_ISREG(info.st_mode) and info.st_mtime < older_than:
                     entry.unlink()
                     removed += 1
             except FileNotFoundError:
@@ -224,12 +359,12 @@ class BlobStore:
 
     async def _verifies(self, path: Path, digest: str, size: int) -> bool:
         try:
-            info = await aiofiles.os.stat(path)
+            info = await anyio.to_thread.run_sync(os.lstat, path)
         except FileNotFoundError:
             return False
         except OSError as exc:
             raise StoreError(f"cannot stat blob {digest[:12]}: {exc}") from exc
-        if info.st_size != size:
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
             return False
         try:
             await self.read(digest)

@@ -1,5 +1,8 @@
 """``esper-async store ls|stats|gc|verify|export|import``: look after a kernel store.
 
+Errors of the store (one that cannot be opened, a malformed row, a refused bundle) are printed
+as one ``error:`` line, never a traceback, with exit status 2.
+
 The main ``esper-async`` parser calls :func:`add_store_parser` on its sub-parsers and, for the
 ``store`` command, awaits :func:`run_store_command`. This is a command-line front end, so it
 prints.
@@ -13,6 +16,12 @@ import sys
 from typing import Any, TextIO
 
 from ..errors import StoreError
+from ._bundle import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    DEFAULT_MAX_MEMBERS,
+    DEFAULT_MAX_TOTAL_BYTES,
+    BundleLimits,
+)
 from ._keys import STORE_ENV_VAR
 from ._records import KernelRecord, KernelStatus
 from ._store import KernelStore
@@ -63,7 +72,9 @@ def add_store_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     gc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
 
-    commands.add_parser("verify", help="check every artifact's sha256; quarantine bad ones")
+    commands.add_parser(
+        "verify", help="check every row and every artifact's sha256; quarantine bad ones"
+    )
 
     export = commands.add_parser("export", help="write kernels to a bundle (tar)")
     export.add_argument("bundle", help="bundle file to write")
@@ -71,8 +82,29 @@ def add_store_parser(subparsers: Any) -> argparse.ArgumentParser:
     export.add_argument("--tag", help="only kernels with this tag")
     export.add_argument("--key", action="append", dest="keys", help="a key to export (repeatable)")
 
-    imp = commands.add_parser("import", help="read kernels from a bundle")
+    imp = commands.add_parser(
+        "import", help="read kernels from a bundle (all or none; each is validated again)"
+    )
     imp.add_argument("bundle", help="bundle file to read")
+    mib = 1024 * 1024
+    imp.add_argument(
+        "--max-member-mb",
+        type=float,
+        default=DEFAULT_MAX_MEMBER_BYTES / mib,
+        help="refuse an artifact larger than this (MiB)",
+    )
+    imp.add_argument(
+        "--max-total-mb",
+        type=float,
+        default=DEFAULT_MAX_TOTAL_BYTES / mib,
+        help="refuse a bundle holding more than this uncompressed (MiB)",
+    )
+    imp.add_argument(
+        "--max-members",
+        type=int,
+        default=DEFAULT_MAX_MEMBERS,
+        help="refuse a bundle with more members than this",
+    )
     return store
 
 
@@ -81,13 +113,17 @@ async def run_store_command(args: argparse.Namespace, *, out: TextIO | None = No
 
     :param args: parsed by a parser set up with :func:`add_store_parser`.
     :param out: where to print (standard output by default).
-    :returns: 0 on success, 1 when ``verify`` found and quarantined bad artifacts, 2 on errors.
+    :returns: 0 on success, 1 when ``verify`` found (and quarantined) anything wrong, 2 on
+        errors (a store that cannot be opened, a refused bundle, a malformed row ...).
     """
     out = out or sys.stdout
     try:
         async with KernelStore(args.path) as store:
             return await _dispatch(store, args, out)
     except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValueError as exc:  # bad limits given on the command line
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
@@ -149,6 +185,9 @@ async def _dispatch(store: KernelStore, args: argparse.Namespace, out: TextIO) -
                     "ok": result.ok,
                     "quarantined": list(result.quarantined),
                     "orphans": result.orphans,
+                    "bad_rows": list(result.bad_rows),
+                    "irregular": list(result.irregular),
+                    "problems": result.problems,
                 },
                 out,
             )
@@ -156,9 +195,13 @@ async def _dispatch(store: KernelStore, args: argparse.Namespace, out: TextIO) -
             print(f"checked {result.checked} artifact(s): {result.ok} ok", file=out)
             for kernel_id in result.quarantined:
                 print(f"quarantined {kernel_id} (recompiled on next use)", file=out)
+            for key in result.bad_rows:
+                print(f"quarantined the row of key {key} (it failed its checks)", file=out)
+            for digest in result.irregular:
+                print(f"moved {digest} to quarantine/ (not a regular file)", file=out)
             if result.orphans:
                 print(f"{result.orphans} unreferenced blob(s); `store gc` removes them", file=out)
-        return EXIT_PROBLEMS_FOUND if result.quarantined else EXIT_OK
+        return EXIT_PROBLEMS_FOUND if result.problems else EXIT_OK
     if command == "export":
         count = await store.export_bundle(
             args.bundle, keys=args.keys, blueprint=args.blueprint, tag=args.tag
@@ -166,7 +209,12 @@ async def _dispatch(store: KernelStore, args: argparse.Namespace, out: TextIO) -
         print(f"exported {count} kernel(s) to {args.bundle}", file=out)
         return EXIT_OK
     if command == "import":
-        count = await store.import_bundle(args.bundle)
+        limits = BundleLimits(
+            max_member_bytes=int(args.max_member_mb * 1024 * 1024),
+            max_total_bytes=int(args.max_total_mb * 1024 * 1024),
+            max_members=args.max_members,
+        )
+        count = await store.import_bundle(args.bundle, limits=limits)
         print(f"imported {count} kernel(s) from {args.bundle}", file=out)
         return EXIT_OK
     raise StoreError(f"unknown store command {command!r}; try ls, stats, gc, verify")

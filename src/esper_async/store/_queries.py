@@ -19,10 +19,20 @@ import structlog
 
 from ..blueprints import Blueprint
 from ..errors import StoreError, StoreIntegrityError
-from ..kernels import Kernel, KernelMetadata
-from ._bundle import BundleEntry, read_bundle, write_bundle
-from ._records import GcReport, KernelRecord, KernelStatus, StoreStats, VerifyReport
+from ..kernels import Kernel
+from ._bundle import BundleEntry, BundleLimits, stage_bundle, write_bundle
+from ._import import checked_rows
+from ._records import (
+    GcReport,
+    KernelRecord,
+    KernelStatus,
+    StoreStats,
+    VerifyReport,
+    known_status,
+)
+from ._rows import insert_row, quarantine_row
 from ._schema import read_version
+from ._untrusted import check_row, load_json, sort_rows
 
 if TYPE_CHECKING:
     from ._blobs import BlobStore
@@ -69,21 +79,35 @@ class BlueprintRecord:
 
 
 def _record(row: Any) -> KernelRecord:
+    key = str(row[0])
+    if not known_status(row[4]):
+        raise StoreIntegrityError(
+            f"the row of key {key[:12]} has unknown status {str(row[4])[:20]!r}; run "
+            "`esper-async store verify` to quarantine it",
+            key=key,
+        )
     tags = tuple(str(row[11]).split(_TAG_SEPARATOR)) if row[11] else ()
-    return KernelRecord(
-        key=str(row[0]),
-        kernel_id=str(row[1]),
-        blueprint_id=str(row[2]),
-        family=str(row[3]),
-        status=KernelStatus(row[4]),
-        nbytes=int(row[5]),
-        created_at=float(row[6]),
-        last_used_at=None if row[7] is None else float(row[7]),
-        hits=int(row[8]),
-        torch_version=str(row[9]),
-        device_kind=str(row[10]),
-        tags=tags,
-    )
+    try:
+        return KernelRecord(
+            key=key,
+            kernel_id=str(row[1]),
+            blueprint_id=str(row[2]),
+            family=str(row[3]),
+            status=KernelStatus(row[4]),
+            nbytes=int(row[5]),
+            created_at=float(row[6]),
+            last_used_at=None if row[7] is None else float(row[7]),
+            hits=int(row[8]),
+            torch_version=str(row[9]),
+            device_kind=str(row[10]),
+            tags=tags,
+        )
+    except (TypeError, ValueError) as exc:
+        raise StoreIntegrityError(
+            f"the row of key {key[:12]} has a malformed column ({exc}); run "
+            "`esper-async store verify` to quarantine it",
+            key=key,
+        ) from exc
 
 
 class StoreQueries:
@@ -108,16 +132,6 @@ class StoreQueries:
         async def _flush_usage(self) -> None: ...
 
         async def _delete_keys(self, keys: list[str]) -> tuple[list[str], list[str]]: ...
-
-        async def put(
-            self,
-            key: str,
-            kernel: Kernel,
-            *,
-            tags: Iterable[str] = (),
-            validation_report: Mapping[str, Any] | None = None,
-            status: KernelStatus | str = KernelStatus.READY,
-        ) -> str: ...
 
     # -- listing -----------------------------------------------------------------------------
 
@@ -191,6 +205,7 @@ class StoreQueries:
     async def validation_reports(self, key: str) -> list[dict[str, Any]]:
         """The validation reports of ``key``, oldest first, as ``{"passed", "report", "at"}``.
 
+        :raises StoreIntegrityError: if a stored report is malformed.
         :raises StoreError: on database errors.
         """
         sql = (
@@ -203,7 +218,14 @@ class StoreQueries:
                 return list(await cursor.fetchall())
 
         rows = await self._db("read validation reports", fetch, mode="read")
-        return [{"passed": bool(r[0]), "report": json.loads(r[1]), "at": float(r[2])} for r in rows]
+        where = f"a validation report of key {key[:12]}"
+        try:
+            return [
+                {"passed": bool(r[0]), "report": load_json(r[1], where), "at": float(r[2])}
+                for r in rows
+            ]
+        except (StoreError, TypeError, ValueError) as exc:
+            raise StoreIntegrityError(f"{where} is malformed: {exc}", key=key) from exc
 
     async def stats(self) -> StoreStats:
         """Figures about the store (one consistent snapshot) and this process's use of it.
@@ -383,7 +405,12 @@ class StoreQueries:
         return {str(r[0]) for r in rows}
 
     async def verify(self) -> VerifyReport:
-        """Check the blob of every ready entry; quarantine the missing and the corrupt.
+        """Check every row and the blob of every ready entry; quarantine what is wrong.
+
+        Rows: a known status; for ready rows, metadata that parses and names the row's kernel,
+        and a stored request that hashes to the key and that the kernel answers. Blobs: a
+        regular file whose bytes hash to its name. Something other than a regular file at a
+        blob path no row uses is moved to ``quarantine/`` too.
 
         :raises StoreError: on database or file errors.
         """
@@ -391,23 +418,35 @@ class StoreQueries:
             "list kernels to verify",
             lambda conn: _fetch_all(
                 conn,
-                "SELECT kernel_id, MIN(key) FROM kernels WHERE status = 'ready' "
-                "GROUP BY kernel_id ORDER BY kernel_id",
+                "SELECT key, kernel_id, status, metadata_json, request_json FROM kernels "
+                "ORDER BY key",
             ),
             mode="read",
         )
+        ready, refused = sort_rows(rows)
+        if refused:
+            await self._quarantine_rows(refused, self._clock())
         bad: list[str] = []
-        for kernel_id, key in rows:
+        for kernel_id, key in sorted(ready.items()):
             try:
-                await self._blobs.read(str(kernel_id))
+                await self._blobs.read(kernel_id)
             except StoreIntegrityError as exc:
-                bad.append(str(kernel_id))
-                await self._quarantine(str(kernel_id), str(key), str(exc))
+                bad.append(kernel_id)
+                await self._quarantine(kernel_id, key, str(exc))
         referenced = await self._referenced_ids()
+        irregular = await anyio.to_thread.run_sync(lambda: list(self._blobs.iter_irregular()))
+        moved = [d for d in irregular if d not in bad]
+        for digest in moved:
+            await self._quarantine(digest, None, "not a regular file")
         on_disk = await anyio.to_thread.run_sync(lambda: list(self._blobs.iter_digests()))
         orphans = sum(1 for digest, _, _ in on_disk if digest not in referenced)
         return VerifyReport(
-            checked=len(rows), ok=len(rows) - len(bad), quarantined=tuple(bad), orphans=orphans
+            checked=len(ready),
+            ok=len(ready) - len(bad),
+            quarantined=tuple(bad),
+            orphans=orphans,
+            bad_rows=tuple(key for key, _, _ in refused),
+            irregular=tuple(moved),
         )
 
     # -- bundles -----------------------------------------------------------------------------
@@ -441,7 +480,19 @@ class StoreQueries:
             records = [by_key[k] for k in wanted]
         entries: list[BundleEntry] = []
         for rec in records:
-            metadata = await self._metadata(rec.key)
+            metadata_json, request_json = await self._row_documents(rec.key)
+            try:
+                check_row(rec.key, rec.kernel_id, metadata_json, request_json, None)
+            except StoreIntegrityError as exc:
+                raise StoreIntegrityError(
+                    f"{exc}; run `esper-async store verify`. Nothing was exported", key=rec.key
+                ) from exc
+            if request_json is None:
+                raise StoreError(
+                    f"the entry {rec.key[:12]} has no request document (stored by an older "
+                    "esper_async or put with a bare key), so an importer could not check its "
+                    "key; recompile it through BlueprintCompiler. Nothing was exported"
+                )
             try:
                 artifact = await self._blobs.read(rec.kernel_id)
             except StoreIntegrityError as exc:
@@ -451,45 +502,81 @@ class StoreQueries:
                 {"passed": r["passed"], "report": r["report"]}
                 for r in await self.validation_reports(rec.key)
             ]
-            entries.append(BundleEntry(rec.key, metadata, artifact, rec.tags, tuple(reports)))
+            entries.append(
+                BundleEntry(
+                    rec.key,
+                    load_json(metadata_json, rec.key),
+                    artifact,
+                    rec.tags,
+                    tuple(reports),
+                    load_json(request_json, rec.key),
+                )
+            )
         await anyio.to_thread.run_sync(write_bundle, Path(path), entries)
         _log.info("store.exported", path=str(path), entries=len(entries))
         return len(entries)
 
-    async def import_bundle(self, path: str | os.PathLike[str]) -> int:
-        """Put every entry of a bundle (idempotent: entries already present are kept).
+    async def import_bundle(
+        self, path: str | os.PathLike[str], *, limits: BundleLimits | None = None
+    ) -> int:
+        """Store every entry of a bundle, all or none (entries already present are kept).
 
-        The whole bundle is verified before anything is stored.
+        The bundle is read within ``limits``; every manifest field is checked; each key must
+        be the hash of its entry's request, and each kernel what that request asks for; each
+        artifact must hash to its id and pass this process's own validator (the bundle's
+        reports are ignored). Only then are the artifacts moved into ``blobs/`` and every row
+        committed in one transaction. On any failure nothing is stored (a crash between the
+        two steps leaves unreferenced blobs, which ``gc`` removes).
 
+        :param path: the bundle file.
+        :param limits: bounds on what reading it may take (default :class:`BundleLimits`).
         :returns: the number of entries whose kernel is now the one stored under their key.
-        :raises StoreIntegrityError: if an artifact in the bundle fails verification.
-        :raises StoreError: if the file is not a readable bundle, or on store errors.
+        :raises StoreIntegrityError: if an entry is forged or damaged, or fails validation.
+        :raises StoreError: if the file is not a readable bundle, breaks a bound or is
+            malformed (naming the entry), or on store errors.
         """
-        entries = await anyio.to_thread.run_sync(read_bundle, Path(path))
-        stored = 0
-        for entry in entries:
-            try:
-                metadata = KernelMetadata.from_json(entry.metadata)
-            except (TypeError, KeyError, ValueError) as exc:
-                raise StoreError(f"bundle {path}: bad metadata for key {entry.key[:12]}") from exc
-            kernel = Kernel(artifact=entry.artifact, metadata=metadata)
-            report = entry.reports[-1]["report"] if entry.reports else None
-            winner = await self.put(entry.key, kernel, tags=entry.tags, validation_report=report)
-            stored += winner == kernel.kernel_id
-        _log.info("store.imported", path=str(path), entries=len(entries), stored=stored)
+        staged = await anyio.to_thread.run_sync(
+            stage_bundle, Path(path), self._blobs.tmp_dir, limits
+        )
+        try:
+            rows = await checked_rows(staged)
+            for kernel_id, tmp in staged.files.items():
+                await self._blobs.adopt(tmp, kernel_id)
+            now = self._clock()
+
+            async def insert_all(conn: aiosqlite.Connection) -> list[str]:
+                return [await insert_row(conn, row, now) for row in rows]
+
+            winners = await self._db("import a bundle", insert_all, mode="write")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(staged.discard)
+        stored = sum(w == row.kernel_id for w, row in zip(winners, rows, strict=True))
+        _log.info("store.imported", path=str(path), entries=len(rows), stored=stored)
         return stored
 
-    async def _metadata(self, key: str) -> dict[str, Any]:
+    async def _quarantine_rows(self, rows: list[tuple[str, str, str]], now: float) -> None:
+        """Quarantine rows ``(key, kernel_id, reason)`` alone, leaving their blobs."""
+
+        async def mark(conn: aiosqlite.Connection) -> None:
+            for key, kernel_id, reason in rows:
+                await quarantine_row(conn, key, kernel_id, reason, now)
+
+        await self._db("quarantine rows", mark, mode="write")
+        for key, kernel_id, reason in rows:
+            _log.warning("store.row_quarantined", key=key, kernel_id=kernel_id, reason=reason)
+
+    async def _row_documents(self, key: str) -> tuple[str, str | None]:
         rows = await self._db(
             "read kernel metadata",
             lambda conn: _fetch_all(
-                conn, "SELECT metadata_json FROM kernels WHERE key = ?", (key,)
+                conn, "SELECT metadata_json, request_json FROM kernels WHERE key = ?", (key,)
             ),
             mode="read",
         )
         if not rows:
             raise StoreError(f"no kernel under key {key[:12]}")
-        return dict(json.loads(rows[0][0]))
+        return rows[0][0], rows[0][1]
 
 
 async def _fetch_all(

@@ -8,7 +8,14 @@ from typing import Any
 
 from ._lru import LRUStats
 
-__all__ = ("GcReport", "KernelRecord", "KernelStatus", "StoreStats", "VerifyReport")
+__all__ = (
+    "GcReport",
+    "KernelRecord",
+    "KernelStatus",
+    "StoreStats",
+    "VerifyReport",
+    "known_status",
+)
 
 
 class KernelStatus(StrEnum):
@@ -20,6 +27,14 @@ class KernelStatus(StrEnum):
     """Its blob failed verification; ``get`` treats it as a miss until it is put again."""
     REJECTED = "rejected"
     """It failed validation; kept for its report, never served."""
+
+
+_STATUSES = frozenset(s.value for s in KernelStatus)
+
+
+def known_status(value: object) -> bool:
+    """Whether ``value`` (a row's status column) is a :class:`KernelStatus` value."""
+    return isinstance(value, str) and value in _STATUSES
 
 
 @dataclass(frozen=True)
@@ -145,15 +160,26 @@ class GcReport:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """The result of checking every ready entry's blob.
+    """The result of checking every row and every ready entry's blob.
 
     :ivar checked: blobs checked.
     :ivar ok: blobs whose bytes hash to their name.
-    :ivar quarantined: kernel ids found corrupt or missing, now quarantined.
-    :ivar orphans: blob files no entry references.
+    :ivar quarantined: kernel ids found corrupt, missing or not regular files, now quarantined.
+    :ivar orphans: blob files no entry references (harmless; ``gc`` removes them).
+    :ivar bad_rows: keys whose row failed its checks (unreadable metadata, a kernel that is
+        not what the key asks for, an unknown status), now quarantined.
+    :ivar irregular: digests whose path held no regular file and no row used, moved to
+        ``quarantine/``.
     """
 
     checked: int
     ok: int
     quarantined: tuple[str, ...] = field(default_factory=tuple)
     orphans: int = 0
+    bad_rows: tuple[str, ...] = field(default_factory=tuple)
+    irregular: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def problems(self) -> int:
+        """How many things were wrong (orphans are not: a crashed put leaves them)."""
+        return len(self.quarantined) + len(self.bad_rows) + len(self.irregular)

@@ -11,9 +11,13 @@ Version history::
     1  kernels (key → kernel id, blueprint, metadata), validation_reports, usage
     2  blueprints (lineage: blueprint → kernels), kernel status / torch version / device kind
        columns, tags, quarantine log
+    3  kernels.request_json: the request document each key is the hash of (NULL for rows
+       written before; such rows are served, but cannot be exported)
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import aiosqlite
 
@@ -99,8 +103,10 @@ _V2 = (
     """,
 )
 
+_V3 = ("ALTER TABLE kernels ADD COLUMN request_json TEXT",)
+
 #: ``MIGRATIONS[v - 1]`` holds the statements that take a store from version ``v - 1`` to ``v``.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -113,17 +119,24 @@ async def read_version(conn: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-async def migrate(conn: aiosqlite.Connection) -> tuple[int, int]:
+async def migrate(
+    conn: aiosqlite.Connection, *, refuse_fresh: Callable[[], Awaitable[None]] | None = None
+) -> tuple[int, int]:
     """Bring the schema up to :data:`SCHEMA_VERSION` inside the caller's write transaction.
 
     The caller opens ``BEGIN IMMEDIATE`` first (so the version read here cannot change under
     it) and commits or rolls back afterwards; a failed migration leaves the old version intact.
 
     :param conn: a connection in autocommit mode with a write transaction open.
+    :param refuse_fresh: awaited before creating the schema in an empty database; it raises
+        to refuse (the store uses it when blobs exist without an index).
     :returns: the versions before and after.
-    :raises StoreError: if the store was written by a newer schema than this code knows.
+    :raises StoreError: if the store was written by a newer schema than this code knows, or
+        whatever ``refuse_fresh`` raises.
     """
     found = await read_version(conn)
+    if found == 0 and refuse_fresh is not None:
+        await refuse_fresh()
     if found > SCHEMA_VERSION:
         raise StoreError(
             f"the store has schema version {found}, newer than this esper_async reads "

@@ -10,22 +10,29 @@ row in one ``BEGIN IMMEDIATE`` transaction. A crash before the commit leaves at 
 unreferenced blob (garbage collection removes it after a grace period) and never a row without
 its blob; a committed row is durable (WAL with ``synchronous=FULL``).
 
+Trust (see docs/store.md, "Trust model"): every read from disk checks the row before the blob --
+its metadata parses and names the row's kernel id, the request document stored beside it hashes
+to the key, and the kernel is of the blueprint, contract, device kind, torch version and seed
+that request (and the caller's :class:`KernelRequest`, when given) asks for -- then the blob's
+sha256. A store whose index is missing or empty while blobs exist refuses to open, so it is
+never silently emptied over its blobs.
+
 Error handling: sqlite and OS errors are mapped to :class:`StoreError` ``from`` the original;
-a blob that is missing or does not hash to its kernel id is quarantined and reported as
-:class:`StoreIntegrityError`, and its bytes are never returned. Busy databases (other processes
-writing) are waited on through SQLite's busy timeout and retried with backoff, all within
-``db_timeout_s``.
+a blob that is missing, not a regular file or does not hash to its kernel id is quarantined
+and reported as :class:`StoreIntegrityError`, and its bytes are never returned; a row that
+fails its checks is quarantined alone (its blob may serve other keys). Busy databases (other
+processes writing) are waited on through SQLite's busy timeout and retried with backoff, all
+within ``db_timeout_s``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import aiosqlite
 import anyio
@@ -33,13 +40,15 @@ import structlog
 
 from ..blueprints import Blueprint
 from ..errors import KernelIntegrityError, StoreError, StoreIntegrityError
-from ..kernels import Kernel, KernelMetadata
+from ..kernels import Kernel
 from ._blobs import BlobStore, sha256_hex
-from ._keys import default_store_path
+from ._keys import KernelRequest, default_store_path
 from ._lru import ByteLRU
 from ._queries import StoreQueries
-from ._records import KernelStatus
+from ._records import KernelStatus, known_status
+from ._rows import NewRow, insert_row
 from ._schema import SCHEMA_VERSION, migrate
+from ._untrusted import check_row
 
 __all__ = ("KernelStore",)
 
@@ -63,6 +72,15 @@ _SQLITE_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 CompileFn = Callable[[], Awaitable[Kernel]]
 _Mode = Literal["read", "snapshot", "write"]
+KeyLike = str | KernelRequest
+
+
+def _split(key: KeyLike) -> tuple[str, KernelRequest | None]:
+    if isinstance(key, KernelRequest):
+        return key.key, key
+    if not isinstance(key, str) or not key:
+        raise StoreError(f"a store key must be a non-empty string or a KernelRequest, got {key!r}")
+    return key, None
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -188,9 +206,23 @@ class KernelStore(StoreQueries):
         journal = await self._db("configure the database", pragmas, mode="read")
         if journal.lower() != "wal":
             _log.warning("store.no_wal", path=str(self._db_path), journal_mode=journal)
-        before, after = await self._db("migrate the schema", migrate, mode="write")
+        before, after = await self._db(
+            "migrate the schema",
+            lambda conn: migrate(conn, refuse_fresh=self._refuse_fresh_index),
+            mode="write",
+        )
         if before != after:
             _log.info("store.migrated", path=str(self.path), from_version=before, to_version=after)
+
+    async def _refuse_fresh_index(self) -> None:
+        """Refuse to create an empty index over existing blobs: it would forget them, and gc
+        would then delete them as unreferenced."""
+        if await anyio.to_thread.run_sync(self._blobs.has_blobs):
+            raise StoreIntegrityError(
+                f"the index {self._db_path} is missing or empty but {self._blobs.blobs_dir} "
+                "holds blobs; opening would forget them. Restore store.sqlite3 from a backup, "
+                "or move blobs/ aside to start an empty store"
+            )
 
     async def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -268,52 +300,68 @@ class KernelStore(StoreQueries):
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def get(self, key: str) -> Kernel | None:
+    async def get(self, key: KeyLike) -> Kernel | None:
         """The kernel stored under ``key``, from memory or from disk, or ``None`` on a miss.
 
-        Bytes read from disk are checked against the kernel id first. Entries that are not
-        ready (quarantined, rejected) are misses.
+        Before bytes from disk are used, the row is checked (its metadata, and the request it
+        was stored for) and the bytes are checked against the kernel id. Given a
+        :class:`KernelRequest`, the kernel is also checked against it, in memory too. Entries
+        that are not ready (quarantined, rejected) are misses.
 
-        :raises StoreIntegrityError: if the blob is missing or corrupt; it has been quarantined,
-            and the caller recompiles (see :meth:`get_or_compile`).
+        :param key: a store key, or the request it is the key of.
+        :raises StoreIntegrityError: if the blob is missing or corrupt, or the row is not what
+            was asked for; it has been quarantined, and the caller recompiles (see
+            :meth:`get_or_compile`). Also for a row whose status this code does not know.
         :raises StoreError: on database or file errors.
         """
         self._require_open()
-        kernel = self._lru.get(key)
+        name, request = _split(key)
+        kernel = await self._get_from_memory(name, request)
         if kernel is not None:
-            self._note_use(key)
             return kernel
-        return await self._get_from_disk(key)
+        return await self._get_from_disk(name, request)
 
-    async def _get_from_disk(self, key: str) -> Kernel | None:
+    async def _get_from_memory(self, key: str, request: KernelRequest | None) -> Kernel | None:
+        kernel = self._lru.get(key)
+        if kernel is None:
+            return None
+        reason = None if request is None else request.mismatch(kernel.metadata)
+        if reason is not None:
+            await self._refuse_row(key, kernel.kernel_id, reason)
+        self._note_use(key)
+        return kernel
+
+    async def _get_from_disk(self, key: str, request: KernelRequest | None) -> Kernel | None:
         async def fetch(conn: aiosqlite.Connection) -> Any:
-            sql = "SELECT kernel_id, metadata_json, status FROM kernels WHERE key = ?"
+            sql = "SELECT kernel_id, metadata_json, status, request_json FROM kernels WHERE key = ?"
             async with conn.execute(sql, (key,)) as cursor:
                 return await cursor.fetchone()
 
         row = await self._db("read a kernel row", fetch, mode="read")
-        if row is None or row[2] != KernelStatus.READY.value:
+        if row is None:
             return None
-        kernel_id, metadata_json = str(row[0]), str(row[1])
+        if not known_status(row[2]):
+            raise StoreIntegrityError(
+                f"the row of key {key[:12]} has unknown status {str(row[2])[:20]!r}; run "
+                "`esper-async store verify` to quarantine it (a new put then replaces it)",
+                key=key,
+            )
+        if row[2] != KernelStatus.READY.value:
+            return None
+        try:
+            metadata = check_row(
+                key, row[0], row[1], row[3], None if request is None else request.document
+            )
+        except StoreIntegrityError as exc:
+            await self._refuse_row(key, str(row[0]), str(exc))
+        kernel_id = metadata.sha256
         try:
             artifact = await self._blobs.read(kernel_id)
-            metadata = KernelMetadata.from_json(json.loads(metadata_json))
-            if metadata.sha256 != kernel_id:
-                raise StoreIntegrityError(
-                    f"row metadata names kernel {metadata.sha256[:12]}, not {kernel_id[:12]}",
-                    key=key,
-                )
         except StoreIntegrityError as exc:
             await self._quarantine(kernel_id, key, str(exc))
             raise StoreIntegrityError(
                 f"kernel {kernel_id[:12]} under key {key[:12]} failed verification and was "
                 f"quarantined ({exc}); recompile it, e.g. with store.get_or_compile",
-                key=key,
-            ) from exc
-        except (ValueError, TypeError, KeyError) as exc:
-            await self._quarantine(kernel_id, key, f"unreadable metadata: {exc}")
-            raise StoreIntegrityError(
-                f"the row of key {key[:12]} has unreadable metadata and was quarantined: {exc}",
                 key=key,
             ) from exc
         kernel = Kernel(artifact=artifact, metadata=metadata)
@@ -322,17 +370,31 @@ class KernelStore(StoreQueries):
         self._note_use(key)
         return kernel
 
+    async def _refuse_row(self, key: str, kernel_id: str, reason: str) -> NoReturn:
+        """Quarantine the row ``key`` alone, log it, and raise :class:`StoreIntegrityError`."""
+        self._lru.pop(key)
+        try:
+            await self._quarantine_rows([(key, kernel_id, reason)], self._clock())
+        except StoreError as exc:
+            _log.error("store.quarantine_mark_failed", key=key, error=str(exc))
+        raise StoreIntegrityError(
+            f"{reason}; the row was quarantined (recompile, e.g. with store.get_or_compile)",
+            key=key,
+        )
+
     async def get_or_compile(
-        self, key: str, compile_fn: CompileFn, *, tags: Iterable[str] = ()
+        self, key: KeyLike, compile_fn: CompileFn, *, tags: Iterable[str] = ()
     ) -> Kernel:
-        """The kernel under ``key``; on a miss (or a quarantined blob) compile, store, return it.
+        """The kernel under ``key``; on a miss (or a quarantined entry) compile, store, return it.
 
         Single-flight: concurrent calls for one key in this process share one compile. If the
         leading call is cancelled, a waiting call takes over. When another process stored a
         different kernel under the key first, that stored kernel is returned, so every process
         runs the same bytes.
 
-        :param key: the store key (see :func:`kernel_key`).
+        :param key: the store key (see :func:`kernel_key`), or better the
+            :class:`KernelRequest` it is the key of: then the kernel served, and the kernel
+            ``compile_fn`` returns, are checked against it.
         :param compile_fn: an async callable returning a validated :class:`Kernel`.
         :param tags: tags for a newly stored kernel.
         :raises StoreError: on database or file errors, or if ``compile_fn`` does not return a
@@ -341,10 +403,13 @@ class KernelStore(StoreQueries):
             caller that shared the compile.
         """
         self._require_open()
+        key, request = _split(key)
         while True:
-            kernel = self._lru.get(key)
+            try:
+                kernel = await self._get_from_memory(key, request)
+            except StoreIntegrityError:
+                kernel = None  # that row is quarantined now: compile below replaces it
             if kernel is not None:
-                self._note_use(key)
                 return kernel
             flight = self._flights.get(key)
             if flight is None:
@@ -359,7 +424,7 @@ class KernelStore(StoreQueries):
         flight = _Flight()
         self._flights[key] = flight
         try:
-            flight.kernel = await self._load_or_compile(key, compile_fn, tuple(tags))
+            flight.kernel = await self._load_or_compile(key, request, compile_fn, tuple(tags))
             return flight.kernel
         except anyio.get_cancelled_exc_class():
             raise
@@ -371,10 +436,14 @@ class KernelStore(StoreQueries):
             flight.done.set()
 
     async def _load_or_compile(
-        self, key: str, compile_fn: CompileFn, tags: tuple[str, ...]
+        self,
+        key: str,
+        request: KernelRequest | None,
+        compile_fn: CompileFn,
+        tags: tuple[str, ...],
     ) -> Kernel:
         try:
-            stored = await self._get_from_disk(key)
+            stored = await self._get_from_disk(key, request)
         except StoreIntegrityError as exc:
             _log.warning("store.recompiling", key=key, reason=str(exc))
             stored = None
@@ -386,10 +455,10 @@ class KernelStore(StoreQueries):
                 f"compile_fn for key {key[:12]} returned {type(kernel).__name__}, not a Kernel"
             )
         self._compiles += 1
-        winner = await self.put(key, kernel, tags=tags)
+        winner = await self.put(key if request is None else request, kernel, tags=tags)
         if winner != kernel.kernel_id:
             try:
-                stored = await self._get_from_disk(key)
+                stored = await self._get_from_disk(key, request)
             except StoreIntegrityError:
                 stored = None
             if stored is not None:
@@ -400,7 +469,7 @@ class KernelStore(StoreQueries):
 
     async def put(
         self,
-        key: str,
+        key: KeyLike,
         kernel: Kernel,
         *,
         tags: Iterable[str] = (),
@@ -414,18 +483,20 @@ class KernelStore(StoreQueries):
         replaced. Tags are added in every case; a validation report is recorded when the row
         was created or replaced.
 
-        :param key: the store key (see :func:`kernel_key`).
+        :param key: the store key (see :func:`kernel_key`), or the :class:`KernelRequest` it
+            is the key of: the kernel is then checked against it, and the request is kept with
+            the row (reads check against it; bundles carry it).
         :param kernel: the kernel; its artifact must hash to its id.
         :param tags: labels to list kernels by.
         :param validation_report: the validator's report (JSON-ready).
         :param status: ``READY``, or ``REJECTED`` to keep a kernel that failed validation.
         :returns: the kernel id stored under ``key`` after the put.
         :raises KernelIntegrityError: if the artifact does not hash to the kernel id.
+        :raises StoreIntegrityError: if the kernel is not what the request asks for.
         :raises StoreError: on database or file errors.
         """
         self._require_open()
-        if not isinstance(key, str) or not key:
-            raise StoreError(f"a store key must be a non-empty string, got {key!r}")
+        name, request = _split(key)
         status = KernelStatus(status)
         digest = sha256_hex(kernel.artifact)
         if digest != kernel.kernel_id:
@@ -433,72 +504,34 @@ class KernelStore(StoreQueries):
                 f"kernel {kernel.kernel_id[:12]} artifact hashes to {digest[:12]}; not stored",
                 kernel_id=kernel.kernel_id,
             )
+        reason = None if request is None else request.mismatch(kernel.metadata)
+        if reason is not None:
+            raise StoreIntegrityError(
+                f"kernel {kernel.kernel_id[:12]} is not what key {name[:12]} asks for "
+                f"({reason}); not stored",
+                key=name,
+            )
         blueprint = Blueprint.from_json(kernel.metadata.blueprint_json)
         await self._blobs.put(kernel.artifact, digest)
-        tag_list = sorted(set(tags))
+        row = NewRow(
+            key=name,
+            metadata=kernel.metadata,
+            nbytes=kernel.nbytes,
+            blueprint=blueprint,
+            status=status,
+            tags=tuple(tags),
+            report=validation_report,
+            request_text=None if request is None else request.text,
+        )
         now = self._clock()
-
-        async def insert(conn: aiosqlite.Connection) -> str:
-            await conn.execute(
-                "INSERT OR IGNORE INTO blueprints (blueprint_id, family, blueprint_json, "
-                "first_seen_at) VALUES (?, ?, ?, ?)",
-                (blueprint.id, blueprint.family, blueprint.to_json(), now),
-            )
-            sql = "SELECT kernel_id, status FROM kernels WHERE key = ?"
-            async with conn.execute(sql, (key,)) as cursor:
-                existing = await cursor.fetchone()
-            values = (
-                kernel.kernel_id,
-                blueprint.id,
-                blueprint.to_json(),
-                json.dumps(kernel.metadata.to_json(), sort_keys=True),
-                kernel.nbytes,
-                now,
-                status.value,
-                kernel.metadata.torch_version,
-                kernel.metadata.device_kind,
-            )
-            changed = True
-            if existing is None:
-                await conn.execute(
-                    "INSERT INTO kernels (kernel_id, blueprint_id, blueprint_json, metadata_json, "
-                    "nbytes, created_at, status, torch_version, device_kind, key) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*values, key),
-                )
-            elif existing[1] == KernelStatus.READY.value:
-                changed = False
-            else:
-                await conn.execute(
-                    "UPDATE kernels SET kernel_id = ?, blueprint_id = ?, blueprint_json = ?, "
-                    "metadata_json = ?, nbytes = ?, created_at = ?, status = ?, "
-                    "torch_version = ?, device_kind = ? WHERE key = ?",
-                    (*values, key),
-                )
-            await conn.executemany(
-                "INSERT OR IGNORE INTO tags (key, tag) VALUES (?, ?)", [(key, t) for t in tag_list]
-            )
-            if changed and validation_report is not None:
-                await conn.execute(
-                    "INSERT INTO validation_reports (key, passed, report_json, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (
-                        key,
-                        int(status is not KernelStatus.REJECTED),
-                        json.dumps(dict(validation_report), sort_keys=True, default=str),
-                        now,
-                    ),
-                )
-            if existing is None or changed:
-                return kernel.kernel_id
-            return str(existing[0])
-
-        winner = await self._db("store a kernel", insert, mode="write")
+        winner = await self._db(
+            "store a kernel", lambda conn: insert_row(conn, row, now), mode="write"
+        )
         if winner == kernel.kernel_id and status is KernelStatus.READY:
-            self._lru.put(key, kernel)
+            self._lru.put(name, kernel)
         _log.info(
             "store.put",
-            key=key,
+            key=name,
             kernel_id=kernel.kernel_id,
             blueprint=blueprint.name,
             stored=winner == kernel.kernel_id,
