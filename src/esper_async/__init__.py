@@ -20,6 +20,7 @@ from ._exceptions import StoreIntegrityError as StoreIntegrityError
 from ._exceptions import StreamError as StreamError
 from ._exceptions import SurgeryError as SurgeryError
 from ._exceptions import TelemetryConfigError as TelemetryConfigError
+from ._exceptions import UnsafeKernelError as UnsafeKernelError
 from ._execution import LagStats as LagStats
 from ._execution import LoopLagMonitor as LoopLagMonitor
 from ._execution import StepRunner as StepRunner
@@ -184,6 +185,7 @@ __all__ = (
     "ThompsonBeta",
     "ThompsonGaussian",
     "Trainer",
+    "UnsafeKernelError",
     "ValidationReport",
     "Widen",
     "WidenSlot",
