@@ -862,6 +862,8 @@ class Trainer:
         :param generator: the training loader's RNG, to resume its order.
         :raises CheckpointError: if there is no readable checkpoint, or it does not fit the model
             (its recorded surgeries included).
+        :raises KernelIntegrityError: if a seed's kernel bytes in it do not match their id, or
+            hold what a kernel may not carry (:class:`~esper_async.UnsafeKernelError`).
         """
         path = Path(checkpoint)
         store = CheckpointStore(path if path.is_dir() else path.parent)

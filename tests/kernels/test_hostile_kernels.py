@@ -35,7 +35,7 @@ from esper_async.blueprints import Blueprint, SlotContract, SlotKind, library
 from esper_async.cli import main
 from esper_async.compiler import BlueprintCompiler
 from esper_async.controller import Decision, EpochReport, Germinate
-from esper_async.kernels import Kernel, export_kernel, load_kernel
+from esper_async.kernels import Kernel, KernelMetadata, export_kernel, load_kernel
 from esper_async.kernels._archive import MAX_MEMBERS
 from esper_async.reliability import CheckpointStore, IncidentKind, capture_state, restore_state
 from esper_async.seeds import SeedSlot, find_slots, wrap
@@ -167,6 +167,22 @@ def _graph_calls_python(artifact: bytes, marker: Path) -> bytes:
     return _edit_model(artifact, edit)
 
 
+def _parameter_name_injects_code(artifact: bytes, marker: Path) -> bytes:
+    # FX writes get_attr targets into the generated forward as getattr(self, "<part>").
+    config = json.loads(_member(artifact, "data/weights/model_weights_config.json"))
+    model = json.loads(_member(artifact, "models/model.json"))
+    spec = next(s["parameter"] for s in model["graph_module"]["signature"]["input_specs"]
+                if "parameter" in s)
+    name = spec["parameter_name"]
+    evil = f'{name}")if open({str(marker)!r},"w")else("'
+    spec["parameter_name"] = evil
+    config["config"][evil] = config["config"].pop(name)
+    return _rezip(artifact, replace={
+        "models/model.json": json.dumps(model).encode(),
+        "data/weights/model_weights_config.json": json.dumps(config).encode(),
+    })
+
+
 def _guard_code(artifact: bytes, marker: Path) -> bytes:
     def edit(model: dict[str, Any]) -> None:
         model["guards_code"] = [f"open({str(marker)!r}, 'w') is not None"]
@@ -195,6 +211,7 @@ VARIANTS: dict[str, tuple[Craft, bool, str]] = {
     "model_swapped_for_pickle": (_model_swapped_for_pickle, False, "refused"),
     "graph_opens_a_file": (_graph_opens_a_file, True, "refused"),
     "graph_calls_python": (_graph_calls_python, False, "refused"),
+    "parameter_name_injects_code": (_parameter_name_injects_code, True, "refused"),
     # Strings torch would exec or sympify; load_kernel never reads them, so they stay data.
     "guard_code": (_guard_code, True, "inert"),
     "shape_expression": (_shape_expression, True, "inert"),
@@ -581,6 +598,19 @@ def test_a_program_with_buffers_constants_and_size_arithmetic_loads_like_torch(
     _assert_runs_like_torch(kernel, (8,))
     buffers = dict(load_kernel(kernel).named_buffers())
     assert set(buffers) == {"program.scale", "program.shift", "program.offset"}
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name", ["torch211_residual_conv", "torch211_mlp"])
+def test_kernels_written_by_torch_2_11_load_like_torch_loads_them(name: str) -> None:
+    # Exported by export_kernel under torch 2.11.0+cu130 (the GPU machines' torch): the
+    # allow-list holds for the archive layout and export schema (8.17) that version writes.
+    artifact = (DATA / f"{name}.pt2").read_bytes()
+    metadata = KernelMetadata.from_json(json.loads((DATA / f"{name}.json").read_text()))
+    assert metadata.torch_version.startswith("2.11")
+    _assert_runs_like_torch(Kernel(artifact, metadata), metadata.input_shape)
 
 
 def test_loads_from_many_threads_at_once_all_succeed(genuine: Kernel) -> None:

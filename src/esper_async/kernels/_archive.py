@@ -289,8 +289,9 @@ def _strided(
     if 0 in sizes:
         return torch.empty(sizes, dtype=flat.dtype)
     if flat.numel() == 0:
-        # torch writes tensors without storage (e.g. uninitialised buffers) as empty records.
-        return torch.zeros(sizes, dtype=flat.dtype)
+        # torch.export.save writes no bytes only for tensors without data (fake tensors), which
+        # a kernel never holds; inventing zeros of a declared size would let a file size memory.
+        raise ArchiveRefused(member, f"holds no bytes for a tensor of shape {sizes[:8]}")
     last = offset + sum((n - 1) * s for n, s in zip(sizes, strides, strict=True))
     if last >= flat.numel():
         raise ArchiveRefused(member, f"a view reaches element {last} of {flat.numel()}")

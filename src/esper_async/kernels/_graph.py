@@ -269,7 +269,7 @@ def _call_args(
     positional = True
     for arg in schema_args:
         if arg.name not in given:
-            if not arg.has_default_value() and not str(arg.type).endswith("?"):
+            if not arg.has_default_value() and not isinstance(arg.type, torch._C.OptionalType):
                 raise _refuse(f"{overload} is missing its argument {arg.name!r}")
             positional = False
             continue
