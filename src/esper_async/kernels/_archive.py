@@ -76,6 +76,8 @@ DTYPES: dict[int, torch.dtype] = {
     12: torch.bool,
     13: torch.bfloat16,
 }
+#: Bound on a size, stride or offset: far past any real tensor, inside a C++ int64.
+_MAX_EXTENT = 2**62
 #: The schema's ``Layout.Strided``: the only layout a payload may have.
 _STRIDED = 7
 
@@ -236,17 +238,20 @@ def _payloads(members: dict[str, bytes], folder: str, config_name: str) -> dict[
             flat[path] = _flat(members[member], dtype, member)
         tensor = _strided(flat[path], sizes, strides, offset, member)
         requires_grad = meta.get("requires_grad") is True
-        if entry.get("is_param") is True:
-            out[fqn] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
-        else:
+        if entry.get("is_param") is not True:
             out[fqn] = tensor
+        elif requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise ArchiveRefused(config_path, f"{where} is a {dtype} parameter that needs grad")
+        else:
+            out[fqn] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
     return out
 
 
 def _tensor_meta(
     meta: dict[str, Any], member: str, where: str
 ) -> tuple[torch.dtype, list[int], list[int], int]:
-    dtype = DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
+    code = meta.get("dtype")
+    dtype = DTYPES.get(code) if type(code) is int else None
     if dtype is None:
         raise ArchiveRefused(member, f"{where} has dtype {meta.get('dtype')!r}, not one read")
     if meta.get("layout", _STRIDED) != _STRIDED:
@@ -267,6 +272,8 @@ def _ints(values: Any, member: str, where: str) -> list[int]:
     for value in values:
         if not isinstance(value, dict) or type(value.get("as_int")) is not int:
             raise ArchiveRefused(member, f"{where} has a size that is not an integer")
+        if not -_MAX_EXTENT < value["as_int"] < _MAX_EXTENT:
+            raise ArchiveRefused(member, f"{where} has a size out of range")
         out.append(value["as_int"])
     return out
 

@@ -141,6 +141,7 @@ def _inputs(
             arg_kind, arg = _union(arg, "a user input")
             if arg_kind != "as_tensor":
                 raise _refuse(f"a user input of kind {arg_kind}; kernels take one tensor")
+            arg = _dict(arg, "a user input")
         names.append(_name(arg.get("name"), kind))
     graph_inputs = [_union(a, "a graph input") for a in _list(graph_json.get("inputs"), "inputs")]
     if [kind for kind, _ in graph_inputs] != ["as_tensor"] * len(specs) or [
@@ -347,13 +348,13 @@ def _str(value: Any) -> str:
 
 
 def _dtype(value: Any) -> torch.dtype:
-    if value not in DTYPES:
+    if type(value) is not int or value not in DTYPES:
         raise _refuse(f"dtype {value!r}, not one a kernel may use")
     return DTYPES[value]
 
 
 def _memory_format(value: Any) -> torch.memory_format:
-    if value not in _MEMORY_FORMATS:
+    if type(value) is not int or value not in _MEMORY_FORMATS:
         raise _refuse(f"memory format {value!r}, not one a kernel may use")
     return _MEMORY_FORMATS[value]
 
