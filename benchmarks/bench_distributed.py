@@ -44,7 +44,6 @@ LAUNCH_TIMEOUT_S = 240
 def _rank_program(args: argparse.Namespace) -> None:
     import anyio
     import torch
-    import torch.distributed as dist
 
     from esper_async.controller import ControllerConfig
     from esper_async.distributed import DDPDemoConfig, init_distributed, run_ddp_demo
@@ -62,13 +61,12 @@ def _rank_program(args: argparse.Namespace) -> None:
             forms=tuple(args.forms.split(",")) if args.forms else None,
         )
         result = anyio.run(run_ddp_demo, cfg, ctx)
-        ranks: list[Any] = [None] * ctx.world_size
-        dist.all_gather_object(ranks, result.to_json(), group=ctx.group)
+        ranks = ctx.channel.all_gather_object(result.to_json())
         if ctx.is_leader:
             out = Path(args.workdir) / f"world{ctx.world_size}.json"
             out.write_text(json.dumps({"machine": machine(), "ranks": ranks}))
     finally:
-        dist.destroy_process_group()
+        ctx.close()
 
 
 def _launch(world: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any] | str:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import anyio
 import torch
-import torch.distributed as dist
 
 from esper_async.controller import ControllerConfig
 from esper_async.distributed import DDPDemoConfig, init_distributed, run_ddp_demo
@@ -82,7 +81,7 @@ def main() -> None:
             for op in result.surgeries:
                 print(f"  surgery: {op}")
     finally:
-        dist.destroy_process_group()
+        ctx.close()  # shuts down the control channel and the process group
 
 
 if __name__ == "__main__":

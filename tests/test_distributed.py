@@ -296,7 +296,7 @@ def _check_control(out: Path) -> None:
     except RankDivergenceError as exc:
         found["structure"] = [exc.field, list(exc.ranks)]
     (out / f"rank{ctx.rank}.json").write_text(json.dumps(found))
-    torch.distributed.destroy_process_group()
+    ctx.close()
 
 
 @pytest.mark.timeout(120)
@@ -387,7 +387,7 @@ def _check_fault(out: Path, oom: bool = False) -> None:
              "digest": check_ranks_in_sync(model, ctx).digest,
              "states": {n: s.state.value for n, s in slots.items()}}
     (out / f"rank{ctx.rank}.json").write_text(json.dumps(found))
-    torch.distributed.destroy_process_group()
+    ctx.close()
 
 
 @pytest.mark.timeout(120)

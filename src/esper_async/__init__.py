@@ -7,11 +7,13 @@ built from blueprints — that are blended in and then kept or removed.
 from ._exceptions import BlueprintError as BlueprintError
 from ._exceptions import CompileError as CompileError
 from ._exceptions import CompileTimeoutError as CompileTimeoutError
+from ._exceptions import DemoConfigError as DemoConfigError
 from ._exceptions import EsperError as EsperError
 from ._exceptions import KernelError as KernelError
 from ._exceptions import KernelIntegrityError as KernelIntegrityError
 from ._exceptions import KernelValidationError as KernelValidationError
 from ._exceptions import LifecycleError as LifecycleError
+from ._exceptions import LoaderError as LoaderError
 from ._exceptions import NoLegalArmError as NoLegalArmError
 from ._exceptions import SeedRuntimeError as SeedRuntimeError
 from ._exceptions import SelectionError as SelectionError
@@ -57,6 +59,8 @@ from .kernels import load_kernel as load_kernel
 from .reliability import Backoff as Backoff
 from .reliability import BreakerConfig as BreakerConfig
 from .reliability import CheckpointError as CheckpointError
+from .reliability import CheckpointIntegrityError as CheckpointIntegrityError
+from .reliability import CheckpointMismatchError as CheckpointMismatchError
 from .reliability import CheckpointStore as CheckpointStore
 from .reliability import FaultKind as FaultKind
 from .reliability import GovernorConfig as GovernorConfig
@@ -118,6 +122,8 @@ __all__ = (
     "BridgeKind",
     "BroadcastController",
     "CheckpointError",
+    "CheckpointIntegrityError",
+    "CheckpointMismatchError",
     "CheckpointStore",
     "CompileError",
     "CompileTimeoutError",
@@ -125,6 +131,7 @@ __all__ = (
     "ControllerBroadcastError",
     "ControllerConfig",
     "DemoConfig",
+    "DemoConfigError",
     "DiscountedUCB",
     "DistributedError",
     "EpochReport",
@@ -151,6 +158,7 @@ __all__ = (
     "LagStats",
     "LifecycleError",
     "LinUCB",
+    "LoaderError",
     "LoopLagMonitor",
     "ModelSurgeon",
     "NoLegalArmError",

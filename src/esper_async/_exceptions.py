@@ -23,7 +23,11 @@ boundary where they occur and chained with ``raise ... from exc``.
     ├── SeedRuntimeError          a grafted kernel failed or produced non-finite values
     ├── StreamError               a CUDA stream operation failed, or CUDA is needed and absent
     ├── TelemetryConfigError      telemetry was configured in a way that cannot work
+    ├── LoaderError               a data loader yields no batches, or cannot be iterated again
+    ├── DemoConfigError           the demo's options (or a run's demo.json) are invalid
     ├── CheckpointError           (esper_async.reliability) a checkpoint cannot be written or read
+    │   ├── CheckpointIntegrityError  a checkpoint file is damaged (digest, truncation, content)
+    │   └── CheckpointMismatchError   a sound checkpoint does not fit the model restored into
     ├── GovernorError             (esper_async.reliability) rolling back did not make training sound
     └── DistributedError          (esper_async.distributed) ranks disagree or cannot coordinate
         ├── RankDivergenceError       ranks hold different structure or parameters
@@ -38,11 +42,13 @@ __all__ = (
     "BlueprintError",
     "CompileError",
     "CompileTimeoutError",
+    "DemoConfigError",
     "EsperError",
     "KernelError",
     "KernelIntegrityError",
     "KernelValidationError",
     "LifecycleError",
+    "LoaderError",
     "NoLegalArmError",
     "SeedRuntimeError",
     "SelectionError",
@@ -209,3 +215,29 @@ class StreamError(EsperError, RuntimeError):
 class TelemetryConfigError(EsperError, ValueError):
     """Telemetry was configured in a way that cannot work (an exporter that is not installed,
     a malformed endpoint, an unreadable trace file)."""
+
+
+class LoaderError(EsperError, ValueError):
+    """A training or validation loader cannot be used: it yielded no batches, or it is a one-shot
+    iterator (a generator) that a run of several epochs would find empty after the first.
+
+    :ivar loader: ``"training"`` or ``"validation"``.
+    """
+
+    def __init__(self, message: str, *, loader: str) -> None:
+        super().__init__(message)
+        self.loader = loader
+
+
+class DemoConfigError(EsperError, ValueError):
+    """The demo's options are invalid: given directly, or read back from a run's ``demo.json``.
+
+    :ivar key: the option concerned (``"controller.blend_epochs"`` for a nested one), or ``None``
+        when the file as a whole cannot be read.
+    :ivar path: the file read, where there was one.
+    """
+
+    def __init__(self, message: str, *, key: str | None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.path = path

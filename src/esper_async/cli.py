@@ -12,8 +12,10 @@ import anyio
 import structlog
 import torch
 
+from ._exceptions import DemoConfigError
 from .controller import EpochReport
 from .demo import DemoConfig, DemoResult, load_demo_config, run_demo
+from .reliability import CheckpointError
 from .seeds import SeedState
 from .store._cli import add_store_parser, run_store_command
 from .telemetry import add_trace_parser
@@ -78,24 +80,29 @@ def format_table(result: DemoResult) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.resume is not None:
-        run_dir = args.resume
-        try:
-            cfg = load_demo_config(run_dir)
-        except FileNotFoundError:
-            print(f"esper-async: {run_dir} holds no demo run to resume", file=sys.stderr)
-            return 2
-    else:
-        run_dir = args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
-        cfg = DemoConfig(
-            epochs=args.epochs,
-            seed=args.seed,
-            store=args.store,
-            use_store=not args.no_store,
-            run_dir=run_dir,
-            device=args.device,
-            surgery=args.surgery,
-        )
+    try:
+        if args.resume is not None:
+            run_dir = args.resume
+            try:
+                cfg = load_demo_config(run_dir)
+            except FileNotFoundError:
+                print(f"esper-async: {run_dir} holds no demo run to resume (no demo.json)",
+                      file=sys.stderr)
+                return 2
+        else:
+            run_dir = args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+            cfg = DemoConfig(
+                epochs=args.epochs,
+                seed=args.seed,
+                store=args.store,
+                use_store=not args.no_store,
+                run_dir=run_dir,
+                device=args.device,
+                surgery=args.surgery,
+            )
+    except DemoConfigError as exc:
+        print(f"esper-async: {exc}", file=sys.stderr)
+        return 2
     try:
         device = cfg.resolved_device()
     except RuntimeError as exc:
@@ -109,7 +116,11 @@ def _demo(args: argparse.Namespace) -> int:
         f"esper_async demo: digits (8x8, bundled), impaired conv host, {cfg.epochs} epochs, "
         f"seed {cfg.seed}, device {device}; slots {', '.join(cfg.slots)}"
     )
-    result = anyio.run(lambda: run_demo(cfg, progress=_Progress(cfg.epochs)))
+    try:
+        result = anyio.run(lambda: run_demo(cfg, progress=_Progress(cfg.epochs)))
+    except CheckpointError as exc:
+        print(f"\nesper-async: cannot resume: {exc}", file=sys.stderr)
+        return 2
     print()
     print(format_table(result))
     print()

@@ -62,19 +62,30 @@ class EpochReport:
     """What the trainer measured over one epoch.
 
     :ivar epoch: 0-based epoch index.
-    :ivar train_loss: mean training loss.
-    :ivar val_loss: validation loss of the whole model.
+    :ivar train_loss: mean training loss of the steps that updated the model; ``None`` when
+        every step of the epoch was dropped (never a made-up 0.0).
+    :ivar val_loss: validation loss of the whole model (NaN or infinite when it was not finite:
+        see :attr:`val_finite`).
     :ivar val_acc: validation accuracy.
     :ivar health: health signals per slot.
     :ivar counterfactual: per blended seed, its contribution.
+    :ivar steps: training steps that updated the model.
+    :ivar dropped: batches whose step was dropped (a bad loss, rolled back).
     """
 
     epoch: int
-    train_loss: float
+    train_loss: float | None
     val_loss: float
     val_acc: float
     health: Mapping[str, HealthSignals] = field(default_factory=dict)
     counterfactual: Mapping[str, Counterfactual] = field(default_factory=dict)
+    steps: int = 0
+    dropped: int = 0
+
+    @property
+    def val_finite(self) -> bool:
+        """Whether the validation loss is finite (the trainer asks the controller only then)."""
+        return math.isfinite(self.val_loss)
 
 
 @dataclass(frozen=True)
@@ -170,7 +181,9 @@ class ControllerConfig:
 
 def plateaued(history: Sequence[EpochReport], patience: int, tolerance: float) -> bool:
     """Whether the best validation loss of the last ``patience`` epochs failed to beat the best
-    before them by a relative ``tolerance``."""
+    before them by a relative ``tolerance``. Epochs whose validation loss was not finite are left
+    out, as if they had not happened."""
+    history = [r for r in history if r.val_finite]
     if len(history) <= patience:
         return False
     before = min(r.val_loss for r in history[:-patience])
@@ -299,7 +312,7 @@ class HeuristicController:
         except NoLegalArmError as exc:
             log.debug("no seed to germinate", reason=str(exc))
             return None
-        self._born[name] = (report.train_loss, candidates[name].health_features.tolist())
+        self._born[name] = (_loss(report), candidates[name].health_features.tolist())
         return Germinate(
             name,
             blueprint,
@@ -327,7 +340,8 @@ class HeuristicController:
         if slot.blueprint is None:
             return
         name, params = slot.slot_name, _params(slot)
-        before, features = self._born.pop(name, (report.train_loss, [0.0] * 4))
+        after = _loss(report)
+        before, features = self._born.pop(name, (after, [0.0] * 4))
         self.selector.update(
             name,
             slot.blueprint,
@@ -336,9 +350,9 @@ class HeuristicController:
             health_features=np.asarray(features, dtype=float),
         )
         self.tracker.record_cost(name, slot.blueprint.id, param_count=params)
-        if math.isfinite(before) and math.isfinite(report.train_loss):
+        if math.isfinite(before) and math.isfinite(after):
             self.tracker.record_outcome(
-                name, slot.blueprint.id, outcome, loss_before=before, loss_after=report.train_loss
+                name, slot.blueprint.id, outcome, loss_before=before, loss_after=after
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -361,3 +375,8 @@ class HeuristicController:
 
 def _params(slot: SeedSlot) -> int:
     return 0 if slot.seed is None else sum(p.numel() for p in slot.seed.parameters())
+
+
+def _loss(report: EpochReport) -> float:
+    """The epoch's training loss, NaN when no step went through (NaN is never recorded)."""
+    return math.nan if report.train_loss is None else report.train_loss

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import structlog
 import torch
 from torch import nn
 
+from ._exceptions import DemoConfigError
 from .compiler import BlueprintCompiler
 from .controller import ControllerConfig, EpochReport, HeuristicController
 from .data import digits_loaders
+from .reliability import CheckpointError, CheckpointStore
+from .reliability._checkpoint_store import CHECKPOINT_PATTERN
 from .seeds import SeedState, wrap
 from .store import KernelStore
 from .surgery import SurgeryPolicyConfig
@@ -31,8 +37,16 @@ __all__ = (
     "run_demo",
 )
 
+log = structlog.get_logger(__name__)
+
 #: The demo's options, written into its run directory so ``--resume`` can read them back.
 _CONFIG_FILE = "demo.json"
+#: The modules of :class:`DigitsHost` a seed slot can wrap.
+_HOST_MODULES = ("conv1", "conv2", "fc1", "head")
+#: The fewest images ``limit`` may keep: the splits are stratified over the 10 classes.
+_MIN_LIMIT = 100
+#: The runs of a demo, in order; each checkpoints into ``run_dir/checkpoints/<label>``.
+_RUNS = ("static", "growth")
 
 
 class DigitsHost(nn.Module):
@@ -91,6 +105,10 @@ class DemoConfig:
     ``"auto"`` (CUDA when available). On a GPU each step is launched from a worker thread and
     awaited through the CUDA completion bridge (see ``docs/async.md``)."""
 
+    def __post_init__(self) -> None:
+        """:raises DemoConfigError: if an option has the wrong type or is out of range."""
+        _check_options(self)
+
     def resolved_device(self) -> torch.device:
         """:attr:`device` with ``"auto"`` resolved."""
         if self.device == "auto":
@@ -102,21 +120,170 @@ class DemoConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> DemoConfig:
-        """Read options written by :meth:`to_json`."""
-        fields = dict(data)
-        fields["slots"] = tuple(fields["slots"])  # type: ignore[arg-type]
-        fields["controller"] = ControllerConfig(**fields["controller"])  # type: ignore[arg-type]
-        return cls(**fields)  # type: ignore[arg-type]
+    def from_json(cls, data: object, *, path: str | None = None) -> DemoConfig:
+        """Read options written by :meth:`to_json`: every option must be there, with its type.
+
+        :param data: the decoded JSON.
+        :param path: the file it was read from, for messages.
+        :raises DemoConfigError: naming the option that is unknown, missing, of the wrong type or
+            out of range.
+        """
+        where = path or "the demo options"
+        fields = _exact_keys(data, {f.name for f in dataclasses.fields(cls)}, "", where, path)
+        slots = fields["slots"]
+        if not isinstance(slots, list) or not all(isinstance(n, str) for n in slots):
+            raise DemoConfigError(
+                f"{where}: option 'slots' must be a list of module names, got {slots!r}",
+                key="slots", path=path,
+            )
+        fields["slots"] = tuple(slots)
+        fields["controller"] = ControllerConfig(**_exact_keys(
+            fields["controller"], {f.name for f in dataclasses.fields(ControllerConfig)},
+            "controller.", where, path,
+        ))
+        device = fields["device"]
+        if isinstance(device, str) and device != "auto":
+            try:
+                torch.device(device)
+            except RuntimeError as exc:
+                raise DemoConfigError(
+                    f"{where}: option 'device' {device!r} is not a device ({exc})",
+                    key="device", path=path,
+                ) from exc
+        try:
+            return cls(**fields)
+        except DemoConfigError as exc:
+            raise DemoConfigError(f"{where}: {exc}", key=exc.key, path=path) from exc
+
+
+def _exact_keys(
+    data: object, known: set[str], prefix: str, where: str, path: str | None
+) -> dict[str, Any]:
+    """``data`` as a dict, if it is a JSON object with exactly the keys ``known``."""
+    if not isinstance(data, dict):
+        key = prefix.rstrip(".") or None
+        what = f"option {key!r}" if key else "the file"
+        raise DemoConfigError(
+            f"{where}: {what} must be a JSON object, got {type(data).__name__}", key=key,
+            path=path,
+        )
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DemoConfigError(
+            f"{where}: unknown option {prefix + str(unknown[0])!r}; the options are "
+            f"{', '.join(sorted(known))}", key=prefix + str(unknown[0]), path=path,
+        )
+    missing = sorted(known - set(data))
+    if missing:
+        raise DemoConfigError(
+            f"{where}: option {prefix + missing[0]!r} is missing", key=prefix + missing[0],
+            path=path,
+        )
+    return dict(data)
+
+
+def _check_options(cfg: DemoConfig) -> None:
+    """Raise :class:`DemoConfigError` naming the first option of ``cfg`` that is invalid."""
+    for key, least in (("epochs", 1), ("seed", 0), ("batch_size", 1), ("checkpoint_every", 1)):
+        _check_int(key, getattr(cfg, key), least)
+    if cfg.seed >= 2**32:
+        raise DemoConfigError(f"option 'seed' must be below 2**32, got {cfg.seed}", key="seed")
+    if cfg.limit is not None:
+        _check_int("limit", cfg.limit, _MIN_LIMIT)
+    if (
+        not isinstance(cfg.slots, tuple) or not cfg.slots
+        or not all(isinstance(n, str) and n in _HOST_MODULES for n in cfg.slots)
+        or len(set(cfg.slots)) != len(cfg.slots)
+    ):
+        raise DemoConfigError(
+            f"option 'slots' must name distinct modules of the host among "
+            f"{', '.join(_HOST_MODULES)}, got {cfg.slots!r}", key="slots",
+        )
+    for key in ("use_store", "resume", "surgery"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise DemoConfigError(
+                f"option {key!r} must be true or false, got {getattr(cfg, key)!r}", key=key
+            )
+    for key in ("store", "run_dir"):
+        if getattr(cfg, key) is not None and not isinstance(getattr(cfg, key), str):
+            raise DemoConfigError(
+                f"option {key!r} must be a path or null, got {getattr(cfg, key)!r}", key=key
+            )
+    if not isinstance(cfg.device, str):
+        raise DemoConfigError(f"option 'device' must be a string, got {cfg.device!r}",
+                              key="device")
+    if not isinstance(cfg.controller, ControllerConfig):
+        raise DemoConfigError("option 'controller' must be a ControllerConfig",
+                              key="controller")
+    _check_controller(cfg.controller)
+
+
+def _check_int(key: str, value: object, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise DemoConfigError(
+            f"option {key!r} must be an integer >= {least}, got {value!r}", key=key
+        )
+
+
+def _check_controller(controller: ControllerConfig) -> None:
+    for f in dataclasses.fields(controller):
+        key, value = f"controller.{f.name}", getattr(controller, f.name)
+        if f.type in ("int", int):
+            _check_int(key, value, 0)
+        elif not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(
+            value
+        ):
+            raise DemoConfigError(f"option {key!r} must be a finite number, got {value!r}",
+                                  key=key)
 
 
 def load_demo_config(run_dir: str | Path) -> DemoConfig:
     """The options of the demo run in ``run_dir``, set to resume it.
 
+    :param run_dir: the run's directory (it holds ``demo.json``).
     :raises FileNotFoundError: if ``run_dir`` holds no demo run.
+    :raises DemoConfigError: if its ``demo.json`` cannot be read, is not JSON, or an option in
+        it is unknown, missing, of the wrong type or out of range (the error names it).
     """
-    data = json.loads((Path(run_dir) / _CONFIG_FILE).read_text())
-    return dataclasses.replace(DemoConfig.from_json(data), run_dir=str(run_dir), resume=True)
+    path = Path(run_dir) / _CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DemoConfigError(f"cannot read {path}: {exc}", key=None, path=str(path)) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DemoConfigError(
+            f"{path} is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
+            key=None, path=str(path),
+        ) from exc
+    config = DemoConfig.from_json(data, path=str(path))
+    return dataclasses.replace(config, run_dir=str(run_dir), resume=True)
+
+
+def _checkpoint_dir(cfg: DemoConfig, label: str) -> Path | None:
+    return None if cfg.run_dir is None else Path(cfg.run_dir) / "checkpoints" / label
+
+
+def _check_resumable(cfg: DemoConfig) -> Mapping[str, bool]:
+    """Which runs of ``cfg`` have checkpoints to resume from.
+
+    :raises DemoConfigError: if ``cfg.resume`` is set without a ``run_dir``.
+    :raises CheckpointError: if neither run has any.
+    """
+    if cfg.run_dir is None:
+        raise DemoConfigError("option 'resume' needs a 'run_dir' to resume from", key="resume")
+    dirs = {label: _checkpoint_dir(cfg, label) for label in _RUNS}
+    found = {label: bool(CheckpointStore(d).paths()) for label, d in dirs.items() if d}
+    if not any(found.values()):
+        raise CheckpointError(
+            f"nothing to resume in {cfg.run_dir}: looked for {CHECKPOINT_PATTERN} files in "
+            f"{' and '.join(str(d) for d in dirs.values())} and found none (the run stopped "
+            "before its first checkpoint); start it anew", path=cfg.run_dir,
+        )
+    return found
 
 
 @dataclass(frozen=True)
@@ -176,6 +343,7 @@ async def _run(
     progress: ProgressFn | None,
     compiler: BlueprintCompiler,
     telemetry: Telemetry,
+    resume: frozenset[str],
 ) -> RunSummary:
     torch.manual_seed(cfg.seed)
     data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed, limit=cfg.limit)
@@ -193,14 +361,16 @@ async def _run(
         controller=HeuristicController(cfg.controller, seed=cfg.seed),
         surgery=SurgeryPolicyConfig(cooldown_steps=0) if grow and cfg.surgery else None,
     )
-    checkpoints = None if cfg.run_dir is None else Path(cfg.run_dir) / "checkpoints" / label
+    checkpoints = _checkpoint_dir(cfg, label)
+    if resume and label not in resume:
+        log.info("demo.run_starts_afresh", run=label, reason="it wrote no checkpoint")
     fit = await trainer.fit(
         data.train,
         data.val,
         epochs=cfg.epochs,
         checkpoint_dir=checkpoints,
         checkpoint_every=cfg.checkpoint_every,
-        resume=cfg.resume,
+        resume=label in resume,
         on_epoch=None if progress is None else (lambda r, f: progress(label, r, f)),
     )
     return RunSummary(
@@ -230,8 +400,14 @@ async def run_demo(
     :param progress: called after every epoch of either run with its label (``"static"`` or
         ``"growth"``), the epoch's report and the run so far.
     :param compiler: the compiler for the growth run (default: a new one).
+    :raises CheckpointError: if ``config.resume`` is set and neither run wrote a checkpoint, or
+        a run's checkpoints are all damaged (the error lists each file and why).
+    :raises DemoConfigError: if ``config.resume`` is set without a ``run_dir``.
     """
     cfg = config or DemoConfig()
+    resume: frozenset[str] = frozenset()
+    if cfg.resume:
+        resume = frozenset(label for label, found in _check_resumable(cfg).items() if found)
     if cfg.run_dir is not None and not cfg.resume:
         _save_config(cfg, Path(cfg.run_dir))
     async with AsyncExitStack() as stack:
@@ -248,9 +424,9 @@ async def run_demo(
                 device=str(cfg.resolved_device()), store=store, telemetry=telemetry
             )
         await stack.enter_async_context(compiler)
-        static = await _run("static", cfg, False, progress, compiler, telemetry)
+        static = await _run("static", cfg, False, progress, compiler, telemetry, resume)
         await compiler.wait_ready()
-        growth = await _run("growth", cfg, True, progress, compiler, telemetry)
+        growth = await _run("growth", cfg, True, progress, compiler, telemetry, resume)
     requested = growth.fit.count(SeedState.GERMINATED)
     return DemoResult(
         static=static,

@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +47,7 @@ from ._exceptions import (
     SurgeryError,
 )
 from ._execution import StepRunner
+from ._loaders import batch_count, check_loaders, no_batches
 from ._optim import add_module_params, remove_module_params
 from ._results import FitResult, GrowthEvent
 from .blueprints import Blueprint
@@ -217,6 +218,8 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self._steps_per_epoch = 1
+        self._first_epoch = 0  # the first epoch of the current fit (a resumed fit starts later)
+        self._epochs_without_steps = 0  # epochs in a row in which every step was dropped
         self._result = FitResult()
         # CPU: the step runs in a worker thread; CUDA: it is launched in one and its completion is
         # awaited through the stream bridge, so the event loop never waits on the device.
@@ -274,16 +277,28 @@ class Trainer:
         """Train until epoch ``epochs``, growing seeds as the controller decides.
 
         :param train_loader: batches ``(inputs, targets)`` for training, e.g. a ``DataLoader``.
-        :param val_loader: batches for validation and the controller's measurements.
+            It must yield at least one batch every epoch, and be re-iterable (a ``DataLoader``
+            or a list, not a generator) when more than one epoch is to run.
+        :param val_loader: batches for validation and the controller's measurements, under the
+            same rules even with ``grow=False``: every epoch's report is measured on it.
         :param epochs: the run's length in epochs (a resumed run trains the ones left).
         :param on_epoch: called after every epoch with its report (for progress display).
         :param checkpoint_dir: where checkpoints go (``None``: none are written).
         :param checkpoint_every: epochs between checkpoints (the last epoch is always written).
-        :param resume: continue from the newest checkpoint in ``checkpoint_dir``, if there is one.
+        :param resume: continue from the newest checkpoint in ``checkpoint_dir`` that restores
+            (damaged ones are skipped with a warning); there must be one.
         :returns: the run's history, growth events and incidents (a resumed run's include those
-            before the checkpoint).
-        :raises GovernorError: if rolling back could not make training sound again.
+            before the checkpoint). An epoch in which every step was dropped reports
+            ``train_loss=None`` and records an ``epoch_without_steps`` incident; one whose
+            validation loss is not finite records a ``non_finite_validation`` incident. The
+            controller is not asked after either (no seed is judged on such figures).
+        :raises GovernorError: if rolling back could not make training sound again, or every
+            step was dropped in ``reliability.max_epochs_without_steps`` epochs in a row.
+        :raises LoaderError: if a loader yields no batches, or is a one-shot iterator and more
+            than one epoch is to run (checked before training where it can be).
         :raises ValueError: if ``resume`` is set without a ``checkpoint_dir``.
+        :raises CheckpointError: if ``resume`` is set and ``checkpoint_dir`` holds no checkpoint,
+            or none that restores (see :meth:`restore`).
         """
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir to resume from")
@@ -293,10 +308,13 @@ class Trainer:
         generator = _loader_generator(train_loader)
         self._result = result = FitResult()
         first = 0
-        if resume and checkpoints is not None and checkpoints.paths():
+        if resume and checkpoints is not None:
             first = self.restore(checkpoints.directory, generator=generator).epoch
             result = self._result
-        self._steps_per_epoch = max(1, len(train_loader))  # type: ignore[arg-type]
+        check_loaders({"training": train_loader, "validation": val_loader}, epochs - first)
+        self._steps_per_epoch = batch_count(train_loader) or 1  # counted after each epoch
+        self._first_epoch = first
+        self._epochs_without_steps = 0
         self._stop_requested = False
         self._pending.clear()
         self.admission.in_flight = 0
@@ -358,15 +376,62 @@ class Trainer:
             report = await self._train_epoch(train_loader, val_loader, ready)
             epoch_span.set_attribute("esper.loss", report.val_loss)
             await self._await_late_kernels(ready)
-            if self.grow:
+            sound = self._judge_epoch(report)
+            if self.grow and self._agreed(sound):
                 for decision in self.controller.decide(report, self._result.history, self.slots):
                     self._apply(decision)
             if self.surgery is not None:
                 await self._operate(val_loader)
         self._result.history.append(report)
+        self._stop_if_stalled()
         if self.scheduler is not None:
             self.scheduler.step()
         return report
+
+    def _judge_epoch(self, report: EpochReport) -> bool:
+        """Record an epoch that trained nothing or measured a non-finite validation loss as an
+        incident (logged as a warning).
+
+        :returns: whether the controller may decide on ``report``.
+        """
+        sound = True
+        if report.steps == 0:
+            self._epochs_without_steps += 1
+            self._incident(
+                IncidentKind.EPOCH_WITHOUT_STEPS, None,
+                f"all {report.dropped} steps of epoch {report.epoch} were dropped (bad losses, "
+                f"rolled back); {self._epochs_without_steps} such epoch(s) in a row",
+            )
+            sound = False
+        else:
+            self._epochs_without_steps = 0
+        if not report.val_finite:
+            self._incident(
+                IncidentKind.NON_FINITE_VALIDATION, None,
+                f"validation loss {report.val_loss} in epoch {report.epoch}; the controller is "
+                "not asked this epoch",
+            )
+            sound = False
+        return sound
+
+    def _agreed(self, sound: bool) -> bool:
+        """``sound`` on every rank, under data parallelism (a :class:`StepConsensus` loss), so
+        that every rank asks its controller, or none does (``decide`` may be a collective)."""
+        if isinstance(self.loss_fn, StepConsensus):
+            return self.loss_fn.agree_all(sound)
+        return sound
+
+    def _stop_if_stalled(self) -> None:
+        """:raises GovernorError: after ``max_epochs_without_steps`` epochs in a row in which
+        every step was dropped: rolling back is not making training sound."""
+        limit = self.reliability.max_epochs_without_steps
+        if self._epochs_without_steps >= limit:
+            raise GovernorError(
+                f"every step of the last {self._epochs_without_steps} epoch(s) was dropped (bad "
+                f"losses, rolled back), up to epoch {self.epoch}: training makes no progress; "
+                "check the data for NaN/Inf and lower the learning rate",
+                step=self.step,
+            )
 
     async def _train_epoch(
         self,
@@ -378,7 +443,9 @@ class Trainer:
         tel = self.telemetry
         self.model.train()
         losses = []
+        batches = 0
         for x, y in train_loader:
+            batches += 1
             if self.graft == "step":
                 self._graft_ready(ready)
             x, y = x.to(self.device), y.to(self.device)
@@ -391,10 +458,14 @@ class Trainer:
             self.step += 1
             for slot in self.slots.values():
                 self._tracked(slot, slot.on_step)
-        report = await self._guarded_evaluate(val_loader, sum(losses) / max(1, len(losses)))
+        if batches == 0:
+            raise no_batches("training", later=self.epoch > self._first_epoch, epoch=self.epoch)
+        self._steps_per_epoch = batches
+        train_loss = sum(losses) / len(losses) if losses else None
+        report = await self._guarded_evaluate(val_loader, train_loss)
         for slot in self.slots.values():
             slot.lifecycle.epochs_in_state += 1
-        return report
+        return replace(report, steps=len(losses), dropped=batches - len(losses))
 
     async def _guarded_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
         """One training step that survives a failing seed or a bad loss.
@@ -416,7 +487,9 @@ class Trainer:
                 return None
         raise AssertionError("unreachable: every slot's seed was culled and the step still failed")
 
-    async def _guarded_evaluate(self, loader: Iterable[Batch], train_loss: float) -> EpochReport:
+    async def _guarded_evaluate(
+        self, loader: Iterable[Batch], train_loss: float | None
+    ) -> EpochReport:
         """The validation measurements; a seed that fails in them is culled and they are redone."""
         evaluate = partial(self._evaluate, loader, self.epoch, train_loss)
         for _ in range(len(self.slots)):
@@ -429,7 +502,9 @@ class Trainer:
         return await anyio.to_thread.run_sync(evaluate)
 
     @torch.no_grad()
-    def _evaluate(self, loader: Iterable[Batch], epoch: int, train_loss: float) -> EpochReport:
+    def _evaluate(
+        self, loader: Iterable[Batch], epoch: int, train_loss: float | None
+    ) -> EpochReport:
         self.model.eval()
         blended = [
             n
@@ -457,7 +532,9 @@ class Trainer:
         finally:
             for slot in self.slots.values():
                 slot.observe = False
-        n = max(1, count)
+        if count == 0:
+            raise no_batches("validation", later=epoch > self._first_epoch, epoch=epoch)
+        n = count
         loss, acc = totals["all"][0] / n, totals["all"][1] / n
         return EpochReport(
             epoch=epoch,
@@ -852,25 +929,34 @@ class Trainer:
     def restore(
         self, checkpoint: str | os.PathLike[str], *, generator: torch.Generator | None = None
     ) -> Restored:
-        """Restore the run from ``checkpoint`` (a file, or a directory: its newest checkpoint).
+        """Restore the run from ``checkpoint`` (a file, or a directory: its newest checkpoint that
+        restores).
 
         The model must be built and wrapped as the checkpointed one was; grafted and fossilized
         seeds are loaded from the kernel bytes in the checkpoint (nothing is compiled), and the
         surgeries the checkpoint records are replayed on the model first (build it afresh). Then
         :meth:`fit` with the same ``epochs`` trains the epochs left.
 
+        Every file is verified against its digest before it is read. From a directory, a
+        checkpoint that is damaged or does not restore is skipped with a warning naming it, and
+        the one before it is used.
+
+        :param checkpoint: a checkpoint file, or a checkpoint directory.
         :param generator: the training loader's RNG, to resume its order.
-        :raises CheckpointError: if there is no readable checkpoint, or it does not fit the model
-            (its recorded surgeries included).
-        :raises KernelIntegrityError: if a seed's kernel bytes in it do not match their id, or
-            hold what a kernel may not carry (:class:`~esper_async.UnsafeKernelError`).
+        :raises CheckpointError: if there is no checkpoint, or none restores (the error lists
+            each file tried and why; a ``CheckpointMismatchError`` when the files are sound but
+            the model does not fit them).
         """
         path = Path(checkpoint)
-        store = CheckpointStore(path if path.is_dir() else path.parent)
-        restored = apply_checkpoint(self, store.load(None if path.is_dir() else path), generator)
+        is_file = path.is_file()  # a path that does not exist names a directory with none
+        store = CheckpointStore(path.parent if is_file else path)
+        used, restored = store.restore(
+            lambda p, payload: apply_checkpoint(self, payload, generator, str(p)),
+            path if is_file else None,
+        )
         self.admission.set_loaded(self._loaded_bytes())
         self._rewrap()
-        log.info("resumed", checkpoint=str(path), epoch=restored.epoch, step=restored.step)
+        log.info("resumed", checkpoint=str(used), epoch=restored.epoch, step=restored.step)
         return restored
 
     def _rewrap(self) -> None:

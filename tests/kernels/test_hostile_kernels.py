@@ -37,7 +37,14 @@ from esper_async.compiler import BlueprintCompiler
 from esper_async.controller import Decision, EpochReport, Germinate
 from esper_async.kernels import Kernel, KernelMetadata, export_kernel, load_kernel
 from esper_async.kernels._archive import MAX_MEMBERS
-from esper_async.reliability import CheckpointStore, IncidentKind, capture_state, restore_state
+from esper_async.reliability import (
+    CheckpointError,
+    CheckpointIntegrityError,
+    CheckpointStore,
+    IncidentKind,
+    capture_state,
+    restore_state,
+)
 from esper_async.seeds import SeedSlot, find_slots, wrap
 from esper_async.store import KernelStore
 from esper_async.trainer import Trainer
@@ -429,16 +436,19 @@ async def test_resuming_a_checkpoint_with_a_hostile_kernel_is_refused(
     checkpoints.save(payload)
 
     fresh = _host()
-    with pytest.raises(KernelIntegrityError):
+    with pytest.raises(CheckpointIntegrityError) as caught:
         restore_state(
             checkpoints.load(), model=fresh, optimizer=torch.optim.SGD(fresh.parameters()),
             slots=find_slots(fresh), stateful={},
         )
+    assert isinstance(caught.value.__cause__, UnsafeKernelError)
+    # The trainer's resume skips a checkpoint that does not restore; this was the only one.
     resumed = Trainer(_host(), grow=False)
     train_loader, val_loader = _loaders()
-    with pytest.raises(KernelIntegrityError):
+    with pytest.raises(CheckpointError, match="refused before deserialising"):
         await resumed.fit(train_loader, val_loader, epochs=2, checkpoint_dir=checkpoints.directory,
                           resume=True)
+    assert all(slot.seed is None for slot in resumed.slots.values())
     assert not marker.exists()
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._exceptions import BlueprintError
+from ._checks import check_name, clip_repr, clip_text
 from ._ir import SlotContract, SlotKind
 
 if TYPE_CHECKING:
@@ -34,16 +35,25 @@ class Option:
     choices: tuple[Any, ...] | None = None
 
     def check(self, family: str, key: str, value: Any) -> Any:
+        """``value`` if it fits this option (an int is taken for a float option).
+
+        :param family: the family's name, for the message.
+        :param key: the option's name, for the message.
+        :param value: the value given (already frozen: a scalar or a tuple).
+        :raises BlueprintError: if it has the wrong type (``bool`` is not an int), is not one of
+            the choices, or lies out of range.
+        """
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
             raise BlueprintError(
-                f"{family}: option {key!r} must be {self.type.__name__}, got {value!r}",
+                f"{family}: option {key!r} must be {self.type.__name__}, got {clip_repr(value)}",
                 blueprint=family,
             )
         if self.choices is not None and value not in self.choices:
             raise BlueprintError(
-                f"{family}: option {key!r} must be one of {list(self.choices)}, got {value!r}",
+                f"{family}: option {key!r} must be one of "
+                f"{clip_text(repr(list(self.choices)), 120)}, got {clip_repr(value)}",
                 blueprint=family,
             )
         number = cast(float, value)  # an int or float: the type check above passed
@@ -51,7 +61,8 @@ class Option:
             self.high is not None and number > self.high
         ):
             raise BlueprintError(
-                f"{family}: option {key!r} must lie in [{self.low}, {self.high}], got {value!r}",
+                f"{family}: option {key!r} must lie in [{self.low}, {self.high}], "
+                f"got {clip_repr(value)}",
                 blueprint=family,
             )
         return value
@@ -79,15 +90,20 @@ class Family:
     min_channels: int = field(default=1)
 
     def check(self, options: Mapping[str, Any], contract: SlotContract, bp: Blueprint) -> None:
+        """Check that ``bp`` (of this family) can be built for a slot with ``contract``.
+
+        :raises BlueprintError: if the slot's kind differs or it has too few channels.
+        """
+        name = clip_text(bp.name)
         if contract.kind is not self.slot_kind:
             raise BlueprintError(
-                f"{bp.name} fits {self.slot_kind.value} slots, but the slot is "
+                f"{name} fits {self.slot_kind.value} slots, but the slot is "
                 f"{contract.kind.value} with shape {contract.shape}",
                 blueprint=bp.name,
             )
         if contract.channels < self.min_channels:
             raise BlueprintError(
-                f"{bp.name} needs at least {self.min_channels} channels, the slot has "
+                f"{name} needs at least {self.min_channels} channels, the slot has "
                 f"{contract.channels}",
                 blueprint=bp.name,
             )
@@ -99,8 +115,10 @@ _REGISTRY: dict[str, Family] = {}
 def register_family(family: Family) -> Family:
     """Add a family to the registry (an extension point for user blueprints).
 
-    :raises BlueprintError: if a family of that name is already registered.
+    :param family: the family; its name is a non-empty string of at most 64 characters.
+    :raises BlueprintError: if the name is malformed or a family of that name is registered.
     """
+    check_name(family.name, "a blueprint family's name")
     if family.name in _REGISTRY:
         raise BlueprintError(f"a blueprint family named {family.name!r} is already registered")
     _REGISTRY[family.name] = family
@@ -117,22 +135,27 @@ def get_family(name: str) -> Family:
 
     :raises BlueprintError: naming the registered families, if there is none called ``name``.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    family = _REGISTRY.get(name) if isinstance(name, str) else None
+    if family is None:
+        registered = clip_text(", ".join(sorted(_REGISTRY)), 240)
         raise BlueprintError(
-            f"unknown blueprint family {name!r}; registered: {', '.join(sorted(_REGISTRY))}",
-            blueprint=name,
-        ) from None
+            f"unknown blueprint family {clip_repr(name)}; registered: {registered}",
+            blueprint=clip_text(str(name)) if isinstance(name, str) else None,
+        )
+    return family
 
 
 def resolve_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate ``options`` against family ``name``'s schema and fill in defaults."""
+    """Validate ``options`` against family ``name``'s schema and fill in defaults.
+
+    :raises BlueprintError: if the family is unknown, or an option is unknown or does not fit.
+    """
     family = get_family(name)
     unknown = sorted(set(options) - set(family.options))
     if unknown:
         raise BlueprintError(
-            f"{name}: unknown option(s) {unknown}; valid options: {sorted(family.options)}",
+            f"{name}: unknown option(s) {clip_repr(unknown, 120)}; valid options: "
+            f"{clip_text(repr(sorted(family.options)), 160)}",
             blueprint=name,
         )
     resolved = {}

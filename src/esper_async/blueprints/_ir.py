@@ -10,6 +10,17 @@ from enum import StrEnum
 from typing import Any
 
 from .._exceptions import BlueprintError
+from ._checks import (
+    DTYPES,
+    MAX_JSON_CHARS,
+    MAX_OPTIONS,
+    MAX_SLOT_SIZE,
+    check_name,
+    clip_repr,
+    clip_text,
+    freeze_option,
+    is_int,
+)
 
 __all__ = ("Blueprint", "SlotContract", "SlotKind")
 
@@ -35,8 +46,10 @@ class SlotContract:
 
     :param kind: the slot's kind.
     :param shape: the per-sample shape of the host's output, e.g. ``(16, 8, 8)`` or ``(64,)``.
-    :param dtype: the dtype of that output, by name (``"float32"``).
-    :raises BlueprintError: if the shape does not match the kind or has a non-positive size.
+    :param dtype: the dtype of that output, by name: one of ``float32`` (default), ``float64``,
+        ``float16``, ``bfloat16``.
+    :raises BlueprintError: if the kind is unknown, the shape is not a tuple of ints (``bool`` is
+        not an int) of the kind's rank, each in ``[1, 2**20]``, or the dtype is not one of those.
     """
 
     kind: SlotKind
@@ -44,14 +57,30 @@ class SlotContract:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", SlotKind(self.kind))
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        rank = 3 if self.kind is SlotKind.CONV else 1
-        if len(self.shape) != rank or any(s <= 0 for s in self.shape):
+        kind = self.kind
+        if not isinstance(kind, str) or kind not in tuple(SlotKind):
             raise BlueprintError(
-                f"a {self.kind.value} slot needs a per-sample shape of rank {rank} with positive "
-                f"sizes, got {self.shape}"
+                f"a slot kind must be 'conv' or 'linear', got {clip_repr(kind)}"
             )
+        kind = SlotKind(kind)
+        rank = 3 if kind is SlotKind.CONV else 1
+        shape = self.shape
+        if (
+            not isinstance(shape, tuple | list)
+            or len(shape) != rank
+            or not all(is_int(s) and 1 <= s <= MAX_SLOT_SIZE for s in shape)
+        ):
+            raise BlueprintError(
+                f"a {kind.value} slot needs a per-sample shape of rank {rank}: a tuple of ints in "
+                f"[1, {MAX_SLOT_SIZE}], got {clip_repr(shape)}"
+            )
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise BlueprintError(
+                f"a slot's dtype must be one of {', '.join(DTYPES)}, got {clip_repr(self.dtype)}"
+            )
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+        object.__setattr__(self, "dtype", str(self.dtype))
 
     @property
     def channels(self) -> int:
@@ -64,24 +93,22 @@ class SlotContract:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SlotContract:
-        """Read a contract written by :meth:`to_json`."""
-        return cls(SlotKind(data["kind"]), tuple(data["shape"]), data.get("dtype", "float32"))
+        """Read a contract written by :meth:`to_json`.
 
-
-def _freeze(value: Any, where: str) -> Any:
-    """Make ``value`` hashable and JSON-canonical, or fail with a clear message."""
-    if isinstance(value, bool | int | str) or value is None:
-        return value
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise BlueprintError(f"parameter {where!r} must be finite, got {value}")
-        return value
-    if isinstance(value, list | tuple):
-        return tuple(_freeze(v, f"{where}[{i}]") for i, v in enumerate(value))
-    raise BlueprintError(
-        f"parameter {where!r} has type {type(value).__name__}; blueprint parameters must be "
-        "bool, int, float, str, None or tuples of those"
-    )
+        :param data: a mapping with ``kind``, ``shape`` and optionally ``dtype``, nothing else.
+        :raises BlueprintError: if it is not such a mapping, or not a valid contract.
+        """
+        if not isinstance(data, Mapping):
+            raise BlueprintError(
+                f"a slot contract's JSON must be an object, got {type(data).__name__}"
+            )
+        unknown = [k for k in data if k not in ("kind", "shape", "dtype")]
+        if unknown or "kind" not in data or "shape" not in data:
+            raise BlueprintError(
+                "a slot contract's JSON needs 'kind' and 'shape' (and optionally 'dtype') and "
+                f"nothing else, got keys {clip_repr(list(data))}"
+            )
+        return cls(data["kind"], data["shape"], data.get("dtype", "float32"))
 
 
 @dataclass(frozen=True)
@@ -94,7 +121,10 @@ class Blueprint:
 
     :param family: the family's registered name, e.g. ``"residual_conv"``.
     :param options: the family's options; omitted ones take the family's defaults.
-    :raises BlueprintError: if the family is unknown, an option is unknown or out of range.
+    :raises BlueprintError: if the family is unknown, an option is unknown, of the wrong type
+        (``bool`` is not an int) or out of range. Names are at most 64 characters; there are
+        at most 32 options, each a JSON scalar (an int within 64 bits, a finite float, a string
+        of at most 128 characters) or a flat list of at most 16 of them.
 
     Example::
 
@@ -109,10 +139,24 @@ class Blueprint:
     def __init__(self, family: str, options: Mapping[str, Any] | None = None) -> None:
         from ._families import resolve_options
 
-        if not isinstance(family, str) or not family:
-            raise BlueprintError(f"a blueprint family must be a non-empty string, got {family!r}")
-        raw = dict(options or {})
-        frozen = {k: _freeze(v, k) for k, v in raw.items()}
+        family = check_name(family, "a blueprint family")
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise BlueprintError(
+                f"{family}: options must be a mapping of name to value, got "
+                f"{type(options).__name__}",
+                blueprint=family,
+            )
+        if len(options) > MAX_OPTIONS:
+            raise BlueprintError(
+                f"{family}: {len(options)} options given; at most {MAX_OPTIONS} are allowed",
+                blueprint=family,
+            )
+        frozen = {}
+        for key, value in options.items():
+            key = check_name(key, f"{family}: an option name")
+            frozen[key] = freeze_option(family, key, value)
         resolved = resolve_options(family, frozen)
         object.__setattr__(self, "family", family)
         object.__setattr__(self, "options", tuple(sorted(resolved.items())))
@@ -144,26 +188,50 @@ class Blueprint:
         return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | Mapping[str, Any]) -> Blueprint:
+    def from_json(cls, text: str | bytes | Mapping[str, Any]) -> Blueprint:
         """Parse JSON written by :meth:`to_json` (or its mapping), validating it.
 
+        :param text: JSON text (at most 128 KiB) or the mapping it parses to: ``family``, and
+            optionally ``ir_version`` (an int) and ``options`` (an object), nothing else.
         :raises BlueprintError: if the text is not valid JSON or not a valid blueprint.
         """
-        try:
-            data = json.loads(text) if isinstance(text, str) else dict(text)
-        except json.JSONDecodeError as exc:
-            raise BlueprintError(f"blueprint JSON does not parse: {exc}") from exc
-        if not isinstance(data, dict) or "family" not in data:
-            raise BlueprintError(f"blueprint JSON needs a 'family' key, got {data!r}")
-        version = data.get("ir_version", IR_VERSION)
-        if version != IR_VERSION:
+        if isinstance(text, str | bytes | bytearray):
+            if len(text) > MAX_JSON_CHARS:
+                raise BlueprintError(
+                    f"blueprint JSON is {len(text)} characters long; at most {MAX_JSON_CHARS} "
+                    "are read"
+                )
+            try:
+                data = json.loads(text)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                raise BlueprintError(
+                    f"blueprint JSON does not parse: {clip_text(str(exc), 160)}"
+                ) from exc
+        elif isinstance(text, Mapping):
+            data = dict(text)
+        else:
             raise BlueprintError(
-                f"blueprint IR version {version} is not supported (this build reads {IR_VERSION})",
-                blueprint=str(data.get("family")),
+                f"blueprint JSON must be text or a mapping, got {type(text).__name__}"
+            )
+        if not isinstance(data, dict):
+            raise BlueprintError(f"blueprint JSON must be an object, got {type(data).__name__}")
+        unknown = [k for k in data if k not in ("family", "ir_version", "options")]
+        if unknown or "family" not in data:
+            raise BlueprintError(
+                "blueprint JSON needs a 'family' key (and optionally 'ir_version' and "
+                f"'options') and nothing else, got keys {clip_repr(list(data))}"
+            )
+        version = data.get("ir_version", IR_VERSION)
+        if not is_int(version) or version != IR_VERSION:
+            raise BlueprintError(
+                f"blueprint IR version {clip_repr(version)} is not supported (this build reads "
+                f"the int {IR_VERSION})"
             )
         options = data.get("options", {})
-        if not isinstance(options, dict):
-            raise BlueprintError("blueprint 'options' must be a JSON object")
+        if not isinstance(options, Mapping):
+            raise BlueprintError(
+                f"blueprint 'options' must be a JSON object, got {type(options).__name__}"
+            )
         return cls(data["family"], options)
 
     @property

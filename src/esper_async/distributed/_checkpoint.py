@@ -2,9 +2,10 @@
 
 Every rank holds the same model (see :func:`check_ranks_in_sync`), so rank 0's state is the job's.
 :func:`save_checkpoint` writes it with the reliability layer's atomic
-:class:`~esper_async.reliability.CheckpointStore` (kernel artifact bytes included) and tells every
-rank the path; :func:`load_checkpoint` has rank 0 choose the newest checkpoint, every rank read
-that same file, restore its model, optimizer and controller, and then checks that all ranks agree.
+:class:`~esper_async.reliability.CheckpointStore` (kernel artifact bytes included, sealed with
+their sha256) and tells every rank the path; :func:`load_checkpoint` has rank 0 list the
+checkpoints, every rank verify and restore the same file, newest first, falling back together to
+an older one when any rank cannot, and then checks that all ranks agree.
 Nothing is compiled on resume: the seeds are loaded from the bytes in the checkpoint. Surgeries
 committed before a checkpoint (``surgeries=``, the trainer's :attr:`~esper_async.Trainer.surgeries`)
 are recorded in it and replayed on the fresh model before its tensors load.
@@ -12,18 +13,24 @@ are recorded in it and replayed on the fresh model before its tensors load.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .._exceptions import SurgeryError
-from ..reliability import CheckpointError, CheckpointStore, Restored, capture_state, restore_state
+from ..reliability import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointStore,
+    Restored,
+    capture_state,
+)
+from ..reliability._checkpoint import apply_state, verify_state
+from ..reliability._checkpoint_store import CHECKPOINT_PATTERN, reason, unrestorable
 from ..seeds import SeedState, find_slots
 from ..surgery import SurgeryPolicy
 from ..surgery._replay import replay_operations
@@ -38,9 +45,8 @@ log = structlog.get_logger(__name__)
 
 
 def _broadcast_path(ctx: RankContext, path: str | None) -> str | None:
-    box: list[Any] = [path]
-    dist.broadcast_object_list(box, src=ctx.LEADER, group=ctx.group)
-    return box[0]  # type: ignore[no-any-return]
+    found: str | None = ctx.channel.broadcast_object(path, ctx.LEADER)
+    return found
 
 
 def save_checkpoint(
@@ -118,45 +124,90 @@ def load_checkpoint(
     controller: BroadcastController | None = None,
     surgery: SurgeryPolicy | None = None,
 ) -> Restored:
-    """Every rank restores rank 0's newest checkpoint, then the ranks are checked. A collective.
+    """Every rank restores rank 0's newest good checkpoint, then the ranks are checked. A
+    collective.
 
     ``model`` is freshly built and wrapped with the same slots on every rank, ``optimizer`` made
     over its parameters; both are restored in place, seeds included, after the recorded surgeries
     are replayed on it. Build the trainer after this, set its ``step`` to :attr:`Restored.step`
     and its ``surgeries`` to ``restored.record["surgery"]``.
 
+    Rank 0 lists the checkpoints; the ranks try them newest first, together: each verifies the
+    file against its digest and restores it, then the ranks share whether they succeeded. If any
+    rank failed (a damaged file, a restore that raised), every rank logs a warning naming the
+    file and moves on to the one before it, so all ranks end on the same checkpoint.
+
     :param checkpoints: the directory rank 0 wrote to (every rank must be able to read it).
+    :param ctx: this rank's context.
+    :param model: the freshly built, wrapped model.
+    :param optimizer: an optimizer over its parameters.
+    :param compiler: this rank's compiler: it learns the restored kernels.
+    :param controller: its saved state is restored.
     :param surgery: the surgery policy the trainer will use: its saved counts are restored.
-    :raises CheckpointError: if there is no checkpoint, or it does not load, or does not fit.
+    :raises CheckpointError: on every rank, if there is no checkpoint (saying where rank 0
+        looked), or none restores on every rank (listing each file tried and why).
     :raises RankDivergenceError: if the ranks disagree after restoring.
     """
-    path = None
-    if ctx.is_leader:
-        found = checkpoints.paths()
-        path = str(found[-1]) if found else None
-    shared = _broadcast_path(ctx, path)
-    if shared is None:
+    newest_first = [str(p) for p in reversed(checkpoints.paths())] if ctx.is_leader else None
+    candidates: list[str] = ctx.channel.broadcast_object(newest_first, ctx.LEADER)
+    if not candidates:
         raise CheckpointError(
-            f"no checkpoint in {checkpoints.directory} to resume from",
+            f"rank {ctx.rank}: no checkpoint to resume from: rank 0 looked for "
+            f"{CHECKPOINT_PATTERN} files in {checkpoints.directory} and found none",
             path=str(checkpoints.directory),
         )
-    payload = checkpoints.load(shared)
+    tried: dict[str, str] = {}
+    mismatch = True
+    for path in candidates:
+        restored: Restored | None = None
+        failure: Exception | None = None
+        try:
+            _, restored = checkpoints.restore(
+                lambda p, payload: _restore(p, payload, ctx, model, optimizer, controller,
+                                            surgery),
+                path,
+            )
+        except Exception as exc:  # every rank must reach the gather below
+            failure = exc
+        mine = None if failure is None else reason(failure, path)
+        verdicts: list[str | None] = ctx.channel.all_gather_object(mine)
+        failed = {rank: why for rank, why in enumerate(verdicts) if why is not None}
+        if not failed and restored is not None:
+            compiler.kernels.update(restored.kernels)
+            check_ranks_in_sync(model, ctx)
+            log.info("distributed.resumed", rank=ctx.rank, path=path, epoch=restored.epoch)
+            return restored
+        why = "; ".join(f"rank {rank}: {text}" for rank, text in failed.items())
+        log.warning("distributed.checkpoint_unusable; trying an older one", rank=ctx.rank,
+                    path=path, error=why)
+        tried[path] = why
+        mismatch = mismatch and isinstance(failure, CheckpointMismatchError)
+    raise unrestorable(checkpoints.directory, tried, mismatch=mismatch)
+
+
+def _restore(
+    path: Path,
+    payload: dict[str, Any],
+    ctx: RankContext,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    controller: BroadcastController | None,
+    surgery: SurgeryPolicy | None,
+) -> Restored:
+    """Verify ``payload``, replay its surgeries on ``model``, then restore it."""
+    slots = find_slots(model)
+    verified = verify_state(payload, slots=slots, device=ctx.device, path=str(path))
     try:
-        replay_operations(model, optimizer, json.loads(payload["record"]).get("surgery", []))
+        replay_operations(model, optimizer, verified.restored.record.get("surgery", []))
     except SurgeryError as exc:
-        raise CheckpointError(
-            f"rank {ctx.rank}: the checkpoint's surgery does not fit the model ({exc}); build "
-            "and wrap the model as the checkpointed run did", path=shared,
+        raise CheckpointMismatchError(
+            f"rank {ctx.rank}: the surgery of checkpoint {path} does not fit the model ({exc}); "
+            "build and wrap the model as the checkpointed run did", path=str(path),
         ) from exc
-    restored = restore_state(
-        payload,
+    return apply_state(
+        verified,
         model=model,
         optimizer=optimizer,
         slots=find_slots(model),
         stateful={"controller": controller, "surgery": surgery},
-        device=ctx.device,
     )
-    compiler.kernels.update(restored.kernels)
-    check_ranks_in_sync(model, ctx)
-    log.info("distributed.resumed", rank=ctx.rank, path=shared, epoch=restored.epoch)
-    return restored

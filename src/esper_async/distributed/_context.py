@@ -1,21 +1,29 @@
 """``RankContext``: who this process is in the job, and the channels for control traffic.
 
-Control traffic (decisions, structure checks, checkpoint paths) goes over a dedicated **gloo**
-group, so it is carried on the CPU and never interleaves with the gradient collectives DDP runs on
-the default group (NCCL on GPUs). Kernel bytes go through the job's key-value store (the
-``TCPStore`` torchrun set up), which needs no collective at all.
+Control traffic (decisions, structure checks, checkpoint paths) goes over a dedicated gloo
+:class:`~esper_async.distributed._channel.ControlChannel`, so it is carried on the CPU and never
+interleaves with the gradient collectives DDP runs on the default group (NCCL on GPUs). Kernel
+bytes go through the job's key-value store (the ``TCPStore`` torchrun set up), which needs no
+collective at all.
+
+A context owns its channel and, when :func:`init_distributed` made it, the default process group:
+:meth:`RankContext.close` (or leaving ``with init_distributed() as ctx:``) shuts both down, and
+:func:`init_distributed` also registers it to run at interpreter exit, so that no gloo worker is
+left holding Python objects while the interpreter finalises (see ``_channel``).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import structlog
 import torch
 import torch.distributed as dist
 
+from ._channel import ControlChannel
 from ._errors import DistributedError
 
 __all__ = ("RankContext", "init_distributed")
@@ -40,18 +48,21 @@ class RankContext:
     :ivar world_size: number of ranks.
     :ivar local_rank: rank on this host (the GPU index).
     :ivar device: where this rank trains.
-    :ivar group: the gloo group for control traffic.
+    :ivar channel: the collectives of control traffic (gloo, on the CPU).
     :ivar store: the job's key-value store, under :data:`STORE_PREFIX`.
     :ivar backend: the default group's backend (``"gloo"`` or ``"nccl"``).
+    :ivar owns_default_group: whether :meth:`close` also destroys the default process group
+        (true when :func:`init_distributed` created it).
     """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
-    group: dist.ProcessGroup
+    channel: ControlChannel
     store: dist.Store
     backend: str
+    owns_default_group: bool = field(default=False, compare=False)
 
     #: The rank that decides, compiles and writes checkpoints.
     LEADER = 0
@@ -86,7 +97,6 @@ class RankContext:
         backend = str(dist.get_backend())
         if device is None:
             device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-        group = dist.new_group(backend="gloo", timeout=timeout)
         try:
             base = dist.distributed_c10d._get_default_store()
         except (AttributeError, RuntimeError, ValueError) as exc:
@@ -94,11 +104,28 @@ class RankContext:
                 f"rank {rank}: the job's key-value store is not reachable ({exc})", rank=rank
             ) from exc
         store = dist.PrefixStore(STORE_PREFIX, base)
-        return cls(rank, world, local_rank, torch.device(device), group, store, backend)
+        channel = ControlChannel(store, rank, world, timeout)
+        return cls(rank, world, local_rank, torch.device(device), channel, store, backend)
 
     def barrier(self) -> None:
-        """Wait until every rank reaches this point (over the control group)."""
-        dist.barrier(group=self.group)
+        """Wait until every rank reaches this point (over the control channel)."""
+        self.channel.barrier()
+
+    def close(self) -> None:
+        """Shut down the control channel and, if this context created it, the default process
+        group. Not a collective; safe to call more than once (it also runs at exit).
+
+        Call it after the last collective (DDP wrappers and channel calls fail afterwards).
+        """
+        self.channel.close()
+        if self.owns_default_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> RankContext:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def init_distributed(
@@ -111,6 +138,9 @@ def init_distributed(
 
     :param backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available, else gloo.
     :param timeout: how long collectives wait for the other ranks.
+    Use it as a context manager (``with init_distributed() as ctx:``) or call
+    :meth:`RankContext.close` at the end; it also runs at exit.
+
     :raises DistributedError: if the launcher's environment variables are missing.
     """
     missing = [
@@ -122,7 +152,8 @@ def init_distributed(
             "(torchrun --nproc_per_node 2 script.py)",
             rank=-1,
         )
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         device_id = None
         if backend == "nccl":
@@ -131,5 +162,8 @@ def init_distributed(
             device_id = torch.device("cuda", local_rank)
         dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     ctx = RankContext.from_process_group(timeout=timeout)
+    if created:
+        ctx = replace(ctx, owns_default_group=True)
+    atexit.register(ctx.close)
     log.info("distributed.joined", rank=ctx.rank, world_size=ctx.world_size, backend=ctx.backend)
     return ctx

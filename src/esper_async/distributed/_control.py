@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
-import torch.distributed as dist
 
 from ..controller import Controller, Decision, EpochReport
 from ..seeds import SeedSlot
@@ -53,16 +52,15 @@ class BroadcastController:
         :raises RankDivergenceError: if a decision names a slot this rank does not have.
         """
         ctx = self.ctx
-        payload: list[Any] = [None]
+        payload: tuple[str, Any] | None = None
         failure: BaseException | None = None
         if ctx.is_leader:
             try:
-                payload[0] = ("ok", list(self.inner.decide(report, history, slots)))
+                payload = ("ok", list(self.inner.decide(report, history, slots)))
             except Exception as exc:
                 failure = exc
-                payload[0] = ("error", f"{type(exc).__name__}: {exc}")
-        dist.broadcast_object_list(payload, src=ctx.LEADER, group=ctx.group)
-        kind, body = payload[0]
+                payload = ("error", f"{type(exc).__name__}: {exc}")
+        kind, body = ctx.channel.broadcast_object(payload, ctx.LEADER)
         if failure is not None:
             raise failure
         if kind == "error":

@@ -30,7 +30,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class RankMeanLoss:
     """A ``loss_fn`` for :class:`~esper_async.Trainer` whose value is the mean over ranks.
 
-    A collective on the control group: the trainer calls its ``loss_fn`` the same number of times
+    A collective on the control channel: the trainer calls its ``loss_fn`` the same number of times
     on every rank (once per step, and per validation batch and ablation, which every rank runs
     on the same data). Costs one scalar all-reduce per call and reads the loss on the host (which
     the trainer's step guard does anyway).
@@ -46,7 +46,7 @@ class RankMeanLoss:
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(logits, targets)
         total = loss.detach().to("cpu", torch.float64).reshape(1)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.ctx.group)
+        self.ctx.channel.all_reduce(total, dist.ReduceOp.SUM)
         mean = (total / self.ctx.world_size).to(loss.device, loss.dtype).reshape(loss.shape)
         # `loss - loss.detach()` is exactly zero: the value is `mean` to the bit on every rank,
         # the gradient is this rank's.
@@ -56,17 +56,17 @@ class RankMeanLoss:
         """This rank's forward pass raised: join the loss's all-reduce with NaN; returns the
         mean, NaN on every rank."""
         total = torch.full((1,), math.nan, dtype=torch.float64)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.ctx.group)
+        self.ctx.channel.all_reduce(total, dist.ReduceOp.SUM)
         return float(total) / self.ctx.world_size
 
     def agree_culprit(self, index: int) -> int:
         """The largest culprit code any rank found (-1: no rank found one)."""
         found = torch.tensor([index], dtype=torch.int64)
-        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.ctx.group)
+        self.ctx.channel.all_reduce(found, dist.ReduceOp.MAX)
         return int(found)
 
     def agree_all(self, ok: bool) -> bool:
         """Whether ``ok`` on every rank (an all-reduce of the minimum)."""
         flag = torch.tensor([int(ok)], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.ctx.group)
+        self.ctx.channel.all_reduce(flag, dist.ReduceOp.MIN)
         return bool(flag)

@@ -3,7 +3,7 @@
 DDP keeps parameters equal only as long as every rank applies the same structure changes at the
 same step and its all-reduced gradients are the same everywhere. :func:`check_ranks_in_sync`
 checks that this held: it gathers each rank's :class:`RankState` (slot lifecycles, kernel ids,
-parameter names and shapes, and a sha256 of every parameter and buffer) over the control group
+parameter names and shapes, and a sha256 of every parameter and buffer) over the control channel
 and raises :class:`RankDivergenceError` if any rank differs from rank 0.
 """
 
@@ -93,9 +93,9 @@ def _max_abs_diff(model: nn.Module, ctx: RankContext) -> float:
     """Largest absolute difference of this rank's parameters from rank 0's (a collective)."""
     flat = torch.cat([t.detach().to("cpu", torch.float64).reshape(-1) for _, t in _tensors(model)])
     reference = flat.clone()
-    dist.broadcast(reference, src=ctx.LEADER, group=ctx.group)
+    ctx.channel.broadcast(reference, ctx.LEADER)
     diff = (flat - reference).abs().max() if flat.numel() else torch.zeros((), dtype=torch.float64)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=ctx.group)
+    ctx.channel.all_reduce(diff, dist.ReduceOp.MAX)
     return float(diff)
 
 
@@ -109,9 +109,7 @@ def check_ranks_in_sync(model: nn.Module, ctx: RankContext) -> RankState:
         whether the structure or the parameters, ``ranks`` which ranks.
     """
     mine = rank_state(model, ctx.rank)
-    states: list[RankState | None] = [None] * ctx.world_size
-    dist.all_gather_object(states, mine, group=ctx.group)
-    gathered = [s for s in states if s is not None]
+    gathered: list[RankState] = ctx.channel.all_gather_object(mine)
     reference = gathered[ctx.LEADER]
     odd = [s.rank for s in gathered if s.structure != reference.structure]
     if odd:

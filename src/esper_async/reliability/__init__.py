@@ -2,7 +2,8 @@
 
 Circuit breakers per blueprint, retries with jittered backoff, bounds on growth (backpressure),
 the loss governor with its in-memory snapshots, atomic checkpoints of the whole morphogenetic
-state, and the fault-injection means the drills use. See ``docs/reliability.md``.
+state (sealed with their sha256, verified before they are read), and the fault-injection means
+the drills use. See ``docs/reliability.md``.
 
 The fault drill itself (which runs a trainer) lives in :mod:`esper_async.reliability.drill`.
 """
@@ -13,13 +14,15 @@ from ._breaker import BreakerBoard as BreakerBoard
 from ._breaker import BreakerConfig as BreakerConfig
 from ._breaker import BreakerState as BreakerState
 from ._breaker import CircuitBreaker as CircuitBreaker
-from ._checkpoint import CheckpointError as CheckpointError
-from ._checkpoint import CheckpointStore as CheckpointStore
 from ._checkpoint import Restored as Restored
 from ._checkpoint import capture_state as capture_state
 from ._checkpoint import restore_state as restore_state
-from ._checkpoint import write_atomic as write_atomic
+from ._checkpoint_store import CheckpointStore as CheckpointStore
+from ._checkpoint_store import write_atomic as write_atomic
 from ._config import ReliabilityConfig as ReliabilityConfig
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CheckpointIntegrityError as CheckpointIntegrityError
+from ._errors import CheckpointMismatchError as CheckpointMismatchError
 from ._errors import GovernorError as GovernorError
 from ._errors import is_out_of_memory as is_out_of_memory
 from ._faults import FaultKind as FaultKind
@@ -41,6 +44,8 @@ __all__ = (
     "BreakerConfig",
     "BreakerState",
     "CheckpointError",
+    "CheckpointIntegrityError",
+    "CheckpointMismatchError",
     "CheckpointStore",
     "CircuitBreaker",
     "FaultKind",

@@ -1,4 +1,4 @@
-"""Checkpoints: the whole morphogenetic state of a run, written atomically, read back exactly.
+"""Checkpoints' content: the whole morphogenetic state of a run, captured and put back exactly.
 
 A checkpoint holds the structure (every slot's lifecycle record and counters, blueprint, kernel
 id and blend position), the **artifact bytes of every loaded kernel** (so a resume loads them
@@ -8,36 +8,31 @@ statistics, scheduler, governor, breakers), the RNG states (Python, NumPy, torch
 training loader's generator), the step and epoch, and a JSON record the trainer adds (history and
 events).
 
-Writing: the payload is serialised with ``torch.save`` to a temporary file in the same directory,
-flushed, ``fsync``-ed, renamed over its final name and the directory ``fsync``-ed. A crash at any
-point leaves either the previous checkpoint or the new one, never a torn file. The newest ``keep``
-checkpoints are kept.
-
-Reading: the newest checkpoint that loads is used; one that does not (impossible after an atomic
-rename, but a disk can still rot) is skipped with a warning and the one before it is read.
-Loading uses ``torch.load(weights_only=True)``: a checkpoint holds tensors and plain data only.
+Restoring is two steps. :func:`verify_state` checks and decodes everything that can be checked
+without touching the run — the fields and their types, the JSON parts, every kernel's bytes
+against its id (and loads the seeds), the RNG states on scratch generators — so a malformed
+payload is refused before anything changes. :func:`apply_state` then puts the state into the
+model, optimizer and statistics; what can still fail there is the fit of the checkpoint to the
+model (:class:`CheckpointMismatchError`). The files themselves (sealed with a digest, written
+atomically) are :mod:`esper_async.reliability._checkpoint_store`'s.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import random
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import structlog
 import torch
 from torch import nn
 
-from .._exceptions import EsperError
+from ..blueprints import Blueprint
 from ..kernels import Kernel, KernelMetadata, load_kernel
-from ..seeds import SeedSlot
+from ..seeds import SeedSlot, SeedState
+from ._errors import CheckpointError, CheckpointIntegrityError, CheckpointMismatchError
 from ._snapshot import (
     SlotState,
     capture_slot,
@@ -48,32 +43,24 @@ from ._snapshot import (
 
 __all__ = (
     "CheckpointError",
-    "CheckpointStore",
     "Restored",
     "Stateful",
+    "VerifiedState",
+    "apply_state",
     "capture_rng",
     "capture_state",
     "restore_rng",
     "restore_state",
-    "write_atomic",
+    "verify_state",
 )
-
-log = structlog.get_logger(__name__)
 
 #: Version of the payload layout; a reader refuses other versions.
 FORMAT = 1
-_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-class CheckpointError(EsperError):
-    """A checkpoint could not be written or read.
-
-    :ivar path: the file or directory concerned.
-    """
-
-    def __init__(self, message: str, *, path: str) -> None:
-        super().__init__(message)
-        self.path = path
+#: The payload's fields and their types (checked before anything is restored).
+_FIELDS: dict[str, type] = {
+    "format": int, "epoch": int, "step": int, "model": dict, "optimizer": dict, "groups": list,
+    "slots": str, "kernels": dict, "stateful": dict, "record": str, "rng": dict,
+}
 
 
 class Stateful(Protocol):
@@ -82,29 +69,6 @@ class Stateful(Protocol):
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any) -> Any: ...
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, flush, fsync, rename, fsync the directory.
-
-    :raises OSError: if the write fails (the previous file, if any, is untouched).
-    """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -119,17 +83,38 @@ def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
     }
 
 
+def _python_rng(state: Mapping[str, Any]) -> Any:
+    version, keys, *rest = state["python"]
+    return (version, tuple(keys), *rest)
+
+
+def _numpy_rng(state: Mapping[str, Any]) -> Any:
+    kind, keys, *rest = state["numpy"]
+    return (kind, np.asarray(keys, dtype=np.uint32), *rest)
+
+
 def restore_rng(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
     """Restore what :func:`capture_rng` returned."""
-    version, keys, *rest = state["python"]
-    random.setstate((version, tuple(keys), *rest))
-    kind, np_keys, *np_rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(np_keys, dtype=np.uint32), *np_rest))
+    random.setstate(_python_rng(state))
+    np.random.set_state(_numpy_rng(state))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and state["loader"] is not None:
         generator.set_state(state["loader"])
+
+
+def _check_rng(state: Mapping[str, Any]) -> None:
+    """Raise unless ``state`` restores: tried on scratch generators, the global ones untouched."""
+    random.Random().setstate(_python_rng(state))
+    np.random.RandomState().set_state(_numpy_rng(state))
+    torch.Generator().set_state(state["torch"])
+    if state["loader"] is not None:
+        torch.Generator().set_state(state["loader"])
+    if not isinstance(state["cuda"], list) or not all(
+        isinstance(t, torch.Tensor) for t in state["cuda"]
+    ):
+        raise TypeError("the CUDA RNG states are not a list of tensors")
 
 
 def _cpu(value: Any) -> Any:
@@ -158,6 +143,9 @@ def capture_state(
 
     :param epoch: epochs completed.
     :param step: global steps taken.
+    :param model: the model (not a DDP wrapper).
+    :param optimizer: its optimizer.
+    :param slots: the model's seed slots, by name.
     :param kernels: at least every kernel loaded in a slot, by id.
     :param stateful: objects with ``state_dict()`` (``None`` entries are skipped).
     :param record: JSON-ready data the trainer keeps (history, events).
@@ -213,6 +201,194 @@ class Restored:
     kernels: dict[str, Kernel]
 
 
+@dataclass(frozen=True)
+class VerifiedState:
+    """A payload that :func:`verify_state` checked and decoded; nothing of the run is touched yet.
+
+    :ivar payload: the payload itself.
+    :ivar slots: every slot's state, its seed loaded (on the device asked for) where it has one.
+    :ivar restored: epoch, step, record and kernels.
+    :ivar device: where the seeds were loaded and the model will be moved.
+    :ivar path: the file it came from (for messages; ``""`` if none).
+    """
+
+    payload: Mapping[str, Any]
+    slots: dict[str, SlotState]
+    restored: Restored
+    device: torch.device | str
+    path: str
+
+
+def _where(path: str) -> str:
+    return f"checkpoint {path}" if path else "the checkpoint"
+
+
+def _malformed(path: str, what: str, exc: BaseException | None = None) -> CheckpointIntegrityError:
+    detail = "" if exc is None else f" ({type(exc).__name__}: {str(exc)[:120]})"
+    return CheckpointIntegrityError(f"{_where(path)} is malformed: {what}{detail}", path=path)
+
+
+def _check_fields(payload: Mapping[str, Any], path: str) -> None:
+    for key, kind in _FIELDS.items():
+        if key not in payload:
+            raise _malformed(path, f"field {key!r} is missing")
+        value = payload[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _malformed(path, f"field {key!r} is a {type(value).__name__}, not a "
+                                   f"{kind.__name__}")
+    if payload["format"] != FORMAT:
+        raise CheckpointError(
+            f"{_where(path)} has format {payload['format']}; this esper_async reads format "
+            f"{FORMAT}", path=path,
+        )
+    odd = [k for k, v in payload["model"].items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise _malformed(path, f"model entries {odd[:3]} are not tensors")
+
+
+def _decode_kernels(payload: Mapping[str, Any], path: str) -> dict[str, Kernel]:
+    kernels = {}
+    for kid, entry in payload["kernels"].items():
+        try:
+            artifact = entry["artifact"]
+            if not isinstance(artifact, torch.Tensor) or artifact.dtype != torch.uint8:
+                raise TypeError("the artifact is not a uint8 tensor")
+            kernel = Kernel(
+                artifact=artifact.numpy().tobytes(),
+                metadata=KernelMetadata.from_json(json.loads(entry["metadata"])),
+            )
+        except Exception as exc:
+            raise _malformed(path, f"kernel {str(kid)[:12]} does not decode", exc) from exc
+        if kernel.kernel_id != kid:
+            raise _malformed(path, f"kernel {str(kid)[:12]} is stored under another id")
+        kernels[kid] = kernel
+    return kernels
+
+
+def _decode_slot(data: Any) -> SlotState:
+    """One slot's state without its seed, every value checked (the lifecycle states, the
+    blueprint) so that :func:`restore_slot` cannot fail on it."""
+    if not isinstance(data, dict) or not isinstance(data.get("has_seed"), bool):
+        raise TypeError("a slot's state is not an object with 'has_seed'")
+    state = SlotState.from_json(data, None)
+    SeedState(state.state)
+    for source, target, _ in state.history:
+        SeedState(source)
+        SeedState(target)
+    if state.blueprint_json is not None:
+        Blueprint.from_json(state.blueprint_json)
+    if data["has_seed"] and not isinstance(state.kernel_id, str):
+        raise TypeError("a slot with a seed names no kernel")
+    return state
+
+
+def verify_state(
+    payload: Mapping[str, Any],
+    *,
+    slots: Mapping[str, SeedSlot],
+    device: torch.device | str = "cpu",
+    path: str = "",
+) -> VerifiedState:
+    """Check and decode a checkpoint payload without touching the run; load its seeds.
+
+    :param payload: what the checkpoint file held.
+    :param slots: the slots of the model it is for (only their names are read).
+    :param device: where the seeds are loaded.
+    :param path: the file it came from, for messages.
+    :raises CheckpointIntegrityError: if a field is missing or of the wrong type, a JSON part or
+        an RNG state is malformed, or a kernel's bytes do not match its id or do not load.
+    :raises CheckpointMismatchError: if the model has other slots than the checkpoint.
+    :raises CheckpointError: if the payload has another format version.
+    """
+    _check_fields(payload, path)
+    try:
+        slot_data = json.loads(payload["slots"])
+        record = json.loads(payload["record"])
+        if not isinstance(slot_data, dict) or not isinstance(record, dict):
+            raise TypeError("the slots or the record are not JSON objects")
+        states = {name: _decode_slot(data) for name, data in slot_data.items()}
+        _check_rng(payload["rng"])
+    except Exception as exc:
+        raise _malformed(path, "its structure does not decode", exc) from exc
+    if set(states) != set(slots):
+        raise CheckpointMismatchError(
+            f"{_where(path)} has slots {sorted(states)}, the model {sorted(slots)}; wrap the "
+            "model with the same targets before resuming", path=path,
+        )
+    kernels = _decode_kernels(payload, path)
+    for name, state in states.items():
+        if not slot_data[name]["has_seed"]:
+            continue
+        kid = state.kernel_id
+        if kid not in kernels:
+            raise _malformed(path, f"slot {name!r} holds kernel {str(kid)[:12]}, which it lacks")
+        try:
+            state.seed = load_kernel(kernels[kid], device=device)
+        except Exception as exc:
+            raise CheckpointIntegrityError(
+                f"{_where(path)}: the kernel of slot {name!r} does not load ({str(exc)[:160]})",
+                path=path,
+            ) from exc
+    restored = Restored(
+        epoch=payload["epoch"], step=payload["step"], record=record, kernels=kernels
+    )
+    return VerifiedState(payload=payload, slots=states, restored=restored, device=device,
+                         path=path)
+
+
+def apply_state(
+    verified: VerifiedState,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    slots: Mapping[str, SeedSlot],
+    stateful: Mapping[str, Stateful | None],
+    generator: torch.Generator | None = None,
+) -> Restored:
+    """Put a verified checkpoint into a freshly built model (wrapped with the same slots), its
+    optimizer, the ``stateful`` objects and the RNGs.
+
+    :param verified: what :func:`verify_state` returned for this model's slots.
+    :param model: the model, built and wrapped as the checkpointed one was.
+    :param optimizer: an optimizer over its parameters.
+    :param slots: the model's slots.
+    :param stateful: objects whose state the checkpoint holds, by key.
+    :param generator: the training loader's RNG.
+    :raises CheckpointMismatchError: if the parameters, the optimizer's groups or a stateful
+        object's state do not fit. The objects may then be partly restored: build them afresh.
+    """
+    payload, path = verified.payload, verified.path
+    for name, state in verified.slots.items():
+        restore_slot(slots[name], state)
+    try:
+        model.load_state_dict(payload["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointMismatchError(
+            f"the model's parameters do not fit {_where(path)} ({str(exc)[:200]}); build and "
+            "wrap the model as the checkpointed run did", path=path,
+        ) from exc
+    model.to(verified.device)
+    try:
+        restore_optimizer(model, optimizer, payload["groups"], payload["optimizer"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointMismatchError(
+            f"the optimizer does not fit {_where(path)} ({type(exc).__name__}: "
+            f"{str(exc)[:160]}); make it as the checkpointed run did", path=path,
+        ) from exc
+    for key, obj in stateful.items():
+        if obj is not None and key in payload["stateful"]:
+            try:
+                obj.load_state_dict(payload["stateful"][key])
+            except Exception as exc:
+                raise CheckpointMismatchError(
+                    f"the {key} state in {_where(path)} does not load into the "
+                    f"{type(obj).__name__} given ({type(exc).__name__}: {str(exc)[:120]})",
+                    path=path,
+                ) from exc
+    restore_rng(payload["rng"], generator)
+    return verified.restored
+
+
 def restore_state(
     payload: Mapping[str, Any],
     *,
@@ -222,111 +398,27 @@ def restore_state(
     stateful: Mapping[str, Stateful | None],
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    path: str = "",
 ) -> Restored:
-    """Put a checkpoint's state back into a freshly built model (wrapped with the same slots).
+    """Put a checkpoint's state back into a freshly built model (wrapped with the same slots):
+    :func:`verify_state`, then :func:`apply_state`.
 
     Seeds are loaded from the artifact bytes in the checkpoint (checked against their ids); no
     compile happens.
 
-    :raises CheckpointError: if the format or the slots differ from the checkpoint's.
-    :raises KernelIntegrityError: if a stored artifact does not match its id.
+    :param payload: what the checkpoint file held.
+    :param model: the model, built and wrapped as the checkpointed one was.
+    :param optimizer: an optimizer over its parameters.
+    :param slots: the model's slots.
+    :param stateful: objects whose state the checkpoint holds, by key.
+    :param device: where the model trains.
+    :param generator: the training loader's RNG.
+    :param path: the file ``payload`` came from, for messages.
+    :raises CheckpointIntegrityError: if the payload is malformed or a kernel's bytes do not
+        match its id (nothing is restored then).
+    :raises CheckpointMismatchError: if the model or optimizer do not fit the checkpoint.
+    :raises CheckpointError: if the format differs.
     """
-    if payload.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint format {payload.get('format')} is not {FORMAT}", path=""
-        )
-    slot_states = json.loads(payload["slots"])
-    if set(slot_states) != set(slots):
-        raise CheckpointError(
-            f"the checkpoint has slots {sorted(slot_states)}, the model {sorted(slots)}; wrap the "
-            "model with the same targets before resuming", path="",
-        )
-    kernels = {
-        kid: Kernel(
-            artifact=entry["artifact"].numpy().tobytes(),
-            metadata=KernelMetadata.from_json(json.loads(entry["metadata"])),
-        )
-        for kid, entry in payload["kernels"].items()
-    }
-    for name, data in slot_states.items():
-        seed = None
-        if data["has_seed"]:
-            seed = load_kernel(kernels[data["kernel_id"]], device=device)
-        restore_slot(slots[name], SlotState.from_json(data, seed))
-    model.load_state_dict(payload["model"], strict=True)
-    model.to(device)
-    restore_optimizer(model, optimizer, payload["groups"], payload["optimizer"])
-    for key, obj in stateful.items():
-        if obj is not None and key in payload["stateful"]:
-            obj.load_state_dict(payload["stateful"][key])
-    restore_rng(payload["rng"], generator)
-    return Restored(
-        epoch=int(payload["epoch"]), step=int(payload["step"]),
-        record=json.loads(payload["record"]), kernels=kernels,
-    )
-
-
-class CheckpointStore:
-    """A directory of numbered checkpoints.
-
-    :param directory: where they live (created on first save).
-    :param keep: how many of the newest to keep.
-    :raises ValueError: if ``keep < 1``.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 2) -> None:
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = Path(directory)
-        self.keep = keep
-
-    def paths(self) -> list[Path]:
-        """The checkpoints present, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = [p for p in self.directory.iterdir() if _NAME.match(p.name)]
-        return sorted(found, key=lambda p: p.name)
-
-    def save(self, payload: Mapping[str, Any]) -> Path:
-        """Write ``payload`` as the checkpoint of its epoch, atomically; prune old ones.
-
-        Blocking (serialising and fsync): run it in a worker thread.
-
-        :raises CheckpointError: if the file cannot be written.
-        """
-        path = self.directory / f"ckpt-{int(payload['epoch']):08d}.pt"
-        buffer = io.BytesIO()
-        torch.save(dict(payload), buffer)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, buffer.getvalue())
-        except OSError as exc:
-            raise CheckpointError(f"cannot write checkpoint {path}: {exc}", path=str(path)) from exc
-        for old in self.paths()[: -self.keep]:
-            old.unlink(missing_ok=True)
-        log.info("checkpoint written", path=str(path), bytes=buffer.tell())
-        return path
-
-    def load(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-        """Read ``path``, or the newest checkpoint that loads.
-
-        :raises CheckpointError: if there is none, or ``path`` does not load.
-        """
-        candidates = [Path(path)] if path is not None else list(reversed(self.paths()))
-        if not candidates:
-            raise CheckpointError(f"no checkpoint in {self.directory}", path=str(self.directory))
-        for candidate in candidates:
-            try:
-                payload = torch.load(candidate, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                if path is not None:
-                    raise CheckpointError(
-                        f"checkpoint {candidate} does not load: {exc}", path=str(candidate)
-                    ) from exc
-                log.warning("checkpoint unreadable; trying an older one", path=str(candidate),
-                            error=str(exc))
-                continue
-            return dict(payload)
-        raise CheckpointError(
-            f"no checkpoint in {self.directory} loads", path=str(self.directory)
-        )
+    verified = verify_state(payload, slots=slots, device=device, path=path)
+    return apply_state(verified, model=model, optimizer=optimizer, slots=slots,
+                       stateful=stateful, generator=generator)

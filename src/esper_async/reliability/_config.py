@@ -28,6 +28,8 @@ class ReliabilityConfig:
         (doubled on each further OOM, up to ``oom_backoff_max_epochs``).
     :ivar oom_backoff_max_epochs: the cap of that pause.
     :ivar checkpoint_keep: checkpoints kept on disk.
+    :ivar max_epochs_without_steps: this many epochs in a row in which every step was dropped
+        stop the run with :class:`~esper_async.reliability.GovernorError`.
     :ivar clock: monotonic seconds for the breakers (injectable in tests).
     """
 
@@ -39,10 +41,15 @@ class ReliabilityConfig:
     oom_backoff_epochs: int = 1
     oom_backoff_max_epochs: int = 16
     checkpoint_keep: int = 2
+    max_epochs_without_steps: int = 2
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
-        if self.compile_attempts < 1 or self.oom_backoff_epochs < 0 or self.checkpoint_keep < 1:
+        if (
+            self.compile_attempts < 1 or self.oom_backoff_epochs < 0 or self.checkpoint_keep < 1
+            or self.max_epochs_without_steps < 1
+        ):
             raise ValueError(
-                "compile_attempts and checkpoint_keep must be >= 1 and oom_backoff_epochs >= 0"
+                "compile_attempts, checkpoint_keep and max_epochs_without_steps must be >= 1 and "
+                "oom_backoff_epochs >= 0"
             )

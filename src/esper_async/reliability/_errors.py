@@ -1,20 +1,61 @@
 """Errors of the reliability layer and how faults are classified.
 
-``GovernorError`` subclasses :class:`~esper_async.EsperError`, so ``except EsperError`` still
-catches everything the framework raises on purpose.
+Each subclasses :class:`~esper_async.EsperError`, so ``except EsperError`` still catches
+everything the framework raises on purpose::
+
+    CheckpointError                a checkpoint cannot be written, found or restored
+    ├── CheckpointIntegrityError   a checkpoint file is damaged (digest, truncation, content)
+    └── CheckpointMismatchError    a sound checkpoint does not fit the model it is restored into
+    GovernorError                  rolling back did not make training sound
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
 from .._exceptions import EsperError
 
-__all__ = ("GovernorError", "LossAnomaly", "is_out_of_memory")
+__all__ = (
+    "CheckpointError",
+    "CheckpointIntegrityError",
+    "CheckpointMismatchError",
+    "GovernorError",
+    "LossAnomaly",
+    "is_out_of_memory",
+)
 
 #: What the CPU allocator says when an allocation fails (it raises a plain ``RuntimeError``;
 #: CUDA raises ``torch.OutOfMemoryError``).
 _CPU_OOM_TEXT = ("can't allocate memory", "out of memory")
+
+
+class CheckpointError(EsperError):
+    """A checkpoint could not be written, found or restored.
+
+    :ivar path: the file or directory concerned.
+    :ivar tried: when no checkpoint of a directory restored, each file tried and why it failed.
+    """
+
+    def __init__(
+        self, message: str, *, path: str, tried: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.tried = dict(tried or {})
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A checkpoint file is damaged: its digest does not match, it is truncated or has junk
+    appended, it has no digest (an old format), or its content does not decode. Nothing of it
+    was deserialised into the run."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint is sound but does not fit what it is restored into (other slots, other
+    parameter names or shapes, surgery the model does not match): the model was built or
+    wrapped differently from the checkpointed run's."""
 
 
 class GovernorError(EsperError):

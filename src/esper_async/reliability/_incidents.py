@@ -33,6 +33,13 @@ class IncidentKind(StrEnum):
     """The loss was not finite and no seed explained it; the run was rolled back."""
     CHECKPOINT_FAILED = "checkpoint_failed"
     """A checkpoint could not be written; the previous one stands and training goes on."""
+    EPOCH_WITHOUT_STEPS = "epoch_without_steps"
+    """Every step of an epoch was dropped (each batch's loss was bad and rolled back): the
+    epoch's ``train_loss`` is ``None`` and the controller is not asked. Too many such epochs in
+    a row stop the run (``ReliabilityConfig.max_epochs_without_steps``)."""
+    NON_FINITE_VALIDATION = "non_finite_validation"
+    """The validation loss was NaN or infinite: the report keeps it, and the controller is not
+    asked that epoch (no seed is judged, no germination starts on it)."""
 
 
 @dataclass(frozen=True)

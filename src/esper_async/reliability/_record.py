@@ -18,14 +18,18 @@ def report_to_json(report: EpochReport) -> dict[str, Any]:
         "val_acc": report.val_acc,
         "health": {k: dataclasses.asdict(v) for k, v in report.health.items()},
         "counterfactual": {k: dataclasses.asdict(v) for k, v in report.counterfactual.items()},
+        "steps": report.steps, "dropped": report.dropped,
     }
 
 
 def report_from_json(data: dict[str, Any]) -> EpochReport:
-    """The inverse of :func:`report_to_json`."""
+    """The inverse of :func:`report_to_json` (a report written before ``steps`` and ``dropped``
+    were recorded reads back with both 0)."""
+    train_loss = data["train_loss"]
     return EpochReport(
-        epoch=int(data["epoch"]), train_loss=float(data["train_loss"]),
+        epoch=int(data["epoch"]), train_loss=None if train_loss is None else float(train_loss),
         val_loss=float(data["val_loss"]), val_acc=float(data["val_acc"]),
         health={k: HealthSignals(**v) for k, v in data["health"].items()},
         counterfactual={k: Counterfactual(**v) for k, v in data["counterfactual"].items()},
+        steps=int(data.get("steps", 0)), dropped=int(data.get("dropped", 0)),
     )

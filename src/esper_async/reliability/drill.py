@@ -52,7 +52,8 @@ from ..seeds import SeedSlot, SeedState, find_slots, wrap
 from ..store import KernelStore
 from ..trainer import FitResult, Trainer
 from ._breaker import BreakerConfig, BreakerState
-from ._checkpoint import CheckpointStore, restore_state
+from ._checkpoint import restore_state
+from ._checkpoint_store import CheckpointStore
 from ._config import ReliabilityConfig
 from ._drill_families import DRILL_FAMILY
 from ._faults import (
@@ -511,7 +512,7 @@ def _fill(
     report.committed_data_lost = lost
     report.checkpoints_verified = verified
     report.non_finite_losses_recorded = sum(
-        not math.isfinite(r.train_loss) for r in fit.history
+        r.train_loss is not None and not math.isfinite(r.train_loss) for r in fit.history
     )
     report.incidents = dict(sorted(Counter(i.kind.value for i in fit.incidents).items()))
     report.rollbacks = trainer.governor.rollbacks
