@@ -14,6 +14,7 @@ boundary where they occur and chained with ``raise ... from exc``.
     │   │   └── CompileTimeoutError
     │   ├── KernelValidationError a kernel failed validation (carries the report)
     │   └── KernelIntegrityError  artifact bytes do not match the kernel's id
+    │       └── UnsafeKernelError artifact holds what a kernel may not carry (a pickle, code)
     ├── StoreError
     │   └── StoreIntegrityError   a stored blob or row is corrupt or missing
     ├── SelectionError
@@ -56,6 +57,7 @@ __all__ = (
     "StreamError",
     "SurgeryError",
     "TelemetryConfigError",
+    "UnsafeKernelError",
 )
 
 
@@ -132,6 +134,19 @@ class KernelValidationError(KernelError):
 
 class KernelIntegrityError(KernelError):
     """A kernel's artifact bytes do not hash to the kernel's id; they are never loaded."""
+
+
+class UnsafeKernelError(KernelIntegrityError):
+    """A kernel's artifact holds something a kernel may not carry — a pickle that imports more
+    than tensor rebuilders, a weight marked as pickled, an operator outside the allow-list, a
+    malformed zip — so it is refused before anything in it is deserialised.
+
+    :ivar member: the archive member concerned (``""`` for the zip itself).
+    """
+
+    def __init__(self, message: str, *, kernel_id: str | None = None, member: str = "") -> None:
+        super().__init__(message, kernel_id=kernel_id)
+        self.member = member
 
 
 class StoreError(EsperError):

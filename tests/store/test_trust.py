@@ -12,8 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from esper_async.errors import StoreError, StoreIntegrityError
 from esper_async.compiler import BlueprintCompiler, OptimizerOptions
+from esper_async.errors import StoreError, StoreIntegrityError
 from esper_async.kernels import Kernel, export_kernel
 from esper_async.store import BundleLimits, KernelRequest, KernelStatus, KernelStore
 

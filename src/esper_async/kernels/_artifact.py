@@ -1,14 +1,17 @@
 """Kernels: a blueprint exported with ``torch.export`` to bytes, plus metadata that describes it.
 
 A :class:`Kernel` is immutable and identified by the sha256 of its artifact bytes
-(:attr:`Kernel.kernel_id`). :func:`load_kernel` checks those bytes against the id before
-deserialising them, so what runs in a slot is exactly what was exported and validated.
+(:attr:`Kernel.kernel_id`). :func:`load_kernel` checks those bytes against the id, so what runs in
+a slot is exactly what was exported and validated, and — since anyone can recompute a sha256 —
+then reads them as data on an allow-list, never through ``torch.export.load``, so that no kernel
+file can run code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,8 +20,10 @@ import torch
 from torch import nn
 
 from ..blueprints import Blueprint, SlotContract, build
-from ..errors import CompileError, KernelIntegrityError
+from ..errors import CompileError, KernelIntegrityError, UnsafeKernelError
+from ._archive import ArchiveRefused, read_archive
 from ._forms import apply_form
+from ._graph import build_program
 
 __all__ = ("Kernel", "KernelMetadata", "KernelModule", "export_kernel", "load_kernel")
 
@@ -190,28 +195,11 @@ def export_kernel(
     return Kernel(artifact=artifact, metadata=metadata)
 
 
-def _lean(program: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Strip the per-call wrapping of an unlifted exported program: input and output pytree
-    handling, and the shape guards run on every call.
-
-    A kernel takes one tensor and returns one, and its shapes were checked against the slot's
-    contract by the validator, so this wrapping only costs time: on the 2-core CPU machines it
-    doubled the forward+backward time of a small kernel (LayerNorm on 32×128). The graph's
-    computation is untouched.
-    """
-    graph = program.graph
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-            graph.erase_node(node)
-        elif node.op == "output":
-            outputs = node.args[0]
-            if isinstance(outputs, tuple | list) and len(outputs) == 1:
-                node.args = (outputs[0],)
-    graph._codegen = torch.fx.graph.CodeGen()
-    program._forward_pre_hooks.clear()
-    program._forward_hooks.clear()
-    program.recompile()
-    return program
+#: Loads are serialised process-wide: rebuilding a program generates FX source, execs it and
+#: registers it with linecache, state every thread of the process shares. Taking the lock here
+#: keeps every caller (trainer, validator, optimizer, checkpoint restore) one at a time, so none
+#: needs a limiter of its own.
+_LOAD_LOCK = threading.Lock()
 
 
 def load_kernel(
@@ -219,10 +207,19 @@ def load_kernel(
 ) -> KernelModule:
     """Check a kernel's bytes against its id and load it as a trainable module on ``device``.
 
-    :param form: the execution form to run in; default the one the optimizer chose.
+    The bytes are never handed to ``torch.export.load`` (which can run code from an archive):
+    the archive is checked member by member and the program rebuilt from its JSON graph and raw
+    weights on an allow-list (see :mod:`esper_async.kernels._archive` and ``_graph``). Safe to
+    call from several threads; loads run one at a time.
 
+    :param kernel: the kernel to load.
+    :param device: where its parameters go.
+    :param form: the execution form to run in; default the one the optimizer chose.
     :raises KernelIntegrityError: if the bytes do not hash to the kernel's id.
-    :raises CompileError: if the bytes do not deserialise.
+    :raises UnsafeKernelError: if the archive holds anything a kernel may not carry (a pickle
+        beyond tensor rebuilding, a weight marked as pickled, an operator outside the
+        allow-list, a malformed zip); nothing in it was deserialised.
+    :raises CompileError: if the checked program cannot be built or moved to ``device``.
     """
     digest = hashlib.sha256(kernel.artifact).hexdigest()
     if digest != kernel.kernel_id:
@@ -230,12 +227,20 @@ def load_kernel(
             f"kernel {kernel.kernel_id[:12]} artifact hashes to {digest[:12]}; refusing to load it",
             kernel_id=kernel.kernel_id,
         )
-    try:
-        program = _lean(torch.export.load(io.BytesIO(kernel.artifact)).module())
-    except Exception as exc:
-        raise CompileError(
-            f"kernel {kernel.kernel_id[:12]} does not deserialise: {exc}",
-            kernel_id=kernel.kernel_id,
-        ) from exc
-    program = program.to(device)
+    with _LOAD_LOCK:
+        try:
+            program = build_program(read_archive(kernel.artifact))
+        except ArchiveRefused as exc:
+            raise UnsafeKernelError(
+                f"kernel {kernel.kernel_id[:12]} refused before deserialising: {exc}; recompile "
+                "it from its blueprint rather than loading these bytes",
+                kernel_id=kernel.kernel_id,
+                member=exc.member,
+            ) from None
+        except Exception as exc:
+            raise CompileError(
+                f"kernel {kernel.kernel_id[:12]} could not be rebuilt: {exc}",
+                kernel_id=kernel.kernel_id,
+            ) from exc
+        program = program.to(device)
     return KernelModule(program, kernel.kernel_id, form or kernel.metadata.execution_form)

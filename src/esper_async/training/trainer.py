@@ -224,10 +224,6 @@ class Trainer:
         # CPU: the step runs in a worker thread; CUDA: it is launched in one and its completion is
         # awaited through the stream bridge, so the event loop never waits on the device.
         self._steps = StepRunner.for_device(self.device)
-        # torch.export keeps tracing state that two exports in threads of one process corrupted
-        # ("pop empty mode stack"); loading deserialises through the same machinery, so loads
-        # are kept one at a time.
-        self._load_limiter = anyio.CapacityLimiter(1)
         self.scheduler = scheduler
         self.reliability = rel = reliability or ReliabilityConfig()
         self.breakers = BreakerBoard(rel.breaker, clock=rel.clock)
@@ -666,8 +662,9 @@ class Trainer:
                     attempts=rel.compile_attempts, backoff=rel.backoff, retry_on=_transient,
                     what=f"compile {blueprint.name}", on_retry=retried,
                 )
+                # load_kernel serialises loads itself, across every caller in the process.
                 module = await anyio.to_thread.run_sync(
-                    lambda: load_kernel(kernel, device=self.device), limiter=self._load_limiter
+                    lambda: load_kernel(kernel, device=self.device)
                 )
             except EsperError as exc:
                 error = exc
