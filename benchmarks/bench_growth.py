@@ -1,0 +1,282 @@
+"""Does growth pay? The digits demo's growth run against a static model of its final size.
+
+    python benchmarks/bench_growth.py [--quick] [--seeds N] [--epochs E] [--jobs J]
+        → benchmarks/results/growth.json
+
+Three arms, each seed training on the same data split, order, recipe (the Trainer's default
+Adam, lr 3e-3), epochs and batch size, from the same host initialisation:
+
+* ``static``: the bare :class:`~esper_async.apps.demo.DigitsHost`.
+* ``growth``: the demo's growth run (slots conv1, conv2, fc1; the default controller).
+* ``static_final``: the exact architecture growth ended with, trained from scratch: the host
+  wrapped as in ``growth``, and in every slot where growth fossilized a seed, a fresh module of
+  the same blueprint (``build`` with a new seed), grafted and set FOSSILIZED before training, so
+  it trains as part of the model from step 0 (the same function-preserving initialisation a
+  growth seed gets). Paired with the growth run of the same seed.
+
+Per arm: test accuracy (mean and 95 % t-interval), parameters, training FLOPs
+(``esper_async.training._flops``: every step at the structure the model had, validation and
+counterfactual passes, and an estimate for compiling and validating each kernel), wall time.
+Paired differences growth − static_final and growth − static, with 95 % t-intervals.
+
+Growth runs share one kernel store in a temporary directory: kernels compiled by one seed are
+served to later ones (the FLOP figures count every kernel a run needs, compiled or not, as if
+it ran alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import AsyncExitStack
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, write
+
+ARMS = ("static", "growth", "static_final")
+#: Added to a run's seed for the fresh seeds of ``static_final`` (never a growth kernel's seed).
+FRESH_SEED_OFFSET = 1_000_003
+
+
+def _ci95(values: list[float]) -> dict[str, float | int | None]:
+    """Mean and 95 % t-interval half-width (``None`` with fewer than 2 values)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "ci95": None, "n": n}
+    half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return {"mean": mean, "ci95": half, "n": n}
+
+
+async def _arm(
+    arm: str, seed: int, epochs: int, batch_size: int, store_dir: str,
+    fossils: list[tuple[str, str]],
+) -> dict[str, Any]:
+    import torch
+
+    from esper_async import BlueprintCompiler, HeuristicController, Trainer, wrap
+    from esper_async.apps.data import digits_loaders
+    from esper_async.apps.demo import DemoConfig, DigitsHost, evaluate_accuracy
+    from esper_async.blueprints import Blueprint, build
+    from esper_async.seeds import SeedState, find_slots
+    from esper_async.store import KernelStore
+    from esper_async.training._flops import FlopLedger
+
+    cfg = DemoConfig(epochs=epochs, seed=seed, batch_size=batch_size)
+    torch.manual_seed(cfg.seed)
+    data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed)
+    model = DigitsHost()
+    if arm != "static":
+        wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
+    slots = find_slots(model)
+    for i, (name, bp_json) in enumerate(fossils):
+        blueprint = Blueprint.from_json(bp_json)
+        slot = slots[name]
+        assert slot.contract is not None
+        module = build(blueprint, slot.contract, seed=FRESH_SEED_OFFSET + 101 * seed + i)
+        slot.germinate(blueprint, "static_final: the architecture growth ended with")
+        slot.graft(module, f"static_final:{blueprint.id}", "fresh module of the blueprint")
+        slot.start_blending(1, "part of the architecture from the start")
+        slot.on_step()  # α reaches 1: PROBATION
+        slot.fossilize("part of the architecture from the start")
+    ledger = FlopLedger(model)
+    germinated: list[str] = []
+    async with AsyncExitStack() as stack:
+        compiler = None
+        if arm == "growth":
+            store = await stack.enter_async_context(KernelStore(store_dir))
+            compiler = BlueprintCompiler(store=store)
+            await stack.enter_async_context(compiler)
+        trainer = Trainer(
+            model, grow=arm == "growth", seed=cfg.seed, compiler=compiler,
+            controller=HeuristicController(cfg.controller, seed=cfg.seed),
+        )
+        seen = 0
+
+        def on_epoch(report: Any, fit: Any) -> None:
+            nonlocal seen
+            ledger.end_epoch(report)
+            for event in fit.events[seen:]:
+                if event.target == SeedState.GERMINATED.value:
+                    slot = trainer.slots[event.slot]
+                    assert slot.blueprint is not None and slot.contract is not None
+                    ledger.add_kernel(slot.blueprint, slot.contract)
+                    germinated.append(f"{event.slot}/{slot.blueprint.name}")
+            seen = len(fit.events)
+
+        fit = await trainer.fit(
+            ledger.train(data.train), ledger.val(data.val), epochs=cfg.epochs, on_epoch=on_epoch
+        )
+        compiles = 0 if compiler is None else compiler.compiles
+    final = [
+        (name, slot.blueprint.to_json())
+        for name, slot in trainer.slots.items()
+        if slot.state is SeedState.FOSSILIZED and slot.blueprint is not None
+    ]
+    return {
+        "arm": arm,
+        "seed": seed,
+        "test_acc": evaluate_accuracy(model, data.test),
+        "params": trainer.param_count(),
+        "flops": dict(ledger.totals, total=ledger.total),
+        "flop_measurements": ledger.counter.measurements,
+        "steps": fit.steps,
+        "wall_s": fit.wall_s,
+        "fossilized": [name for name, _ in final],
+        "fossil_blueprints": final,
+        "germinated": germinated,
+        "culled": fit.count(SeedState.CULLED),
+        "live_at_end": [
+            f"{n}:{s.state.value}" for n, s in trainer.slots.items()
+            if s.state in (SeedState.TRAINING, SeedState.BLENDING, SeedState.PROBATION)
+        ],
+        "kernels_compiled": compiles,
+        "kernels_from_store": len(germinated) - compiles if arm == "growth" else 0,
+    }
+
+
+def run_arm(
+    arm: str, seed: int, epochs: int, batch_size: int, store_dir: str,
+    fossils: list[tuple[str, str]], threads: int,
+) -> dict[str, Any]:
+    """One arm of one seed, in its own process."""
+    import anyio
+    import structlog
+    import torch
+
+    torch.set_num_threads(threads)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    started = time.perf_counter()
+    out = anyio.run(_arm, arm, seed, epochs, batch_size, store_dir, fossils)
+    out["process_s"] = time.perf_counter() - started
+    return out
+
+
+def summarise(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Per-arm figures, paired differences and the FLOP ratio."""
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    arms: dict[str, Any] = {}
+    for arm in ARMS:
+        rs = [by[(arm, s)] for s in seeds]
+        arms[arm] = {
+            "test_acc": _ci95([r["test_acc"] for r in rs]),
+            "params": _ci95([float(r["params"]) for r in rs]),
+            "flops_total": _ci95([float(r["flops"]["total"]) for r in rs]),
+            "flops_mean_by_kind": {
+                k: statistics.fmean(float(r["flops"][k]) for r in rs) for k in rs[0]["flops"]
+            },
+            "wall_s": _ci95([r["wall_s"] for r in rs]),
+        }
+
+    def paired(a: str, b: str, key: str = "test_acc") -> dict[str, Any]:
+        return _ci95([by[(a, s)][key] - by[(b, s)][key] for s in seeds])
+
+    ratios = [by[("growth", s)]["flops"]["total"] / by[("static_final", s)]["flops"]["total"]
+              for s in seeds]
+    return {
+        "arms": arms,
+        "paired_test_acc": {
+            "growth_minus_static_final": paired("growth", "static_final"),
+            "growth_minus_static": paired("growth", "static"),
+            "static_final_minus_static": paired("static_final", "static"),
+        },
+        "flops_ratio_growth_over_static_final": {
+            "of_means": arms["growth"]["flops_total"]["mean"]
+            / arms["static_final"]["flops_total"]["mean"],
+            "per_seed": _ci95(ratios),
+        },
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    seeds = list(range(args.seeds))
+    cpus = os.cpu_count() or 1
+    jobs = args.jobs or min(len(seeds), cpus)
+    threads = max(1, cpus // jobs)
+    store_dir = tempfile.mkdtemp(prefix="esper-growth-store-")
+    started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            pending: dict[Future[dict[str, Any]], tuple[str, int]] = {}
+
+            def submit(arm: str, seed: int, fossils: list[Any]) -> None:
+                future = pool.submit(
+                    run_arm, arm, seed, args.epochs, args.batch_size, store_dir, fossils, threads
+                )
+                pending[future] = (arm, seed)
+
+            for seed in seeds:  # growth first: static_final waits for it
+                submit("growth", seed, [])
+            for seed in seeds:
+                submit("static", seed, [])
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    arm, seed = pending.pop(future)
+                    result = future.result()
+                    runs.append(result)
+                    print(
+                        f"seed {seed} {arm:<12} acc {result['test_acc']:.4f} "
+                        f"params {result['params']} flops {result['flops']['total']:.3e} "
+                        f"{result['wall_s']:.1f} s fossils {result['fossilized']}",
+                        flush=True,
+                    )
+                    if arm == "growth":
+                        submit("static_final", seed, result["fossil_blueprints"])
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
+    runs.sort(key=lambda r: (ARMS.index(r["arm"]), r["seed"]))
+    return {
+        "complete": not args.quick,
+        "command": "python benchmarks/bench_growth.py " + " ".join(sys.argv[1:]),
+        "seeds": len(seeds),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "jobs": jobs,
+        "torch_threads_per_job": threads,
+        "kernel_store": "one store in a temporary directory shared by every growth run (removed "
+                        "afterwards): later seeds are served kernels earlier ones compiled",
+        "total_wall_s": time.perf_counter() - started,
+        **summarise(runs, seeds),
+        "runs": runs,
+        "machine": machine(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed (a smoke run)")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--jobs", type=int, default=0, help="parallel runs (0: min(seeds, cpus))")
+    parser.add_argument("--note", default="", help="recorded in the JSON, e.g. why it is partial")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds = 1
+    if args.seeds < 1 or args.epochs < 1:
+        parser.error("--seeds and --epochs must be at least 1")
+    result = run(args)
+    if args.note:
+        result["note"] = args.note
+    path = write("growth", result)
+    diff = result["paired_test_acc"]["growth_minus_static_final"]
+    print(f"growth − static_final: {diff['mean']:+.4f} ± {diff['ci95']} → {path}")
+
+
+if __name__ == "__main__":
+    main()
