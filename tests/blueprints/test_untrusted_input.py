@@ -84,7 +84,10 @@ options = st.one_of(
     anything,
 )
 families = st.one_of(st.sampled_from(FAMILIES), anything)
-kinds = st.one_of(st.sampled_from(["conv", "linear", SlotKind.CONV, SlotKind.LINEAR]), anything)
+kinds = st.one_of(
+    st.sampled_from(["conv", "linear", "token", SlotKind.CONV, SlotKind.LINEAR, SlotKind.TOKEN]),
+    anything,
+)
 shapes = st.one_of(
     st.lists(st.integers(-2, 40), min_size=0, max_size=4),
     st.tuples(st.integers(1, 8)),
