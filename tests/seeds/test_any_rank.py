@@ -78,7 +78,9 @@ def _graft(slot: SeedSlot, blueprint: Blueprint) -> nn.Module:
     return module
 
 
-def _check_training_seed(model: nn.Module, slot: SeedSlot, blueprint: Blueprint, *x: object) -> None:
+def _check_training_seed(
+    model: nn.Module, slot: SeedSlot, blueprint: Blueprint, *x: object
+) -> None:
     """At α = 0 the output and host gradients are bitwise those of the dormant model, the seed
     gets gradients; blended in, it changes the output."""
     before = model(*x)
@@ -152,8 +154,10 @@ def test_conv1d_and_conv3d_get_slots_of_their_rank() -> None:
 
 @needs_conv_ranks
 @pytest.mark.parametrize("name", ["c1", "c3"])
-@pytest.mark.parametrize("blueprint", [Blueprint("bottleneck"), Blueprint("squeeze_excitation", {"reduction": 1})],
-                         ids=str)
+@pytest.mark.parametrize(
+    "blueprint", [Blueprint("bottleneck"), Blueprint("squeeze_excitation", {"reduction": 1})],
+    ids=str,
+)
 def test_conv1d_and_conv3d_slots_train_real_kernels(name: str, blueprint: Blueprint) -> None:
     torch.manual_seed(0)
     model = Convs()
