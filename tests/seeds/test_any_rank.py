@@ -136,10 +136,12 @@ def test_wrapped_sequence_slot_trains_a_seed_from_its_library() -> None:
     _check_training_seed(model, slot, library(slot.contract.kind)[0], SEQ)
 
 
-def test_a_seed_of_the_wrong_width_fails_as_a_seed_error() -> None:
+@pytest.mark.parametrize("kind", [SlotKind.LINEAR, SEQUENCE_KIND])
+def test_a_seed_of_the_wrong_width_fails_as_a_seed_error(kind: SlotKind) -> None:
     model = Tokens()
-    slot = wrap(model, ["down"], example_input=SEQ)["down"]
-    slot.germinate(Blueprint("low_rank"))
+    slot = SeedSlot(model.down, name="down", contract=SlotContract(kind, (8,)))
+    model.down = slot
+    slot.germinate(library(kind)[0])
     slot.graft(nn.Linear(8, 5), "bad")
     with pytest.raises(SeedRuntimeError, match="'down'"):
         model(SEQ)

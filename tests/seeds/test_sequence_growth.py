@@ -12,7 +12,9 @@ from torch import nn
 from esper_async import Trainer
 from esper_async.compiler import BlueprintCompiler
 from esper_async.control import ControllerConfig, HeuristicController
+from esper_async.blueprints import SlotContract
 from esper_async.seeds import SeedState, wrap
+from esper_async.seeds._wrap import SEQUENCE_KIND
 
 VOCAB, T, D = 8, 6, 16
 
@@ -56,7 +58,7 @@ def _trainer(causal: bool) -> Trainer:
     torch.manual_seed(0)
     model = TinyClassifier(causal)
     slots = wrap(model, ["proj", "ff2"], example_input=torch.zeros(2, T, dtype=torch.long))
-    assert all(s.contract is not None and s.contract.shape == (D,) for s in slots.values())
+    assert all(s.contract == SlotContract(SEQUENCE_KIND, (D,)) for s in slots.values())
     config = ControllerConfig.eager()
     return Trainer(
         model, controller=HeuristicController(config), compiler=BlueprintCompiler(workers=1),

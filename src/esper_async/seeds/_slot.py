@@ -208,6 +208,12 @@ class SeedSlot(nn.Module):
             s = self._seed_fn(seed)(h)
         except Exception as exc:
             raise self._failure(exc) from exc
+        if s.shape != h.shape:
+            raise SeedRuntimeError(
+                f"the seed in slot {self.slot_name!r} ({self.kernel_id}) returned shape "
+                f"{tuple(s.shape)} for input {tuple(h.shape)}; a seed keeps its input's shape",
+                slot=self.slot_name,
+            )
         finite_in = self.check_finite and bool(torch.isfinite(h).all())
         if finite_in and not bool(torch.isfinite(s).all()):
             raise SeedRuntimeError(

@@ -46,10 +46,10 @@ log = structlog.get_logger(__name__)
 
 Target = str | type[nn.Module]
 
-#: The kind of slot a ``Linear`` (or a block) with a 3-D output ``(N, T, F)`` gets. LINEAR: the
-#: seed sees each position alone (the slot runs it on ``(N*T, F)``). The one switch to give such
-#: slots seeds that see the sequence: ``SlotKind.TOKEN``, once that kind exists.
-SEQUENCE_KIND: SlotKind = SlotKind.LINEAR
+#: The kind of slot a ``Linear`` (or a block) with a 3-D output ``(N, T, F)`` gets: TOKEN, whose
+#: seeds see the sequence. The one switch: ``SlotKind.LINEAR`` would give seeds that see each
+#: position alone (the slot runs them on ``(N*T, F)``).
+SEQUENCE_KIND: SlotKind = SlotKind.TOKEN
 
 #: Module types whose forward reads a child's parameters instead of calling it.
 _READS_CHILD_PARAMS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
