@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from esper_async import Trainer
+from esper_async.blueprints import SlotContract
 from esper_async.compiler import BlueprintCompiler
 from esper_async.control import ControllerConfig, HeuristicController
-from esper_async.blueprints import SlotContract
 from esper_async.seeds import SeedState, wrap
 from esper_async.seeds._wrap import SEQUENCE_KIND
 
