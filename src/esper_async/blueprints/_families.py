@@ -3,6 +3,11 @@
 A family is a small, reviewed piece of code that turns options and a slot contract into an
 ``nn.Module`` mapping the host's output ``h`` to a tensor of the same shape. Its last layer starts
 at zero where it has one, so a fresh seed contributes nothing until it has learned something.
+
+The convolutional families act along the channel dim of ``(N, C, *spatial)`` for one, two or three
+spatial dims: they build ``Conv1d``, ``Conv2d`` or ``Conv3d`` from the rank of the slot's
+contract (a "3×3" conv is 3 wide along each spatial dim). The linear families map ``(N, F)``; a
+slot runs them on any ``(..., F)`` flattened to ``(-1, F)``.
 """
 
 from __future__ import annotations
@@ -92,13 +97,20 @@ class Family:
     def check(self, options: Mapping[str, Any], contract: SlotContract, bp: Blueprint) -> None:
         """Check that ``bp`` (of this family) can be built for a slot with ``contract``.
 
-        :raises BlueprintError: if the slot's kind differs or it has too few channels.
+        :raises BlueprintError: if the slot's kind differs, a conv slot has not 1 to 3 spatial
+            dims, or it has too few channels.
         """
         name = clip_text(bp.name)
         if contract.kind is not self.slot_kind:
             raise BlueprintError(
                 f"{name} fits {self.slot_kind.value} slots, but the slot is "
                 f"{contract.kind.value} with shape {contract.shape}",
+                blueprint=bp.name,
+            )
+        if contract.kind is SlotKind.CONV and not 2 <= len(contract.shape) <= 4:
+            raise BlueprintError(
+                f"{name} needs a conv slot of shape (C, *spatial) with 1 to 3 spatial dims, the "
+                f"slot has {contract.shape}",
                 blueprint=bp.name,
             )
         if contract.channels < self.min_channels:
@@ -176,57 +188,82 @@ def _zero(layer: nn.Module) -> nn.Module:
     return layer
 
 
-# --- convolutional families: (N, C, H, W) -> (N, C, H, W) --------------------------------------
+# --- convolutional families: (N, C, *spatial) -> (N, C, *spatial), 1 to 3 spatial dims ----------
+
+_CONVS: dict[int, type[nn.Conv1d | nn.Conv2d | nn.Conv3d]] = {
+    1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d,
+}
+
+
+def _conv_type(contract: SlotContract) -> type[nn.Conv1d | nn.Conv2d | nn.Conv3d]:
+    """``Conv1d``, ``Conv2d`` or ``Conv3d``, for the spatial rank of a conv slot's contract.
+
+    :raises BlueprintError: if the contract has no 1 to 3 spatial dimensions.
+    """
+    conv = _CONVS.get(len(contract.shape) - 1)
+    if conv is None:
+        raise BlueprintError(
+            f"a conv family needs a slot shape (C, *spatial) with 1 to 3 spatial dims, got "
+            f"{contract.shape}"
+        )
+    return conv
+
+
+def _spatial_rank(contract: SlotContract) -> int:
+    """The number of spatial dims of a conv slot, 1 to 3 (checked as by :func:`_conv_type`)."""
+    _conv_type(contract)
+    return len(contract.shape) - 1
 
 
 class _ResidualConv(nn.Module):
-    def __init__(self, c: int, kernel_size: int, expansion: int) -> None:
+    def __init__(self, conv: type[nn.Module], c: int, kernel_size: int, expansion: int) -> None:
         super().__init__()
         hidden = c * expansion
         pad = kernel_size // 2
-        self.conv1 = nn.Conv2d(c, hidden, kernel_size, padding=pad, bias=False)
+        self.conv1 = conv(c, hidden, kernel_size, padding=pad, bias=False)
         self.norm = nn.GroupNorm(_groups(hidden), hidden)
-        self.conv2 = _zero(nn.Conv2d(hidden, c, kernel_size, padding=pad))
+        self.conv2 = _zero(conv(hidden, c, kernel_size, padding=pad))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv2(torch.relu(self.norm(self.conv1(h))))
 
 
 class _DepthwiseSeparable(nn.Module):
-    def __init__(self, c: int, kernel_size: int) -> None:
+    def __init__(self, conv: type[nn.Module], c: int, kernel_size: int) -> None:
         super().__init__()
-        self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.depthwise = conv(c, c, kernel_size, padding=kernel_size // 2, groups=c)
         self.norm = nn.GroupNorm(_groups(c), c)
-        self.pointwise = _zero(nn.Conv2d(c, c, 1))
+        self.pointwise = _zero(conv(c, c, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.pointwise(torch.relu(self.norm(self.depthwise(h))))
 
 
 class _Bottleneck(nn.Module):
-    def __init__(self, c: int, reduction: int) -> None:
+    def __init__(self, conv: type[nn.Module], c: int, reduction: int) -> None:
         super().__init__()
         hidden = max(1, c // reduction)
-        self.down = nn.Conv2d(c, hidden, 1)
-        self.mid = nn.Conv2d(hidden, hidden, 3, padding=1)
-        self.up = _zero(nn.Conv2d(hidden, c, 1))
+        self.down = conv(c, hidden, 1)
+        self.mid = conv(hidden, hidden, 3, padding=1)
+        self.up = _zero(conv(hidden, c, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.up(torch.relu(self.mid(torch.relu(self.down(h)))))
 
 
 class _SqueezeExcitation(nn.Module):
-    def __init__(self, c: int, reduction: int) -> None:
+    def __init__(self, c: int, reduction: int, spatial: int) -> None:
         super().__init__()
         hidden = max(1, c // reduction)
         self.fc1 = nn.Linear(c, hidden)
         self.fc2 = _zero(nn.Linear(hidden, c))
+        self.spatial_dims = tuple(range(2, 2 + spatial))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # tanh of a zero-initialised gate: the seed starts as the zero function and learns to
         # rescale channels up or down, which sigmoid gating (always positive) could not express.
-        gate = torch.tanh(self.fc2(torch.relu(self.fc1(h.mean(dim=(2, 3))))))
-        return h * gate[:, :, None, None]
+        gate = torch.tanh(self.fc2(torch.relu(self.fc1(h.mean(dim=self.spatial_dims)))))
+        return h * gate.reshape(*gate.shape, *(1 for _ in self.spatial_dims))
 
 
 class _ConvNorm(nn.Module):
@@ -239,11 +276,11 @@ class _ConvNorm(nn.Module):
         return self.norm(h)
 
 
-def _projection(c: int) -> nn.Module:
-    return _zero(nn.Conv2d(c, c, 1))
+def _projection(conv: type[nn.Module], c: int) -> nn.Module:
+    return _zero(conv(c, c, 1))
 
 
-# --- linear families: (N, F) -> (N, F) ------------------------------------------------------------
+# --- linear families: (N, F) -> (N, F) (a slot runs them on (..., F) flattened) ---------------
 
 
 class _LowRank(nn.Module):
@@ -297,32 +334,37 @@ for _family in (
         "residual_conv",
         _C,
         {"kernel_size": Option(int, 3, choices=_ODD_KERNELS), "expansion": Option(int, 1, 1, 4)},
-        lambda c, kernel_size, expansion: _ResidualConv(c.channels, kernel_size, expansion),
+        lambda c, kernel_size, expansion: _ResidualConv(
+            _conv_type(c), c.channels, kernel_size, expansion
+        ),
         "conv-norm-relu-conv residual branch",
     ),
     Family(
         "depthwise_separable",
         _C,
         {"kernel_size": Option(int, 3, choices=_ODD_KERNELS)},
-        lambda c, kernel_size: _DepthwiseSeparable(c.channels, kernel_size),
+        lambda c, kernel_size: _DepthwiseSeparable(_conv_type(c), c.channels, kernel_size),
         "depthwise k×k conv, norm, pointwise 1×1",
     ),
     Family(
         "bottleneck",
         _C,
         {"reduction": Option(int, 2, 1, 16)},
-        lambda c, reduction: _Bottleneck(c.channels, reduction),
+        lambda c, reduction: _Bottleneck(_conv_type(c), c.channels, reduction),
         "1×1 down, 3×3, 1×1 up",
     ),
     Family(
         "squeeze_excitation",
         _C,
         {"reduction": Option(int, 4, 1, 64)},
-        lambda c, reduction: _SqueezeExcitation(c.channels, reduction),
+        lambda c, reduction: _SqueezeExcitation(c.channels, reduction, _spatial_rank(c)),
         "channel gating from pooled statistics",
     ),
     Family("conv_norm", _C, {}, lambda c: _ConvNorm(c.channels), "group normalisation branch"),
-    Family("projection_1x1", _C, {}, lambda c: _projection(c.channels), "1×1 channel mixing"),
+    Family(
+        "projection_1x1", _C, {}, lambda c: _projection(_conv_type(c), c.channels),
+        "1×1 channel mixing",
+    ),
     Family(
         "low_rank",
         _L,

@@ -16,6 +16,12 @@ PROBATION,      ``h + seed(h)``                              both
 FOSSILIZED
 ==============  ==========================================  ======================================
 
+The slot passes every argument of its call to the host (``host(*args, **kwargs)``). A linear
+slot's contract ``(F,)`` covers any output ``(..., F)``: ``(N, F)``, a sequence's ``(N, T, F)``
+and so on. The seed, whose kernel is exported for ``(N, F)`` with a dynamic batch, then runs on
+the leading dimensions flattened, ``(-1, F)``, and its output is reshaped back. A conv slot's
+output is ``(N, C, *spatial)`` with one, two or three spatial dimensions.
+
 In TRAINING, ``s - s.detach()`` is exactly zero in value, so the host's output, loss and gradients
 are untouched, but the gradient of the loss reaches the seed's parameters. Detaching ``h`` at the
 seed's input keeps the seed's backward pass from adding to the host's gradients.
@@ -46,14 +52,15 @@ output is not finite while its input is raises it too.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..blueprints import Blueprint, SlotContract
+from ..blueprints import Blueprint, SlotContract, SlotKind
 from ..errors import LifecycleError, SeedRuntimeError
 from ._lifecycle import Lifecycle, SeedState
 from ._streams import train_beside
@@ -133,8 +140,8 @@ class SeedSlot(nn.Module):
 
     While dormant the slot costs one Python call: it returns the host's output untouched.
 
-    :param host: the wrapped module; its output, shape ``(N, *contract.shape)``, is what a seed
-        reads and adds to.
+    :param host: the wrapped module; its output, shape ``(N, *contract.shape)`` (``(..., F)``
+        for a linear slot), is what a seed reads and adds to.
     :param name: the slot's name (the host's path in the model).
     :param contract: the shape contract, found by probing the model (see :func:`wrap`).
     :ivar unit_map: set by widening the host (``None``: host and seed have the same width).
@@ -169,8 +176,9 @@ class SeedSlot(nn.Module):
         """The seed's lifecycle state."""
         return self.lifecycle.state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.host(x)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The host's output on the arguments (all passed through), plus the seed's contribution."""
+        h = self.host(*args, **kwargs)
         if self.observe:
             self._record(h)
         seed = self.seed
@@ -182,7 +190,7 @@ class SeedSlot(nn.Module):
             beside = self.side_stream is not None and h.is_cuda and not self.check_finite
             if beside and units is None:
                 try:
-                    return train_beside(seed, h, self.side_stream)
+                    return train_beside(self._seed_fn(seed), h, self.side_stream)
                 except Exception as exc:
                     raise self._failure(exc) from exc
             s = self._run_seed(seed, h.detach(), units)
@@ -197,9 +205,15 @@ class SeedSlot(nn.Module):
         if units is not None:
             return units(self._run_seed(seed, units.narrow(h), None))
         try:
-            s = seed(h)
+            s = self._seed_fn(seed)(h)
         except Exception as exc:
             raise self._failure(exc) from exc
+        if s.shape != h.shape:
+            raise SeedRuntimeError(
+                f"the seed in slot {self.slot_name!r} ({self.kernel_id}) returned shape "
+                f"{tuple(s.shape)} for input {tuple(h.shape)}; a seed keeps its input's shape",
+                slot=self.slot_name,
+            )
         finite_in = self.check_finite and bool(torch.isfinite(h).all())
         if finite_in and not bool(torch.isfinite(s).all()):
             raise SeedRuntimeError(
@@ -207,6 +221,21 @@ class SeedSlot(nn.Module):
                 "values from finite input", slot=self.slot_name,
             )
         return s
+
+    def _seed_fn(self, seed: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``seed``, or for a linear slot whose output has several leading dims, ``seed`` run on
+        them flattened, ``(..., F) -> (-1, F) -> (..., F)`` (its kernel was exported for
+        ``(N, F)`` with a dynamic batch)."""
+        contract = self.contract
+        if contract is None or contract.kind is not SlotKind.LINEAR:
+            return seed
+
+        def flat(h: torch.Tensor) -> torch.Tensor:
+            if h.dim() == 2:
+                return seed(h)
+            return seed(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+
+        return flat
 
     def _failure(self, exc: Exception) -> SeedRuntimeError:
         return SeedRuntimeError(

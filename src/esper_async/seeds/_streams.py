@@ -15,10 +15,10 @@ makes that join explicit for code that reads gradients another way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 __all__ = ("train_beside",)
 
@@ -45,7 +45,7 @@ class _SideBranch(torch.autograd.Function):
 
 
 def train_beside(
-    seed: nn.Module, h: torch.Tensor, stream: torch.cuda.Stream | None
+    seed: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, stream: torch.cuda.Stream | None
 ) -> torch.Tensor:
     """The output of a slot whose seed is in TRAINING, with the seed run on ``stream``.
 
@@ -54,7 +54,7 @@ def train_beside(
     host are those of the plain path. With ``stream=None`` (or a CPU tensor) nothing changes
     streams, which lets the autograd part be checked on a CPU.
 
-    :param seed: the seed module, shape ``(N, *S) -> (N, *S)``.
+    :param seed: the seed (a module or function), shape ``(N, *S) -> (N, *S)``.
     :param h: the host's output, ``(N, *S)``.
     :param stream: the side stream, on ``h``'s device.
     :returns: a new tensor equal to ``h``.
