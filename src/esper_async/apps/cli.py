@@ -17,6 +17,14 @@ from ..errors import DemoConfigError
 from ..reliability import CheckpointError
 from ..seeds import SeedState
 from ..store._cli import add_store_parser, run_store_command
+from ..telemetry import (
+    ATTR_EPOCH,
+    ATTR_TRAIN_LOSS,
+    ATTR_VAL_ACC,
+    ATTR_VAL_LOSS,
+    EVENT_EPOCH_FIGURES,
+    Telemetry,
+)
 from ..training.trainer import FitResult
 from .demo import DemoConfig, DemoResult, load_demo_config, run_demo
 from .trace_view import add_trace_parser
@@ -40,6 +48,16 @@ class _Progress:
         self.tty = sys.stderr.isatty()
 
     def __call__(self, label: str, report: EpochReport, fit: FitResult) -> None:
+        # The figures of the epoch, as an event on the run span (current here) for the dashboard.
+        Telemetry.event(
+            EVENT_EPOCH_FIGURES,
+            {
+                ATTR_EPOCH: report.epoch,
+                ATTR_TRAIN_LOSS: report.train_loss,
+                ATTR_VAL_LOSS: report.val_loss,
+                ATTR_VAL_ACC: report.val_acc,
+            },
+        )
         done = report.epoch + 1
         bar = "#" * (20 * done // self.epochs)
         live = (
