@@ -35,7 +35,7 @@ h3{font-size:13px;margin:1.2em 0 .3em}.meta{color:#666;font-size:12px}
 .chip{display:inline-block;padding:0 6px;margin:0 4px 4px 0;border-radius:2px;font-size:12px}
 table{border-collapse:collapse;font-size:12px;margin:.3em 0}
 td,th{border-bottom:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top}
-td{white-space:normal;word-break:break-word}
+td{white-space:nowrap}td:last-child{white-space:normal}
 #esper-errors{color:#b00;white-space:pre-wrap}
 """
 
