@@ -330,9 +330,10 @@ def _check_fault(out: Path, oom: bool = False) -> None:
     from esper_async.blueprints import build, library
     from esper_async.distributed import RankMeanLoss, check_ranks_in_sync, init_distributed
     from esper_async.errors import SeedRuntimeError
-    from esper_async.reliability import Governor, StepGuard, is_out_of_memory
+    from esper_async.reliability import Governor, is_out_of_memory
     from esper_async.reliability._errors import LossAnomaly
     from esper_async.seeds import find_slots, wrap
+    from esper_async.training._guard import StepGuard
 
     ctx = init_distributed(backend="gloo")
     torch.manual_seed(0)
