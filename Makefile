@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.esper-installed
 
-.PHONY: demo test lint bench clean soak-distributed
+.PHONY: demo test lint bench clean soak-distributed chromium
 
 # On a machine without an NVIDIA GPU, install the CPU build of torch first so that the project's
 # `torch>=2.11` requirement is already met and no multi-GB CUDA build is downloaded.
@@ -33,7 +33,16 @@ $(PHOENIX_STAMP):
 	$(PHOENIX_VENV)/bin/python -m pip install -q "arize-phoenix==20.26.1"
 	touch $(PHOENIX_STAMP)
 
-test: $(STAMP) $(PHOENIX_STAMP)
+# Headless Chromium for the dashboard's browser test (tests/apps/test_dashboard.py): installed
+# quietly from Debian when missing and we are root; otherwise that test skips and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	      >/dev/null 2>&1 || echo "chromium could not be installed: the browser test will skip"; \
+	  else echo "chromium missing (not root or no apt-get): the browser test will skip"; fi
+
+test: $(STAMP) $(PHOENIX_STAMP) chromium
 	ESPER_PHOENIX_BIN=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(PY) -m pytest -q
 
 # The two-rank tests, SOAK_RUNS times in a row, with a busy process beside them on the CPU: the

@@ -18,10 +18,14 @@ from esper_async.telemetry import (
     ATTR_STORE_HIT,
     METRIC_COMPILE_DURATION,
     METRIC_LOOP_LAG,
+    METRIC_PARAMS,
     METRIC_PARAMS_ADDED,
     METRIC_SEEDS,
     METRIC_STEP_DURATION,
     METRIC_STORE_LOOKUPS,
+    METRIC_TRAIN_LOSS,
+    METRIC_VAL_ACC,
+    METRIC_VAL_LOSS,
     Metrics,
     monitor_loop_lag,
 )
@@ -153,3 +157,34 @@ async def test_loop_lag_monitor_uses_the_injected_clock(
 async def test_loop_lag_monitor_rejects_a_zero_interval(metrics: Metrics) -> None:
     with pytest.raises(ValueError, match="positive"):
         await monitor_loop_lag(metrics, interval_s=0)
+
+
+def test_seeds_never_go_below_zero_when_seeds_were_not_announced(
+    metrics: Metrics, reader: InMemoryMetricReader
+) -> None:
+    # The Trainer reports transitions only (no seed_added): the figure must not go negative.
+    metrics.seed_transition("dormant", "germinated")
+    metrics.seed_transition("germinated", "training")
+    metrics.seed_transition("dormant", "germinated")
+    by_state = {p.attributes[ATTR_SEED_STATE]: p.value for p in _points(reader, METRIC_SEEDS)}
+    assert min(by_state.values()) >= 0
+    assert by_state["training"] == 1 and by_state["germinated"] == 1
+    assert by_state.get("dormant", 0) == 0
+    assert metrics.seed_counts() == {"germinated": 1, "training": 1}
+
+
+def test_epoch_figures_are_gauges_skipping_missing_and_non_finite(
+    metrics: Metrics, reader: InMemoryMetricReader
+) -> None:
+    metrics.epoch_finished(train_loss=0.9, val_loss=0.8, val_acc=0.7, params=123)
+    metrics.epoch_finished(train_loss=None, val_loss=float("nan"), val_acc=0.75, params=130)
+    values = {
+        name: [p.value for p in _points(reader, name)]
+        for name in (METRIC_TRAIN_LOSS, METRIC_VAL_LOSS, METRIC_VAL_ACC, METRIC_PARAMS)
+    }
+    assert values == {
+        METRIC_TRAIN_LOSS: [0.9],
+        METRIC_VAL_LOSS: [0.8],
+        METRIC_VAL_ACC: [0.75],
+        METRIC_PARAMS: [130],
+    }

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import anyio
 import structlog
@@ -17,6 +24,18 @@ from ..errors import DemoConfigError
 from ..reliability import CheckpointError
 from ..seeds import SeedState
 from ..store._cli import add_store_parser, run_store_command
+from ..telemetry import (
+    ATTR_EPOCH,
+    ATTR_STORE_HIT,
+    ATTR_TRAIN_LOSS,
+    ATTR_VAL_ACC,
+    ATTR_VAL_LOSS,
+    EVENT_EPOCH_FIGURES,
+    SPAN_STORE_GET,
+    Telemetry,
+    read_span_records,
+    span_file_name,
+)
 from ..training.trainer import FitResult
 from .demo import DemoConfig, DemoResult, load_demo_config, run_demo
 from .trace_view import add_trace_parser
@@ -35,11 +54,32 @@ def _configure_logging(verbose: bool) -> None:
 class _Progress:
     """One status line per run: rewritten in place on a terminal, printed every 10 epochs if not."""
 
-    def __init__(self, epochs: int) -> None:
+    def __init__(self, epochs: int, *, resume: bool = False) -> None:
         self.epochs = epochs
         self.tty = sys.stderr.isatty()
+        self.resume = resume
+        #: label -> the first epoch this invocation trained (0-based).
+        self.first_epoch: dict[str, int] = {}
 
     def __call__(self, label: str, report: EpochReport, fit: FitResult) -> None:
+        # The figures of the epoch, as an event on the run span (current here) for the dashboard.
+        Telemetry.event(
+            EVENT_EPOCH_FIGURES,
+            {
+                ATTR_EPOCH: report.epoch,
+                ATTR_TRAIN_LOSS: report.train_loss,
+                ATTR_VAL_LOSS: report.val_loss,
+                ATTR_VAL_ACC: report.val_acc,
+            },
+        )
+        if label not in self.first_epoch:
+            self.first_epoch[label] = report.epoch
+            if self.resume:
+                print(
+                    f"{label:>7}: resumed from its checkpoint after epoch {report.epoch} of "
+                    f"{self.epochs}, continuing at epoch {report.epoch + 1}",
+                    file=sys.stderr, flush=True,
+                )
         done = report.epoch + 1
         bar = "#" * (20 * done // self.epochs)
         live = (
@@ -77,6 +117,31 @@ def format_table(result: DemoResult) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_surgery(op: Mapping[str, Any]) -> str:
+    """One surgery record (``{"op": "widen_slot", "target": "conv1", "width": 6, ...}``) as
+    ``widen_slot conv1 (width 6, seed 6)``."""
+    rest = ", ".join(f"{k} {v}" for k, v in op.items() if k not in ("op", "target"))
+    text = f"{op.get('op', '?')} {op.get('target', '')}".rstrip()
+    return f"{text} ({rest})" if rest else text
+
+
+def store_lookups(run_dir: str | os.PathLike[str]) -> tuple[int, int]:
+    """Kernel-store hits and misses this process recorded in ``run_dir``'s trace.
+
+    :param run_dir: the run directory.
+    :returns: ``(hits, misses)``; ``(0, 0)`` when this process wrote no trace there.
+    """
+    path = Path(run_dir) / span_file_name("run")
+    if not path.is_file():
+        return 0, 0
+    lookups = [
+        bool(r.attributes[ATTR_STORE_HIT])
+        for r in read_span_records(path)
+        if r.name == SPAN_STORE_GET and ATTR_STORE_HIT in r.attributes
+    ]
+    return sum(lookups), len(lookups) - sum(lookups)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -117,7 +182,8 @@ def _demo(args: argparse.Namespace) -> int:
         f"seed {cfg.seed}, device {device}; slots {', '.join(cfg.slots)}"
     )
     try:
-        result = anyio.run(lambda: run_demo(cfg, progress=_Progress(cfg.epochs)))
+        progress = _Progress(cfg.epochs, resume=cfg.resume)
+        result = anyio.run(lambda: run_demo(cfg, progress=progress))
     except CheckpointError as exc:
         print(f"\nesper-async: cannot resume: {exc}", file=sys.stderr)
         return 2
@@ -132,26 +198,60 @@ def _demo(args: argparse.Namespace) -> int:
         ):
             print(f"  epoch {event.epoch:>3}  {event.slot:<6} {event.target:<10} {event.reason}")
     for op in result.growth.surgeries:
-        print(f"  surgery: {op}")
+        print(f"  surgery: {format_surgery(op)}")
+    if cfg.resume:
+        for label in ("static", "growth"):
+            if label not in progress.first_epoch:
+                print(f"  {label}: had finished all {cfg.epochs} epochs; nothing to resume")
     gain = result.growth.test_acc - result.static.test_acc
     print(f"\ngrowth vs static: {gain:+.4f} test accuracy")
-    where = f" (store: {result.store_path})" if result.store_path else ""
-    print(
-        f"kernels: {result.kernels_compiled} compiled, {result.kernels_from_store} loaded from "
-        f"the store{where}"
-    )
+    if result.store_path is None:
+        print(f"kernels: {result.kernels_compiled} compiled (no store)")
+    else:
+        hits, misses = store_lookups(run_dir)
+        print(
+            f"kernels: {result.kernels_compiled} compiled; store lookups: {hits} hit(s), "
+            f"{misses} miss(es) (store: {result.store_path})"
+        )
     print(f"trace: {run_dir} (view it with `esper-async trace {run_dir}`)")
     return 0
+
+
+def _version() -> str:
+    try:
+        return metadata.version("esper_async")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every command takes, before or after the sub-command's name (after it, the
+    default is left out so that it does not undo one given before)."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="log lifecycle events and epochs to stderr",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (one sub-command per job)."""
     parser = argparse.ArgumentParser(prog="esper-async", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log lifecycle events")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}",
+        help="print the version and exit",
+    )
+    _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the digits host statically and with growth")
-    demo.add_argument("--epochs", type=int, default=DemoConfig.epochs)
-    demo.add_argument("--seed", type=int, default=DemoConfig.seed)
+    demo.add_argument(
+        "--epochs", type=int, default=DemoConfig.epochs,
+        help=f"epochs of each run (default {DemoConfig.epochs})",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=DemoConfig.seed,
+        help=f"random seed of data split, model and growth (default {DemoConfig.seed})",
+    )
     demo.add_argument("--store", default=None, help="kernel store directory (default: user cache)")
     demo.add_argument("--no-store", action="store_true", help="compile every kernel afresh")
     demo.add_argument(
@@ -172,16 +272,59 @@ def build_parser() -> argparse.ArgumentParser:
         "read from the run)",
     )
     demo.set_defaults(func=_demo)
-    add_store_parser(sub).set_defaults(func=lambda a: anyio.run(run_store_command, a))
-    add_trace_parser(sub)
+    store = add_store_parser(sub)
+    store.set_defaults(func=lambda a: anyio.run(run_store_command, a))
+    for command in (demo, store, add_trace_parser(sub)):
+        _global_options(command, top=False)
     return parser
 
 
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[bool]]:
+    """SIGTERM stops the command like Ctrl-C: the event loop cancels the run, the compile
+    workers are shut down, and the caller prints one line instead of tracebacks.
+
+    :returns: a one-item list that is ``[True]`` once SIGTERM arrived.
+    """
+    seen = [False]
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        seen[0] = True
+        signal.raise_signal(signal.SIGINT)  # asyncio's runner cancels its main task on SIGINT
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield seen
+        return
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``esper-async``."""
+    """Entry point of ``esper-async``.
+
+    :param argv: the arguments (``sys.argv[1:]`` when omitted).
+    :returns: the exit status: 0 success, 1 nothing to show, 2 bad input, 130 interrupted
+        (Ctrl-C), 143 stopped by SIGTERM.
+    """
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    return int(args.func(args))
+    with _sigterm_as_interrupt() as terminated:
+        try:
+            return int(args.func(args))
+        except KeyboardInterrupt:
+            what = "SIGTERM" if terminated[0] else "interrupt"
+            print(f"\nesper-async: stopped by {what}", file=sys.stderr)
+            return 143 if terminated[0] else 130
+        except BrokenPipeError:
+            # The reader went away (`esper-async trace RUN | head`): stop quietly, and keep
+            # Python from complaining again when it flushes stdout at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ sits under the run's compile span), rebuilds the trees from the parent links and
   folded into one summary line unless they hold a growth event or an error;
 * a timeline of growth events (selection, compile, lifecycle, surgery, checkpoint ...), times
   relative to the start of the run;
-* with ``--html``, one self-contained HTML file (no scripts, no external resources): a Gantt of
-  the spans, one lane per seed slot coloured by lifecycle state, and the growth-event table.
+* with ``--html``, the growth dashboard (:mod:`.dashboard`): one self-contained HTML page that
+  loads nothing; ``--watch`` rewrites it while a run goes and the page reloads itself.
 
 The CLI prints; the render functions return strings.
 """
@@ -16,9 +16,9 @@ The CLI prints; the render functions return strings.
 from __future__ import annotations
 
 import argparse
-import html
 import statistics
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ from ..telemetry._attributes import (
     SPAN_LIFECYCLE,
 )
 from ..telemetry._exporters import SpanRecord, read_span_records
+from .dashboard import render_dashboard
 
 __all__ = (
     "SpanNode",
@@ -53,18 +54,6 @@ __all__ = (
 _DEFAULT_MAX_SIBLINGS: Final = 8
 #: Attribute values longer than this are cut in the terminal view.
 _MAX_VALUE_CHARS: Final = 40
-#: Spans drawn in the HTML Gantt at most (a long run has many step spans).
-_MAX_HTML_ROWS: Final = 1500
-_STATE_COLOURS: Final = {
-    "DORMANT": "#d0d0d0",
-    "GERMINATED": "#9ecae1",
-    "TRAINING": "#4292c6",
-    "BLENDING": "#807dba",
-    "PROBATION": "#fdae6b",
-    "FOSSILIZED": "#41ab5d",
-    "CULLED": "#ef3b2c",
-    "EMBARGOED": "#969696",
-}
 
 
 @dataclass(slots=True)
@@ -268,140 +257,14 @@ def render_timeline(records: Sequence[SpanRecord]) -> str:
     return "\n".join(lines)
 
 
-def _slot_lanes(
-    records: Sequence[SpanRecord], end_ns: int
-) -> dict[str, list[tuple[int, int, str]]]:
-    """Per slot: (start, end, state) segments from the lifecycle transitions."""
-    transitions: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for rec in records:
-        if (
-            rec.name == SPAN_LIFECYCLE
-            and ATTR_SLOT in rec.attributes
-            and ATTR_LIFECYCLE_TO in rec.attributes
-        ):
-            transitions[str(rec.attributes[ATTR_SLOT])].append(
-                (rec.end_ns, str(rec.attributes[ATTR_LIFECYCLE_TO]))
-            )
-    lanes: dict[str, list[tuple[int, int, str]]] = {}
-    for slot, items in sorted(transitions.items()):
-        items.sort()
-        lanes[slot] = [
-            (t, items[i + 1][0] if i + 1 < len(items) else end_ns, state)
-            for i, (t, state) in enumerate(items)
-        ]
-    return lanes
-
-
-_CSS: Final = """
-body{font:13px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:18px}h2{font-size:15px;margin-top:1.6em}
-.row{display:flex;align-items:center;height:18px}
-.label{width:34em;flex:none;overflow:hidden;white-space:nowrap;text-overflow:ellipsis;font-family:monospace;font-size:12px}
-.track{position:relative;flex:1;height:14px;background:#f4f4f4}
-.bar{position:absolute;top:1px;height:12px;min-width:2px;border-radius:2px;background:#9aa7b8}
-.bar.growth{background:#e6842a}.bar.worker{background:#8e5fbf}.bar.error{background:#d62728}
-.seg{position:absolute;top:0;height:14px;min-width:2px}
-table{border-collapse:collapse;font-size:12px}
-td,th{border-bottom:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top}
-td.num{text-align:right;font-family:monospace}
-.legend span{display:inline-block;padding:0 6px;margin-right:4px;border-radius:2px}
-"""
-
-
-def _pct(ns: int, origin: int, total: int) -> float:
-    return 100.0 * (ns - origin) / total
-
-
 def render_html(records: Sequence[SpanRecord], *, title: str = "esper_async trace") -> str:
-    """A self-contained HTML page: span Gantt, per-slot lifecycle lanes, growth-event table.
+    """The growth dashboard of ``records`` (see :func:`.dashboard.render_dashboard`).
 
-    :param records: the spans of a run.
+    :param records: the spans of a run directory.
     :param title: the page title.
     :returns: the HTML document.
     """
-    esc = html.escape
-    origin = min((r.start_ns for r in records), default=0)
-    end = max((r.end_ns for r in records), default=1)
-    total = max(end - origin, 1)
-    out = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-        f"<p>{len(records)} spans, {total / 1e9:.3f} s, "
-        f"{len({r.trace_id for r in records})} trace(s), "
-        f"{len({_pid(r) for r in records})} process(es)</p>",
-    ]
-
-    lanes = _slot_lanes(records, end)
-    if lanes:
-        out.append("<h2>Seed slots</h2><div class='legend'>")
-        out += [f"<span style='background:{c}'>{esc(s)}</span>" for s, c in _STATE_COLOURS.items()]
-        out.append("</div>")
-        for slot, segments in lanes.items():
-            out.append(f"<div class='row'><div class='label'>{esc(slot)}</div><div class='track'>")
-            for start, stop, state in segments:
-                left = _pct(start, origin, total)
-                width = max(_pct(stop, origin, total) - left, 0.0)
-                colour = _STATE_COLOURS.get(state, "#bbb")
-                out.append(
-                    f"<div class='seg' style='left:{left:.3f}%;width:{width:.3f}%;"
-                    f"background:{colour}'"
-                    f" title='{esc(slot)} {esc(state)} from +{(start - origin) / 1e9:.3f}s'></div>"
-                )
-            out.append("</div></div>")
-
-    out.append("<h2>Spans</h2>")
-    rows = 0
-    for root in build_forest(records):
-        stack: list[tuple[SpanNode, int, SpanNode | None]] = [(root, 0, None)]
-        while stack and rows < _MAX_HTML_ROWS:
-            node, depth, parent = stack.pop()
-            rec = node.record
-            classes = ["bar"]
-            if rec.status == "ERROR":
-                classes.append("error")
-            elif parent is not None and _pid(parent.record) != _pid(rec):
-                classes.append("worker")
-            elif rec.name in GROWTH_SPAN_NAMES:
-                classes.append("growth")
-            left = _pct(rec.start_ns, origin, total)
-            width = _pct(rec.end_ns, origin, total) - left
-            tip = f"{rec.name} {_fmt_duration(rec.duration_s)} pid={_pid(rec)} " + _fmt_attrs(
-                rec.attributes
-            )
-            out.append(
-                f"<div class='row'><div class='label' style='padding-left:{depth}em'>"
-                f"{esc(rec.name)}"
-                f" <small>{esc(_fmt_duration(rec.duration_s))}</small></div><div class='track'>"
-                f"<div class='{' '.join(classes)}' style='left:{left:.3f}%;width:{width:.3f}%'"
-                f" title='{esc(tip)}'></div></div></div>"
-            )
-            rows += 1
-            shown, folded = _visible_children(node, _DEFAULT_MAX_SIBLINGS)
-            for name, group in folded.items():
-                out.append(
-                    f"<div class='row'><div class='label' style='padding-left:{depth + 1}em'>"
-                    f"… {len(group)} more {esc(name)}</div><div class='track'></div></div>"
-                )
-            stack.extend((child, depth + 1, node) for child in reversed(shown))
-    if rows >= _MAX_HTML_ROWS:
-        out.append(f"<p>(first {_MAX_HTML_ROWS} spans shown)</p>")
-
-    out.append("<h2>Growth events</h2>")
-    growth = _growth_records(records)
-    if growth:
-        out.append("<table><tr><th>time</th><th>duration</th><th>event</th><th>details</th></tr>")
-        for rec in growth:
-            out.append(
-                f"<tr><td class='num'>+{(rec.start_ns - origin) / 1e9:.3f}s</td>"
-                f"<td class='num'>{esc(_fmt_duration(rec.duration_s))}</td><td>{esc(rec.name)}</td>"
-                f"<td>{esc(_growth_summary(rec))}</td></tr>"
-            )
-        out.append("</table>")
-    else:
-        out.append("<p>no growth events recorded</p>")
-    out.append("</body></html>")
-    return "\n".join(out)
+    return render_dashboard(records, title=title)
 
 
 def add_trace_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -428,7 +291,17 @@ def add_trace_parser(subparsers: Any) -> argparse.ArgumentParser:
         const="",
         default=None,
         metavar="PATH",
-        help="write a self-contained HTML timeline (default RUN_DIR/trace.html)",
+        help="write the growth dashboard, one self-contained HTML page (to PATH, or -o FILE, "
+        "default RUN_DIR/trace.html)",
+    )
+    parser.add_argument(
+        "-o", "--output", type=Path, default=None, metavar="FILE",
+        help="where --html writes the page (implies --html)",
+    )
+    parser.add_argument(
+        "--watch", type=float, default=None, metavar="SECONDS",
+        help="with --html: rewrite the page every SECONDS while the run goes (the page reloads "
+        "itself); stop with Ctrl-C",
     )
     parser.add_argument("--trace-id", help="show only this trace (32 hex digits)")
     parser.add_argument(
@@ -455,29 +328,49 @@ def run_trace_command(
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     path = Path(args.run_dir)
+    html_target = args.output if args.output is not None else args.html
+    if args.watch is not None and (html_target is None or args.watch <= 0):
+        print("esper-async trace: --watch needs --html (or -o FILE) and a positive number of "
+              f"seconds, got {args.watch}", file=stderr)
+        return 2
+    while True:
+        code, records = _read(path, args.trace_id, stderr)
+        if code:
+            return code
+        if html_target is None:
+            if not args.events_only:
+                print(render_tree(records, max_siblings=args.max_siblings), file=stdout)
+                print(file=stdout)
+            print(render_timeline(records), file=stdout)
+            return 0
+        target = (
+            Path(html_target)
+            if str(html_target)
+            else (path if path.is_dir() else path.parent) / "trace.html"
+        )
+        page = render_dashboard(
+            records, title=f"esper_async run: {path.name}", refresh_s=args.watch
+        )
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_text(page, encoding="utf-8")
+        temporary.replace(target)  # a reloading browser never reads half a page
+        print(f"wrote {target}", file=stdout, flush=True)
+        if args.watch is None:
+            return 0
+        time.sleep(args.watch)
+
+
+def _read(
+    path: Path, trace_id: str | None, stderr: TextIO
+) -> tuple[int, list[SpanRecord]]:
     try:
         records = read_span_records(path)
     except TelemetryConfigError as exc:
         print(f"esper-async trace: {exc}", file=stderr)
-        return 2
-    if args.trace_id:
-        records = [r for r in records if r.trace_id == args.trace_id.lower()]
+        return 2, []
+    if trace_id:
+        records = [r for r in records if r.trace_id == trace_id.lower()]
     if not records:
         print(f"esper-async trace: no spans in {path}", file=stderr)
-        return 1
-    if args.html is not None:
-        target = (
-            Path(args.html)
-            if args.html
-            else (path if path.is_dir() else path.parent) / "trace.html"
-        )
-        target.write_text(
-            render_html(records, title=f"esper_async trace: {path.name}"), encoding="utf-8"
-        )
-        print(f"wrote {target}", file=stdout)
-        return 0
-    if not args.events_only:
-        print(render_tree(records, max_siblings=args.max_siblings), file=stdout)
-        print(file=stdout)
-    print(render_timeline(records), file=stdout)
-    return 0
+        return 1, []
+    return 0, records

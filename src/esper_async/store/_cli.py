@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import StoreError
@@ -22,7 +23,7 @@ from ._bundle import (
     DEFAULT_MAX_TOTAL_BYTES,
     BundleLimits,
 )
-from ._keys import STORE_ENV_VAR
+from ._keys import STORE_ENV_VAR, default_store_path
 from ._records import KernelRecord, KernelStatus
 from ._store import KernelStore
 
@@ -51,6 +52,12 @@ def add_store_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"store directory (default: ${STORE_ENV_VAR} or the user cache directory)",
     )
     store.add_argument("--json", action="store_true", help="print JSON instead of text")
+    store.add_argument(
+        "--create",
+        action="store_true",
+        help="create the store directory if it does not exist (otherwise a missing store is "
+        "refused; `import` always creates it)",
+    )
     commands = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
 
     ls = commands.add_parser("ls", help="list kernels")
@@ -108,6 +115,14 @@ def add_store_parser(subparsers: Any) -> argparse.ArgumentParser:
     return store
 
 
+def _store_path(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The store directory ``args`` name, and whether it is missing and may not be created
+    (only ``--create`` and ``import`` create a store)."""
+    path = Path(args.path).expanduser() if args.path else default_store_path()
+    creates = getattr(args, "create", False) or args.store_command == "import"
+    return path, not creates and not path.exists()
+
+
 async def run_store_command(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     """Run the ``store`` sub-command that ``args`` names.
 
@@ -117,8 +132,16 @@ async def run_store_command(args: argparse.Namespace, *, out: TextIO | None = No
         errors (a store that cannot be opened, a refused bundle, a malformed row ...).
     """
     out = out or sys.stdout
+    path, missing = _store_path(args)
+    if missing:
+        print(
+            f"error: no kernel store at {path}; check --path (or ${STORE_ENV_VAR}), or pass "
+            "--create to make a new one there",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     try:
-        async with KernelStore(args.path) as store:
+        async with KernelStore(path) as store:
             return await _dispatch(store, args, out)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -61,6 +61,9 @@ from ._attributes import (
     ATTR_OUTCOME as ATTR_OUTCOME,
 )
 from ._attributes import (
+    ATTR_PARAMS as ATTR_PARAMS,
+)
+from ._attributes import (
     ATTR_PARAMS_ADDED as ATTR_PARAMS_ADDED,
 )
 from ._attributes import (
@@ -91,7 +94,19 @@ from ._attributes import (
     ATTR_SURGERY_OP as ATTR_SURGERY_OP,
 )
 from ._attributes import (
+    ATTR_TRAIN_LOSS as ATTR_TRAIN_LOSS,
+)
+from ._attributes import (
+    ATTR_VAL_ACC as ATTR_VAL_ACC,
+)
+from ._attributes import (
+    ATTR_VAL_LOSS as ATTR_VAL_LOSS,
+)
+from ._attributes import (
     ATTR_WORKER_PID as ATTR_WORKER_PID,
+)
+from ._attributes import (
+    EVENT_EPOCH_FIGURES as EVENT_EPOCH_FIGURES,
 )
 from ._attributes import (
     GROWTH_SPAN_NAMES as GROWTH_SPAN_NAMES,
@@ -101,6 +116,9 @@ from ._attributes import (
 )
 from ._attributes import (
     METRIC_LOOP_LAG as METRIC_LOOP_LAG,
+)
+from ._attributes import (
+    METRIC_PARAMS as METRIC_PARAMS,
 )
 from ._attributes import (
     METRIC_PARAMS_ADDED as METRIC_PARAMS_ADDED,
@@ -113,6 +131,15 @@ from ._attributes import (
 )
 from ._attributes import (
     METRIC_STORE_LOOKUPS as METRIC_STORE_LOOKUPS,
+)
+from ._attributes import (
+    METRIC_TRAIN_LOSS as METRIC_TRAIN_LOSS,
+)
+from ._attributes import (
+    METRIC_VAL_ACC as METRIC_VAL_ACC,
+)
+from ._attributes import (
+    METRIC_VAL_LOSS as METRIC_VAL_LOSS,
 )
 from ._attributes import (
     SPAN_CHECKPOINT as SPAN_CHECKPOINT,
@@ -246,6 +273,7 @@ __all__ = (
     "ATTR_LIFECYCLE_TO",
     "ATTR_LOSS",
     "ATTR_OUTCOME",
+    "ATTR_PARAMS",
     "ATTR_PARAMS_ADDED",
     "ATTR_PROCESS_ROLE",
     "ATTR_RUN_ID",
@@ -256,14 +284,22 @@ __all__ = (
     "ATTR_STORE_TIER",
     "ATTR_STRATEGY",
     "ATTR_SURGERY_OP",
+    "ATTR_TRAIN_LOSS",
+    "ATTR_VAL_ACC",
+    "ATTR_VAL_LOSS",
     "ATTR_WORKER_PID",
+    "EVENT_EPOCH_FIGURES",
     "GROWTH_SPAN_NAMES",
     "METRIC_COMPILE_DURATION",
     "METRIC_LOOP_LAG",
+    "METRIC_PARAMS",
     "METRIC_PARAMS_ADDED",
     "METRIC_SEEDS",
     "METRIC_STEP_DURATION",
     "METRIC_STORE_LOOKUPS",
+    "METRIC_TRAIN_LOSS",
+    "METRIC_VAL_ACC",
+    "METRIC_VAL_LOSS",
     "SPAN_CHECKPOINT",
     "SPAN_COMPILE",
     "SPAN_COMPILE_WORKER",

@@ -37,6 +37,7 @@ __all__ = (
     "ATTR_LIFECYCLE_TO",
     "ATTR_LOSS",
     "ATTR_OUTCOME",
+    "ATTR_PARAMS",
     "ATTR_PARAMS_ADDED",
     "ATTR_PROCESS_ROLE",
     "ATTR_RUN_ID",
@@ -47,14 +48,22 @@ __all__ = (
     "ATTR_STORE_TIER",
     "ATTR_STRATEGY",
     "ATTR_SURGERY_OP",
+    "ATTR_TRAIN_LOSS",
+    "ATTR_VAL_ACC",
+    "ATTR_VAL_LOSS",
     "ATTR_WORKER_PID",
+    "EVENT_EPOCH_FIGURES",
     "GROWTH_SPAN_NAMES",
     "METRIC_COMPILE_DURATION",
     "METRIC_LOOP_LAG",
+    "METRIC_PARAMS",
     "METRIC_PARAMS_ADDED",
     "METRIC_SEEDS",
     "METRIC_STEP_DURATION",
     "METRIC_STORE_LOOKUPS",
+    "METRIC_TRAIN_LOSS",
+    "METRIC_VAL_ACC",
+    "METRIC_VAL_LOSS",
     "SPAN_CHECKPOINT",
     "SPAN_COMPILE",
     "SPAN_COMPILE_WORKER",
@@ -155,6 +164,17 @@ METRIC_SEEDS: Final = "esper.seeds"
 METRIC_STEP_DURATION: Final = "esper.step.duration"
 METRIC_LOOP_LAG: Final = "esper.loop.lag"
 METRIC_PARAMS_ADDED: Final = "esper.params.added"
+METRIC_TRAIN_LOSS: Final = "esper.epoch.train_loss"
+METRIC_VAL_LOSS: Final = "esper.epoch.val_loss"
+METRIC_VAL_ACC: Final = "esper.epoch.val_acc"
+METRIC_PARAMS: Final = "esper.params"
+
+#: The span event that carries one epoch's figures (:meth:`Telemetry.epoch_figures`).
+EVENT_EPOCH_FIGURES: Final = "esper.epoch.figures"
+ATTR_TRAIN_LOSS: Final = "esper.train_loss"
+ATTR_VAL_LOSS: Final = "esper.val_loss"
+ATTR_VAL_ACC: Final = "esper.val_acc"
+ATTR_PARAMS: Final = "esper.params"
 
 _PREFIX: Final = "esper."
 

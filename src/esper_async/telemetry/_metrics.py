@@ -7,7 +7,9 @@ takes seconds, a training step milliseconds, loop lag should stay under a millis
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -24,10 +26,14 @@ from ._attributes import (
     ATTR_STORE_TIER,
     METRIC_COMPILE_DURATION,
     METRIC_LOOP_LAG,
+    METRIC_PARAMS,
     METRIC_PARAMS_ADDED,
     METRIC_SEEDS,
     METRIC_STEP_DURATION,
     METRIC_STORE_LOOKUPS,
+    METRIC_TRAIN_LOSS,
+    METRIC_VAL_ACC,
+    METRIC_VAL_LOSS,
 )
 
 __all__ = ("Metrics", "monitor_loop_lag")
@@ -73,7 +79,15 @@ class Metrics:
     ``esper.step.duration``    histogram      s     --
     ``esper.loop.lag``         histogram      s     --
     ``esper.params.added``     counter        1     ``esper.slot``, ``esper.blueprint``
+    ``esper.epoch.train_loss`` gauge          1     --
+    ``esper.epoch.val_loss``   gauge          1     --
+    ``esper.epoch.val_acc``    gauge          1     --
+    ``esper.params``           gauge          1     --
     ========================== ============== ===== =========================================
+
+    The seeds-by-state figure never goes below zero: a transition out of a state that holds no
+    counted seed (a seed that was never announced with :meth:`seed_added`) only counts the seed
+    into its new state.
 
     :param meter_provider: the run's meter provider.
     """
@@ -107,6 +121,19 @@ class Metrics:
         self._params = meter.create_counter(
             METRIC_PARAMS_ADDED, unit="1", description="Parameters added to the model by growth"
         )
+        self._train_loss = meter.create_gauge(
+            METRIC_TRAIN_LOSS, unit="1", description="Mean training loss of the last epoch"
+        )
+        self._val_loss = meter.create_gauge(
+            METRIC_VAL_LOSS, unit="1", description="Validation loss after the last epoch"
+        )
+        self._val_acc = meter.create_gauge(
+            METRIC_VAL_ACC, unit="1", description="Validation accuracy after the last epoch"
+        )
+        self._param_count = meter.create_gauge(
+            METRIC_PARAMS, unit="1", description="Trainable parameters of the model"
+        )
+        self._seed_counts: Counter[str] = Counter()
 
     def compile_finished(
         self, duration_s: float, *, blueprint: str | None = None, outcome: str = "ok"
@@ -138,16 +165,56 @@ class Metrics:
 
         :param state: a lifecycle state (an enum, whose name is used, or a string).
         """
-        self._seeds.add(1, {ATTR_SEED_STATE: _state_name(state)})
+        name = _state_name(state)
+        self._seed_counts[name] += 1
+        self._seeds.add(1, {ATTR_SEED_STATE: name})
 
     def seed_transition(self, source: Any, target: Any) -> None:
         """Move one seed from ``source`` to ``target`` in the seeds-by-state figure.
 
+        A seed that was not counted in ``source`` (never announced with :meth:`seed_added`) is
+        only counted into ``target``: no state's count goes below zero.
+
         :param source: the state it left.
         :param target: the state it entered.
         """
-        self._seeds.add(-1, {ATTR_SEED_STATE: _state_name(source)})
-        self._seeds.add(1, {ATTR_SEED_STATE: _state_name(target)})
+        left, entered = _state_name(source), _state_name(target)
+        if self._seed_counts[left] > 0:
+            self._seed_counts[left] -= 1
+            self._seeds.add(-1, {ATTR_SEED_STATE: left})
+        self._seed_counts[entered] += 1
+        self._seeds.add(1, {ATTR_SEED_STATE: entered})
+
+    def seed_counts(self) -> dict[str, int]:
+        """The seeds counted in each state (states with none left out).
+
+        :returns: state name to count.
+        """
+        return {state: n for state, n in self._seed_counts.items() if n > 0}
+
+    def epoch_finished(
+        self,
+        *,
+        train_loss: float | None,
+        val_loss: float | None,
+        val_acc: float | None,
+        params: int | None = None,
+    ) -> None:
+        """Record one epoch's figures as gauges (non-finite and missing values are skipped).
+
+        :param train_loss: mean training loss of the epoch.
+        :param val_loss: validation loss.
+        :param val_acc: validation accuracy.
+        :param params: the model's trainable parameters.
+        """
+        for gauge, value in (
+            (self._train_loss, train_loss),
+            (self._val_loss, val_loss),
+            (self._val_acc, val_acc),
+            (self._param_count, params),
+        ):
+            if value is not None and math.isfinite(value):
+                gauge.set(value)
 
     def step_finished(self, duration_s: float) -> None:
         """Record one training step's wall time.

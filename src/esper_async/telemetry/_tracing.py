@@ -43,10 +43,16 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from ._attributes import (
     ATTR_CANCELLED,
+    ATTR_EPOCH,
     ATTR_ERROR_TYPE,
+    ATTR_PARAMS,
     ATTR_PROCESS_ROLE,
     ATTR_RUN_ID,
     ATTR_STEP,
+    ATTR_TRAIN_LOSS,
+    ATTR_VAL_ACC,
+    ATTR_VAL_LOSS,
+    EVENT_EPOCH_FIGURES,
     SPAN_STEP,
     normalize_attributes,
 )
@@ -439,6 +445,39 @@ class Telemetry:
         span = trace.get_current_span()
         if span.is_recording():
             span.add_event(name, normalize_attributes(attributes, **attrs))
+
+    def epoch_figures(
+        self, report: Any, *, params: int | None = None, span: Span | None = None
+    ) -> None:
+        """Record one epoch's figures: an ``esper.epoch.figures`` event on ``span`` (the current
+        span when omitted) and the per-epoch gauges of :class:`Metrics`.
+
+        The event carries ``esper.epoch``, ``esper.train_loss``, ``esper.val_loss``,
+        ``esper.val_acc`` and ``esper.params`` (those known); the trace viewer draws its curves
+        from these events.
+
+        :param report: the epoch's report (an ``EpochReport``: ``epoch``, ``train_loss``,
+            ``val_loss``, ``val_acc``; missing fields are left out).
+        :param params: the model's trainable parameters after the epoch.
+        :param span: the span to add the event to (e.g. the epoch span).
+        """
+        train_loss = getattr(report, "train_loss", None)
+        val_loss = getattr(report, "val_loss", None)
+        val_acc = getattr(report, "val_acc", None)
+        self.metrics.epoch_finished(
+            train_loss=train_loss, val_loss=val_loss, val_acc=val_acc, params=params
+        )
+        target = span if span is not None else trace.get_current_span()
+        if not target.is_recording():
+            return
+        figures = {
+            ATTR_EPOCH: getattr(report, "epoch", None),
+            ATTR_TRAIN_LOSS: train_loss,
+            ATTR_VAL_LOSS: val_loss,
+            ATTR_VAL_ACC: val_acc,
+            ATTR_PARAMS: params,
+        }
+        target.add_event(EVENT_EPOCH_FIGURES, normalize_attributes(figures))
 
     def force_flush(self, timeout_s: float = 30.0) -> bool:
         """Export every finished span and metric now. Blocks.
