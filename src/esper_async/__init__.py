@@ -32,7 +32,12 @@ from .seeds import SeedState as SeedState
 from .seeds import wrap as wrap
 from .surgery import SurgeryPolicyConfig as SurgeryPolicyConfig
 from .telemetry import Telemetry as Telemetry
+from .training import ClassificationTask as ClassificationTask
 from .training import FitResult as FitResult
+from .training import Grower as Grower
+from .training import LanguageModelTask as LanguageModelTask
+from .training import RegressionTask as RegressionTask
+from .training import Task as Task
 from .training import Trainer as Trainer
 
 if TYPE_CHECKING:
@@ -43,19 +48,24 @@ __version__ = "0.1.0"
 __all__ = (
     "Blueprint",
     "BlueprintCompiler",
+    "ClassificationTask",
     "ControllerConfig",
     "EpochReport",
     "EsperError",
     "FitResult",
+    "Grower",
     "HeuristicController",
     "Kernel",
     "KernelStore",
+    "LanguageModelTask",
+    "RegressionTask",
     "ReliabilityConfig",
     "SeedSlot",
     "SeedState",
     "SlotContract",
     "SlotKind",
     "SurgeryPolicyConfig",
+    "Task",
     "Telemetry",
     "Trainer",
     "export_kernel",

@@ -41,7 +41,6 @@ from esper_async.reliability import (
     CheckpointError,
     CheckpointIntegrityError,
     CheckpointStore,
-    IncidentKind,
     capture_state,
     restore_state,
 )
