@@ -20,8 +20,8 @@ from pathlib import Path
 import anyio
 import torch
 
-from esper_async.control._controller import ControllerConfig
 from esper_async.apps.ddp_demo import DDPDemoConfig, run_ddp_demo
+from esper_async.control._controller import ControllerConfig
 from esper_async.distributed import init_distributed
 from esper_async.surgery import SurgeryPolicyConfig
 

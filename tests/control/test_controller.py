@@ -7,8 +7,14 @@ import math
 import torch
 from torch import nn
 
-from esper_async import Blueprint, ControllerConfig, EpochReport, HeuristicController
-from esper_async import export_kernel, load_kernel
+from esper_async import (
+    Blueprint,
+    ControllerConfig,
+    EpochReport,
+    HeuristicController,
+    export_kernel,
+    load_kernel,
+)
 from esper_async.control import Counterfactual, Cull, Fossilize, Germinate, StartBlending
 from esper_async.seeds import SeedSlot, SeedState, find_slots, wrap
 

@@ -134,7 +134,7 @@ def test_on_step_sees_every_step_and_its_loss() -> None:
     data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
     seen: list[tuple[int, float | None]] = []
     trainer = ea.Trainer(_classifier(), grow=False)
-    anyio.run(lambda: trainer.fit(data, data, epochs=2, on_step=lambda s, l: seen.append((s, l))))
+    anyio.run(lambda: trainer.fit(data, data, epochs=2, on_step=lambda s, v: seen.append((s, v))))
     assert [s for s, _ in seen] == list(range(1, 9))
     assert all(loss is not None and math.isfinite(loss) for _, loss in seen)
     assert trainer.result.history[-1].train_loss == pytest.approx(

@@ -75,14 +75,19 @@ class StepGuard:
     :param slots: the model's slots by name.
     :param governor: judges losses and keeps the recent good ones.
     :param consensus: the loss, when it is a collective over ranks (see the module doc).
+    :param run_model: ``run_model(batch)``: the model alone, without the loss, for the diagnosis
+        of a non-finite loss (under data parallelism the loss is a collective that a rank whose
+        seed raised cannot join). Default: ``forward``.
     """
 
     def __init__(
         self, forward: Callable[[Any], tuple[Any, torch.Tensor]],
         optimizer: torch.optim.Optimizer, slots: Mapping[str, SeedSlot], governor: Governor,
         consensus: StepConsensus | None = None,
+        run_model: Callable[[Any], Any] | None = None,
     ) -> None:
         self.forward = forward
+        self.run_model = run_model or forward
         self.optimizer = optimizer
         self.slots = slots
         self.governor = governor
@@ -132,7 +137,7 @@ class StepGuard:
             found: SeedRuntimeError | None = None
             with self._checking(live):
                 try:
-                    self.forward(batch)
+                    self.run_model(batch)
                 except SeedRuntimeError as exc:
                     found = exc
             if self._consensus is not None:

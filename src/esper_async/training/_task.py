@@ -12,6 +12,10 @@ library:
 Each takes its batch as a tuple ``(inputs, targets)``, a mapping (Hugging Face style,
 ``{"input": ..., "labels": ...}``: the key names are the task's ``input_key`` and ``target_key``)
 or an object with those attributes. Extra metrics are ``name -> fn(outputs, targets) -> float``.
+
+A task of your own may also define ``inputs(batch)`` (the model's input): surgery takes its probe
+batch from it, and under data parallelism the diagnosis of a non-finite loss runs the model on it
+without the loss (a collective that a rank whose seed raised cannot join).
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 The loop is :meth:`Trainer.fit`; one step is :meth:`Trainer._step` (zero the gradients, forward,
 backward, optimizer step). Everything about growth — compiles beside training, grafts, culls, the
 controller, snapshots — is the grower's; the trainer adds guarded steps (a bad loss never updates
-the model: the seed behind it is culled, or the run rolls back to the last snapshot), CPU steps
-in a worker thread so the event loop stays free, and checkpoints (:meth:`Trainer.state_dict`).
-Faults are described in ``docs/reliability.md``, the API in ``docs/training.md``.
+the model: its seed is culled, or the run rolls back), CPU steps in a worker thread, and
+checkpoints (:meth:`Trainer.state_dict`). See ``docs/training.md`` and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -54,6 +53,12 @@ def _loader_generator(loader: object) -> torch.Generator | None:
     return generator if isinstance(generator, torch.Generator) else None
 
 
+def _grower_attr(name: str, doc: str) -> Any:
+    """A trainer attribute that is the grower's ``name`` (read and written through)."""
+    return property(lambda self: getattr(self.grower, name),
+                    lambda self, v: setattr(self.grower, name, v), doc=doc)
+
+
 class Trainer:
     """Train a wrapped model and grow seeds in its slots.
 
@@ -71,11 +76,8 @@ class Trainer:
         runs from the same model, data and seed grow the same seeds into the same weights.
     :param graft: ``"epoch"`` (default, reproducible) or ``"step"`` (see :class:`Grower`).
     :param graft_deadline_epochs: with ``graft="step"`` only (see :class:`Grower`).
-    :param telemetry: the run's telemetry; default: recorded nowhere.
-    :param wrap_model: wraps the model for steps, e.g. DDP (rebuilt after structural changes).
-    :param scheduler: a learning-rate scheduler, stepped once per epoch (and checkpointed).
-    :param reliability: fault handling: breakers, retries, resource limits, the governor.
-    :param surgery: architecture changes during training (see ``docs/surgery.md``).
+    :param telemetry, wrap_model, scheduler, reliability, surgery: as :class:`Grower` (the
+        scheduler is stepped once per epoch and checkpointed).
     :param writes_checkpoints: whether this process writes ``fit(checkpoint_dir=...)``'s
         checkpoints (under DDP pass ``ctx.is_leader``).
     :raises ValueError: both ``task`` and ``loss_fn`` are given, or as :class:`Grower`.
@@ -123,9 +125,11 @@ class Trainer:
         # CPU: the step runs in a worker thread; CUDA: it is launched in one and its completion
         # is awaited through the stream bridge, so the event loop never waits on the device.
         self._steps = StepRunner.for_device(self.device)
+        inputs = getattr(self.task, "inputs", None)
         self._guard = StepGuard(
             lambda batch: self.task.forward(g.runner, batch), self.optimizer, self.slots,
             self.governor, g.consensus,
+            run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)),
         )
         self._generator: torch.Generator | None = None
         self._stop_requested = False
@@ -133,33 +137,13 @@ class Trainer:
 
     # --- the run's state, read through the grower ------------------------------------------------
 
-    step = property(lambda self: self.grower.step, lambda self, v: setattr(self.grower, "step", v))
-    epoch = property(lambda self: self.grower.epoch, doc="The current (or last) epoch.")
-    surgeries = property(
-        lambda self: self.grower.surgeries, lambda self, v: setattr(self.grower, "surgeries", v),
-        doc="Every surgery committed on the model, as records.",
-    )
-
-    @property
-    def controller(self) -> Controller:
-        """The controller the grower asks at every epoch boundary."""
-        return self.grower.controller
-
-    @controller.setter
-    def controller(self, controller: Controller) -> None:
-        self.grower.controller = controller
-
-    @property
-    def kernels(self) -> dict[str, Kernel]:
-        """Every kernel loaded in a slot (and in the last snapshot), by id."""
-        return self.grower.kernels
-
-    @property
-    def result(self) -> FitResult:
-        """The current (or last) fit's record so far."""
-        return self.grower.result
-
-    _result = result  # older name, kept for callers that read it
+    step: int = _grower_attr("step", "The global training step.")
+    epoch: int = _grower_attr("epoch", "The current (or last) epoch.")
+    surgeries: list[dict[str, Any]] = _grower_attr("surgeries", "Committed surgeries, as records.")
+    controller: Controller = _grower_attr("controller", "Asked at every epoch boundary.")
+    kernels: dict[str, Kernel] = _grower_attr("kernels", "Every kernel loaded, by id.")
+    result: FitResult = _grower_attr("result", "The current (or last) fit's record so far.")
+    _result: FitResult = _grower_attr("result", "Older name of :attr:`result`.")
 
     def param_count(self) -> int:
         """Trainable parameters of the model now, seeds included."""
@@ -184,15 +168,13 @@ class Trainer:
     ) -> FitResult:
         """Train until epoch ``epochs``, growing seeds as the controller decides.
 
-        :param train_loader: training batches, as the task reads them (a ``DataLoader``, one over
-            an ``IterableDataset``, a list); at least one per epoch, and re-iterable (not a
-            generator) when more than one epoch is to run.
-        :param val_loader: validation batches, under the same rules (every report is measured
-            on them, even with ``grow=False``).
+        :param train_loader: training batches as the task reads them (a ``DataLoader``, also
+            over an ``IterableDataset``, or a list): at least one per epoch, re-iterable (not a
+            generator) for several epochs.
+        :param val_loader: validation batches, under the same rules.
         :param epochs: the run's length in epochs (a resumed run trains the ones left).
-        :param on_epoch: called after every epoch with its report and the record so far.
-        :param on_step: called after every step with the global step and its loss (``None``:
-            the step was dropped).
+        :param on_epoch: ``on_epoch(report, record_so_far)`` after every epoch.
+        :param on_step: ``on_step(step, loss)`` after every step (``loss`` ``None``: dropped).
         :param checkpoint_dir: where checkpoints go (``None``: none are written).
         :param checkpoint_every: epochs between checkpoints (the last epoch is always written).
         :param resume: continue from the newest checkpoint in ``checkpoint_dir`` that restores.
@@ -201,7 +183,7 @@ class Trainer:
             culled) or ``"cull"``. Settled before the final checkpoint.
         :returns: the run's history, growth events and incidents.
         :raises GovernorError: rolling back could not make training sound.
-        :raises LoaderError: a loader yields no batches, or is one-shot with several epochs.
+        :raises LoaderError: a loader yields no batches, or is one-shot for several epochs.
         :raises ValueError: ``resume`` without ``checkpoint_dir``, or an unknown ``settle``.
         :raises CheckpointError: ``resume`` found no checkpoint that restores.
         """
@@ -261,8 +243,8 @@ class Trainer:
             if on_step is not None:
                 on_step(self.step, loss)
         if batches == 0:
-            first = self.grower.first_epoch
-            raise no_batches("training", later=self.epoch > first, epoch=self.epoch)
+            later = self.epoch > self.grower.first_epoch
+            raise no_batches("training", later=later, epoch=self.epoch)
 
     def _step(self, batch: Any) -> float:
         """One optimizer step on ``batch`` (in a worker thread); returns the loss.
