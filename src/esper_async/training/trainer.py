@@ -313,8 +313,7 @@ class Trainer:
     async def save_checkpoint(
         self, directory: str | os.PathLike[str], *, generator: torch.Generator | None = None
     ) -> Path | None:
-        """Write a checkpoint now (between epochs, or from ``on_epoch``); a failed write is an
-        incident and the previous checkpoint stands.
+        """Write a checkpoint now (between epochs); a failed write is an incident only.
 
         :param directory: the checkpoint directory.
         :param generator: the training loader's RNG, to resume its order.
