@@ -45,8 +45,9 @@ def _rank_program(args: argparse.Namespace) -> None:
     import anyio
     import torch
 
+    from esper_async.apps.ddp_demo import DDPDemoConfig, run_ddp_demo
     from esper_async.control._controller import ControllerConfig
-    from esper_async.distributed import DDPDemoConfig, init_distributed, run_ddp_demo
+    from esper_async.distributed import init_distributed
 
     torch.set_num_threads(args.threads)
     ctx = init_distributed(backend=args.backend)

@@ -17,6 +17,7 @@ from esper_async.errors import BlueprintError
 CONTRACTS = {
     SlotKind.CONV: SlotContract(SlotKind.CONV, (8, 6, 6)),
     SlotKind.LINEAR: SlotContract(SlotKind.LINEAR, (12,)),
+    SlotKind.TOKEN: SlotContract(SlotKind.TOKEN, (12,)),
 }
 
 
@@ -24,7 +25,7 @@ CONTRACTS = {
 def test_library_blueprints_build_shape_preserving_zero_start_modules(bp: Blueprint) -> None:
     contract = CONTRACTS[bp.slot_kind]
     module = build(bp, contract, seed=0)
-    h = torch.randn(3, *contract.shape)
+    h = torch.randn(contract.batch_shape(3, tokens=4))
     out = module(h)
     assert out.shape == h.shape
     # A fresh seed is the zero function: it contributes nothing until it learns.

@@ -84,7 +84,10 @@ options = st.one_of(
     anything,
 )
 families = st.one_of(st.sampled_from(FAMILIES), anything)
-kinds = st.one_of(st.sampled_from(["conv", "linear", SlotKind.CONV, SlotKind.LINEAR]), anything)
+kinds = st.one_of(
+    st.sampled_from(["conv", "linear", "token", SlotKind.CONV, SlotKind.LINEAR, SlotKind.TOKEN]),
+    anything,
+)
 shapes = st.one_of(
     st.lists(st.integers(-2, 40), min_size=0, max_size=4),
     st.tuples(st.integers(1, 8)),
@@ -169,6 +172,7 @@ def test_contract_from_json_junk_is_valid_or_a_short_error(data: Any) -> None:
 # legitimate, expensive build, not malformed input).
 small_contracts = st.one_of(
     st.builds(lambda f: SlotContract("linear", (f,)), st.integers(1, 8)),
+    st.builds(lambda f: SlotContract("token", (f,)), st.integers(1, 8)),
     st.builds(lambda c, h: SlotContract("conv", (c, h, h)), st.integers(1, 8), st.integers(1, 5)),
 )
 blueprints = st.builds(
@@ -187,7 +191,7 @@ blueprints = st.builds(
 def test_build_from_junk_is_a_module_or_a_short_error(bp: Any, contract: Any, seed: Any) -> None:
     module = _accepted_or_short_error(lambda: build(bp, contract, seed=seed))
     if module is not None:
-        h = torch.randn(2, *contract.shape)
+        h = torch.randn(contract.batch_shape(2, tokens=3))
         assert module(h).shape == h.shape
 
 

@@ -43,9 +43,9 @@ def test_collectives_on_one_rank(channel: ControlChannel) -> None:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc to list threads")
 def test_close_joins_the_worker_and_refuses_later_calls(channel: ControlChannel) -> None:
+    channel.all_reduce(torch.ones(1), dist.ReduceOp.SUM)  # its worker has started and named itself
     before = _worker_threads()
-    assert before >= 1  # the channel's single worker
-    channel.all_reduce(torch.ones(1), dist.ReduceOp.SUM)
+    assert before >= 1
     channel.close()
     assert _worker_threads() == before - 1
     assert channel.closed

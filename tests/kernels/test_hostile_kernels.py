@@ -528,6 +528,8 @@ def test_a_tampered_id_is_still_caught_first(genuine: Kernel, tmp_path: Path) ->
 def _contract_for(bp: Blueprint) -> SlotContract:
     if bp.slot_kind is SlotKind.CONV:
         return SlotContract(SlotKind.CONV, (4, 6, 6))
+    if bp.slot_kind is SlotKind.TOKEN:
+        return SlotContract(SlotKind.TOKEN, (8,))
     return SlotContract(SlotKind.LINEAR, (8,))
 
 
@@ -555,12 +557,12 @@ def _assert_runs_like_torch(kernel: Kernel, shape: tuple[int, ...]) -> None:
 def test_every_library_kernel_loads_and_trains_as_torch_would_run_it(blueprint: Blueprint) -> None:
     contract = _contract_for(blueprint)
     kernel = export_kernel(blueprint, contract, seed=1)
-    _assert_runs_like_torch(kernel, contract.shape)
+    _assert_runs_like_torch(kernel, contract.batch_shape(1, tokens=4)[1:])
     module = load_kernel(kernel)
     opt = torch.optim.Adam(module.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
-    h = torch.randn(8, *contract.shape, generator=gen)
-    target = torch.randn(8, *contract.shape, generator=gen)
+    h = torch.randn(contract.batch_shape(8), generator=gen)
+    target = torch.randn(contract.batch_shape(8), generator=gen)
     losses = []
     for _ in range(10):
         opt.zero_grad()

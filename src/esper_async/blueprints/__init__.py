@@ -1,5 +1,6 @@
 """Blueprints: declarative seed designs, their registry, the standard library and ``build``."""
 
+from . import _transformer as _transformer  # registers the token-slot families
 from ._build import build as build
 from ._contract import SlotContract as SlotContract
 from ._contract import SlotKind as SlotKind

@@ -20,6 +20,9 @@ class SlotKind(StrEnum):
     """Per-sample shape ``(C, H, W)``: the output of a Conv2d or a convolutional block."""
     LINEAR = "linear"
     """Per-sample shape ``(F,)``: the output of a Linear layer or an MLP block."""
+    TOKEN = "token"
+    """Per-token shape ``(D,)``: a sequence model's sublayer output ``(N, T, D)``. The seed sees
+    the whole sequence: its input and output are ``(N, T, D)`` with ``N`` and ``T`` dynamic."""
 
 
 @dataclass(frozen=True)
@@ -27,10 +30,12 @@ class SlotContract:
     """What a seed in a slot receives and must return.
 
     A seed reads the host module's output ``h`` and returns a tensor of the same shape, which the
-    slot adds to ``h`` scaled by the blending factor α. Shapes exclude the batch dimension.
+    slot adds to ``h`` scaled by the blending factor α. Shapes exclude the batch dimension, and
+    for a token slot the sequence dimension too (see :meth:`batch_shape`).
 
     :param kind: the slot's kind.
-    :param shape: the per-sample shape of the host's output, e.g. ``(16, 8, 8)`` or ``(64,)``.
+    :param shape: the per-sample (per-token for a token slot) shape of the host's output, e.g.
+        ``(16, 8, 8)`` or ``(64,)``.
     :param dtype: the dtype of that output, by name: one of ``float32`` (default), ``float64``,
         ``float16``, ``bfloat16``.
     :raises BlueprintError: if the kind is unknown, the shape is not a tuple of ints (``bool`` is
@@ -45,7 +50,8 @@ class SlotContract:
         kind = self.kind
         if not isinstance(kind, str) or kind not in tuple(SlotKind):
             raise BlueprintError(
-                f"a slot kind must be 'conv' or 'linear', got {clip_repr(kind)}"
+                f"a slot kind must be one of {', '.join(k.value for k in SlotKind)}, got "
+                f"{clip_repr(kind)}"
             )
         kind = SlotKind(kind)
         rank = 3 if kind is SlotKind.CONV else 1
@@ -69,8 +75,25 @@ class SlotContract:
 
     @property
     def channels(self) -> int:
-        """Channels (conv) or features (linear): the first per-sample dimension."""
+        """Channels (conv) or features (linear, token): the first per-sample dimension."""
         return self.shape[0]
+
+    @property
+    def leading_dims(self) -> int:
+        """How many dynamic dimensions come before :attr:`shape`: 2 (``N, T``) for a token slot,
+        else 1 (``N``)."""
+        return 2 if self.kind is SlotKind.TOKEN else 1
+
+    def batch_shape(self, batch: int, tokens: int = 3) -> tuple[int, ...]:
+        """The full shape of a batch a seed in this slot receives and returns.
+
+        :param batch: ``N``.
+        :param tokens: ``T``, the sequence length; used by token slots only.
+        :returns: ``(batch, tokens, *shape)`` for a token slot, else ``(batch, *shape)``.
+        """
+        if self.kind is SlotKind.TOKEN:
+            return (batch, tokens, *self.shape)
+        return (batch, *self.shape)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form, the inverse of :meth:`from_json`."""

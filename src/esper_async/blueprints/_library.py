@@ -11,8 +11,8 @@ __all__ = ("library",)
 def library(kind: SlotKind | str | None = None) -> tuple[Blueprint, ...]:
     """The standard blueprints, optionally only those for one kind of slot.
 
-    Conv slots get 7 designs, linear slots 5; each is a :class:`Blueprint` with explicit options,
-    so its id is stable across releases that keep the same defaults.
+    Conv slots get 7 designs, linear slots 5, token slots 6; each is a :class:`Blueprint` with
+    explicit options, so its id is stable across releases that keep the same defaults.
     """
     designs = (
         Blueprint("residual_conv", {"kernel_size": 3, "expansion": 1}),
@@ -27,6 +27,12 @@ def library(kind: SlotKind | str | None = None) -> tuple[Blueprint, ...]:
         Blueprint("gated_mlp", {"hidden_mult": 2}),
         Blueprint("linear_norm"),
         Blueprint("mlp", {"hidden_mult": 4}),
+        Blueprint("lora", {"rank": 4}),
+        Blueprint("mlp_expand", {"expansion": 2, "norm": True}),
+        Blueprint("attn_heads", {"heads": 2, "head_dim": 16}),
+        Blueprint("block", {"heads": 2, "head_dim": 16, "expansion": 2}),
+        Blueprint("norm", {"eps": 1e-5}),
+        Blueprint("lora", {"rank": 16}),
     )
     if kind is None:
         return designs

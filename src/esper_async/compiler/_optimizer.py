@@ -31,6 +31,10 @@ def default_forms(device_kind: str) -> tuple[str, ...]:
     return ("export", "channels_last")
 
 
+#: Sequence length token-slot kernels are timed at (their batch is ``OptimizerOptions.batch``).
+_TIMING_TOKENS = 16
+
+
 @dataclass(frozen=True)
 class OptimizerOptions:
     """What the optimizer may try; part of a kernel's store key.
@@ -94,8 +98,7 @@ class KernelOptimizer:
         module = load_kernel(kernel, device=self.device, form=form)
         contract = kernel.contract
         x = torch.randn(
-            self.options.batch,
-            *contract.shape,
+            contract.batch_shape(self.options.batch, tokens=_TIMING_TOKENS),
             dtype=getattr(torch, contract.dtype),
             device=self.device,
             requires_grad=True,

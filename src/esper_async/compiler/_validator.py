@@ -85,9 +85,9 @@ class KernelValidator:
 
     Checks: the kernel's parameters match the reference's layout; forward outputs allclose;
     gradients allclose for the input and every parameter; the slot's shape contract at several
-    batch sizes; finite outputs; the input is not mutated; two runs on the same input agree
-    (determinism); and building the reference twice from the blueprint's seed gives the same
-    initial weights as the kernel's.
+    batch sizes (and, for a token slot, sequence lengths); finite outputs; the input is not
+    mutated; two runs on the same input agree (determinism); and building the reference twice
+    from the blueprint's seed gives the same initial weights as the kernel's.
 
     :param seed: seeds the random weights and inputs of the comparison.
     """
@@ -136,7 +136,8 @@ class KernelValidator:
         gen = torch.Generator().manual_seed(self.seed + 1)
         dtype = getattr(torch, contract.dtype)
         for batch in _BATCHES:
-            x = torch.randn((batch, *contract.shape), generator=gen, dtype=dtype)
+            shape = contract.batch_shape(batch, tokens=batch + 2)  # T varies with N (token slots)
+            x = torch.randn(shape, generator=gen, dtype=dtype)
             x_kernel = x.clone().requires_grad_(True)
             x_ref = x.clone().requires_grad_(True)
             try:
@@ -148,8 +149,8 @@ class KernelValidator:
             expected = reference(x_ref)
             if not check(
                 f"shape[b={batch}]",
-                tuple(out.shape) == (batch, *contract.shape),
-                f"got {tuple(out.shape)}, contract {(batch, *contract.shape)}",
+                tuple(out.shape) == shape,
+                f"got {tuple(out.shape)}, contract {shape}",
             ):
                 return report()
             check(f"finite[b={batch}]", bool(torch.isfinite(out).all()))

@@ -30,6 +30,9 @@ __all__ = ("Kernel", "KernelMetadata", "KernelModule", "export_kernel", "load_ke
 #: Batch size of the example input used to trace a kernel. Not 0 or 1: torch.export specialises
 #: those sizes, and the batch dimension must stay dynamic.
 _TRACE_BATCH = 2
+#: Sequence length of the example input of a token-slot kernel: not 0 or 1 (specialised), nor
+#: the batch size (torch.export would take equal example sizes for the same symbol).
+_TRACE_TOKENS = 5
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,8 @@ class KernelMetadata:
     :ivar sha256: hex sha256 of the artifact bytes; also the kernel's id.
     :ivar blueprint_json: the canonical JSON of the blueprint it was built from.
     :ivar contract: the slot contract it was built for, as JSON.
-    :ivar input_shape: per-sample input shape (batch excluded).
-    :ivar output_shape: per-sample output shape (batch excluded).
+    :ivar input_shape: per-sample input shape (batch, and a token slot's sequence, excluded).
+    :ivar output_shape: per-sample output shape, likewise.
     :ivar dtype: parameter and activation dtype.
     :ivar param_count: number of trainable parameters.
     :ivar torch_version: ``torch.__version__`` of the exporting process.
@@ -148,7 +151,8 @@ def export_kernel(
     seed: int = 0,
     device_kind: str = "cpu",
 ) -> Kernel:
-    """Build ``blueprint`` for ``contract`` and export it to a kernel with a dynamic batch size.
+    """Build ``blueprint`` for ``contract`` and export it to a kernel with a dynamic batch size
+    (and, for a token slot, a dynamic sequence length: input ``(N, T, D)``).
 
     This runs in the calling thread and takes about a second; the compiler runs it off the
     event loop.
@@ -163,15 +167,14 @@ def export_kernel(
     started = time.perf_counter()
     module = build(blueprint, contract, seed=seed)
     dtype = getattr(torch, contract.dtype)
-    example = torch.randn(_TRACE_BATCH, *contract.shape, dtype=dtype)
+    example = torch.randn(contract.batch_shape(_TRACE_BATCH, _TRACE_TOKENS), dtype=dtype)
+    dynamic = dict.fromkeys(range(contract.leading_dims), torch.export.Dim.AUTO)
     try:
-        program = torch.export.export(
-            module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
-        )
+        program = torch.export.export(module, (example,), dynamic_shapes=(dynamic,))
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
         with torch.no_grad():
-            out_shape = tuple(module(example).shape[1:])
+            out_shape = tuple(module(example).shape[contract.leading_dims :])
     except Exception as exc:
         raise CompileError(
             f"torch.export of {blueprint.name} for shape {contract.shape} failed: {exc}",
