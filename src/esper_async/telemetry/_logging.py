@@ -25,7 +25,7 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import format_span_id, format_trace_id
 
-__all__ = ("add_trace_context", "configure_logging", "quiet_by_default")
+__all__ = ("add_trace_context", "configure_logging")  # quiet_by_default: for esper_async only
 
 
 def add_trace_context(
