@@ -32,30 +32,44 @@ from .seeds import SeedState as SeedState
 from .seeds import wrap as wrap
 from .surgery import SurgeryPolicyConfig as SurgeryPolicyConfig
 from .telemetry import Telemetry as Telemetry
+from .training import ClassificationTask as ClassificationTask
 from .training import FitResult as FitResult
+from .training import Grower as Grower
+from .training import LanguageModelTask as LanguageModelTask
+from .training import RegressionTask as RegressionTask
+from .training import Task as Task
 from .training import Trainer as Trainer
 
 if TYPE_CHECKING:
     from .store import KernelStore as KernelStore
+
+from .telemetry._logging import _quiet_by_default
+
+_quiet_by_default()  # silent unless the program configures logging (see docs/training.md)
 
 __version__ = "0.1.0"
 
 __all__ = (
     "Blueprint",
     "BlueprintCompiler",
+    "ClassificationTask",
     "ControllerConfig",
     "EpochReport",
     "EsperError",
     "FitResult",
+    "Grower",
     "HeuristicController",
     "Kernel",
     "KernelStore",
+    "LanguageModelTask",
+    "RegressionTask",
     "ReliabilityConfig",
     "SeedSlot",
     "SeedState",
     "SlotContract",
     "SlotKind",
     "SurgeryPolicyConfig",
+    "Task",
     "Telemetry",
     "Trainer",
     "export_kernel",

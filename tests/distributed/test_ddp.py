@@ -333,6 +333,7 @@ def _check_fault(out: Path, oom: bool = False) -> None:
     from esper_async.reliability import Governor, is_out_of_memory
     from esper_async.reliability._errors import LossAnomaly
     from esper_async.seeds import find_slots, wrap
+    from esper_async.training import ClassificationTask
     from esper_async.training._guard import StepGuard
 
     ctx = init_distributed(backend="gloo")
@@ -366,8 +367,25 @@ def _check_fault(out: Path, oom: bool = False) -> None:
     slots["fc1"].seed = BreaksOnRankOne(slots["fc1"].seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     ddp = DistributedDataParallel(model)
-    guard = StepGuard(lambda x: ddp(x), optimizer, RankMeanLoss(nn.functional.cross_entropy, ctx),
-                      slots, Governor())
+    task = ClassificationTask(RankMeanLoss(nn.functional.cross_entropy, ctx))
+    governor = Governor()
+    guard = StepGuard(lambda b: task.forward(ddp, b), optimizer, slots, governor, task.loss_fn,
+                      run_model=lambda b: ddp(task.inputs(b)))
+
+    def guarded_step(batch: tuple[torch.Tensor, torch.Tensor]) -> float:  # as Trainer._step
+        optimizer.zero_grad(set_to_none=True)
+        loss = None
+        try:
+            _, loss = task.forward(ddp, batch)
+        except SeedRuntimeError as exc:
+            guard.forward_failed(exc)
+        value = guard.judge(loss, batch)
+        assert loss is not None
+        guard.backward(loss, value)
+        optimizer.step()
+        governor.accept(value)
+        return value
+
     gen = torch.Generator().manual_seed(100 + ctx.rank)  # each rank its own shard
     events: list[list[Any]] = []
     losses = []
@@ -375,7 +393,7 @@ def _check_fault(out: Path, oom: bool = False) -> None:
         x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
         for _ in range(len(slots) + 1):
             try:
-                losses.append(guard.step(x, y))
+                losses.append(guarded_step((x, y)))
                 break
             except SeedRuntimeError as exc:
                 events.append([step, exc.slot, is_out_of_memory(exc)])

@@ -44,7 +44,8 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class Counterfactual:
-    """A seed's measured contribution: validation figures with it and with α = 0, same batches."""
+    """A seed's measured contribution: validation figures with it and with α = 0, same batches
+    (the accuracies are NaN when the task measures no accuracy)."""
 
     loss_with: float
     loss_without: float
@@ -66,21 +67,25 @@ class EpochReport:
         every step of the epoch was dropped (never a made-up 0.0).
     :ivar val_loss: validation loss of the whole model (NaN or infinite when it was not finite:
         see :attr:`val_finite`).
-    :ivar val_acc: validation accuracy.
+    :ivar val_acc: validation accuracy; NaN when the task measures none (regression, language
+        models): read :attr:`metrics` for what it does measure.
     :ivar health: health signals per slot.
     :ivar counterfactual: per blended seed, its contribution.
     :ivar steps: training steps that updated the model.
     :ivar dropped: batches whose step was dropped (a bad loss, rolled back).
+    :ivar metrics: the task's validation figures by name (``accuracy``, ``bits_per_token``, a
+        user's own), averaged over the validation batches.
     """
 
     epoch: int
     train_loss: float | None
     val_loss: float
-    val_acc: float
+    val_acc: float = math.nan
     health: Mapping[str, HealthSignals] = field(default_factory=dict)
     counterfactual: Mapping[str, Counterfactual] = field(default_factory=dict)
     steps: int = 0
     dropped: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def val_finite(self) -> bool:
@@ -258,13 +263,14 @@ class HeuristicController:
         for name, cf in report.counterfactual.items():
             slot = slots[name]
             if slot.blueprint is not None and math.isfinite(cf.loss_with):
+                accuracy = math.isfinite(cf.acc_with) and math.isfinite(cf.acc_without)
                 self.tracker.record_contribution(
                     name,
                     slot.blueprint.id,
                     loss_with=cf.loss_with,
                     loss_without=cf.loss_without,
-                    acc_with=cf.acc_with,
-                    acc_without=cf.acc_without,
+                    acc_with=cf.acc_with if accuracy else None,
+                    acc_without=cf.acc_without if accuracy else None,
                 )
         for name, slot in slots.items():
             life = slot.lifecycle

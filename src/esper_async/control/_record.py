@@ -18,13 +18,13 @@ def report_to_json(report: EpochReport) -> dict[str, Any]:
         "val_acc": report.val_acc,
         "health": {k: dataclasses.asdict(v) for k, v in report.health.items()},
         "counterfactual": {k: dataclasses.asdict(v) for k, v in report.counterfactual.items()},
-        "steps": report.steps, "dropped": report.dropped,
+        "steps": report.steps, "dropped": report.dropped, "metrics": dict(report.metrics),
     }
 
 
 def report_from_json(data: dict[str, Any]) -> EpochReport:
-    """The inverse of :func:`report_to_json` (a report written before ``steps`` and ``dropped``
-    were recorded reads back with both 0)."""
+    """The inverse of :func:`report_to_json` (a report written before ``steps``, ``dropped`` and
+    ``metrics`` were recorded reads back with 0, 0 and ``{}``)."""
     train_loss = data["train_loss"]
     return EpochReport(
         epoch=int(data["epoch"]), train_loss=None if train_loss is None else float(train_loss),
@@ -32,4 +32,5 @@ def report_from_json(data: dict[str, Any]) -> EpochReport:
         health={k: HealthSignals(**v) for k, v in data["health"].items()},
         counterfactual={k: Counterfactual(**v) for k, v in data["counterfactual"].items()},
         steps=int(data.get("steps", 0)), dropped=int(data.get("dropped", 0)),
+        metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
     )

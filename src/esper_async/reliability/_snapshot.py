@@ -186,6 +186,17 @@ class _HostCopier:
             stream.synchronize()
 
 
+def _tensors(state: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested ``state_dict`` (dicts, lists, tuples)."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, Mapping):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
 def _all_finite(tensors: Any) -> bool:
     """Whether every floating tensor is finite: one reduction and one read per device."""
     flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
@@ -213,7 +224,8 @@ class Snapshot:
     optimizer_state: dict[str, Any]
     groups: list[list[str]]
     extra: dict[str, Any] = field(default_factory=dict)
-    #: Whether the copied model state is finite (``None``: judged from the copies when asked).
+    #: Whether the parameters and the optimizer's state are finite (``None``: judged from the
+    #: copies when asked). Buffers are not judged: a causal mask of ``-inf`` is sound.
     finite: bool | None = None
 
     @classmethod
@@ -233,7 +245,9 @@ class Snapshot:
             optimizer_state=copier(optimizer.state_dict()),
             groups=optimizer_groups(model, optimizer),
             extra={k: copier(v.state_dict()) for k, v in (extra or {}).items()},
-            finite=_all_finite(state.values()),
+            finite=_all_finite(
+                [*(p for _, p in model.named_parameters()), *_tensors(optimizer.state_dict())]
+            ),
         )
         copier.wait()
         return snapshot
@@ -258,7 +272,10 @@ class Snapshot:
                 obj.load_state_dict(_clone(self.extra[key]))
 
     def params_finite(self) -> bool:
-        """Whether every floating tensor of the model's copied state is finite."""
+        """Whether every floating parameter and optimizer-state tensor copied is finite (buffers
+        are not judged: a causal mask of ``-inf`` is sound)."""
         if self.finite is None:
-            self.finite = _all_finite(self.model_state.values())
+            names = {n for group in self.groups for n in group}
+            params = [t for k, t in self.model_state.items() if k in names]
+            self.finite = _all_finite([*params, *_tensors(self.optimizer_state)])
         return self.finite

@@ -6,6 +6,12 @@ compile's span in the trace viewer.
 
 structlog's configuration is process-wide; :func:`configure_logging` is for the entry point (the
 CLI, an example script, a worker process's initializer), never for library code.
+
+Unless the program configures structlog itself, the library is quiet: importing esper_async
+routes structlog through the standard library's ``logging`` (``_quiet_by_default``), under the
+``esper_async`` logger, which has a ``NullHandler``. ``logging.basicConfig(level=logging.INFO)``
+(or a handler on ``logging.getLogger("esper_async")``) shows its lines; :func:`configure_logging`
+replaces the set-up with structlog's own output.
 """
 
 from __future__ import annotations
@@ -86,4 +92,29 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=cache_loggers,
+    )
+
+
+def _quiet_by_default() -> None:
+    """Route structlog through stdlib ``logging`` and silence the ``esper_async`` logger unless
+    the program gives it a handler (called when esper_async is imported).
+
+    Nothing changes when structlog is already configured (the program's set-up wins). Events
+    below the stdlib logger's effective level are dropped before they are rendered.
+    """
+    logging.getLogger("esper_async").addHandler(logging.NullHandler())
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            structlog.contextvars.merge_contextvars,
+            add_trace_context,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True),
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
     )

@@ -1,11 +1,29 @@
 """Training: the fit loop, and the growth engine it is built on.
 
 :class:`Trainer` runs the whole loop (guarded steps, rollbacks, checkpoints, growth);
-see ``docs/architecture.md`` for the layers below it.
+:class:`Grower` is the growth engine alone, for a hand-written loop. A :class:`Task` says what a
+batch is and what is measured (:class:`ClassificationTask`, :class:`RegressionTask`,
+:class:`LanguageModelTask`). See ``docs/training.md``.
 """
 
+from ._grower import Grower as Grower
 from ._results import FitResult as FitResult
 from ._results import GrowthEvent as GrowthEvent
+from ._task import ClassificationTask as ClassificationTask
+from ._task import LanguageModelTask as LanguageModelTask
+from ._task import RegressionTask as RegressionTask
+from ._task import Task as Task
+from ._task import move_to_device as move_to_device
 from .trainer import Trainer as Trainer
 
-__all__ = ("FitResult", "GrowthEvent", "Trainer")
+__all__ = (
+    "ClassificationTask",
+    "FitResult",
+    "Grower",
+    "GrowthEvent",
+    "LanguageModelTask",
+    "RegressionTask",
+    "Task",
+    "Trainer",
+    "move_to_device",
+)

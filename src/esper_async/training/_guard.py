@@ -1,8 +1,8 @@
 """``StepGuard``: one training step that refuses to apply a bad update, and says why.
 
-The step runs forward and computes the loss; the governor judges the loss *before* the backward
-pass, so a bad loss never reaches the parameters. When it is bad, a diagnosis (no gradients)
-looks for the seed behind it:
+The trainer's step runs forward and computes the loss; the guard judges the loss *before* the
+backward pass, so a bad loss never reaches the parameters. When it is bad, a diagnosis (no
+gradients) looks for the seed behind it:
 
 * a non-finite loss: the forward runs again with every slot checking its seed's output; a seed
   whose output is not finite while its input is finite raises
@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -39,8 +39,6 @@ from ..seeds import SeedSlot
 _NON_FINITE, _RAISED, _OOM = 0, 1, 2
 
 __all__ = ("StepConsensus", "StepGuard")
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @runtime_checkable
@@ -67,48 +65,61 @@ class StepConsensus(Protocol):
 
 
 class StepGuard:
-    """Guarded training steps over one model.
+    """The checks around one training step (the step itself is the trainer's, see
+    :meth:`esper_async.Trainer._step`): a seed failing in the forward pass, a bad loss judged
+    before the backward pass, a backward pass that fails.
 
-    :param forward: calls the model (or the wrapper training steps use, e.g. DDP).
-    :param optimizer: its optimizer.
-    :param loss_fn: ``loss_fn(logits, targets)``.
+    :param forward: ``forward(batch) -> (outputs, loss)`` on the module steps call (the task's
+        forward on the model, or on its DDP wrapper).
+    :param optimizer: the model's optimizer (a failed backward clears its gradients).
     :param slots: the model's slots by name.
     :param governor: judges losses and keeps the recent good ones.
+    :param consensus: the loss, when it is a collective over ranks (see the module doc).
+    :param run_model: ``run_model(batch)``: the model alone, without the loss, for the diagnosis
+        of a non-finite loss (under data parallelism the loss is a collective that a rank whose
+        seed raised cannot join). Default: ``forward``.
     """
 
     def __init__(
-        self, forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-        loss_fn: LossFn, slots: Mapping[str, SeedSlot], governor: Governor,
+        self, forward: Callable[[Any], tuple[Any, torch.Tensor]],
+        optimizer: torch.optim.Optimizer, slots: Mapping[str, SeedSlot], governor: Governor,
+        consensus: StepConsensus | None = None,
+        run_model: Callable[[Any], Any] | None = None,
     ) -> None:
         self.forward = forward
+        self.run_model = run_model or forward
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
         self.slots = slots
         self.governor = governor
-        # Checked once, not per step: a runtime Protocol check inspects attributes.
-        self._consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
+        self._consensus = consensus
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimizer step on ``(x, y)``; returns the loss.
+    def forward_failed(self, exc: SeedRuntimeError) -> None:
+        """A seed raised in the forward pass: raise ``exc``, unless the ranks must agree first
+        (then take part in the loss's collective, and let :meth:`judge` diagnose).
 
-        :raises SeedRuntimeError: a seed raised or produced non-finite values (nothing updated).
-        :raises LossAnomaly: the loss was bad for a reason the diagnosis did or did not pin on a
-            seed (nothing updated).
+        :raises SeedRuntimeError: ``exc``, without data parallelism.
         """
-        self.optimizer.zero_grad(set_to_none=True)
-        consensus = self._consensus
-        try:
-            loss = self.loss_fn(self.forward(x), y)
-        except SeedRuntimeError:
-            if consensus is None:
-                raise
-            consensus.failed_forward()  # the other ranks are in the loss's collective
-            value = math.nan  # this rank has no loss: the step is bad here, whatever the mean
-        else:
-            value = float(loss.detach())
+        if self._consensus is None:
+            raise exc
+        self._consensus.failed_forward()  # the other ranks are in the loss's collective
+
+    def judge(self, loss: torch.Tensor | None, batch: Any) -> float:
+        """The loss's value, if the governor accepts it (``None``: the forward failed here).
+
+        :raises SeedRuntimeError: the diagnosis found a seed producing non-finite values.
+        :raises LossAnomaly: the loss is bad (non-finite, or a spike), with or without a culprit.
+        """
+        value = math.nan if loss is None else float(loss.detach())
         verdict = self.governor.judge(value)
         if verdict is not None:
-            raise self._diagnose(verdict, value, x, y)
+            raise self._diagnose(verdict, value, batch)
+        return value
+
+    def backward(self, loss: torch.Tensor, value: float) -> None:
+        """``loss.backward()``; a failure in it (other than OOM or a seed's) is a bad step.
+
+        :raises LossAnomaly: the backward pass failed (gradients are cleared).
+        """
         try:
             loss.backward()
         except SeedRuntimeError:
@@ -118,20 +129,15 @@ class StepGuard:
                 raise
             self.optimizer.zero_grad(set_to_none=True)
             raise LossAnomaly("backward", value) from exc
-        self.optimizer.step()
-        self.governor.accept(value)
-        return value
 
     @torch.no_grad()
-    def _diagnose(
-        self, verdict: str, value: float, x: torch.Tensor, y: torch.Tensor
-    ) -> SeedRuntimeError | LossAnomaly:
+    def _diagnose(self, verdict: str, value: float, batch: Any) -> SeedRuntimeError | LossAnomaly:
         live = [s for s in self.slots.values() if s.seed is not None]
         if verdict == "non_finite":
             found: SeedRuntimeError | None = None
             with self._checking(live):
                 try:
-                    self.forward(x)
+                    self.run_model(batch)
                 except SeedRuntimeError as exc:
                     found = exc
             if self._consensus is not None:
@@ -139,7 +145,7 @@ class StepGuard:
             return found if found is not None else LossAnomaly("non_finite", value)
         for slot in live:
             with slot.ablated():
-                ablated = float(self.loss_fn(self.forward(x), y))
+                ablated = float(self.forward(batch)[1])
             if self.governor.judge(ablated) is None:
                 return LossAnomaly("spike", value, culprit=slot.slot_name)
         return LossAnomaly("spike", value)

@@ -1,0 +1,210 @@
+"""Tasks: what a batch is, how the model's loss is computed on it, and what is measured.
+
+The trainer and the grower never look inside a batch; a :class:`Task` does. Three come with the
+library:
+
+* :class:`ClassificationTask` (the default): ``(inputs, targets)`` with logits ``(N, C)``;
+  cross-entropy; reports ``accuracy``.
+* :class:`RegressionTask`: mean squared error; no accuracy.
+* :class:`LanguageModelTask`: token tensors ``(N, T)`` in and out, logits ``(N, T, V)``;
+  cross-entropy over every position; reports ``bits_per_token``; no accuracy.
+
+Each takes its batch as a tuple ``(inputs, targets)``, a mapping (Hugging Face style,
+``{"input": ..., "labels": ...}``: the key names are the task's ``input_key`` and ``target_key``)
+or an object with those attributes. Extra metrics are ``name -> fn(outputs, targets) -> float``.
+
+A task of your own may also define ``inputs(batch)`` (the model's input): surgery takes its probe
+batch from it, and under data parallelism the diagnosis of a non-finite loss runs the model on it
+without the loss (a collective that a rank whose seed raised cannot join).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+__all__ = (
+    "ClassificationTask",
+    "LanguageModelTask",
+    "RegressionTask",
+    "Task",
+    "move_to_device",
+)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the trainer and the grower need to know about batches and outputs."""
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """``batch`` with its tensors on ``device``."""
+        ...
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[Any, torch.Tensor]:
+        """Run ``model`` on ``batch``: its outputs and the (scalar, mean) loss."""
+        ...
+
+    def metrics(self, outputs: Any, batch: Any) -> dict[str, float]:
+        """Figures measured on one batch (means over it, e.g. ``accuracy``); ``{}`` for none."""
+        ...
+
+    def batch_size(self, batch: Any) -> int:
+        """The weight of ``batch``'s means in an epoch's mean (its examples, or its tokens)."""
+        ...
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it moved to ``device``: through mappings, lists, tuples
+    (named ones too) and dataclasses; other objects with a ``.to`` method (a Hugging Face
+    ``BatchEncoding``) are asked to move themselves; anything else is returned as it is.
+
+    :param batch: a tensor, or a structure holding tensors.
+    :param device: where they go.
+    :returns: the moved batch (tensors already there are not copied).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        moved = {f.name: move_to_device(getattr(batch, f.name), device)
+                 for f in dataclasses.fields(batch) if f.init}
+        return dataclasses.replace(batch, **moved)
+    if callable(getattr(batch, "to", None)):
+        return batch.to(device)
+    return batch
+
+
+class _SupervisedTask:
+    """A task whose batches hold one input and one target (see the module doc).
+
+    :param loss_fn: ``loss_fn(outputs, targets)``, a scalar mean.
+    :param input_key: the input's key (mapping batches) or attribute (object batches).
+    :param target_key: the target's key or attribute.
+    :param metrics: extra figures, ``name -> fn(outputs, targets)``, measured on every
+        validation batch and averaged.
+    """
+
+    def __init__(
+        self, loss_fn: LossFn, *, input_key: str = "input", target_key: str = "labels",
+        metrics: Mapping[str, MetricFn] | None = None,
+    ) -> None:
+        self.loss_fn = loss_fn
+        self.input_key = input_key
+        self.target_key = target_key
+        self.extra_metrics = dict(metrics or {})
+
+    def _field(self, batch: Any, key: str, index: int) -> Any:
+        if isinstance(batch, (tuple, list)) and not hasattr(batch, key):
+            if len(batch) < 2:
+                raise TypeError(
+                    f"{type(self).__name__}: a sequence batch must be (inputs, targets), got "
+                    f"{len(batch)} item(s)"
+                )
+            return batch[index]
+        if isinstance(batch, Mapping):
+            if key not in batch:
+                raise KeyError(
+                    f"{type(self).__name__}: the batch has no key {key!r} (keys: "
+                    f"{sorted(map(str, batch))[:8]}); pass input_key=/target_key="
+                )
+            return batch[key]
+        if not hasattr(batch, key):
+            raise TypeError(
+                f"{type(self).__name__}: a {type(batch).__name__} batch has no attribute "
+                f"{key!r}; pass input_key=/target_key= or a (inputs, targets) tuple"
+            )
+        return getattr(batch, key)
+
+    def inputs(self, batch: Any) -> Any:
+        """The model's input in ``batch``."""
+        return self._field(batch, self.input_key, 0)
+
+    def targets(self, batch: Any) -> Any:
+        """The targets in ``batch``."""
+        return self._field(batch, self.target_key, 1)
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """See :meth:`Task.to_device` (every tensor in the batch, at any depth)."""
+        return move_to_device(batch, device)
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[Any, torch.Tensor]:
+        """See :meth:`Task.forward`: ``model(inputs)`` and ``loss_fn(outputs, targets)``."""
+        outputs = model(self.inputs(batch))
+        return outputs, self.loss_fn(outputs, self.targets(batch))
+
+    def metrics(self, outputs: Any, batch: Any) -> dict[str, float]:
+        """See :meth:`Task.metrics`: the extra metrics given."""
+        targets = self.targets(batch)
+        return {name: float(fn(outputs, targets)) for name, fn in self.extra_metrics.items()}
+
+    def batch_size(self, batch: Any) -> int:
+        """See :meth:`Task.batch_size`: the targets' first dimension."""
+        return int(self.targets(batch).shape[0])
+
+
+class ClassificationTask(_SupervisedTask):
+    """Logits ``(N, C)`` against class indices ``(N,)``; reports ``accuracy`` (see
+    :class:`_SupervisedTask` for the parameters). ``loss_fn`` defaults to cross-entropy."""
+
+    def __init__(
+        self, loss_fn: LossFn = nn.functional.cross_entropy, *, input_key: str = "input",
+        target_key: str = "labels", metrics: Mapping[str, MetricFn] | None = None,
+    ) -> None:
+        super().__init__(loss_fn, input_key=input_key, target_key=target_key, metrics=metrics)
+
+    def metrics(self, outputs: Any, batch: Any) -> dict[str, float]:
+        """``accuracy`` (argmax over dimension 1) and the extra metrics."""
+        accuracy = float((outputs.argmax(dim=1) == self.targets(batch)).float().mean())
+        return {"accuracy": accuracy, **super().metrics(outputs, batch)}
+
+
+class RegressionTask(_SupervisedTask):
+    """Outputs against real targets of the same shape; mean squared error by default; no
+    accuracy (see :class:`_SupervisedTask` for the parameters)."""
+
+    def __init__(
+        self, loss_fn: LossFn = nn.functional.mse_loss, *, input_key: str = "input",
+        target_key: str = "labels", metrics: Mapping[str, MetricFn] | None = None,
+    ) -> None:
+        super().__init__(loss_fn, input_key=input_key, target_key=target_key, metrics=metrics)
+
+
+def _token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class LanguageModelTask(_SupervisedTask):
+    """Next-token prediction: inputs and targets are token tensors ``(N, T)``, the model returns
+    logits ``(N, T, V)``; cross-entropy over every position. Reports ``bits_per_token`` (the
+    loss in bits); no accuracy. Batches are weighted by their tokens (see
+    :class:`_SupervisedTask` for the parameters)."""
+
+    def __init__(
+        self, *, input_key: str = "input", target_key: str = "labels",
+        metrics: Mapping[str, MetricFn] | None = None,
+    ) -> None:
+        super().__init__(
+            _token_cross_entropy, input_key=input_key, target_key=target_key, metrics=metrics
+        )
+
+    def metrics(self, outputs: Any, batch: Any) -> dict[str, float]:
+        """``bits_per_token`` and the extra metrics."""
+        bits = float(_token_cross_entropy(outputs, self.targets(batch))) / math.log(2)
+        return {"bits_per_token": bits, **super().metrics(outputs, batch)}
+
+    def batch_size(self, batch: Any) -> int:
+        """The batch's target tokens."""
+        return int(self.targets(batch).numel())
