@@ -84,11 +84,6 @@ async def test_a_transformer_classifier_grows_seeds_on_its_sequence_slots() -> N
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="snapshot finiteness counts buffers (a -inf causal mask): the fix (params and "
-    "optimizer state only) is the loop helper's, in reliability/_snapshot.py",
-)
 async def test_a_minus_inf_mask_buffer_leaves_rollback_snapshots_on() -> None:
     trainer = _trainer(causal=True)
     assert not torch.isfinite(trainer.model.mask).all()

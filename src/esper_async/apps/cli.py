@@ -25,14 +25,8 @@ from ..reliability import CheckpointError
 from ..seeds import SeedState
 from ..store._cli import add_store_parser, run_store_command
 from ..telemetry import (
-    ATTR_EPOCH,
     ATTR_STORE_HIT,
-    ATTR_TRAIN_LOSS,
-    ATTR_VAL_ACC,
-    ATTR_VAL_LOSS,
-    EVENT_EPOCH_FIGURES,
     SPAN_STORE_GET,
-    Telemetry,
     read_span_records,
     span_file_name,
 )
@@ -62,16 +56,6 @@ class _Progress:
         self.first_epoch: dict[str, int] = {}
 
     def __call__(self, label: str, report: EpochReport, fit: FitResult) -> None:
-        # The figures of the epoch, as an event on the run span (current here) for the dashboard.
-        Telemetry.event(
-            EVENT_EPOCH_FIGURES,
-            {
-                ATTR_EPOCH: report.epoch,
-                ATTR_TRAIN_LOSS: report.train_loss,
-                ATTR_VAL_LOSS: report.val_loss,
-                ATTR_VAL_ACC: report.val_acc,
-            },
-        )
         if label not in self.first_epoch:
             self.first_epoch[label] = report.epoch
             if self.resume:

@@ -17,7 +17,8 @@ class SlotKind(StrEnum):
     """The kind of host module a slot wraps, and so the layout of the tensors a seed sees."""
 
     CONV = "conv"
-    """Per-sample shape ``(C, H, W)``: the output of a Conv2d or a convolutional block."""
+    """Per-sample shape ``(C, *spatial)`` with 1 to 3 spatial dims: the output of a Conv1d,
+    Conv2d or Conv3d, or of a convolutional block."""
     LINEAR = "linear"
     """Per-sample shape ``(F,)``: the output of a Linear layer or an MLP block."""
     TOKEN = "token"
@@ -54,15 +55,16 @@ class SlotContract:
                 f"{clip_repr(kind)}"
             )
         kind = SlotKind(kind)
-        rank = 3 if kind is SlotKind.CONV else 1
+        ranks = (2, 3, 4) if kind is SlotKind.CONV else (1,)
         shape = self.shape
         if (
             not isinstance(shape, tuple | list)
-            or len(shape) != rank
+            or len(shape) not in ranks
             or not all(is_int(s) and 1 <= s <= MAX_SLOT_SIZE for s in shape)
         ):
             raise BlueprintError(
-                f"a {kind.value} slot needs a per-sample shape of rank {rank}: a tuple of ints in "
+                f"a {kind.value} slot needs a per-sample shape of rank "
+                f"{' to '.join(map(str, sorted({ranks[0], ranks[-1]})))}: a tuple of ints in "
                 f"[1, {MAX_SLOT_SIZE}], got {clip_repr(shape)}"
             )
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:

@@ -356,6 +356,10 @@ class Grower:
             if self.surgery is not None:
                 await self._operate(val_loader)
         finally:
+            if self._epoch_span_obj is not None:  # the dashboard's curves and the epoch gauges
+                self.telemetry.epoch_figures(
+                    report, params=self.param_count(), span=self._epoch_span_obj
+                )
             self._close_epoch_span(loss=report.val_loss)
         self.result.history.append(report)
         self._stop_if_stalled()
