@@ -2,7 +2,7 @@
 
 Each rank runs its own :class:`~esper_async.Trainer`; at every epoch boundary each asks its
 controller. Wrapped in a :class:`BroadcastController`, only rank 0's inner controller is asked;
-its decisions (and their order) are broadcast over the control group, so every rank germinates,
+its decisions (and their order) are broadcast over the control channel, so every rank germinates,
 blends, fossilizes and culls the same seeds in the same slots at the same step. Only rank 0's
 controller learns (its selector and tracker statistics are the job's); checkpoints carry rank 0's.
 """
