@@ -231,7 +231,7 @@ def kernel_compile_flops(
 
     def fwd_bwd(batch: int) -> int:
         def step() -> None:
-            x = torch.zeros((batch, *contract.shape), dtype=dtype, requires_grad=True)
+            x = torch.zeros(contract.batch_shape(batch), dtype=dtype, requires_grad=True)
             module(x).sum().backward()
 
         return cache._cached(
@@ -243,7 +243,7 @@ def kernel_compile_flops(
         return cache._cached(
             ("kernel_fwd", blueprint.id, contract.to_json().__repr__(), batch),
             lambda: count_flops(
-                lambda: module(torch.zeros((batch, *contract.shape), dtype=dtype))
+                lambda: module(torch.zeros(contract.batch_shape(batch), dtype=dtype))
             ),
         )
 
