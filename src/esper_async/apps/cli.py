@@ -32,6 +32,8 @@ from ..telemetry import (
 )
 from ..training.trainer import FitResult
 from .demo import DemoConfig, DemoResult, load_demo_config, run_demo
+from .lm_demo import LMDemoConfig, LMDemoResult, run_lm_demo
+from .shakespeare import CorpusError
 from .trace_view import add_trace_parser
 
 __all__ = ("main",)
@@ -55,12 +57,19 @@ class _Progress:
         #: label -> the first epoch this invocation trained (0-based).
         self.first_epoch: dict[str, int] = {}
 
+    @staticmethod
+    def _figure(report: EpochReport) -> str:
+        bits = report.metrics.get("bits_per_token")
+        if bits is not None:
+            return f"bits/char {bits:.3f}"
+        return f"val_acc {report.val_acc:.3f}"
+
     def __call__(self, label: str, report: EpochReport, fit: FitResult) -> None:
         if label not in self.first_epoch:
             self.first_epoch[label] = report.epoch
             if self.resume:
                 print(
-                    f"{label:>7}: resumed from its checkpoint after epoch {report.epoch} of "
+                    f"{label:>12}: resumed from its checkpoint after epoch {report.epoch} of "
                     f"{self.epochs}, continuing at epoch {report.epoch + 1}",
                     file=sys.stderr, flush=True,
                 )
@@ -72,7 +81,7 @@ class _Progress:
             - fit.count(SeedState.CULLED)
         )
         line = (
-            f"{label:>7} [{bar:<20}] epoch {done:>3}/{self.epochs}  val_acc {report.val_acc:.3f}  "
+            f"{label:>12} [{bar:<20}] epoch {done:>3}/{self.epochs}  {self._figure(report)}  "
             f"val_loss {report.val_loss:.3f}  fossilized {fit.count(SeedState.FOSSILIZED)}  "
             f"culled {fit.count(SeedState.CULLED)}  live {live}"
         )
@@ -83,10 +92,30 @@ class _Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+def _align(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_lm_table(result: LMDemoResult) -> str:
+    """The Shakespeare demo's closing table: one row per arm."""
+    rows = [("arm", "val loss", "bits/char", "params", "tokens", "train FLOPs", "tokens/s",
+             "wall s")]
+    for arm in result.arms.values():
+        rows.append((
+            arm.label, f"{arm.val_loss:.4f}", f"{arm.bits_per_char:.4f}", str(arm.params),
+            str(arm.tokens), f"{arm.flops['total']:.3e}", f"{arm.tokens_per_s:.0f}",
+            f"{arm.wall_s:.1f}",
+        ))
+    return _align(rows)
+
+
 def format_table(result: DemoResult) -> str:
     """The demo's closing table."""
     rows = [("run", "test acc", "params", "fossilized", "culled", "wall s")]
-    for run in (result.static, result.growth):
+    for run in (result.static, result.growth, result.static_final):
         rows.append(
             (
                 run.label,
@@ -97,10 +126,7 @@ def format_table(result: DemoResult) -> str:
                 f"{run.wall_s:.1f}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _align(rows)
 
 
 def format_surgery(op: Mapping[str, Any]) -> str:
@@ -128,7 +154,76 @@ def store_lookups(run_dir: str | os.PathLike[str]) -> tuple[int, int]:
     return sum(lookups), len(lookups) - sum(lookups)
 
 
+_LIFECYCLE = (
+    SeedState.GERMINATED.value, SeedState.BLENDING.value, SeedState.FOSSILIZED.value,
+    SeedState.CULLED.value,
+)
+
+
+def _lm_demo(args: argparse.Namespace) -> int:
+    digits_only = [
+        flag for flag, given in (("--resume", args.resume is not None),
+                                 ("--run-dir", args.run_dir is not None),
+                                 ("--surgery", args.surgery)) if given
+    ]
+    if digits_only:
+        print(f"esper-async: {', '.join(digits_only)} apply to --task digits only",
+              file=sys.stderr)
+        return 2
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+    except RuntimeError as exc:
+        print(f"esper-async: bad --device {args.device!r}: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"esper-async: --device {args.device} needs CUDA, which is not available here",
+              file=sys.stderr)
+        return 2
+    overrides: dict[str, Any] = {
+        "seed": args.seed, "store": args.store, "use_store": not args.no_store,
+        "device": str(device),
+    }
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.steps is not None:
+        overrides["steps_per_epoch"] = args.steps
+    try:
+        make = LMDemoConfig.full if device.type == "cuda" else LMDemoConfig.quick
+        cfg = make(**overrides)
+    except DemoConfigError as exc:
+        print(f"esper-async: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"esper_async demo: Shakespeare (bundled, char-level), GPT {cfg.n_layer}x{cfg.n_embd} "
+        f"({cfg.n_head} head(s)), T={cfg.block_size}, B={cfg.batch_size}, {cfg.epochs} epochs of "
+        f"{cfg.steps_per_epoch} steps per arm, seed {cfg.seed}, device {device}"
+    )
+    try:
+        result = anyio.run(lambda: run_lm_demo(cfg, progress=_Progress(cfg.epochs)))
+    except CorpusError as exc:
+        print(f"esper-async: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(format_lm_table(result))
+    print("\ngrowth events:")
+    for event in result.arms["growth"].fit.events:
+        if event.target in _LIFECYCLE:
+            print(f"  epoch {event.epoch:>3}  {event.slot:<18} {event.target:<10} {event.reason}")
+    final = [name for name, _ in result.arms["growth"].fossils]
+    print(f"final architecture: host + seeds in {', '.join(final) or 'no slot'}")
+    gain = result.arms["growth"].val_loss - result.arms["static_final"].val_loss
+    print(f"growth - static_final: {gain:+.4f} val loss (nats/char)")
+    print(f"\nsample from the grown model (seed {cfg.seed}):\n{result.sample}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if args.task == "shakespeare":
+        return _lm_demo(args)
+    if args.steps is not None:
+        print("esper-async: --steps applies to --task shakespeare only", file=sys.stderr)
+        return 2
     try:
         if args.resume is not None:
             run_dir = args.resume
@@ -141,7 +236,7 @@ def _demo(args: argparse.Namespace) -> int:
         else:
             run_dir = args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
             cfg = DemoConfig(
-                epochs=args.epochs,
+                epochs=DemoConfig.epochs if args.epochs is None else args.epochs,
                 seed=args.seed,
                 store=args.store,
                 use_store=not args.no_store,
@@ -184,11 +279,12 @@ def _demo(args: argparse.Namespace) -> int:
     for op in result.growth.surgeries:
         print(f"  surgery: {format_surgery(op)}")
     if cfg.resume:
-        for label in ("static", "growth"):
+        for label in ("static", "growth", "static_final"):
             if label not in progress.first_epoch:
                 print(f"  {label}: had finished all {cfg.epochs} epochs; nothing to resume")
     gain = result.growth.test_acc - result.static.test_acc
-    print(f"\ngrowth vs static: {gain:+.4f} test accuracy")
+    final = result.growth.test_acc - result.static_final.test_acc
+    print(f"\ngrowth vs static: {gain:+.4f} test accuracy; growth vs static_final: {final:+.4f}")
     if result.store_path is None:
         print(f"kernels: {result.kernels_compiled} compiled (no store)")
     else:
@@ -227,10 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train the digits host statically and with growth")
+    demo = sub.add_parser(
+        "demo", help="train a host statically, with growth, and as growth's final architecture"
+    )
     demo.add_argument(
-        "--epochs", type=int, default=DemoConfig.epochs,
-        help=f"epochs of each run (default {DemoConfig.epochs})",
+        "--task", choices=("digits", "shakespeare"), default="digits",
+        help="digits (default): the conv host on 8x8 digits; shakespeare: a GPT on bundled "
+        "Shakespeare (CPU: the quick size; --device cuda: the reference size)",
+    )
+    demo.add_argument(
+        "--epochs", type=int, default=None,
+        help=f"epochs of each run (default {DemoConfig.epochs} for digits; shakespeare "
+        f"{LMDemoConfig.epochs} on the CPU, {LMDemoConfig.full().epochs} on CUDA)",
+    )
+    demo.add_argument(
+        "--steps", type=int, default=None,
+        help=f"shakespeare only: training steps per epoch (default {LMDemoConfig.steps_per_epoch}"
+        f" on the CPU, {LMDemoConfig.full().steps_per_epoch} on CUDA)",
     )
     demo.add_argument(
         "--seed", type=int, default=DemoConfig.seed,

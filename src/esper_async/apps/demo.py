@@ -1,4 +1,5 @@
-"""The main job: a deliberately narrow conv net on the digits, trained statically and grown."""
+"""The main job: a deliberately narrow conv net on the digits, trained statically, grown, and as
+``static_final`` (growth's final architecture, freshly initialised, trained from scratch)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..surgery import SurgeryPolicyConfig
 from ..telemetry import Telemetry, TelemetryConfig
 from ..training.trainer import FitResult, Trainer
 from .data import digits_loaders
+from .static_final import fossils_of, graft_fossils
 
 __all__ = (
     "DemoConfig",
@@ -46,7 +48,7 @@ _HOST_MODULES = ("conv1", "conv2", "fc1", "head")
 #: The fewest images ``limit`` may keep: the splits are stratified over the 10 classes.
 _MIN_LIMIT = 100
 #: The runs of a demo, in order; each checkpoints into ``run_dir/checkpoints/<label>``.
-_RUNS = ("static", "growth")
+_RUNS = ("static", "growth", "static_final")
 
 
 class DigitsHost(nn.Module):
@@ -92,7 +94,8 @@ class DemoConfig:
     use_store: bool = True
     run_dir: str | None = None
     """Where the run's trace (JSON-lines spans), options and checkpoints go (checkpoints in
-    ``checkpoints/static`` and ``checkpoints/growth``); ``None``: none of these."""
+    ``checkpoints/static``, ``checkpoints/growth`` and ``checkpoints/static_final``); ``None``:
+    none of these."""
     checkpoint_every: int = 1
     """Epochs between checkpoints (with a ``run_dir``)."""
     resume: bool = False
@@ -271,7 +274,7 @@ def _check_resumable(cfg: DemoConfig) -> Mapping[str, bool]:
     """Which runs of ``cfg`` have checkpoints to resume from.
 
     :raises DemoConfigError: if ``cfg.resume`` is set without a ``run_dir``.
-    :raises CheckpointError: if neither run has any.
+    :raises CheckpointError: if no run has any.
     """
     if cfg.run_dir is None:
         raise DemoConfigError("option 'resume' needs a 'run_dir' to resume from", key="resume")
@@ -299,14 +302,18 @@ class RunSummary:
     fit: FitResult
     surgeries: tuple[dict[str, object], ...] = ()
     """The architecture changes committed (``DemoConfig.surgery``)."""
+    fossils: tuple[tuple[str, str], ...] = ()
+    """``(slot, blueprint JSON)`` of every seed fossilized at the end."""
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Both runs, and where the growth run's kernels came from."""
+    """The three runs, and where the growth run's kernels came from."""
 
     static: RunSummary
     growth: RunSummary
+    static_final: RunSummary
+    """Growth's final architecture (its fossilized seeds, built afresh), trained from scratch."""
     kernels_compiled: int
     kernels_from_store: int
     compile_s: float
@@ -344,12 +351,14 @@ async def _run(
     compiler: BlueprintCompiler,
     telemetry: Telemetry,
     resume: frozenset[str],
+    fossils: tuple[tuple[str, str], ...] = (),
 ) -> RunSummary:
     torch.manual_seed(cfg.seed)
     data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed, limit=cfg.limit)
     model = DigitsHost()
-    if grow:
+    if grow or fossils:
         wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
+        graft_fossils(model, fossils, seed=cfg.seed)
     device = cfg.resolved_device()
     trainer = Trainer(
         model,
@@ -382,6 +391,7 @@ async def _run(
         wall_s=fit.wall_s,
         fit=fit,
         surgeries=tuple(trainer.surgeries),
+        fossils=fossils_of(trainer.slots),
     )
 
 
@@ -391,16 +401,17 @@ async def run_demo(
     progress: ProgressFn | None = None,
     compiler: BlueprintCompiler | None = None,
 ) -> DemoResult:
-    """Train the digits host statically, then with growth, from the same seed.
+    """Train the digits host statically, then with growth, then as ``static_final`` (growth's
+    fossilized seeds, freshly built, part of the host from step 0), from the same seed.
 
     The compiler's worker processes start while the static run trains, so the growth run finds
     them warm.
 
     :param config: demo options.
-    :param progress: called after every epoch of either run with its label (``"static"`` or
-        ``"growth"``), the epoch's report and the run so far.
+    :param progress: called after every epoch of every run with its label (``"static"``,
+        ``"growth"`` or ``"static_final"``), the epoch's report and the run so far.
     :param compiler: the compiler for the growth run (default: a new one).
-    :raises CheckpointError: if ``config.resume`` is set and neither run wrote a checkpoint, or
+    :raises CheckpointError: if ``config.resume`` is set and no run wrote a checkpoint, or
         a run's checkpoints are all damaged (the error lists each file and why).
     :raises DemoConfigError: if ``config.resume`` is set without a ``run_dir``.
     """
@@ -427,10 +438,14 @@ async def run_demo(
         static = await _run("static", cfg, False, progress, compiler, telemetry, resume)
         await compiler.wait_ready()
         growth = await _run("growth", cfg, True, progress, compiler, telemetry, resume)
+        static_final = await _run(
+            "static_final", cfg, False, progress, compiler, telemetry, resume, growth.fossils
+        )
     requested = growth.fit.count(SeedState.GERMINATED)
     return DemoResult(
         static=static,
         growth=growth,
+        static_final=static_final,
         kernels_compiled=compiler.compiles,
         kernels_from_store=requested - compiler.compiles,
         compile_s=compiler.compile_seconds,

@@ -1,4 +1,4 @@
-"""The language-model demo: a narrow GPT on the bundled Shakespeare, static, grown, and static_final.
+"""The language-model demo: a narrow GPT on bundled Shakespeare, static, grown and static_final.
 
 Three arms, from the same seed, data order, recipe (AdamW, constant ``lr``) and token budget:
 
@@ -95,8 +95,8 @@ class LMDemoConfig:
     :ivar device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
     """
 
-    epochs: int = 8
-    steps_per_epoch: int = 60
+    epochs: int = 10
+    steps_per_epoch: int = 100
     batch_size: int = 32
     block_size: int = 64
     eval_batches: int = 8
@@ -139,7 +139,7 @@ class LMDemoConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> LMDemoConfig:
         """The CPU quick run: :meth:`GPTConfig.narrow` (2 blocks, 1 head, width 64), T=64, B=32,
-        8 epochs of 60 steps (480 steps, 983k tokens per arm), lr 3e-3.
+        10 epochs of 100 steps (1000 steps, 2.05M tokens per arm), lr 3e-3.
 
         :param overrides: options to change.
         """

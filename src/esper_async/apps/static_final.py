@@ -1,4 +1,4 @@
-"""The ``static_final`` arm of a growth comparison: growth's final architecture, trained from scratch.
+"""The ``static_final`` arm of a growth comparison: growth's final architecture, from scratch.
 
 Growth ends with some seeds fossilized into the host. To tell whether growing paid, compare it
 with a model that *starts* with that architecture: the same host, wrapped at the same slots, with
