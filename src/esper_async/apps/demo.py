@@ -48,7 +48,10 @@ _HOST_MODULES = ("conv1", "conv2", "fc1", "head")
 #: The fewest images ``limit`` may keep: the splits are stratified over the 10 classes.
 _MIN_LIMIT = 100
 #: The runs of a demo, in order; each checkpoints into ``run_dir/checkpoints/<label>``.
-_RUNS = ("static", "growth", "static_final")
+_RUNS = ("static", "growth")
+#: The run trained last, from growth's fossils; it writes no checkpoints (its fresh modules are
+#: no compiled kernels a checkpoint could hold) and, on ``--resume``, trains again from scratch.
+_STATIC_FINAL = "static_final"
 
 
 class DigitsHost(nn.Module):
@@ -94,8 +97,8 @@ class DemoConfig:
     use_store: bool = True
     run_dir: str | None = None
     """Where the run's trace (JSON-lines spans), options and checkpoints go (checkpoints in
-    ``checkpoints/static``, ``checkpoints/growth`` and ``checkpoints/static_final``); ``None``:
-    none of these."""
+    ``checkpoints/static`` and ``checkpoints/growth``; ``static_final`` writes none and is
+    retrained on resume); ``None``: none of these."""
     checkpoint_every: int = 1
     """Epochs between checkpoints (with a ``run_dir``)."""
     resume: bool = False
@@ -370,8 +373,8 @@ async def _run(
         controller=HeuristicController(cfg.controller, seed=cfg.seed),
         surgery=SurgeryPolicyConfig(cooldown_steps=0) if grow and cfg.surgery else None,
     )
-    checkpoints = _checkpoint_dir(cfg, label)
-    if resume and label not in resume:
+    checkpoints = None if label == _STATIC_FINAL else _checkpoint_dir(cfg, label)
+    if resume and label not in resume and label != _STATIC_FINAL:
         log.info("demo.run_starts_afresh", run=label, reason="it wrote no checkpoint")
     fit = await trainer.fit(
         data.train,
@@ -439,7 +442,7 @@ async def run_demo(
         await compiler.wait_ready()
         growth = await _run("growth", cfg, True, progress, compiler, telemetry, resume)
         static_final = await _run(
-            "static_final", cfg, False, progress, compiler, telemetry, resume, growth.fossils
+            _STATIC_FINAL, cfg, False, progress, compiler, telemetry, resume, growth.fossils
         )
     requested = growth.fit.count(SeedState.GERMINATED)
     return DemoResult(
