@@ -71,11 +71,10 @@ async def _arm(
     from esper_async.apps.data import digits_loaders
     from esper_async.apps.demo import DemoConfig, DigitsHost, evaluate_accuracy
     from esper_async.blueprints import Blueprint, build
+    from esper_async.control import ControllerConfig
     from esper_async.seeds import SeedState, find_slots
     from esper_async.store import KernelStore
     from esper_async.training._flops import FlopLedger
-
-    from esper_async.control import ControllerConfig
 
     cfg = DemoConfig(
         epochs=epochs, seed=seed, batch_size=batch_size, controller=ControllerConfig(**controller)
@@ -229,7 +228,9 @@ def controller_options(pairs: list[str], epochs: int) -> dict[str, Any]:
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key not in types or not value:
-            raise SystemExit(f"--controller {pair!r}: expected key=value, key one of {sorted(types)}")
+            raise SystemExit(
+                f"--controller {pair!r}: expected key=value, key one of {sorted(types)}"
+            )
         options[key] = types[key](value)
     return options
 
@@ -308,7 +309,9 @@ def main() -> None:
         "--controller", action="append", default=[], metavar="KEY=VALUE",
         help="a ControllerConfig option for the growth run (repeatable)",
     )
-    parser.add_argument("--out", default="growth", help="result name (benchmarks/results/NAME.json)")
+    parser.add_argument(
+        "--out", default="growth", help="result name (benchmarks/results/NAME.json)"
+    )
     parser.add_argument("--note", default="", help="recorded in the JSON, e.g. why it is partial")
     args = parser.parse_args()
     if args.quick:
