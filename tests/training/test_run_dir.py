@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,18 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from torch import nn
 
 import esper_async as ea
-from esper_async.apps.trace_view import add_trace_parser
 from esper_async.apps.dashboard_data import dashboard_data
+from esper_async.apps.trace_view import add_trace_parser
 from esper_async.errors import TelemetryConfigError
 from esper_async.telemetry import METRIC_LOOP_LAG, MetricLogger, Telemetry, read_span_records
 
 EPOCHS = 3
 
 
-def _data() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _data() -> tuple[Batches, Batches]:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(48, 4, generator=g), torch.randint(0, 3, (48,), generator=g)
     train = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
@@ -192,3 +196,18 @@ def test_a_store_named_by_path_serves_the_next_run(tmp_path: Path) -> None:
     result = _fit(second, epochs=3)
     assert "training" in [e.target for e in result.events]  # a kernel was grafted ...
     assert second.compiler.compiles == 0  # the same blueprint, contract and seed: a store hit
+
+
+@pytest.mark.slow
+def test_the_own_model_example_writes_its_run_directory(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import own_model
+
+    result = anyio.run(own_model.train, 3, tmp_path, 0, 300)
+    assert result.events, "nothing grew: the trace would show no lifecycle"
+    (view,) = dashboard_data(read_span_records(tmp_path))
+    assert sorted(view.figures["val_loss"]) == [0, 1, 2]
+    assert [e["to"] for e in view.events] == [e.target for e in result.events]
+    rows = (tmp_path / "epochs.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and "val/accuracy" in rows[0]
+    assert (tmp_path / "kernels").is_dir()
