@@ -1,13 +1,14 @@
 """Does growth pay? The digits demo's growth run against a static model of its final size.
 
     python benchmarks/bench_growth.py [--quick] [--seeds N] [--epochs E] [--jobs J]
-        → benchmarks/results/growth.json
+        [--controller KEY=VALUE ...] [--out NAME]   → benchmarks/results/growth.json (or NAME)
 
 Three arms, each seed training on the same data split, order, recipe (the Trainer's default
 Adam, lr 3e-3), epochs and batch size, from the same host initialisation:
 
 * ``static``: the bare :class:`~esper_async.apps.demo.DigitsHost`.
-* ``growth``: the demo's growth run (slots conv1, conv2, fc1; the default controller).
+* ``growth``: the demo's growth run (slots conv1, conv2, fc1; the default controller, with
+  ``horizon_epochs`` set to the run's length and any ``--controller`` options).
 * ``static_final``: the exact architecture growth ended with, trained from scratch: the host
   wrapped as in ``growth``, and in every slot where growth fossilized a seed, a fresh module of
   the same blueprint (``build`` with a new seed), grafted and set FOSSILIZED before training, so
