@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from torch import nn
@@ -15,9 +17,11 @@ from esper_async.telemetry import (
     ATTR_CHOSEN,
     ATTR_SLOT,
     ATTR_STRATEGY,
+    SPAN_RUN,
     SPAN_SELECT,
     Telemetry,
     TelemetryConfig,
+    read_span_records,
 )
 
 BLUEPRINTS = (Blueprint("low_rank", {"rank": 2}), Blueprint("linear_norm"))
@@ -69,3 +73,23 @@ def test_without_telemetry_no_span_is_needed() -> None:
     controller = HeuristicController(config, blueprints=BLUEPRINTS)
     decisions = controller.decide(_report(1), [_report(0)], find_slots(model))
     assert [type(d) for d in decisions] == [Germinate]
+
+
+def test_the_dashboard_reads_the_selection_from_the_trace_file(tmp_path: Path) -> None:
+    from esper_async.apps.dashboard_data import dashboard_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    wrap(model, ["0"], example_input=torch.zeros(2, 4))
+    config = ControllerConfig(plateau_patience=1, plateau_tolerance=1.0)
+    tel_config = TelemetryConfig(otlp=False, processor="simple")
+    with Telemetry.create(run_dir=tmp_path, config=tel_config, run_id="r", env={}) as telemetry:
+        controller = HeuristicController(config, blueprints=BLUEPRINTS, telemetry=telemetry)
+        with telemetry.span(SPAN_RUN):
+            decisions = controller.decide(_report(1), [_report(0)], find_slots(model))
+    (germinate,) = decisions
+    assert isinstance(germinate, Germinate)
+    (view,) = dashboard_data(read_span_records(tmp_path))
+    (selection,) = view.selections
+    assert selection["chosen"] == f"0/{germinate.blueprint.name}"
+    assert selection["arms"] == {f"0/{bp.name}": 0.0 for bp in BLUEPRINTS}
