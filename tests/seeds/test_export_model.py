@@ -120,6 +120,7 @@ print("modules:", left)
 """
 
 
+@pytest.mark.slow
 def test_the_export_loads_and_runs_in_a_process_without_esper_async(tmp_path: Path) -> None:
     model, _ = grown()
     exported = ea.export_model(model)
@@ -264,3 +265,25 @@ def test_a_token_slot_exports(blueprint: str, tmp_path: Path) -> None:
     loaded = torch.export.load(tmp_path / "lm.pt2").module()
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), atol=1e-6, rtol=0.0)
+
+
+def test_a_seed_in_another_execution_form_exports_its_program() -> None:
+    # channels_last: the form's wrapper is left out, its program (and layout) kept. (inductor
+    # unwraps the same way; compiling it takes most of a minute, so it is not run here.)
+    form = "channels_last"
+    torch.manual_seed(0)
+    model = DigitsHost()
+    slot = ea.wrap(model, ["conv1"], example_input=X[:2])["conv1"]
+    assert slot.contract is not None
+    blueprint = ea.Blueprint("residual_conv")
+    slot.germinate(blueprint)
+    kernel = ea.export_kernel(blueprint, slot.contract, seed=3)
+    slot.graft(ea.load_kernel(kernel, form=form), kernel.kernel_id)
+    slot.start_blending(steps=1)
+    slot.on_step()
+    slot.fossilize()
+    exported = ea.export_model(model.eval())
+    assert all(k.startswith(("conv1.seed.program.program.", "conv1.host.", "conv2.", "fc1.",
+                             "head.")) for k in exported.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(X), model(X), atol=1e-6, rtol=0.0)

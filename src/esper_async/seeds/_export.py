@@ -65,10 +65,6 @@ def _program(slot: SeedSlot) -> tuple[nn.Module, str]:
 class _Tracer(fx.Tracer):
     """``symbolic_trace`` with each :class:`SeedSlot` replaced by what it computes."""
 
-    def __init__(self, live: str) -> None:
-        super().__init__()
-        self.live = live
-
     def call_module(
         self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
@@ -160,7 +156,7 @@ def export_model(
     was_training = model.training
     model.eval()
     try:
-        tracer = _Tracer(live)
+        tracer = _Tracer()
         try:
             graph = tracer.trace(model)
         except Exception as exc:
