@@ -111,6 +111,26 @@ def _check_slots(model: nn.Module, live: str) -> None:
                 log.warning("export.bf16_seed_in_full_precision", slot=name)
 
 
+@torch.no_grad()
+def _own_tensors(gm: fx.GraphModule) -> fx.GraphModule:
+    """Give each parameter and buffer storage of its own (a loaded kernel's weights are views of
+    one archive buffer), keeping tied ones tied and each tensor's layout."""
+    done: dict[int, torch.Tensor] = {}
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in done:
+                    fresh = t.detach().clone()
+                    done[id(t)] = (
+                        nn.Parameter(fresh, t.requires_grad) if isinstance(t, nn.Parameter)
+                        else fresh
+                    )
+                table[name] = done[id(t)]  # type: ignore[assignment]
+    return gm
+
+
 def _foreign(gm: fx.GraphModule) -> list[str]:
     """What in ``gm`` still refers to esper_async: module classes and call targets."""
     found = [
@@ -171,7 +191,7 @@ def export_model(
             # Annotations read from the model's signature (strings under postponed evaluation)
             # would become imports in the pickled code.
             node.type = None
-        gm = copy.deepcopy(fx.GraphModule(tracer.root, graph, type(model).__name__))
+        gm = _own_tensors(copy.deepcopy(fx.GraphModule(tracer.root, graph, type(model).__name__)))
         gm._tracer_cls = None
         gm.eval()
         left = _foreign(gm)
