@@ -25,7 +25,7 @@ A hand-written loop::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -283,6 +283,18 @@ class Grower:
             if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
                 raise group.exceptions[0] from group.exceptions[0].__cause__
             raise
+
+    async def start_background(self, fn: Callable[..., Coroutine[Any, Any, Any]]) -> None:
+        """Start ``fn`` in the grower's task group, beside the compiles: it runs until the
+        grower exits, which cancels it (a monitor, e.g. ``monitor_loop_lag``). ``fn`` is
+        started with anyio's ``TaskGroup.start``, so it must call ``task_status.started()``.
+
+        :param fn: an async function taking ``task_status=``.
+        :raises RuntimeError: called outside ``async with grower:``.
+        """
+        if self._tg is None:
+            raise RuntimeError("Grower.start_background works only inside `async with grower:`")
+        await self._tg.start(fn)
 
     # --- the loop's calls -----------------------------------------------------------------------
 

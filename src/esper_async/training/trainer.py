@@ -4,14 +4,19 @@ The loop is :meth:`Trainer.fit`; one step is :meth:`Trainer._step` (zero the gra
 backward, optimizer step). Everything about growth — compiles beside training, grafts, culls, the
 controller, snapshots — is the grower's; the trainer adds guarded steps (a bad loss never updates
 the model: its seed is culled, or the run rolls back), CPU steps in a worker thread, and
-checkpoints (:meth:`Trainer.state_dict`). See ``docs/training.md`` and ``docs/reliability.md``.
+checkpoints (:meth:`Trainer.state_dict`). It also wires a run's outputs: a trace in a run directory
+(``run_dir=``), a kernel store (``store=``), the loop-lag monitor and epoch-end experiment loggers
+(``loggers=``). See ``docs/training.md`` and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,15 +27,22 @@ from torch import nn
 
 from ..compiler import BlueprintCompiler
 from ..control._controller import Controller, EpochReport
-from ..errors import SeedRuntimeError
+from ..errors import SeedRuntimeError, TelemetryConfigError
 from ..kernels import Kernel
 from ..reliability import CheckpointError, CheckpointStore, Restored
 from ..reliability._config import ReliabilityConfig
 from ..reliability._errors import LossAnomaly
 from ..reliability._incidents import IncidentKind
 from ..runtime._execution import StepRunner
+from ..store import KernelStore
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
-from ..telemetry import SPAN_RUN, Telemetry
+from ..telemetry import (
+    SPAN_RUN,
+    MetricLogger,
+    Telemetry,
+    TelemetryConfig,
+    monitor_loop_lag,
+)
 from ._grower import Grower
 from ._guard import StepGuard
 from ._loaders import batch_count, check_loaders, no_batches
@@ -44,6 +56,26 @@ log = structlog.get_logger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Settle = Literal["judge", "cull", "keep"]
+#: Default period of the loop-lag monitor (s): one wake-up every quarter second costs nothing.
+LOOP_LAG_INTERVAL_S = 0.25
+
+
+def _epoch_scalars(report: EpochReport, params: int) -> dict[str, float]:
+    """One epoch's figures as the loggers get them: ``epoch``, ``train/loss``, ``val/loss``,
+    ``val/<metric>`` for each of the task's metrics, and ``params``; missing or non-finite
+    figures are left out.
+
+    :param report: the epoch's report.
+    :param params: the model's trainable parameters after the epoch.
+    :returns: figure name to value.
+    """
+    figures: dict[str, float | None] = {
+        "epoch": float(report.epoch), "train/loss": report.train_loss,
+        "val/loss": report.val_loss, "params": float(params),
+    }
+    for name, value in report.metrics.items():
+        figures[f"val/{name}"] = value
+    return {k: float(v) for k, v in figures.items() if v is not None and math.isfinite(v)}
 
 
 def _loader_generator(loader: object) -> torch.Generator | None:
@@ -69,7 +101,8 @@ class Trainer:
     :param task: how batches are read, losses computed and figures measured (see
         :mod:`esper_async.training._task`); default classification of ``(inputs, targets)``.
     :param controller: decides growth; default :class:`HeuristicController` seeded with ``seed``.
-    :param compiler: turns blueprints into kernels; default :class:`BlueprintCompiler`.
+    :param compiler: turns blueprints into kernels; default :class:`BlueprintCompiler` (with
+        ``store`` as its kernel store).
     :param grow: whether to grow at all (``False`` trains the host statically).
     :param device: where the model and batches live.
     :param seed: seeds the kernels' initial weights and the default controller's choices: two
@@ -80,7 +113,23 @@ class Trainer:
         scheduler is stepped once per epoch and checkpointed).
     :param writes_checkpoints: whether this process writes ``fit(checkpoint_dir=...)``'s
         checkpoints (under DDP pass ``ctx.is_leader``).
-    :raises ValueError: both ``task`` and ``loss_fn`` are given, or as :class:`Grower`.
+    :param run_dir: a directory where every :meth:`fit` writes its trace (``spans-run-<pid>.jsonl``,
+        ``metrics-run-<pid>.jsonl``; ``esper-async trace RUN_DIR --html`` reads it), built with
+        ``telemetry_config``; flushed and closed when ``fit`` returns or raises. Default ``None``:
+        nothing is written to disk (spans are made and dropped) unless ``telemetry`` says so.
+    :param telemetry_config: export settings of the ``run_dir`` trace (default
+        :class:`TelemetryConfig`: JSONL, OTLP when the ``OTEL_EXPORTER_OTLP_*`` variables say so).
+    :param store: the default compiler's kernel store: a directory (opened for each ``fit`` and
+        closed after it) or a :class:`KernelStore` you opened. Default ``None``: no store, every
+        kernel is compiled.
+    :param loggers: experiment loggers (:class:`~esper_async.telemetry.MetricLogger`), given each
+        epoch's figures at its end (``epoch``, ``train/loss``, ``val/loss``, ``val/<metric>``,
+        ``params``, at the global step) and closed at the end of ``fit``.
+        A logger that raises is warned about and training goes on.
+    :param loop_lag_interval_s: period of the loop-lag monitor that ``fit`` runs beside training
+        (``esper.loop.lag``); ``None`` runs none.
+    :raises ValueError: both ``task`` and ``loss_fn``, ``run_dir`` and ``telemetry``, or ``store``
+        and ``compiler`` are given; ``loop_lag_interval_s`` is not positive; or as :class:`Grower`.
     """
 
     def __init__(
@@ -103,9 +152,29 @@ class Trainer:
         reliability: ReliabilityConfig | None = None,
         surgery: SurgeryPolicyConfig | SurgeryPolicy | None = None,
         writes_checkpoints: bool = True,
+        run_dir: str | os.PathLike[str] | None = None,
+        telemetry_config: TelemetryConfig | None = None,
+        store: str | os.PathLike[str] | KernelStore | None = None,
+        loggers: Sequence[MetricLogger] = (),
+        loop_lag_interval_s: float | None = LOOP_LAG_INTERVAL_S,
     ) -> None:
         if task is not None and loss_fn is not None:
             raise ValueError("give Trainer a task or a loss_fn, not both (the task has its loss)")
+        if run_dir is not None and telemetry is not None:
+            raise ValueError(
+                "give Trainer a run_dir or a telemetry, not both: a Telemetry made with "
+                "Telemetry.create(run_dir=...) writes there already"
+            )
+        if store is not None and compiler is not None:
+            raise ValueError(
+                "Trainer(store=...) is the default compiler's store: with your own compiler, "
+                "pass BlueprintCompiler(store=...) instead"
+            )
+        if loop_lag_interval_s is not None and not loop_lag_interval_s > 0:
+            raise ValueError(
+                f"loop_lag_interval_s must be a positive number of seconds or None, "
+                f"got {loop_lag_interval_s}"
+            )
         self.task: Task = task or ClassificationTask(loss_fn or nn.functional.cross_entropy)
         model = model.to(torch.device(device))
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -115,6 +184,21 @@ class Trainer:
             graft_deadline_epochs=graft_deadline_epochs, telemetry=telemetry,
             wrap_model=wrap_model, scheduler=scheduler, reliability=reliability, surgery=surgery,
         )
+        #: The directory each fit's trace is written to (``None``: none).
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.telemetry_config = telemetry_config or TelemetryConfig()
+        self._owned_store = None if store is None or isinstance(store, KernelStore) else (
+            KernelStore(store)
+        )
+        #: The default compiler's kernel store (``None``: none).
+        self.store: KernelStore | None = self._owned_store or (
+            store if isinstance(store, KernelStore) else None
+        )
+        if self.store is not None:
+            g.compiler.store = self.store
+        self._own_compiler = compiler is None
+        self.loggers: list[MetricLogger] = list(loggers)
+        self.loop_lag_interval_s = loop_lag_interval_s
         self.model, self.device, self.slots = g.model, g.device, g.slots
         self.telemetry = g.telemetry
         self.compiler, self.governor, self.breakers = g.compiler, g.governor, g.breakers
@@ -186,6 +270,8 @@ class Trainer:
         :raises LoaderError: a loader yields no batches, or is one-shot for several epochs.
         :raises ValueError: ``resume`` without ``checkpoint_dir``, or an unknown ``settle``.
         :raises CheckpointError: ``resume`` found no checkpoint that restores.
+        :raises TelemetryConfigError: the trainer's ``run_dir`` cannot be created.
+        :raises StoreError: the trainer's ``store`` directory cannot be opened.
         """
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir to resume from")
@@ -202,29 +288,98 @@ class Trainer:
         self.grower.steps_per_epoch = batch_count(train_loader) or 1
         self._stop_requested = False
         started = time.perf_counter()
-        with self.telemetry.span(SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow):
-            async with self.grower as grower:
-                for epoch in range(first, epochs):
-                    grower.begin_epoch()
-                    await self._train_epoch(train_loader, on_step)
-                    report = await grower.end_epoch(val_loader)
-                    last = epoch + 1 == epochs or self._stop_requested
-                    if last:
-                        await grower.settle(settle)
-                    due = (epoch + 1) % max(1, checkpoint_every) == 0 or last
-                    if checkpoint_dir is not None and (due or self._checkpoint_requested):
-                        self._checkpoint_requested = False
-                        if self.writes_checkpoints:
-                            await self.save_checkpoint(checkpoint_dir, generator=self._generator)
-                    log.debug("epoch", epoch=epoch, train_loss=report.train_loss,
-                              val_loss=report.val_loss, metrics=dict(report.metrics))
-                    if on_epoch is not None:
-                        on_epoch(report, result)
-                    if self._stop_requested:
-                        break
+        async with AsyncExitStack() as stack:
+            await self._open_run(stack)
+            with self.telemetry.span(
+                SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow
+            ):
+                async with self.grower as grower:
+                    if self.loop_lag_interval_s is not None:
+                        await grower.start_background(partial(
+                            monitor_loop_lag, self.telemetry.metrics,
+                            interval_s=self.loop_lag_interval_s,
+                        ))
+                    for epoch in range(first, epochs):
+                        grower.begin_epoch()
+                        await self._train_epoch(train_loader, on_step)
+                        report = await grower.end_epoch(val_loader)
+                        last = epoch + 1 == epochs or self._stop_requested
+                        if last:
+                            await grower.settle(settle)
+                        due = (epoch + 1) % max(1, checkpoint_every) == 0 or last
+                        if checkpoint_dir is not None and (due or self._checkpoint_requested):
+                            self._checkpoint_requested = False
+                            if self.writes_checkpoints:
+                                await self.save_checkpoint(
+                                    checkpoint_dir, generator=self._generator
+                                )
+                        log.debug("epoch", epoch=epoch, train_loss=report.train_loss,
+                                  val_loss=report.val_loss, metrics=dict(report.metrics))
+                        self._log_epoch(report)
+                        if on_epoch is not None:
+                            on_epoch(report, result)
+                        if self._stop_requested:
+                            break
         result.wall_s = time.perf_counter() - started
         result.steps = self.step
         return result
+
+    async def _open_run(self, stack: AsyncExitStack) -> None:
+        """Open what a fit writes to, each closed by ``stack`` (also when the fit raises): the
+        owned kernel store, the ``run_dir`` telemetry (flushed and shut down), the loggers."""
+        if self._owned_store is not None and self.grow:
+            await stack.enter_async_context(self._owned_store)
+        stack.callback(self._close_loggers)
+        if self.run_dir is None:
+            stack.push_async_callback(self._flush, self.telemetry)
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TelemetryConfigError(
+                f"cannot write the trace into run_dir {str(self.run_dir)!r}: {exc}; "
+                "give Trainer(run_dir=...) a directory you can write"
+            ) from exc
+        quiet = self.telemetry
+        self._use_telemetry(Telemetry.create(run_dir=self.run_dir, config=self.telemetry_config))
+
+        async def close() -> None:
+            telemetry = self.telemetry
+            self._use_telemetry(quiet)
+            await telemetry.aclose()  # shielded: a cancelled fit's last spans are written
+
+        stack.push_async_callback(close)
+
+    def _use_telemetry(self, telemetry: Telemetry) -> None:
+        self.telemetry = self.grower.telemetry = telemetry
+        if self._own_compiler:
+            self.compiler.telemetry = telemetry
+
+    @staticmethod
+    async def _flush(telemetry: Telemetry) -> None:
+        """Export the fit's last spans and metrics (shielded from cancellation)."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(telemetry.force_flush)
+
+    def _log_epoch(self, report: EpochReport) -> None:
+        """Give the loggers the epoch's figures (between epochs, never on the step's path)."""
+        if not self.loggers:
+            return
+        scalars = _epoch_scalars(report, self.param_count())
+        for logger in self.loggers:
+            try:
+                logger.log_scalars(self.step, scalars)
+            except Exception as exc:  # a logger must never end the run
+                log.warning("logger failed", logger=type(logger).__name__, error=repr(exc),
+                            epoch=report.epoch)
+
+    def _close_loggers(self) -> None:
+        for logger in self.loggers:
+            try:
+                logger.close()
+            except Exception as exc:
+                log.warning("logger failed to close", logger=type(logger).__name__,
+                            error=repr(exc))
 
     async def _train_epoch(
         self, loader: Iterable[Any], on_step: Callable[[int, float | None], None] | None
