@@ -67,7 +67,7 @@ async def grow(seed: int, selector: IntelligentSeedSelector, epochs: int, compil
     await trainer.fit(data.train, data.val, epochs=epochs)
     picks = [
         (e.slot, e.reason.rsplit(" chose ", 1)[1])
-        for e in trainer._result.events
+        for e in trainer.result.events
         if e.target == "germinated"
     ]
     summary = controller.tracker.summary()

@@ -1,54 +1,44 @@
 """The trainer: a training loop that grows its model, built on :class:`Grower`.
 
 The loop is :meth:`Trainer.fit`; one step is :meth:`Trainer._step` (zero the gradients, forward,
-backward, optimizer step). Everything about growth — compiles beside training, grafts, culls, the
-controller, snapshots — is the grower's; the trainer adds guarded steps (a bad loss never updates
-the model: its seed is culled, or the run rolls back), CPU steps in a worker thread, and
-checkpoints (:meth:`Trainer.state_dict`). It also wires a run's outputs: a trace in a run directory
-(``run_dir=``), a kernel store (``store=``), the loop-lag monitor and epoch-end experiment loggers
-(``loggers=``). See ``docs/training.md`` and ``docs/reliability.md``.
+backward, optimizer step). Growth is the grower's; the trainer adds guarded steps (a bad loss never
+updates the model), CPU steps in a worker thread, checkpoints (:meth:`Trainer.state_dict`) and a
+run's outputs (:class:`RunOutputs`). See ``docs/training.md`` and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
-from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import anyio
 import structlog
 import torch
 from torch import nn
 
 from ..compiler import BlueprintCompiler
 from ..control._controller import Controller, EpochReport
-from ..errors import SeedRuntimeError, TelemetryConfigError
+from ..errors import SeedRuntimeError
 from ..kernels import Kernel
-from ..reliability import CheckpointError, CheckpointStore, Restored
+from ..reliability import Restored
 from ..reliability._config import ReliabilityConfig
 from ..reliability._errors import LossAnomaly
-from ..reliability._incidents import IncidentKind
 from ..runtime._execution import StepRunner
-from ..store import KernelStore
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
-from ..telemetry import (
-    SPAN_RUN,
-    MetricLogger,
-    Telemetry,
-    TelemetryConfig,
-    monitor_loop_lag,
-)
+from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
 from ._grower import Grower
 from ._guard import StepGuard
-from ._loaders import batch_count, check_loaders, no_batches
+from ._loaders import batch_count, check_loaders, loader_generator, no_batches
+from ._outputs import LOOP_LAG_INTERVAL_S, RunOutputs
 from ._results import FitResult, GrowthEvent
-from ._state import load_run_state, run_state
+from ._state import load_run_state, restore_run, run_state, save_run_checkpoint
 from ._task import ClassificationTask, Task
+
+if TYPE_CHECKING:
+    from ..store import KernelStore
 
 __all__ = ("FitResult", "GrowthEvent", "Trainer")
 
@@ -56,33 +46,6 @@ log = structlog.get_logger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Settle = Literal["judge", "cull", "keep"]
-#: Default period of the loop-lag monitor (s): one wake-up every quarter second costs nothing.
-LOOP_LAG_INTERVAL_S = 0.25
-
-
-def _epoch_scalars(report: EpochReport, params: int) -> dict[str, float]:
-    """One epoch's figures as the loggers get them: ``epoch``, ``train/loss``, ``val/loss``,
-    ``val/<metric>`` for each of the task's metrics, and ``params``; missing or non-finite
-    figures are left out.
-
-    :param report: the epoch's report.
-    :param params: the model's trainable parameters after the epoch.
-    :returns: figure name to value.
-    """
-    figures: dict[str, float | None] = {
-        "epoch": float(report.epoch), "train/loss": report.train_loss,
-        "val/loss": report.val_loss, "params": float(params),
-    }
-    for name, value in report.metrics.items():
-        figures[f"val/{name}"] = value
-    return {k: float(v) for k, v in figures.items() if v is not None and math.isfinite(v)}
-
-
-def _loader_generator(loader: object) -> torch.Generator | None:
-    """The RNG that orders a ``DataLoader``'s batches, if it has one (saved in checkpoints)."""
-    sampler = getattr(loader, "sampler", None)
-    generator = getattr(sampler, "generator", None) or getattr(loader, "generator", None)
-    return generator if isinstance(generator, torch.Generator) else None
 
 
 def _grower_attr(name: str, doc: str) -> Any:
@@ -107,27 +70,14 @@ class Trainer:
     :param device: where the model and batches live.
     :param seed: seeds the kernels' initial weights and the default controller's choices: two
         runs from the same model, data and seed grow the same seeds into the same weights.
-    :param graft: ``"epoch"`` (default, reproducible) or ``"step"`` (see :class:`Grower`).
-    :param graft_deadline_epochs: with ``graft="step"`` only (see :class:`Grower`).
-    :param telemetry, wrap_model, scheduler, reliability, surgery: as :class:`Grower` (the
-        scheduler is stepped once per epoch and checkpointed).
+    :param graft, graft_deadline_epochs, telemetry, wrap_model, scheduler, reliability, surgery:
+        as :class:`Grower` (the scheduler is stepped once per epoch and checkpointed).
     :param writes_checkpoints: whether this process writes ``fit(checkpoint_dir=...)``'s
         checkpoints (under DDP pass ``ctx.is_leader``).
-    :param run_dir: a directory where every :meth:`fit` writes its trace (``spans-run-<pid>.jsonl``,
-        ``metrics-run-<pid>.jsonl``; ``esper-async trace RUN_DIR --html`` reads it), built with
-        ``telemetry_config``; flushed and closed when ``fit`` returns or raises. Default ``None``:
-        nothing is written to disk (spans are made and dropped) unless ``telemetry`` says so.
-    :param telemetry_config: export settings of the ``run_dir`` trace (default
-        :class:`TelemetryConfig`: JSONL, OTLP when the ``OTEL_EXPORTER_OTLP_*`` variables say so).
-    :param store: the default compiler's kernel store: a directory (opened for each ``fit`` and
-        closed after it) or a :class:`KernelStore` you opened. Default ``None``: no store, every
-        kernel is compiled.
-    :param loggers: experiment loggers (:class:`~esper_async.telemetry.MetricLogger`), given each
-        epoch's figures at its end (``epoch``, ``train/loss``, ``val/loss``, ``val/<metric>``,
-        ``params``, at the global step) and closed at the end of ``fit``.
-        A logger that raises is warned about and training goes on.
-    :param loop_lag_interval_s: period of the loop-lag monitor that ``fit`` runs beside training
-        (``esper.loop.lag``); ``None`` runs none.
+    :param run_dir, telemetry_config, store, loggers, loop_lag_interval_s: what each fit writes
+        besides the model — a trace in ``run_dir``, the default compiler's kernel ``store``, epoch
+        figures to ``loggers``, the loop-lag metric; see :class:`RunOutputs`. Defaults: nothing
+        on disk, no store, no loggers, loop lag every 0.25 s.
     :raises ValueError: both ``task`` and ``loss_fn``, ``run_dir`` and ``telemetry``, or ``store``
         and ``compiler`` are given; ``loop_lag_interval_s`` is not positive; or as :class:`Grower`.
     """
@@ -160,21 +110,11 @@ class Trainer:
     ) -> None:
         if task is not None and loss_fn is not None:
             raise ValueError("give Trainer a task or a loss_fn, not both (the task has its loss)")
-        if run_dir is not None and telemetry is not None:
-            raise ValueError(
-                "give Trainer a run_dir or a telemetry, not both: a Telemetry made with "
-                "Telemetry.create(run_dir=...) writes there already"
-            )
-        if store is not None and compiler is not None:
-            raise ValueError(
-                "Trainer(store=...) is the default compiler's store: with your own compiler, "
-                "pass BlueprintCompiler(store=...) instead"
-            )
-        if loop_lag_interval_s is not None and not loop_lag_interval_s > 0:
-            raise ValueError(
-                f"loop_lag_interval_s must be a positive number of seconds or None, "
-                f"got {loop_lag_interval_s}"
-            )
+        #: What each fit writes besides the model: trace, kernel store, loggers, loop lag.
+        self.outputs = outputs = RunOutputs(
+            run_dir=run_dir, telemetry_config=telemetry_config, store=store, loggers=loggers,
+            loop_lag_interval_s=loop_lag_interval_s, telemetry_given=telemetry is not None,
+            compiler_given=compiler is not None)
         self.task: Task = task or ClassificationTask(loss_fn or nn.functional.cross_entropy)
         model = model.to(torch.device(device))
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -184,21 +124,8 @@ class Trainer:
             graft_deadline_epochs=graft_deadline_epochs, telemetry=telemetry,
             wrap_model=wrap_model, scheduler=scheduler, reliability=reliability, surgery=surgery,
         )
-        #: The directory each fit's trace is written to (``None``: none).
-        self.run_dir = None if run_dir is None else Path(run_dir)
-        self.telemetry_config = telemetry_config or TelemetryConfig()
-        self._owned_store = None if store is None or isinstance(store, KernelStore) else (
-            KernelStore(store)
-        )
-        #: The default compiler's kernel store (``None``: none).
-        self.store: KernelStore | None = self._owned_store or (
-            store if isinstance(store, KernelStore) else None
-        )
-        if self.store is not None:
-            g.compiler.store = self.store
-        self._own_compiler = compiler is None
-        self.loggers: list[MetricLogger] = list(loggers)
-        self.loop_lag_interval_s = loop_lag_interval_s
+        self.run_dir, self.store, self.loggers = outputs.run_dir, outputs.store, outputs.loggers
+        g.compiler.store = self.store or g.compiler.store
         self.model, self.device, self.slots = g.model, g.device, g.slots
         self.telemetry = g.telemetry
         self.compiler, self.governor, self.breakers = g.compiler, g.governor, g.breakers
@@ -213,8 +140,7 @@ class Trainer:
         self._guard = StepGuard(
             lambda batch: self.task.forward(g.runner, batch), self.optimizer, self.slots,
             self.governor, g.consensus,
-            run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)),
-        )
+            run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)))
         self._generator: torch.Generator | None = None
         self._stop_requested = False
         self._checkpoint_requested = False
@@ -227,12 +153,10 @@ class Trainer:
     controller: Controller = _grower_attr("controller", "Asked at every epoch boundary.")
     kernels: dict[str, Kernel] = _grower_attr("kernels", "Every kernel loaded, by id.")
     result: FitResult = _grower_attr("result", "The current (or last) fit's record so far.")
-    _result: FitResult = _grower_attr("result", "Older name of :attr:`result`.")
 
     def param_count(self) -> int:
         """Trainable parameters of the model now, seeds included."""
         return self.grower.param_count()
-
     def request_stop(self) -> None:
         """End :meth:`fit` cleanly after the current epoch (checkpointed if checkpoints are on)."""
         self._stop_requested = True
@@ -262,9 +186,8 @@ class Trainer:
         :param checkpoint_dir: where checkpoints go (``None``: none are written).
         :param checkpoint_every: epochs between checkpoints (the last epoch is always written).
         :param resume: continue from the newest checkpoint in ``checkpoint_dir`` that restores.
-        :param settle: what becomes of seeds still alive at the end: ``"keep"`` (default: they
-            stay as they are), ``"judge"`` (kept if their last counterfactual shows a gain, else
-            culled) or ``"cull"``. Settled before the final checkpoint.
+        :param settle: seeds still alive at the end: ``"keep"`` (default), ``"judge"`` (kept if
+            their last counterfactual shows a gain) or ``"cull"``; before the final checkpoint.
         :returns: the run's history, growth events and incidents.
         :raises GovernorError: rolling back could not make training sound.
         :raises LoaderError: a loader yields no batches, or is one-shot for several epochs.
@@ -277,7 +200,7 @@ class Trainer:
             raise ValueError("resume=True needs the checkpoint_dir to resume from")
         if settle not in ("judge", "cull", "keep"):
             raise ValueError(f"settle must be 'judge', 'cull' or 'keep', got {settle!r}")
-        self._generator = _loader_generator(train_loader)
+        self._generator = loader_generator(train_loader)
         self.grower.result = result = FitResult()
         self.grower.resume_at(epoch=0, step=self.step)
         if resume and checkpoint_dir is not None:
@@ -288,98 +211,34 @@ class Trainer:
         self.grower.steps_per_epoch = batch_count(train_loader) or 1
         self._stop_requested = False
         started = time.perf_counter()
-        async with AsyncExitStack() as stack:
-            await self._open_run(stack)
-            with self.telemetry.span(
-                SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow
-            ):
-                async with self.grower as grower:
-                    if self.loop_lag_interval_s is not None:
-                        await grower.start_background(partial(
-                            monitor_loop_lag, self.telemetry.metrics,
-                            interval_s=self.loop_lag_interval_s,
-                        ))
-                    for epoch in range(first, epochs):
-                        grower.begin_epoch()
-                        await self._train_epoch(train_loader, on_step)
-                        report = await grower.end_epoch(val_loader)
-                        last = epoch + 1 == epochs or self._stop_requested
-                        if last:
-                            await grower.settle(settle)
-                        due = (epoch + 1) % max(1, checkpoint_every) == 0 or last
-                        if checkpoint_dir is not None and (due or self._checkpoint_requested):
-                            self._checkpoint_requested = False
-                            if self.writes_checkpoints:
-                                await self.save_checkpoint(
-                                    checkpoint_dir, generator=self._generator
-                                )
-                        log.debug("epoch", epoch=epoch, train_loss=report.train_loss,
-                                  val_loss=report.val_loss, metrics=dict(report.metrics))
-                        self._log_epoch(report)
-                        if on_epoch is not None:
-                            on_epoch(report, result)
-                        if self._stop_requested:
-                            break
+        async with AsyncExitStack() as stack:  # closed in reverse: grower, run span, outputs
+            await self.outputs.open(stack, self)
+            stack.enter_context(self.telemetry.span(
+                SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow))
+            grower = await stack.enter_async_context(self.grower)
+            await self.outputs.start(grower)
+            for epoch in range(first, epochs):
+                grower.begin_epoch()
+                await self._train_epoch(train_loader, on_step)
+                report = await grower.end_epoch(val_loader)
+                last = epoch + 1 == epochs or self._stop_requested
+                if last:
+                    await grower.settle(settle)
+                due = (epoch + 1) % max(1, checkpoint_every) == 0 or last
+                if checkpoint_dir is not None and (due or self._checkpoint_requested):
+                    self._checkpoint_requested = False
+                    if self.writes_checkpoints:
+                        await self.save_checkpoint(checkpoint_dir, generator=self._generator)
+                log.debug("epoch", epoch=epoch, train_loss=report.train_loss,
+                          val_loss=report.val_loss, metrics=dict(report.metrics))
+                self.outputs.log_epoch(report, self.step, self.param_count())
+                if on_epoch is not None:
+                    on_epoch(report, result)
+                if self._stop_requested:
+                    break
         result.wall_s = time.perf_counter() - started
         result.steps = self.step
         return result
-
-    async def _open_run(self, stack: AsyncExitStack) -> None:
-        """Open what a fit writes to, each closed by ``stack`` (also when the fit raises): the
-        owned kernel store, the ``run_dir`` telemetry (flushed and shut down), the loggers."""
-        if self._owned_store is not None and self.grow:
-            await stack.enter_async_context(self._owned_store)
-        stack.callback(self._close_loggers)
-        if self.run_dir is None:
-            stack.push_async_callback(self._flush, self.telemetry)
-            return
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TelemetryConfigError(
-                f"cannot write the trace into run_dir {str(self.run_dir)!r}: {exc}; "
-                "give Trainer(run_dir=...) a directory you can write"
-            ) from exc
-        quiet = self.telemetry
-        self._use_telemetry(Telemetry.create(run_dir=self.run_dir, config=self.telemetry_config))
-
-        async def close() -> None:
-            telemetry = self.telemetry
-            self._use_telemetry(quiet)
-            await telemetry.aclose()  # shielded: a cancelled fit's last spans are written
-
-        stack.push_async_callback(close)
-
-    def _use_telemetry(self, telemetry: Telemetry) -> None:
-        self.telemetry = self.grower.telemetry = telemetry
-        if self._own_compiler:
-            self.compiler.telemetry = telemetry
-
-    @staticmethod
-    async def _flush(telemetry: Telemetry) -> None:
-        """Export the fit's last spans and metrics (shielded from cancellation)."""
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(telemetry.force_flush)
-
-    def _log_epoch(self, report: EpochReport) -> None:
-        """Give the loggers the epoch's figures (between epochs, never on the step's path)."""
-        if not self.loggers:
-            return
-        scalars = _epoch_scalars(report, self.param_count())
-        for logger in self.loggers:
-            try:
-                logger.log_scalars(self.step, scalars)
-            except Exception as exc:  # a logger must never end the run
-                log.warning("logger failed", logger=type(logger).__name__, error=repr(exc),
-                            epoch=report.epoch)
-
-    def _close_loggers(self) -> None:
-        for logger in self.loggers:
-            try:
-                logger.close()
-            except Exception as exc:
-                log.warning("logger failed to close", logger=type(logger).__name__,
-                            error=repr(exc))
 
     async def _train_epoch(
         self, loader: Iterable[Any], on_step: Callable[[int, float | None], None] | None
@@ -474,13 +333,7 @@ class Trainer:
         :param generator: the training loader's RNG, to resume its order.
         :returns: the file written, or ``None`` if the write failed.
         """
-        payload = await anyio.to_thread.run_sync(lambda: self.state_dict(generator=generator))
-        store = CheckpointStore(directory, keep=self.reliability.checkpoint_keep)
-        try:
-            return await anyio.to_thread.run_sync(store.save, payload)
-        except CheckpointError as exc:
-            self.grower.incident(IncidentKind.CHECKPOINT_FAILED, None, str(exc))
-            return None
+        return await save_run_checkpoint(self, directory, generator)
 
     def restore(
         self, checkpoint: str | os.PathLike[str], *, generator: torch.Generator | None = None
@@ -493,12 +346,4 @@ class Trainer:
         :param generator: the training loader's RNG, to resume its order.
         :raises CheckpointError: there is no checkpoint, or none restores.
         """
-        path = Path(checkpoint)
-        is_file = path.is_file()  # a path that does not exist names a directory with none
-        store = CheckpointStore(path.parent if is_file else path)
-        used, restored = store.restore(
-            lambda p, payload: self.load_state_dict(payload, generator=generator, path=str(p)),
-            path if is_file else None,
-        )
-        log.info("resumed", checkpoint=str(used), epoch=restored.epoch, step=restored.step)
-        return restored
+        return restore_run(self, checkpoint, generator)
