@@ -193,8 +193,10 @@ class Grower:
         loss_fn = getattr(self.task, "loss_fn", None)
         #: The task's loss when it is a collective over ranks (then decisions are agreed on).
         self.consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
-        self.controller: Controller = controller or HeuristicController(seed=seed)
         self.telemetry = telemetry or Telemetry(tracer_provider=TracerProvider())
+        self.controller: Controller = controller or HeuristicController(
+            seed=seed, telemetry=self.telemetry
+        )
         self.compiler = compiler or BlueprintCompiler(
             device=str(self.device), telemetry=self.telemetry
         )
