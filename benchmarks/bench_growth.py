@@ -1,13 +1,14 @@
 """Does growth pay? The digits demo's growth run against a static model of its final size.
 
     python benchmarks/bench_growth.py [--quick] [--seeds N] [--epochs E] [--jobs J]
-        → benchmarks/results/growth.json
+        [--controller KEY=VALUE ...] [--out NAME]   → benchmarks/results/growth.json (or NAME)
 
 Three arms, each seed training on the same data split, order, recipe (the Trainer's default
 Adam, lr 3e-3), epochs and batch size, from the same host initialisation:
 
 * ``static``: the bare :class:`~esper_async.apps.demo.DigitsHost`.
-* ``growth``: the demo's growth run (slots conv1, conv2, fc1; the default controller).
+* ``growth``: the demo's growth run (slots conv1, conv2, fc1; the default controller, with
+  ``horizon_epochs`` set to the run's length and any ``--controller`` options).
 * ``static_final``: the exact architecture growth ended with, trained from scratch: the host
   wrapped as in ``growth``, and in every slot where growth fossilized a seed, a fresh module of
   the same blueprint (``build`` with a new seed), grafted and set FOSSILIZED before training, so
@@ -63,7 +64,7 @@ def _ci95(values: list[float]) -> dict[str, float | int | None]:
 
 async def _arm(
     arm: str, seed: int, epochs: int, batch_size: int, store_dir: str,
-    fossils: list[tuple[str, str]],
+    fossils: list[tuple[str, str]], controller: dict[str, Any],
 ) -> dict[str, Any]:
     import torch
 
@@ -71,11 +72,14 @@ async def _arm(
     from esper_async.apps.data import digits_loaders
     from esper_async.apps.demo import DemoConfig, DigitsHost, evaluate_accuracy
     from esper_async.blueprints import Blueprint, build
+    from esper_async.control import ControllerConfig
     from esper_async.seeds import SeedState, find_slots
     from esper_async.store import KernelStore
     from esper_async.training._flops import FlopLedger
 
-    cfg = DemoConfig(epochs=epochs, seed=seed, batch_size=batch_size)
+    cfg = DemoConfig(
+        epochs=epochs, seed=seed, batch_size=batch_size, controller=ControllerConfig(**controller)
+    )
     torch.manual_seed(cfg.seed)
     data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed)
     model = DigitsHost()
@@ -150,7 +154,7 @@ async def _arm(
 
 def run_arm(
     arm: str, seed: int, epochs: int, batch_size: int, store_dir: str,
-    fossils: list[tuple[str, str]], threads: int,
+    fossils: list[tuple[str, str]], threads: int, controller: dict[str, Any],
 ) -> dict[str, Any]:
     """One arm of one seed, in its own process."""
     import anyio
@@ -160,7 +164,7 @@ def run_arm(
     torch.set_num_threads(threads)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     started = time.perf_counter()
-    out = anyio.run(_arm, arm, seed, epochs, batch_size, store_dir, fossils)
+    out = anyio.run(_arm, arm, seed, epochs, batch_size, store_dir, fossils, controller)
     out["process_s"] = time.perf_counter() - started
     return out
 
@@ -215,6 +219,29 @@ def _store_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def controller_options(pairs: list[str], epochs: int) -> dict[str, Any]:
+    """``key=value`` options of :class:`~esper_async.control.ControllerConfig`; ``horizon_epochs``
+    defaults to the run's length (``--controller horizon_epochs=0`` turns it off)."""
+    from esper_async.control import ControllerConfig
+
+    types = {name: type(value) for name, value in vars(ControllerConfig()).items()}
+    options: dict[str, Any] = {"horizon_epochs": epochs}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types or not value:
+            raise SystemExit(
+                f"--controller {pair!r}: expected key=value, key one of {sorted(types)}"
+            )
+        options[key] = types[key](value)
+    return options
+
+
+def _controller_summary(options: dict[str, Any]) -> dict[str, Any]:
+    from esper_async.control import ControllerConfig
+
+    return vars(ControllerConfig(**options))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     seeds = list(range(args.seeds))
     cpus = os.cpu_count() or 1
@@ -229,7 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def submit(arm: str, seed: int, fossils: list[Any]) -> None:
                 future = pool.submit(
-                    run_arm, arm, seed, args.epochs, args.batch_size, store_dir, fossils, threads
+                    run_arm, arm, seed, args.epochs, args.batch_size, store_dir, fossils, threads,
+                    args.controller_options,
                 )
                 pending[future] = (arm, seed)
 
@@ -260,6 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": len(seeds),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
+        "controller": _controller_summary(args.controller_options),
         "jobs": jobs,
         "torch_threads_per_job": threads,
         "kernel_store": _store_summary(runs),
@@ -277,16 +306,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=0, help="parallel runs (0: min(seeds, cpus))")
+    parser.add_argument(
+        "--controller", action="append", default=[], metavar="KEY=VALUE",
+        help="a ControllerConfig option for the growth run (repeatable)",
+    )
+    parser.add_argument(
+        "--out", default="growth", help="result name (benchmarks/results/NAME.json)"
+    )
     parser.add_argument("--note", default="", help="recorded in the JSON, e.g. why it is partial")
     args = parser.parse_args()
     if args.quick:
         args.seeds = 1
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be at least 1")
+    args.controller_options = controller_options(args.controller, args.epochs)
     result = run(args)
     if args.note:
         result["note"] = args.note
-    path = write("growth", result)
+    path = write(args.out, result)
     diff = result["paired_test_acc"]["growth_minus_static_final"]
     print(f"growth − static_final: {diff['mean']:+.4f} ± {diff['ci95']} → {path}")
 

@@ -29,6 +29,7 @@ from .kernels import load_kernel as load_kernel
 from .reliability import ReliabilityConfig as ReliabilityConfig
 from .seeds import SeedSlot as SeedSlot
 from .seeds import SeedState as SeedState
+from .seeds import export_model as export_model
 from .seeds import wrap as wrap
 from .surgery import SurgeryPolicyConfig as SurgeryPolicyConfig
 from .telemetry import Telemetry as Telemetry
@@ -73,6 +74,7 @@ __all__ = (
     "Telemetry",
     "Trainer",
     "export_kernel",
+    "export_model",
     "library",
     "load_kernel",
     "wrap",

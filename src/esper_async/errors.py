@@ -21,6 +21,7 @@ boundary where they occur and chained with ``raise ... from exc``.
     │   └── NoLegalArmError       every (slot, blueprint) pair is ruled out
     ├── SurgeryError              an architecture change was rejected; nothing was changed
     ├── SeedRuntimeError          a grafted kernel failed or produced non-finite values
+    ├── ExportError               a model cannot be exported to plain torch (a live seed, ...)
     ├── StreamError               a CUDA stream operation failed, or CUDA is needed and absent
     ├── TelemetryConfigError      telemetry was configured in a way that cannot work
     ├── LoaderError               a data loader yields no batches, or cannot be iterated again
@@ -44,6 +45,7 @@ __all__ = (
     "CompileTimeoutError",
     "DemoConfigError",
     "EsperError",
+    "ExportError",
     "KernelError",
     "KernelIntegrityError",
     "KernelValidationError",
@@ -197,6 +199,18 @@ class SeedRuntimeError(EsperError):
     """
 
     def __init__(self, message: str, *, slot: str) -> None:
+        super().__init__(message)
+        self.slot = slot
+
+
+class ExportError(EsperError):
+    """A trained model could not be exported to plain torch (:func:`esper_async.export_model`):
+    a slot holds a live seed, the model cannot be traced, or the export differs from it.
+
+    :ivar slot: the slot concerned, where one is.
+    """
+
+    def __init__(self, message: str, *, slot: str | None = None) -> None:
         super().__init__(message)
         self.slot = slot
 

@@ -112,3 +112,16 @@ def test_probation_with_no_measurement_culls() -> None:
     _to_probation(slots["0"])
     decisions = controller.decide(_report(0, 0.5), [], slots)
     assert decisions == [Cull("0", "no finite counterfactual measurement")]
+
+
+def test_no_germination_too_late_to_judge_the_seed_before_the_run_ends() -> None:
+    config = ControllerConfig(plateau_patience=1, plateau_tolerance=1.0, horizon_epochs=10)
+    assert config.lifespan_epochs == 4  # kernel, training, blend, probation
+    history = [_report(e, 1.0) for e in range(6)]
+    late = HeuristicController(config).decide(_report(6, 1.0), history[:6], _slots())
+    assert late == []
+    early = HeuristicController(config).decide(_report(5, 1.0), history[:5], _slots())
+    assert [type(d) for d in early] == [Germinate]
+    unknown = ControllerConfig(plateau_patience=1, plateau_tolerance=1.0)
+    anytime = HeuristicController(unknown).decide(_report(39, 1.0), history, _slots())
+    assert [type(d) for d in anytime] == [Germinate]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def _key(**changes: object) -> str:
 
 def test_key_is_a_stable_sha256_hex() -> None:
     key = _key()
-    assert len(key) == 64 and int(key, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{64}", key), key
     assert key == _key()
     assert key == _key(optimizer_options={"budget_s": 1.5, "forms": ("export",)})
 

@@ -8,7 +8,7 @@ import pytest
 
 import esper_async.telemetry as telemetry
 
-MODULES = ("_attributes", "_exporters", "_logging", "_metrics", "_tracing")
+MODULES = ("_attributes", "_exporters", "_loggers", "_logging", "_metrics", "_tracing")
 
 
 def _top_level_public_names(path: Path) -> set[str]:

@@ -29,7 +29,9 @@ def test_the_own_loop_example_grows_seeds() -> None:
     targets = [e.target for e in result.events]
     assert "germinated" in targets and "training" in targets and "blending" in targets
     assert len(result.history) == 4
-    assert all(0.0 <= r.metrics["accuracy"] <= 1.0 for r in result.history)
+    # 4 short epochs (3 steps each) leave accuracy near chance, but the loop does train.
+    assert result.history[-1].val_loss < result.history[0].val_loss
+    assert all(r.metrics["accuracy"] == r.val_acc for r in result.history)
     assert all(r.steps > 0 and r.train_loss is not None for r in result.history)
 
 

@@ -50,9 +50,15 @@ def test_object_batches_with_named_fields() -> None:
     x, y = _blobs()
     batches = [_Batch(x[i : i + 32], y[i : i + 32]) for i in (0, 32)]
     task = ea.ClassificationTask(input_key="features", target_key="target")
-    trainer = ea.Trainer(_classifier(), grow=False, task=task)
+    model = _classifier()
+    trainer = ea.Trainer(model, grow=False, task=task)
     result = anyio.run(lambda: trainer.fit(batches, batches, epochs=2))
-    assert result.steps == 4 and 0.0 <= result.history[-1].val_acc <= 1.0
+    assert result.steps == 4
+    # The accuracy reported is the model's on the named fields, measured here independently.
+    with torch.no_grad():
+        model.eval()
+        correct = sum(int((model(b.features).argmax(1) == b.target).sum()) for b in batches)
+    assert result.history[-1].val_acc == pytest.approx(correct / 64)
 
 
 def test_a_missing_key_is_a_clear_error() -> None:

@@ -31,7 +31,7 @@ def test_reduced_demo_grows_and_judges_seeds() -> None:
     fossils = growth.count(SeedState.FOSSILIZED)
     assert (result.growth.params > result.static.params) == (fossils > 0)
     assert all(torch.isfinite(torch.tensor(r.val_loss)) for r in growth.history)
-    assert 0.0 <= result.growth.test_acc <= 1.0
+    assert result.growth.test_acc > 0.5  # ten classes: chance is 0.1 (measured: 0.87)
 
 
 @pytest.mark.parametrize("seed", [0])

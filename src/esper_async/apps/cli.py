@@ -16,7 +16,6 @@ from types import FrameType
 from typing import Any
 
 import anyio
-import structlog
 import torch
 
 from ..control._controller import EpochReport
@@ -27,6 +26,7 @@ from ..store._cli import add_store_parser, run_store_command
 from ..telemetry import (
     ATTR_STORE_HIT,
     SPAN_STORE_GET,
+    configure_logging,
     read_span_records,
     span_file_name,
 )
@@ -40,11 +40,10 @@ __all__ = ("main",)
 
 
 def _configure_logging(verbose: bool) -> None:
-    level = logging.INFO if verbose else logging.WARNING
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+    # The whole chain, not only the factory: the library's quiet default routes through stdlib
+    # logging, and its processors expect a stdlib logger.
+    configure_logging(json=False, level=logging.INFO if verbose else logging.WARNING,
+                      stream=sys.stderr)
 
 
 class _Progress:

@@ -23,6 +23,7 @@ from ..selection import (
     SlotCandidate,
     make_strategy,
 )
+from ..telemetry import SPAN_SELECT, Telemetry, selection_attributes
 
 __all__ = (
     "Controller",
@@ -162,6 +163,10 @@ class ControllerConfig:
     :ivar embargo_epochs: epochs a slot rests after a cull.
     :ivar fossilize_margin: validation-loss gain a seed must show to be kept.
     :ivar param_rent: reward charged per seed parameter (bigger seeds must help more).
+    :ivar horizon_epochs: the run's length in epochs, when known (``0``: unknown). A seed is
+        germinated only if it can be judged before the run ends (``training_epochs +
+        blend_epochs + probation_epochs + 1`` epochs left, the 1 for its kernel): one germinated
+        later would cost training FLOPs and never become part of the model.
     """
 
     plateau_patience: int = 2
@@ -173,6 +178,13 @@ class ControllerConfig:
     embargo_epochs: int = 2
     fossilize_margin: float = 0.0
     param_rent: float = 1e-6
+    horizon_epochs: int = 0
+
+    @property
+    def lifespan_epochs(self) -> int:
+        """Epochs from germination to judgement: the kernel's epoch, training, blend,
+        probation."""
+        return 1 + self.training_epochs + self.blend_epochs + self.probation_epochs
 
     @classmethod
     def eager(cls, *, max_live_seeds: int = 3) -> ControllerConfig:
@@ -227,6 +239,8 @@ class HeuristicController:
     :param blueprints: the designs on offer (default: the standard library).
     :param tracker: per (slot, blueprint) statistics from real training (default: a new one).
     :param seed: RNG seed of the default selector.
+    :param telemetry: where each selection is recorded as an ``esper.select`` span (the chosen
+        arm and every legal arm's mean reward so far); ``None``: not recorded.
     """
 
     def __init__(
@@ -237,8 +251,10 @@ class HeuristicController:
         blueprints: Sequence[Blueprint] | None = None,
         tracker: PerformanceTracker | None = None,
         seed: int = 0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config or ControllerConfig()
+        self.telemetry = telemetry
         self.selector = selector or IntelligentSeedSelector(
             make_strategy(
                 "thompson_gaussian",
@@ -287,7 +303,8 @@ class HeuristicController:
             elif life.state is SeedState.EMBARGOED and life.epochs_in_state >= cfg.embargo_epochs:
                 decisions.append(Release(name, f"embargo of {cfg.embargo_epochs} epochs over"))
 
-        if plateaued([*history, report], cfg.plateau_patience, cfg.plateau_tolerance):
+        late = cfg.horizon_epochs > 0 and report.epoch + cfg.lifespan_epochs >= cfg.horizon_epochs
+        if not late and plateaued([*history, report], cfg.plateau_patience, cfg.plateau_tolerance):
             germinate = self._choose(report, slots, decisions)
             if germinate is not None:
                 decisions.append(germinate)
@@ -319,12 +336,29 @@ class HeuristicController:
             log.debug("no seed to germinate", reason=str(exc))
             return None
         self._born[name] = (_loss(report), candidates[name].health_features.tolist())
+        if self.telemetry is not None:
+            self._emit_select(name, blueprint, report)
         return Germinate(
             name,
             blueprint,
             f"validation loss plateaued at {report.val_loss:.4f}; "
             f"{self.selector.strategy.name} chose {blueprint.name}",
         )
+
+    def _emit_select(self, name: str, blueprint: Blueprint, report: EpochReport) -> None:
+        """One ``esper.select`` span: the chosen arm and each legal arm's mean reward."""
+        assert self.telemetry is not None
+        values = self.selector.arm_values()
+        arms = {f"{slot}/{bp.name}": value for (slot, bp), value in values.items()}
+        chosen = f"{name}/{blueprint.name}"
+        arms.setdefault(chosen, 0.0)
+        attributes = selection_attributes(
+            strategy=self.selector.strategy.name, chosen=chosen, arms=arms
+        )
+        with self.telemetry.span(
+            SPAN_SELECT, attributes, slot=name, blueprint=blueprint.name, epoch=report.epoch
+        ):
+            pass
 
     def _judge(self, slot: SeedSlot, report: EpochReport) -> Decision:
         name = slot.slot_name

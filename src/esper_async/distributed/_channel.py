@@ -23,6 +23,7 @@ exit, so a script that never calls it still shuts down cleanly.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import threading
 from datetime import timedelta
@@ -41,8 +42,12 @@ from ._errors import DistributedError
 
 __all__ = ("ControlChannel",)
 
-#: Key prefix of the channel's rendezvous in the job's key-value store.
+#: Key prefix of the channels' rendezvous in the job's key-value store.
 _STORE_PREFIX = "control/"
+#: Numbers this process's channels, so that a second channel (a second RankContext) rendezvous
+#: under keys of its own. Every rank makes its contexts in the same order (as with
+#: ``dist.new_group``), so the numbers agree across ranks.
+_CHANNEL_NUMBERS = itertools.count()
 
 
 class ControlChannel:
@@ -68,7 +73,8 @@ class ControlChannel:
         self.rank = rank
         self.world_size = world_size
         self._backend: Any = dist.ProcessGroupGloo(
-            dist.PrefixStore(_STORE_PREFIX, store), rank, world_size, options
+            dist.PrefixStore(f"{_STORE_PREFIX}{next(_CHANNEL_NUMBERS)}/", store), rank,
+            world_size, options,
         )
         self._last: Any = None  # the latest collective's handle (see the module doc)
         self._lock = threading.Lock()

@@ -1,5 +1,7 @@
 """The seed layer: slots in a host model, their lifecycle and blending, and side streams."""
 
+from ._export import export_model as export_model
+from ._export import export_program as export_program
 from ._lifecycle import LIVE_STATES as LIVE_STATES
 from ._lifecycle import TRANSITIONS as TRANSITIONS
 from ._lifecycle import Lifecycle as Lifecycle
@@ -22,6 +24,8 @@ __all__ = (
     "SideStreams",
     "UnitMap",
     "enable_side_streams",
+    "export_model",
+    "export_program",
     "find_slots",
     "wrap",
 )

@@ -146,6 +146,8 @@ class IntelligentSeedSelector:
         self._slots: dict[str, _SlotArms] = {}
         self._arm_blueprint: dict[ArmKey, Blueprint] = {}
         self._last_blueprints: tuple[Blueprint, ...] = ()
+        #: The legal arms of the last :meth:`choose` (what :meth:`arm_values` scores by default).
+        self.last_arms: tuple[ArmKey, ...] = ()
         self._history: deque[tuple[ArmKey, float, list[float] | None]] = deque(
             maxlen=_HISTORY_LIMIT
         )
@@ -378,12 +380,44 @@ class IntelligentSeedSelector:
                 "See .reasons for every pair.",
                 reasons=reasons,
             )
+        self.last_arms = arms
         context = None
         if getattr(self.strategy, "contextual", False):
             features = np.stack([np.asarray(candidates[s][3], dtype=np.float64) for s in slots])
             context = np.repeat(features, counts, axis=0)
         arm = cast(ArmKey, self.strategy.select(arms, context))
         return arm[0], self._arm_blueprint[arm]
+
+    def arm_values(
+        self, arms: Sequence[ArmKey] | None = None
+    ) -> dict[tuple[str, Blueprint], float]:
+        """Each arm's mean reward so far, from the selector's reward history (``0.0``, every
+        strategy's prior mean, for an arm never rewarded). Strategy-independent, so a dashboard
+        can compare arms whatever the strategy; what a sampling strategy drew is not kept.
+
+        :param arms: ``(slot, blueprint_id)`` keys the selector has offered (default: the legal
+            arms of the last :meth:`choose`).
+        :returns: ``{(slot, blueprint): mean reward}``.
+        :raises SelectionError: for an arm the selector never offered.
+        """
+        keys = self.last_arms if arms is None else tuple(arms)
+        unknown = [a for a in keys if a not in self._arm_blueprint]
+        if unknown:
+            raise SelectionError(
+                f"arm_values: the selector never offered {unknown[:3]}; pass arms from "
+                "legal_arms() or choose()"
+            )
+        sums: dict[ArmKey, float] = {}
+        counts: dict[ArmKey, int] = {}
+        wanted = set(keys)
+        for arm, value, _context in self._history:
+            if arm in wanted:
+                sums[arm] = sums.get(arm, 0.0) + value
+                counts[arm] = counts.get(arm, 0) + 1
+        return {
+            (arm[0], self._arm_blueprint[arm]): sums[arm] / counts[arm] if arm in counts else 0.0
+            for arm in keys
+        }
 
     # -- rewards -----------------------------------------------------------------------------
 

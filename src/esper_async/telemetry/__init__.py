@@ -231,6 +231,8 @@ from ._exporters import (
 from ._exporters import (
     span_to_record as span_to_record,
 )
+from ._loggers import MetricLogger as MetricLogger
+from ._loggers import TensorBoardLogger as TensorBoardLogger
 from ._logging import add_trace_context as add_trace_context
 from ._logging import configure_logging as configure_logging
 from ._metrics import Metrics as Metrics
@@ -318,11 +320,13 @@ __all__ = (
     "AttributeValue",
     "JsonlMetricExporter",
     "JsonlSpanExporter",
+    "MetricLogger",
     "Metrics",
     "SpanRecord",
     "StepSampler",
     "Telemetry",
     "TelemetryConfig",
+    "TensorBoardLogger",
     "WorkerTelemetrySpec",
     "add_trace_context",
     "attribute_key",

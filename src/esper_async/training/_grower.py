@@ -25,7 +25,7 @@ A hand-written loop::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -193,8 +193,10 @@ class Grower:
         loss_fn = getattr(self.task, "loss_fn", None)
         #: The task's loss when it is a collective over ranks (then decisions are agreed on).
         self.consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
-        self.controller: Controller = controller or HeuristicController(seed=seed)
         self.telemetry = telemetry or Telemetry(tracer_provider=TracerProvider())
+        self.controller: Controller = controller or HeuristicController(
+            seed=seed, telemetry=self.telemetry
+        )
         self.compiler = compiler or BlueprintCompiler(
             device=str(self.device), telemetry=self.telemetry
         )
@@ -283,6 +285,18 @@ class Grower:
             if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
                 raise group.exceptions[0] from group.exceptions[0].__cause__
             raise
+
+    async def start_background(self, fn: Callable[..., Coroutine[Any, Any, Any]]) -> None:
+        """Start ``fn`` in the grower's task group, beside the compiles: it runs until the
+        grower exits, which cancels it (a monitor, e.g. ``monitor_loop_lag``). ``fn`` is
+        started with anyio's ``TaskGroup.start``, so it must call ``task_status.started()``.
+
+        :param fn: an async function taking ``task_status=``.
+        :raises RuntimeError: called outside ``async with grower:``.
+        """
+        if self._tg is None:
+            raise RuntimeError("Grower.start_background works only inside `async with grower:`")
+        await self._tg.start(fn)
 
     # --- the loop's calls -----------------------------------------------------------------------
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sized
 
+import torch
+
 from ..errors import LoaderError
 
-__all__ = ("batch_count", "check_loaders", "no_batches")
+__all__ = ("batch_count", "check_loaders", "loader_generator", "no_batches")
 
 
 def batch_count(loader: object) -> int | None:
@@ -65,3 +67,10 @@ def no_batches(which: str, *, later: bool, epoch: int | None = None) -> LoaderEr
         "held-out set (one batch will do)"
     )
     return LoaderError(f"the {which} loader yielded no batches{when}: {need}", loader=which)
+
+
+def loader_generator(loader: object) -> torch.Generator | None:
+    """The RNG that orders a ``DataLoader``'s batches, if it has one (saved in checkpoints)."""
+    sampler = getattr(loader, "sampler", None)
+    generator = getattr(sampler, "generator", None) or getattr(loader, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None

@@ -12,20 +12,27 @@ resumed run builds its model afresh: the record lists the committed operations, 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
+import anyio
+import structlog
 import torch
 
 from ..control._record import report_from_json, report_to_json
 from ..errors import SurgeryError
+from ..reliability import CheckpointError, CheckpointStore
 from ..reliability._checkpoint import Restored, apply_state, capture_state, verify_state
 from ..reliability._errors import CheckpointIntegrityError, CheckpointMismatchError
-from ..reliability._incidents import Incident
+from ..reliability._incidents import Incident, IncidentKind
 from ..surgery._replay import replay_operations
 from ._grower import Grower
 from ._results import FitResult, GrowthEvent
 
-__all__ = ("load_run_state", "run_state")
+__all__ = ("load_run_state", "restore_run", "run_state", "save_run_checkpoint")
+
+log = structlog.get_logger(__name__)
 
 
 def run_state(grower: Grower, generator: torch.Generator | None) -> dict[str, Any]:
@@ -112,3 +119,32 @@ def _replay_surgeries(grower: Grower, recorded: list[dict[str, Any]], path: str)
             "the model as the checkpointed run did", path=path,
         ) from exc
     grower.surgeries = list(recorded)
+
+
+async def save_run_checkpoint(
+    trainer: Any, directory: str | os.PathLike[str], generator: torch.Generator | None
+) -> Path | None:
+    """:meth:`Trainer.save_checkpoint`: the payload is made and written in worker threads; a
+    failed write is recorded as an incident and the previous checkpoint stands."""
+    payload = await anyio.to_thread.run_sync(lambda: trainer.state_dict(generator=generator))
+    store = CheckpointStore(directory, keep=trainer.reliability.checkpoint_keep)
+    try:
+        return await anyio.to_thread.run_sync(store.save, payload)
+    except CheckpointError as exc:
+        trainer.grower.incident(IncidentKind.CHECKPOINT_FAILED, None, str(exc))
+        return None
+
+
+def restore_run(
+    trainer: Any, checkpoint: str | os.PathLike[str], generator: torch.Generator | None
+) -> Restored:
+    """:meth:`Trainer.restore`: a file, or a directory's newest checkpoint that restores."""
+    path = Path(checkpoint)
+    is_file = path.is_file()  # a path that does not exist names a directory with none
+    store = CheckpointStore(path.parent if is_file else path)
+    used, restored = store.restore(
+        lambda p, payload: trainer.load_state_dict(payload, generator=generator, path=str(p)),
+        path if is_file else None,
+    )
+    log.info("resumed", checkpoint=str(used), epoch=restored.epoch, step=restored.step)
+    return restored

@@ -1,21 +1,20 @@
 """The trainer: a training loop that grows its model, built on :class:`Grower`.
 
 The loop is :meth:`Trainer.fit`; one step is :meth:`Trainer._step` (zero the gradients, forward,
-backward, optimizer step). Everything about growth — compiles beside training, grafts, culls, the
-controller, snapshots — is the grower's; the trainer adds guarded steps (a bad loss never updates
-the model: its seed is culled, or the run rolls back), CPU steps in a worker thread, and
-checkpoints (:meth:`Trainer.state_dict`). See ``docs/training.md`` and ``docs/reliability.md``.
+backward, optimizer step). Growth is the grower's; the trainer adds guarded steps (a bad loss never
+updates the model), CPU steps in a worker thread, checkpoints (:meth:`Trainer.state_dict`) and a
+run's outputs (:class:`RunOutputs`). See ``docs/training.md`` and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import anyio
 import structlog
 import torch
 from torch import nn
@@ -24,19 +23,22 @@ from ..compiler import BlueprintCompiler
 from ..control._controller import Controller, EpochReport
 from ..errors import SeedRuntimeError
 from ..kernels import Kernel
-from ..reliability import CheckpointError, CheckpointStore, Restored
+from ..reliability import Restored
 from ..reliability._config import ReliabilityConfig
 from ..reliability._errors import LossAnomaly
-from ..reliability._incidents import IncidentKind
 from ..runtime._execution import StepRunner
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
-from ..telemetry import SPAN_RUN, Telemetry
+from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
 from ._grower import Grower
 from ._guard import StepGuard
-from ._loaders import batch_count, check_loaders, no_batches
+from ._loaders import batch_count, check_loaders, loader_generator, no_batches
+from ._outputs import LOOP_LAG_INTERVAL_S, RunOutputs
 from ._results import FitResult, GrowthEvent
-from ._state import load_run_state, run_state
+from ._state import load_run_state, restore_run, run_state, save_run_checkpoint
 from ._task import ClassificationTask, Task
+
+if TYPE_CHECKING:
+    from ..store import KernelStore
 
 __all__ = ("FitResult", "GrowthEvent", "Trainer")
 
@@ -44,13 +46,6 @@ log = structlog.get_logger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Settle = Literal["judge", "cull", "keep"]
-
-
-def _loader_generator(loader: object) -> torch.Generator | None:
-    """The RNG that orders a ``DataLoader``'s batches, if it has one (saved in checkpoints)."""
-    sampler = getattr(loader, "sampler", None)
-    generator = getattr(sampler, "generator", None) or getattr(loader, "generator", None)
-    return generator if isinstance(generator, torch.Generator) else None
 
 
 def _grower_attr(name: str, doc: str) -> Any:
@@ -69,18 +64,22 @@ class Trainer:
     :param task: how batches are read, losses computed and figures measured (see
         :mod:`esper_async.training._task`); default classification of ``(inputs, targets)``.
     :param controller: decides growth; default :class:`HeuristicController` seeded with ``seed``.
-    :param compiler: turns blueprints into kernels; default :class:`BlueprintCompiler`.
+    :param compiler: turns blueprints into kernels; default :class:`BlueprintCompiler` (with
+        ``store`` as its kernel store).
     :param grow: whether to grow at all (``False`` trains the host statically).
     :param device: where the model and batches live.
     :param seed: seeds the kernels' initial weights and the default controller's choices: two
         runs from the same model, data and seed grow the same seeds into the same weights.
-    :param graft: ``"epoch"`` (default, reproducible) or ``"step"`` (see :class:`Grower`).
-    :param graft_deadline_epochs: with ``graft="step"`` only (see :class:`Grower`).
-    :param telemetry, wrap_model, scheduler, reliability, surgery: as :class:`Grower` (the
-        scheduler is stepped once per epoch and checkpointed).
+    :param graft, graft_deadline_epochs, telemetry, wrap_model, scheduler, reliability, surgery:
+        as :class:`Grower` (the scheduler is stepped once per epoch and checkpointed).
     :param writes_checkpoints: whether this process writes ``fit(checkpoint_dir=...)``'s
         checkpoints (under DDP pass ``ctx.is_leader``).
-    :raises ValueError: both ``task`` and ``loss_fn`` are given, or as :class:`Grower`.
+    :param run_dir, telemetry_config, store, loggers, loop_lag_interval_s: what each fit writes
+        besides the model — a trace in ``run_dir``, the default compiler's kernel ``store``, epoch
+        figures to ``loggers``, the loop-lag metric; see :class:`RunOutputs`. Defaults: nothing
+        on disk, no store, no loggers, loop lag every 0.25 s.
+    :raises ValueError: both ``task`` and ``loss_fn``, ``run_dir`` and ``telemetry``, or ``store``
+        and ``compiler`` are given; ``loop_lag_interval_s`` is not positive; or as :class:`Grower`.
     """
 
     def __init__(
@@ -103,9 +102,19 @@ class Trainer:
         reliability: ReliabilityConfig | None = None,
         surgery: SurgeryPolicyConfig | SurgeryPolicy | None = None,
         writes_checkpoints: bool = True,
+        run_dir: str | os.PathLike[str] | None = None,
+        telemetry_config: TelemetryConfig | None = None,
+        store: str | os.PathLike[str] | KernelStore | None = None,
+        loggers: Sequence[MetricLogger] = (),
+        loop_lag_interval_s: float | None = LOOP_LAG_INTERVAL_S,
     ) -> None:
         if task is not None and loss_fn is not None:
             raise ValueError("give Trainer a task or a loss_fn, not both (the task has its loss)")
+        #: What each fit writes besides the model: trace, kernel store, loggers, loop lag.
+        self.outputs = outputs = RunOutputs(
+            run_dir=run_dir, telemetry_config=telemetry_config, store=store, loggers=loggers,
+            loop_lag_interval_s=loop_lag_interval_s, telemetry_given=telemetry is not None,
+            compiler_given=compiler is not None)
         self.task: Task = task or ClassificationTask(loss_fn or nn.functional.cross_entropy)
         model = model.to(torch.device(device))
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -115,6 +124,8 @@ class Trainer:
             graft_deadline_epochs=graft_deadline_epochs, telemetry=telemetry,
             wrap_model=wrap_model, scheduler=scheduler, reliability=reliability, surgery=surgery,
         )
+        self.run_dir, self.store, self.loggers = outputs.run_dir, outputs.store, outputs.loggers
+        g.compiler.store = self.store or g.compiler.store
         self.model, self.device, self.slots = g.model, g.device, g.slots
         self.telemetry = g.telemetry
         self.compiler, self.governor, self.breakers = g.compiler, g.governor, g.breakers
@@ -129,8 +140,7 @@ class Trainer:
         self._guard = StepGuard(
             lambda batch: self.task.forward(g.runner, batch), self.optimizer, self.slots,
             self.governor, g.consensus,
-            run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)),
-        )
+            run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)))
         self._generator: torch.Generator | None = None
         self._stop_requested = False
         self._checkpoint_requested = False
@@ -143,12 +153,10 @@ class Trainer:
     controller: Controller = _grower_attr("controller", "Asked at every epoch boundary.")
     kernels: dict[str, Kernel] = _grower_attr("kernels", "Every kernel loaded, by id.")
     result: FitResult = _grower_attr("result", "The current (or last) fit's record so far.")
-    _result: FitResult = _grower_attr("result", "Older name of :attr:`result`.")
 
     def param_count(self) -> int:
         """Trainable parameters of the model now, seeds included."""
         return self.grower.param_count()
-
     def request_stop(self) -> None:
         """End :meth:`fit` cleanly after the current epoch (checkpointed if checkpoints are on)."""
         self._stop_requested = True
@@ -178,20 +186,21 @@ class Trainer:
         :param checkpoint_dir: where checkpoints go (``None``: none are written).
         :param checkpoint_every: epochs between checkpoints (the last epoch is always written).
         :param resume: continue from the newest checkpoint in ``checkpoint_dir`` that restores.
-        :param settle: what becomes of seeds still alive at the end: ``"keep"`` (default: they
-            stay as they are), ``"judge"`` (kept if their last counterfactual shows a gain, else
-            culled) or ``"cull"``. Settled before the final checkpoint.
+        :param settle: seeds still alive at the end: ``"keep"`` (default), ``"judge"`` (kept if
+            their last counterfactual shows a gain) or ``"cull"``; before the final checkpoint.
         :returns: the run's history, growth events and incidents.
         :raises GovernorError: rolling back could not make training sound.
         :raises LoaderError: a loader yields no batches, or is one-shot for several epochs.
         :raises ValueError: ``resume`` without ``checkpoint_dir``, or an unknown ``settle``.
         :raises CheckpointError: ``resume`` found no checkpoint that restores.
+        :raises TelemetryConfigError: the trainer's ``run_dir`` cannot be created.
+        :raises StoreError: the trainer's ``store`` directory cannot be opened.
         """
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir to resume from")
         if settle not in ("judge", "cull", "keep"):
             raise ValueError(f"settle must be 'judge', 'cull' or 'keep', got {settle!r}")
-        self._generator = _loader_generator(train_loader)
+        self._generator = loader_generator(train_loader)
         self.grower.result = result = FitResult()
         self.grower.resume_at(epoch=0, step=self.step)
         if resume and checkpoint_dir is not None:
@@ -202,26 +211,31 @@ class Trainer:
         self.grower.steps_per_epoch = batch_count(train_loader) or 1
         self._stop_requested = False
         started = time.perf_counter()
-        with self.telemetry.span(SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow):
-            async with self.grower as grower:
-                for epoch in range(first, epochs):
-                    grower.begin_epoch()
-                    await self._train_epoch(train_loader, on_step)
-                    report = await grower.end_epoch(val_loader)
-                    last = epoch + 1 == epochs or self._stop_requested
-                    if last:
-                        await grower.settle(settle)
-                    due = (epoch + 1) % max(1, checkpoint_every) == 0 or last
-                    if checkpoint_dir is not None and (due or self._checkpoint_requested):
-                        self._checkpoint_requested = False
-                        if self.writes_checkpoints:
-                            await self.save_checkpoint(checkpoint_dir, generator=self._generator)
-                    log.debug("epoch", epoch=epoch, train_loss=report.train_loss,
-                              val_loss=report.val_loss, metrics=dict(report.metrics))
-                    if on_epoch is not None:
-                        on_epoch(report, result)
-                    if self._stop_requested:
-                        break
+        async with AsyncExitStack() as stack:  # closed in reverse: grower, run span, outputs
+            await self.outputs.open(stack, self)
+            stack.enter_context(self.telemetry.span(
+                SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow))
+            grower = await stack.enter_async_context(self.grower)
+            await self.outputs.start(grower)
+            for epoch in range(first, epochs):
+                grower.begin_epoch()
+                await self._train_epoch(train_loader, on_step)
+                report = await grower.end_epoch(val_loader)
+                last = epoch + 1 == epochs or self._stop_requested
+                if last:
+                    await grower.settle(settle)
+                due = (epoch + 1) % max(1, checkpoint_every) == 0 or last
+                if checkpoint_dir is not None and (due or self._checkpoint_requested):
+                    self._checkpoint_requested = False
+                    if self.writes_checkpoints:
+                        await self.save_checkpoint(checkpoint_dir, generator=self._generator)
+                log.debug("epoch", epoch=epoch, train_loss=report.train_loss,
+                          val_loss=report.val_loss, metrics=dict(report.metrics))
+                self.outputs.log_epoch(report, self.step, self.param_count())
+                if on_epoch is not None:
+                    on_epoch(report, result)
+                if self._stop_requested:
+                    break
         result.wall_s = time.perf_counter() - started
         result.steps = self.step
         return result
@@ -319,13 +333,7 @@ class Trainer:
         :param generator: the training loader's RNG, to resume its order.
         :returns: the file written, or ``None`` if the write failed.
         """
-        payload = await anyio.to_thread.run_sync(lambda: self.state_dict(generator=generator))
-        store = CheckpointStore(directory, keep=self.reliability.checkpoint_keep)
-        try:
-            return await anyio.to_thread.run_sync(store.save, payload)
-        except CheckpointError as exc:
-            self.grower.incident(IncidentKind.CHECKPOINT_FAILED, None, str(exc))
-            return None
+        return await save_run_checkpoint(self, directory, generator)
 
     def restore(
         self, checkpoint: str | os.PathLike[str], *, generator: torch.Generator | None = None
@@ -338,12 +346,4 @@ class Trainer:
         :param generator: the training loader's RNG, to resume its order.
         :raises CheckpointError: there is no checkpoint, or none restores.
         """
-        path = Path(checkpoint)
-        is_file = path.is_file()  # a path that does not exist names a directory with none
-        store = CheckpointStore(path.parent if is_file else path)
-        used, restored = store.restore(
-            lambda p, payload: self.load_state_dict(payload, generator=generator, path=str(p)),
-            path if is_file else None,
-        )
-        log.info("resumed", checkpoint=str(used), epoch=restored.epoch, step=restored.step)
-        return restored
+        return restore_run(self, checkpoint, generator)
