@@ -389,7 +389,7 @@ async def _run(
         label=label,
         test_acc=evaluate_accuracy(model, data.test, device),
         params=trainer.param_count(),
-        fossilized=fit.count(SeedState.FOSSILIZED),
+        fossilized=len(fossils) if label == _STATIC_FINAL else fit.count(SeedState.FOSSILIZED),
         culled=fit.count(SeedState.CULLED),
         wall_s=fit.wall_s,
         fit=fit,
