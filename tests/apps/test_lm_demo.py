@@ -118,3 +118,14 @@ def test_digits_demo_trains_static_final_from_growths_fossils(tmp_path: Path) ->
     fossil_params = final.params - result.static.params
     assert (fossil_params > 0) == bool(result.growth.fossils)
     assert (tmp_path / "run" / "checkpoints" / "growth").is_dir()
+
+
+def test_cli_refuses_options_of_the_other_task(capsys: pytest.CaptureFixture[str]) -> None:
+    from esper_async.apps.cli import main
+
+    assert main(["demo", "--task", "shakespeare", "--resume", "runs/x"]) == 2
+    assert "--resume apply to --task digits only" in capsys.readouterr().err
+    assert main(["demo", "--steps", "5", "--no-store"]) == 2
+    assert "--steps applies to --task shakespeare only" in capsys.readouterr().err
+    assert main(["demo", "--task", "shakespeare", "--steps", "0", "--no-store"]) == 2
+    assert "steps_per_epoch" in capsys.readouterr().err
