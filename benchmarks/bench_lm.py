@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overrides["epochs"] = args.epochs
     if args.steps is not None:
         overrides["steps_per_epoch"] = args.steps
+    if args.forms:
+        overrides["kernel_forms"] = tuple(args.forms.split(","))
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         cfg = LMDemoConfig.full(device=args.device, **overrides)
@@ -76,6 +78,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override epochs per arm")
     parser.add_argument("--steps", type=int, default=None, help="override steps per epoch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--forms", default=None,
+                        help="kernel execution forms to measure, comma-separated (default: the "
+                        "optimizer's for the device; 'export' skips Inductor compiles)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lm.json"))
     args = parser.parse_args()
     result = run(args)

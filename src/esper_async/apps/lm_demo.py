@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 import torch
 
-from ..compiler import BlueprintCompiler
+from ..compiler import BlueprintCompiler, OptimizerOptions
 from ..control._controller import ControllerConfig, EpochReport, HeuristicController
 from ..errors import DemoConfigError
 from ..seeds import SeedState, wrap
@@ -93,6 +93,8 @@ class LMDemoConfig:
     :ivar store: kernel store directory (``None``: the default store).
     :ivar use_store: look kernels up in (and add them to) the store.
     :ivar device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+    :ivar kernel_forms: the execution forms the kernel optimizer measures (``None``: its
+        defaults for the device, Inductor included on CUDA).
     """
 
     epochs: int = 10
@@ -111,6 +113,7 @@ class LMDemoConfig:
     store: str | None = None
     use_store: bool = True
     device: str = "cpu"
+    kernel_forms: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         """:raises DemoConfigError: if an option is out of range."""
@@ -369,7 +372,9 @@ async def run_lm_demo(
         store = None
         if cfg.use_store:
             store = await stack.enter_async_context(KernelStore(cfg.store))
-        compiler = BlueprintCompiler(device=str(device), store=store)
+        compiler = BlueprintCompiler(
+            device=str(device), store=store, options=OptimizerOptions(forms=cfg.kernel_forms)
+        )
         await stack.enter_async_context(compiler)
         arms["static"], _ = await _arm("static", cfg, data, device, None, (), progress)
         await compiler.wait_ready()
