@@ -384,6 +384,7 @@ async def _run(
         checkpoint_every=cfg.checkpoint_every,
         resume=label in resume,
         on_epoch=None if progress is None else (lambda r, f: progress(label, r, f)),
+        label=label,
     )
     return RunSummary(
         label=label,

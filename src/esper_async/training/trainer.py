@@ -145,8 +145,6 @@ class Trainer:
         self._stop_requested = False
         self._checkpoint_requested = False
 
-    # --- the run's state, read through the grower ------------------------------------------------
-
     step: int = _grower_attr("step", "The global training step.")
     epoch: int = _grower_attr("epoch", "The current (or last) epoch.")
     surgeries: list[dict[str, Any]] = _grower_attr("surgeries", "Committed surgeries, as records.")
@@ -172,7 +170,7 @@ class Trainer:
         on_epoch: Callable[[EpochReport, FitResult], None] | None = None,
         on_step: Callable[[int, float | None], None] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 1,
-        resume: bool = False, settle: Settle = "keep",
+        resume: bool = False, settle: Settle = "keep", label: str | None = None,
     ) -> FitResult:
         """Train until epoch ``epochs``, growing seeds as the controller decides.
 
@@ -192,6 +190,7 @@ class Trainer:
         :raises GovernorError: rolling back could not make training sound.
         :raises LoaderError: a loader yields no batches, or is one-shot for several epochs.
         :raises ValueError: ``resume`` without ``checkpoint_dir``, or an unknown ``settle``.
+        :param label: the run's name in its trace (``esper.label``; the dashboard's legend).
         :raises CheckpointError: ``resume`` found no checkpoint that restores.
         :raises TelemetryConfigError: the trainer's ``run_dir`` cannot be created.
         :raises StoreError: the trainer's ``store`` directory cannot be opened.
@@ -214,7 +213,7 @@ class Trainer:
         async with AsyncExitStack() as stack:  # closed in reverse: grower, run span, outputs
             await self.outputs.open(stack, self)
             stack.enter_context(self.telemetry.span(
-                SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow))
+                SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow, label=label))
             grower = await stack.enter_async_context(self.grower)
             await self.outputs.start(grower)
             for epoch in range(first, epochs):
