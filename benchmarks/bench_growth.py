@@ -46,8 +46,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, write
 
 ARMS = ("static", "growth", "static_final")
-#: Added to a run's seed for the fresh seeds of ``static_final`` (never a growth kernel's seed).
-FRESH_SEED_OFFSET = 1_000_003
 
 
 def _ci95(values: list[float]) -> dict[str, float | int | None]:
@@ -71,9 +69,9 @@ async def _arm(
     from esper_async import BlueprintCompiler, HeuristicController, Trainer, wrap
     from esper_async.apps.data import digits_loaders
     from esper_async.apps.demo import DemoConfig, DigitsHost, evaluate_accuracy
-    from esper_async.blueprints import Blueprint, build
+    from esper_async.apps.static_final import fossils_of, graft_fossils
     from esper_async.control import ControllerConfig
-    from esper_async.seeds import SeedState, find_slots
+    from esper_async.seeds import SeedState
     from esper_async.store import KernelStore
     from esper_async.training._flops import FlopLedger
 
@@ -85,17 +83,7 @@ async def _arm(
     model = DigitsHost()
     if arm != "static":
         wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
-    slots = find_slots(model)
-    for i, (name, bp_json) in enumerate(fossils):
-        blueprint = Blueprint.from_json(bp_json)
-        slot = slots[name]
-        assert slot.contract is not None
-        module = build(blueprint, slot.contract, seed=FRESH_SEED_OFFSET + 101 * seed + i)
-        slot.germinate(blueprint, "static_final: the architecture growth ended with")
-        slot.graft(module, f"static_final:{blueprint.id}", "fresh module of the blueprint")
-        slot.start_blending(1, "part of the architecture from the start")
-        slot.on_step()  # α reaches 1: PROBATION
-        slot.fossilize("part of the architecture from the start")
+    graft_fossils(model, fossils, seed=seed)  # static_final: growth's fossils, fresh
     ledger = FlopLedger(model)
     germinated: list[str] = []
     async with AsyncExitStack() as stack:
@@ -125,11 +113,7 @@ async def _arm(
             ledger.train(data.train), ledger.val(data.val), epochs=cfg.epochs, on_epoch=on_epoch
         )
         compiles = 0 if compiler is None else compiler.compiles
-    final = [
-        (name, slot.blueprint.to_json())
-        for name, slot in trainer.slots.items()
-        if slot.state is SeedState.FOSSILIZED and slot.blueprint is not None
-    ]
+    final = list(fossils_of(trainer.slots))
     return {
         "arm": arm,
         "seed": seed,
