@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import structlog
 import torch
 
 # Two cores on CI: keep torch from oversubscribing them when tests run beside worker processes.
@@ -16,3 +17,12 @@ def deterministic_cudnn() -> Iterator[None]:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     yield
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    """Each test starts from the logging configuration the session had: a test that configures
+    logging (the CLI's ``main`` does) must not leave later tests writing to its captured stream."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

@@ -42,8 +42,7 @@ __all__ = ("main",)
 def _configure_logging(verbose: bool) -> None:
     # The whole chain, not only the factory: the library's quiet default routes through stdlib
     # logging, and its processors expect a stdlib logger.
-    configure_logging(json=False, level=logging.INFO if verbose else logging.WARNING,
-                      stream=sys.stderr)
+    configure_logging(json=False, level=logging.INFO if verbose else logging.WARNING)
 
 
 class _Progress:

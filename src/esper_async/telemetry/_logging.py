@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 from opentelemetry import trace
@@ -59,19 +59,20 @@ def configure_logging(
     :param json: ``True``: one JSON object per line; ``False``: coloured console output;
         ``None``: console when ``stream`` is a terminal, JSON otherwise.
     :param level: the lowest level written (``logging.INFO`` or ``"debug"`` ...).
-    :param stream: where logs go; stderr when omitted.
+    :param stream: where logs go; when omitted, whatever ``sys.stderr`` is at each write (so a
+        later redirection of stderr, by a test runner or a notebook, is followed).
     :param cache_loggers: cache bound loggers on first use (faster; later reconfiguration
         does not reach loggers already used).
     :raises ValueError: when ``level`` is not a known level name.
     """
-    stream = stream or sys.stderr
+    out: TextIO = stream or cast(TextIO, _CurrentStderr())
     if isinstance(level, str):
         number = logging.getLevelName(level.upper())
         if not isinstance(number, int):
             raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
         level = number
     if json is None:
-        json = not (hasattr(stream, "isatty") and stream.isatty())
+        json = not (out.isatty())
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -86,13 +87,26 @@ def configure_logging(
             structlog.processors.JSONRenderer(),
         ]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+        processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=cache_loggers,
     )
+
+
+class _CurrentStderr:
+    """A text stream that writes to whatever ``sys.stderr`` is when it is written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 def _quiet_by_default() -> None:
