@@ -26,6 +26,8 @@ boundary where they occur and chained with ``raise ... from exc``.
     ├── TelemetryConfigError      telemetry was configured in a way that cannot work
     ├── LoaderError               a data loader yields no batches, or cannot be iterated again
     ├── DemoConfigError           the demo's options (or a run's demo.json) are invalid
+    ├── DataError                 a data set's files are corrupt, truncated, crafted or malformed
+    │   └── DataMissingError          a data set's directory or one of its files is not there
     ├── CheckpointError           (esper_async.reliability) a checkpoint cannot be written or read
     │   ├── CheckpointIntegrityError  a checkpoint file is damaged (digest, truncation, content)
     │   └── CheckpointMismatchError   a sound checkpoint does not fit the model restored into
@@ -43,6 +45,8 @@ __all__ = (
     "BlueprintError",
     "CompileError",
     "CompileTimeoutError",
+    "DataError",
+    "DataMissingError",
     "DemoConfigError",
     "EsperError",
     "ExportError",
@@ -255,3 +259,20 @@ class DemoConfigError(EsperError, ValueError):
         super().__init__(message)
         self.key = key
         self.path = path
+
+
+class DataError(EsperError, ValueError):
+    """A data set's files cannot be used: one is corrupt, truncated, of the wrong shape or type,
+    or holds what a data file may not (a pickle that imports anything but array rebuilders).
+    Nothing in such a file is run.
+
+    :ivar path: the file or directory concerned.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class DataMissingError(DataError, FileNotFoundError):
+    """A data set's directory, or a file it must hold, is not there."""
