@@ -1,7 +1,16 @@
-"""Does growth pay? The digits demo's growth run against a static model of its final size.
+"""Does growth pay? A growth run against a static model of its final size.
 
     python benchmarks/bench_growth.py [--quick] [--seeds N] [--epochs E] [--jobs J]
         [--controller KEY=VALUE ...] [--out NAME]   → benchmarks/results/growth.json (or NAME)
+    python benchmarks/bench_growth.py --workload cifar [--cifar-dir PATH] [--limit N] ...
+                                                    → benchmarks/results/growth_cifar.json
+
+Workloads: ``digits`` (default; the digits demo's host on the bundled digits) and ``cifar``
+(:class:`~esper_async.apps.cifar.CifarHost`, slots ``CIFAR_SLOTS``, on the user's own CIFAR-10
+python files: ``--cifar-dir``, else ``$ESPER_CIFAR_DIR``, else
+``~/.cache/esper_async/cifar-10-batches-py``; nothing is downloaded, and without the files the
+run stops at once with exit code 2). The description below is the digits workload's; the cifar
+workload runs the same three arms on its host, 15 epochs by default.
 
 Three arms, each seed training on the same data split, order, recipe (the Trainer's default
 Adam, lr 3e-3), epochs and batch size, from the same host initialisation:
@@ -60,15 +69,33 @@ def _ci95(values: list[float]) -> dict[str, float | int | None]:
     return {"mean": mean, "ci95": half, "n": n}
 
 
+def _workload(workload: dict[str, Any], cfg: Any) -> tuple[Any, Any, Any, tuple[str, ...]]:
+    """``(loaders, host, example input, slots)`` of ``workload`` for the arm options ``cfg``."""
+    import torch
+
+    if workload["name"] == "cifar":
+        from esper_async.apps.cifar import CIFAR_SLOTS, CifarHost, cifar_loaders
+
+        data = cifar_loaders(
+            workload["cifar_dir"], batch_size=cfg.batch_size, seed=cfg.seed,
+            limit=workload["limit"],
+        )
+        return data, CifarHost(), CifarHost.example_input(), CIFAR_SLOTS
+    from esper_async.apps.data import digits_loaders
+    from esper_async.apps.demo import DigitsHost
+
+    data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed)
+    return data, DigitsHost(), torch.zeros(2, 1, 8, 8), cfg.slots
+
+
 async def _arm(
     arm: str, seed: int, epochs: int, batch_size: int, store_dir: str,
-    fossils: list[tuple[str, str]], controller: dict[str, Any],
+    fossils: list[tuple[str, str]], controller: dict[str, Any], workload: dict[str, Any],
 ) -> dict[str, Any]:
     import torch
 
     from esper_async import BlueprintCompiler, HeuristicController, Trainer, wrap
-    from esper_async.apps.data import digits_loaders
-    from esper_async.apps.demo import DemoConfig, DigitsHost, evaluate_accuracy
+    from esper_async.apps.demo import DemoConfig, evaluate_accuracy
     from esper_async.apps.static_final import fossils_of, graft_fossils
     from esper_async.control import ControllerConfig
     from esper_async.seeds import SeedState
@@ -79,10 +106,9 @@ async def _arm(
         epochs=epochs, seed=seed, batch_size=batch_size, controller=ControllerConfig(**controller)
     )
     torch.manual_seed(cfg.seed)
-    data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed)
-    model = DigitsHost()
+    data, model, example, slots = _workload(workload, cfg)
     if arm != "static":
-        wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
+        wrap(model, slots, example_input=example)
     graft_fossils(model, fossils, seed=seed)  # static_final: growth's fossils, fresh
     ledger = FlopLedger(model)
     germinated: list[str] = []
@@ -139,6 +165,7 @@ async def _arm(
 def run_arm(
     arm: str, seed: int, epochs: int, batch_size: int, store_dir: str,
     fossils: list[tuple[str, str]], threads: int, controller: dict[str, Any],
+    workload: dict[str, Any],
 ) -> dict[str, Any]:
     """One arm of one seed, in its own process."""
     import anyio
@@ -148,7 +175,9 @@ def run_arm(
     torch.set_num_threads(threads)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     started = time.perf_counter()
-    out = anyio.run(_arm, arm, seed, epochs, batch_size, store_dir, fossils, controller)
+    out = anyio.run(
+        _arm, arm, seed, epochs, batch_size, store_dir, fossils, controller, workload
+    )
     out["process_s"] = time.perf_counter() - started
     return out
 
@@ -241,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             def submit(arm: str, seed: int, fossils: list[Any]) -> None:
                 future = pool.submit(
                     run_arm, arm, seed, args.epochs, args.batch_size, store_dir, fossils, threads,
-                    args.controller_options,
+                    args.controller_options, args.workload_spec,
                 )
                 pending[future] = (arm, seed)
 
@@ -266,7 +295,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(store_dir, ignore_errors=True)
     runs.sort(key=lambda r: (ARMS.index(r["arm"]), r["seed"]))
+    # The digits workload's JSON keeps the keys it always had; only cifar records its workload.
+    workload = {} if args.workload == "digits" else {"workload": args.workload_spec}
     return {
+        **workload,
         "complete": not args.quick,
         "command": "python benchmarks/bench_growth.py " + " ".join(sys.argv[1:]),
         "seeds": len(seeds),
@@ -283,11 +315,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _cifar_workload(args: argparse.Namespace) -> dict[str, Any]:
+    """The cifar workload's spec, once its files are found and read cleanly; else exit 2."""
+    from esper_async.apps.cifar import cifar_loaders, resolve_cifar_dir
+    from esper_async.errors import DataError
+
+    try:
+        directory = resolve_cifar_dir(args.cifar_dir)
+        cifar_loaders(directory, limit=args.limit)  # every file the runs will read, checked once
+    except DataError as exc:
+        print(
+            f"bench_growth: the cifar workload needs the CIFAR-10 python files (nothing is "
+            f"downloaded): {exc}", file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    return {"name": "cifar", "cifar_dir": str(directory), "limit": args.limit}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed (a smoke run)")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument(
+        "--workload", choices=("digits", "cifar"), default="digits",
+        help="digits: the demo's host on the bundled digits; cifar: CifarHost on CIFAR-10 files",
+    )
+    parser.add_argument(
+        "--cifar-dir", default=None, metavar="PATH",
+        help="the cifar-10-batches-py directory, or the folder holding it (default: "
+             "$ESPER_CIFAR_DIR, else ~/.cache/esper_async/cifar-10-batches-py)",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None,
+        help="cifar: read only this many training (and test) images",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="default 40 (cifar: 15)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=0, help="parallel runs (0: min(seeds, cpus))")
     parser.add_argument(
@@ -295,12 +357,21 @@ def main() -> None:
         help="a ControllerConfig option for the growth run (repeatable)",
     )
     parser.add_argument(
-        "--out", default="growth", help="result name (benchmarks/results/NAME.json)"
+        "--out", default=None,
+        help="result name (benchmarks/results/NAME.json; default growth, cifar: growth_cifar)",
     )
     parser.add_argument("--note", default="", help="recorded in the JSON, e.g. why it is partial")
     args = parser.parse_args()
     if args.quick:
         args.seeds = 1
+    cifar = args.workload == "cifar"
+    if args.epochs is None:
+        args.epochs = 15 if cifar else 40
+    if args.out is None:
+        args.out = "growth_cifar" if cifar else "growth"
+    if args.limit is not None and not cifar:
+        parser.error("--limit applies to the cifar workload only")
+    args.workload_spec = _cifar_workload(args) if cifar else {"name": "digits"}
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be at least 1")
     args.controller_options = controller_options(args.controller, args.epochs)
