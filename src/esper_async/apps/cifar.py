@@ -7,14 +7,13 @@ Nothing is downloaded. Point :func:`cifar_loaders` at the directory the official
 ``~/.cache/esper_async/cifar-10-batches-py``.
 
 **The files are pickles, and they are never unpickled as such.** A pickle can name any function
-for the loader to call, so a crafted file could run code. They are read by an unpickler that
-resolves only numpy's array rebuilders (``_reconstruct``, ``_frombuffer``, ``ndarray``,
-``dtype``), and the two calls Python 3 writes ``bytes`` as in pickle protocols 0-2
-(``_codecs.encode(text, "latin1")``, ``bytes()``), each to a stand-in that does only that; every
-other import — ``os.system``, ``builtins.eval``, anything — is refused before
-it is called, with :class:`~esper_async.errors.DataError`. What loads is then checked: a dict with
-``data``, a ``uint8`` array ``(N, 3072)`` (three 32×32 planes, red, green, blue), and ``labels``,
-``N`` integers in ``[0, 10)``. A file that is missing raises
+for the loader to call, so a crafted file could run code. They are read by
+:mod:`esper_async.apps._safe_pickle`, which resolves the few names numpy and Python pickle plain
+data with to stand-ins that build only numeric arrays from the file's own bytes; any other name
+(``os.system``, ``builtins.eval``, anything) is refused before it is called, with
+:class:`~esper_async.errors.DataError`. What loads is then checked: a dict with ``data``, a
+``uint8`` array ``(N, 3072)`` (three 32×32 planes, red, green, blue), and ``labels``, ``N``
+integers in ``[0, 10)``. A file that is missing raises
 :class:`~esper_async.errors.DataMissingError`; one that is truncated, corrupt, too large or of the
 wrong shape raises :class:`~esper_async.errors.DataError`, naming the file.
 
@@ -24,9 +23,7 @@ conv layers to hold seed slots (:data:`CIFAR_SLOTS`), in the spirit of the digit
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import DataError, DataMissingError
+from ._safe_pickle import PickleRefused, loads
 
 __all__ = (
     "CIFAR_CLASSES",
@@ -80,66 +78,8 @@ CIFAR_SLOTS = ("stage1.conv2", "stage2.conv2", "stage3.conv2")
 _EVAL_BATCH = 512
 
 
-def _numpy_rebuilders() -> dict[tuple[str, str], Any]:
-    """The only globals a CIFAR pickle may name: numpy's array rebuilders, under the module names
-    numpy 1 (``numpy.core``) and numpy 2 (``numpy._core``) write them with."""
-    sample = np.zeros(1, dtype=np.uint8)
-    reconstruct = sample.__reduce__()[0]  # the function pickles name as _reconstruct
-    frombuffer = sample.__reduce_ex__(5)[0]  # protocol 5's _frombuffer
-    allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
-    # Python 3 writes bytes in protocols 0-2 as these calls; each resolves to a stand-in that
-    # does only that one thing, never to the function named.
-    allowed[("_codecs", "encode")] = _latin1_bytes
-    for builtins in ("__builtin__", "builtins"):
-        allowed[(builtins, "bytes")] = _empty_bytes
-    return allowed
-
-
-def _latin1_bytes(text: object, encoding: object) -> bytes:
-    """``_codecs.encode(text, "latin1")``, the one call Python 3 pickles ``bytes`` as in
-    protocols 0-2; any other encoding or argument is refused."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _Refused("_codecs", f"encode with {type(text).__name__}, {encoding!r:.20}")
-    return text.encode("latin1")
-
-
-def _empty_bytes() -> bytes:
-    """``bytes()``, as Python 3 pickles ``b""`` in protocols 0-2 (no arguments taken)."""
-    return b""
-
-
-_ALLOWED_GLOBALS = _numpy_rebuilders()
-
-
-class _Refused(Exception):
-    """A pickle named a global outside :data:`_ALLOWED_GLOBALS`."""
-
-    def __init__(self, module: str, name: str) -> None:
-        super().__init__(f"{module[:60]}.{name[:60]}")
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Resolves numpy's array rebuilders and nothing else; refuses persistent ids."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        """The allowed global ``module.name``.
-
-        :raises _Refused: for any other.
-        """
-        found = _ALLOWED_GLOBALS.get((module, name))
-        if found is None:
-            raise _Refused(module, name)
-        return found
-
-
 def _unpickle(path: Path) -> Any:
-    """The object pickled in ``path``, read by :class:`_ArrayUnpickler`.
+    """The object pickled in ``path``, read by :func:`._safe_pickle.loads`.
 
     :raises DataMissingError: if there is no such file.
     :raises DataError: if it cannot be read, is too large, names a refused global, or is not a
@@ -160,26 +100,19 @@ def _unpickle(path: Path) -> Any:
         ) from exc
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}", path=str(path)) from exc
-    stream = io.BytesIO(raw)
     try:
-        # encoding="bytes": the official files were written by Python 2, whose str is bytes.
-        obj = _ArrayUnpickler(stream, encoding="bytes").load()
-    except _Refused as exc:
+        obj = loads(raw)  # Python 2's strings (the official files') load as bytes
+    except PickleRefused as exc:
         raise DataError(
             f"{path} is refused unread: its pickle imports {exc}, and CIFAR-10 files hold only "
             "arrays, lists and strings (nothing in it was run); use the official files",
             path=str(path),
         ) from None
-    except Exception as exc:  # pickle and numpy raise assorted errors on damaged streams
+    except Exception as exc:  # pickle raises assorted errors on damaged streams
         raise DataError(
             f"{path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:120]}); "
             "extract it again from cifar-10-python.tar.gz", path=str(path),
         ) from exc
-    if stream.tell() != len(raw):
-        raise DataError(
-            f"{path} has {len(raw) - stream.tell()} bytes after its pickle; it is corrupt",
-            path=str(path),
-        )
     return obj
 
 
