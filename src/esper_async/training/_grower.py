@@ -228,6 +228,8 @@ class Grower:
         self.steps_per_epoch = 1
         self._epoch_steps = 0
         self._epoch_losses: list[float] = []
+        self._epoch_loss_sum: torch.Tensor | None = None  # tensor losses, summed on the device
+        self._epoch_loss_count = 0
         self._epoch_dropped = 0
         self._epochs_without_steps = 0
         self._pending: dict[str, Blueprint] = {}
@@ -320,13 +322,20 @@ class Grower:
         Advances the seeds' blending ramps and, with ``graft="step"``, grafts kernels that
         finished compiling.
 
-        :param loss: the step's training loss (for the epoch's ``train_loss``), if known.
+        :param loss: the step's training loss (for the epoch's ``train_loss``), if known; a
+            tensor is summed where it lives and read once, at the end of the epoch (no host
+            sync per step).
         :param updated: whether the step updated the model (``False``: it was dropped).
         """
         self.begin_epoch()
         self._epoch_steps += 1
         if updated:
-            if loss is not None:
+            if isinstance(loss, torch.Tensor):  # summed on its device, read at the epoch's end
+                value = loss.detach().double()  # the same sum as of the values read one by one
+                total = self._epoch_loss_sum
+                self._epoch_loss_sum = value if total is None else total + value
+                self._epoch_loss_count += 1
+            elif loss is not None:
                 self._epoch_losses.append(float(loss))
         else:
             self._epoch_dropped += 1
@@ -355,12 +364,15 @@ class Grower:
         assert self._epoch_span is not None
         steps = self._epoch_steps - self._epoch_dropped
         losses = self._epoch_losses
-        train_loss = sum(losses) / len(losses) if losses else None
+        count = len(losses) + self._epoch_loss_count
+        total = sum(losses) + (0.0 if self._epoch_loss_sum is None else float(self._epoch_loss_sum))
+        train_loss = total / count if count else None
         report = await self._measure(val_loader, train_loss, steps, self._epoch_dropped)
         for slot in self.slots.values():
             slot.lifecycle.epochs_in_state += 1
         self.steps_per_epoch = self._epoch_steps
         self._epoch_steps, self._epoch_losses, self._epoch_dropped = 0, [], 0
+        self._epoch_loss_sum, self._epoch_loss_count = None, 0
         try:
             await self._await_late_kernels()
             sound = self._judge_epoch(report)
