@@ -132,7 +132,7 @@ def test_a_lagged_run_equals_the_synchronous_run(
                  helpers.optimizer_tensors(lagged.optimizer))
 
 
-def _seeded_fit(verdict: str) -> tuple[Trainer, nn.Module]:
+def _seeded_fit(verdict: str, fault: str = "nan") -> tuple[Trainer, nn.Module]:
     model = helpers.host()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     helpers.grow(model, opt, "0", rank=2)  # a seed in TRAINING in slot "0"; slot "2" dormant
@@ -149,6 +149,8 @@ def _seeded_fit(verdict: str) -> tuple[Trainer, nn.Module]:
     def nan_from_the_fourth_call(_m: nn.Module, _args: object, out: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
+        if calls >= 4 and fault == "raise":
+            raise RuntimeError("injected")
         return out * math.nan if calls >= 4 else out
 
     seed.register_forward_hook(nan_from_the_fourth_call)  # batch 3 on, the seed's output is NaN
@@ -161,16 +163,20 @@ def _seeded_fit(verdict: str) -> tuple[Trainer, nn.Module]:
     return trainer, model
 
 
-def test_a_culprit_seed_is_culled_after_the_lagged_read_and_training_continues() -> None:
-    lagged, model = _seeded_fit("lagged")
+@pytest.mark.parametrize(("fault", "kind"), [("nan", IncidentKind.SEED_NON_FINITE),
+                                             ("raise", IncidentKind.SEED_RAISED)])
+def test_a_culprit_seed_is_culled_after_the_lagged_read_and_training_continues(
+    fault: str, kind: IncidentKind
+) -> None:
+    lagged, model = _seeded_fit("lagged", fault)
     slot = find_slots(model)["0"]
     assert slot.state is SeedState.EMBARGOED and slot.seed is None
     kinds = [i.kind for i in lagged.result.incidents]
-    assert kinds == [IncidentKind.SEED_NON_FINITE]
+    assert kinds == [kind]
     assert lagged.governor.rollbacks == 0  # culled and the step redone: nothing rolled back
     assert [r.dropped for r in lagged.result.history] == [0, 0]
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    sync, sync_model = _seeded_fit("sync")
+    sync, sync_model = _seeded_fit("sync", fault)
     assert [(i.kind, i.step) for i in sync.result.incidents] == [
         (i.kind, i.step) for i in lagged.result.incidents]
     assert all(torch.equal(a, b) for a, b in zip(
