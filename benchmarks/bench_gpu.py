@@ -16,9 +16,9 @@ A block of the plain loop is ``steps`` steps; a block of a trainer is one ``fit(
 same ``steps`` batches, timed from its first step's report to its last (``on_step``), so the epoch
 boundary (validation, snapshot) is left out; the plain loop's time per step is measured over the
 same ``steps - 1`` intervals. Every trainer uses its defaults (on a GPU: lagged verdicts, fused
-Adam); the plain loop uses the same optimizer. Figures: the median seconds per step of each loop,
-``ratio`` = loop / plain, and the GPU's utilisation sampled after each block
-(``torch.cuda.utilization``, when pynvml is installed).
+Adam; ``--verdict sync|lagged`` forces one kind); the plain loop uses the same optimizer.
+Figures: the median seconds per step of each loop, ``ratio`` = loop / plain, and the GPU's
+utilisation sampled after each block (``torch.cuda.utilization``, when pynvml is installed).
 
 Workloads: the demo host (``DigitsHost``, batch 64 of 1×8×8); a CIFAR-shaped ResNet-18 (batch 256 of
 synthetic 3×32×32); the GPT of ``esper_async.apps.gpt`` (6 × 384, 64 × 256 tokens). ``--quick``
@@ -164,8 +164,16 @@ def _optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
 
 
+#: ``--verdict``: how the trainers judge their losses (``None``: the trainer's default).
+VERDICT: str | None = None
+
+
 def _trainer_kwargs(device: torch.device, precision: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"grow": False, "device": device, "loop_lag_interval_s": None}
+    if VERDICT is not None:
+        from esper_async.reliability import ReliabilityConfig
+
+        kwargs["reliability"] = ReliabilityConfig(verdict=VERDICT)  # type: ignore[arg-type]
     if "precision" in inspect.signature(Trainer).parameters:
         kwargs["precision"] = precision
     elif precision != "fp32":
@@ -285,8 +293,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--precision", default="fp32,bf16")
     parser.add_argument("--workloads", default="demo,resnet18,gpt")
+    parser.add_argument("--verdict", choices=("auto", "sync", "lagged"), default=None,
+                        help="ReliabilityConfig(verdict=) of the trainers (default: theirs)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON file to write")
     args = parser.parse_args()
+    global VERDICT
+    VERDICT = args.verdict
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # steady figures on a shared machine
@@ -300,6 +312,7 @@ def main() -> None:
     out = args.out or RESULTS / ("gpu.json" if device.type == "cuda" else "gpu_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine(), "device": str(device), "quick": args.quick,
+               "verdict": args.verdict or "default",
                "commit": _commit(), "results": results}
     out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(out, file=sys.stderr)
