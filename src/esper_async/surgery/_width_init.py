@@ -99,9 +99,12 @@ def _basis(producer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     patches = F.unfold(x, producer.kernel_size, producer.dilation, producer.padding,
                        producer.stride)
     n, d, _ = patches.shape
-    out = F.conv2d(x[:1], producer.weight[:1], None, producer.stride, producer.padding,
-                   producer.dilation)
-    return patches.reshape(n, d, *out.shape[-2:])
+    size = [
+        (x.shape[2 + i] + 2 * producer.padding[i] - producer.dilation[i]
+         * (producer.kernel_size[i] - 1) - 1) // producer.stride[i] + 1
+        for i in range(2)
+    ]
+    return patches.reshape(n, d, *size)
 
 
 def _gradient_map(
