@@ -18,7 +18,7 @@ from torch import nn
 
 from ..compiler import BlueprintCompiler
 from ..control._controller import ControllerConfig, EpochReport, HeuristicController
-from ..errors import DemoConfigError
+from ..errors import ControllerConfigError, DemoConfigError
 from ..reliability import CheckpointError, CheckpointStore
 from ..reliability._checkpoint_store import CHECKPOINT_PATTERN
 from ..seeds import SeedState, wrap
@@ -143,10 +143,13 @@ class DemoConfig:
                 key="slots", path=path,
             )
         fields["slots"] = tuple(slots)
-        fields["controller"] = ControllerConfig(**_exact_keys(
-            fields["controller"], {f.name for f in dataclasses.fields(ControllerConfig)},
-            "controller.", where, path,
-        ))
+        try:
+            fields["controller"] = ControllerConfig(**_exact_keys(
+                fields["controller"], {f.name for f in dataclasses.fields(ControllerConfig)},
+                "controller.", where, path,
+            ))
+        except ControllerConfigError as exc:
+            raise DemoConfigError(f"{where}: {exc}", key="controller", path=path) from exc
         device = fields["device"]
         if isinstance(device, str) and device != "auto":
             try:
@@ -236,6 +239,13 @@ def _check_controller(controller: ControllerConfig) -> None:
         key, value = f"controller.{f.name}", getattr(controller, f.name)
         if f.type in ("int", int):
             _check_int(key, value, 0)
+        elif f.type in ("bool", bool):
+            if not isinstance(value, bool):
+                raise DemoConfigError(f"option {key!r} must be true or false, got {value!r}",
+                                      key=key)
+        elif f.type in ("str", str):
+            if not isinstance(value, str):
+                raise DemoConfigError(f"option {key!r} must be a string, got {value!r}", key=key)
         elif not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(
             value
         ):

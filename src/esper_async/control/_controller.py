@@ -246,21 +246,29 @@ class ControllerConfig:
     width_trial_epochs: int = 2
 
     def __post_init__(self) -> None:
-        if self.width_factor <= 1.0 or self.width_max_growth < 1.0:
+        def number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+                value
+            )
+
+        factor, most, trial, rent = (
+            self.width_factor, self.width_max_growth, self.width_trial_epochs, self.flop_rent
+        )
+        if not (number(factor) and number(most) and factor > 1.0 and most >= 1.0):
             raise ControllerConfigError(
                 f"ControllerConfig needs width_factor > 1 and width_max_growth >= 1, got "
-                f"{self.width_factor} and {self.width_max_growth}"
+                f"{factor!r} and {most!r}"
             )
-        if self.width_trial_epochs < 1 or not (math.isfinite(self.flop_rent)
-                                               and self.flop_rent >= 0):
+        if not (isinstance(trial, int) and number(trial) and trial >= 1
+                and number(rent) and rent >= 0):
             raise ControllerConfigError(
-                f"ControllerConfig needs width_trial_epochs >= 1 and a finite flop_rent >= 0, "
-                f"got {self.width_trial_epochs} and {self.flop_rent}"
+                f"ControllerConfig needs an integer width_trial_epochs >= 1 and a finite "
+                f"flop_rent >= 0, got {trial!r} and {rent!r}"
             )
-        if self.width_init not in WIDTH_INITS:
+        if self.width_init not in WIDTH_INITS or not isinstance(self.width_growth, bool):
             raise ControllerConfigError(
-                f"ControllerConfig width_init={self.width_init!r}: use one of "
-                f"{', '.join(WIDTH_INITS)}"
+                f"ControllerConfig needs width_growth true or false and width_init one of "
+                f"{', '.join(WIDTH_INITS)}; got {self.width_growth!r}, {self.width_init!r}"
             )
 
     @property
