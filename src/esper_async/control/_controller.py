@@ -327,7 +327,8 @@ class HeuristicController:
     :param selector: chooses where and what to grow (default: Gaussian Thompson sampling seeded
         with ``seed``, its variances scaled to validation-loss rewards, at most
         ``config.max_live_seeds`` live seeds).
-    :param blueprints: the designs on offer (default: the standard library).
+    :param blueprints: the designs on offer (default: the standard library; ``()``: none, e.g.
+        for width growth alone).
     :param tracker: per (slot, blueprint) statistics from real training (default: a new one).
     :param seed: RNG seed of the default selector.
     :param telemetry: where each selection is recorded as an ``esper.select`` span (the chosen
@@ -356,7 +357,7 @@ class HeuristicController:
             max_live=self.config.max_live_seeds,
             param_rent=self.config.param_rent,
         )
-        self.blueprints = tuple(blueprints or library())
+        self.blueprints = tuple(library() if blueprints is None else blueprints)
         self.tracker = tracker or PerformanceTracker()
         # slot -> (training loss, health features) when its seed germinated: the outcome is
         # measured against the first, and LinUCB learns from the context the choice was made in.
