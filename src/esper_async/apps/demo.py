@@ -27,7 +27,7 @@ from ..surgery import SurgeryPolicyConfig
 from ..telemetry import Telemetry, TelemetryConfig
 from ..training.trainer import FitResult, Trainer
 from .data import digits_loaders
-from .static_final import fossils_of, graft_fossils
+from .static_final import fossils_of, graft_fossils, graft_widenings
 
 __all__ = (
     "DemoConfig",
@@ -326,7 +326,8 @@ class DemoResult:
     static: RunSummary
     growth: RunSummary
     static_final: RunSummary
-    """Growth's final architecture (its fossilized seeds, built afresh), trained from scratch."""
+    """Growth's final architecture (its widenings and fossilized seeds, built afresh), trained
+    from scratch."""
     kernels_compiled: int
     kernels_from_store: int
     compile_s: float
@@ -365,12 +366,14 @@ async def _run(
     telemetry: Telemetry,
     resume: frozenset[str],
     fossils: tuple[tuple[str, str], ...] = (),
+    widenings: tuple[dict[str, object], ...] = (),
 ) -> RunSummary:
     torch.manual_seed(cfg.seed)
     data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed, limit=cfg.limit)
     model = DigitsHost()
-    if grow or fossils:
+    if grow or fossils or widenings:
         wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
+        graft_widenings(model, widenings, seed=cfg.seed)  # growth's widths, fresh
         graft_fossils(model, fossils, seed=cfg.seed)
     device = cfg.resolved_device()
     trainer = Trainer(
@@ -453,7 +456,8 @@ async def run_demo(
         await compiler.wait_ready()
         growth = await _run("growth", cfg, True, progress, compiler, telemetry, resume)
         static_final = await _run(
-            _STATIC_FINAL, cfg, False, progress, compiler, telemetry, resume, growth.fossils
+            _STATIC_FINAL, cfg, False, progress, compiler, telemetry, resume, growth.fossils,
+            growth.surgeries,
         )
     requested = growth.fit.count(SeedState.GERMINATED)
     return DemoResult(
