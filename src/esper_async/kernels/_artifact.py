@@ -22,7 +22,7 @@ from torch import nn
 from ..blueprints import Blueprint, SlotContract, build
 from ..errors import CompileError, KernelIntegrityError, UnsafeKernelError
 from ._archive import ArchiveRefused, read_archive
-from ._forms import apply_form
+from ._forms import prepare_form, run_in_form
 from ._graph import build_program
 
 __all__ = ("Kernel", "KernelMetadata", "KernelModule", "export_kernel", "load_kernel")
@@ -119,8 +119,9 @@ class Kernel:
 class KernelModule(nn.Module):
     """The module that runs a loaded kernel in a slot.
 
-    It holds the exported graph (an ``fx.GraphModule``), wrapped for its execution form (see
-    :mod:`esper_async.kernels._forms`), as its child ``program``. Kernels are
+    It holds the exported graph (an ``fx.GraphModule``) as its child ``program``, and runs it in
+    its execution form (see :mod:`esper_async.kernels._forms`); the parameters' names are
+    ``program.*`` in every form. Kernels are
     exported in training mode from mode-free blueprints (no dropout, no batch statistics), so
     ``train()``/``eval()`` only set the flag: exported graphs cannot switch mode, and their
     behaviour does not depend on it.
@@ -131,13 +132,17 @@ class KernelModule(nn.Module):
 
     def __init__(self, program: nn.Module, kernel_id: str, form: str = "export") -> None:
         super().__init__()
-        self.program = apply_form(program, form)
+        callee = prepare_form(program, form)
+        self.program = program
+        # What the form calls (the program, or its compiled twin) is not a registered child: the
+        # parameters live in ``program`` alone, under the same names in every form.
+        self.__dict__["_callee"] = callee
         self.kernel_id = kernel_id
         self.form = form
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Map host outputs ``(N, *shape)`` to a seed contribution of the same shape."""
-        return self.program(h)
+        return run_in_form(self.form, self.__dict__["_callee"], h)
 
     def train(self, mode: bool = True) -> KernelModule:
         self.training = mode

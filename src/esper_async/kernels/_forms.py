@@ -23,58 +23,54 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ("FORMS", "apply_form")
+__all__ = ("FORMS", "prepare_form", "run_in_form")
 
 
-class _ChannelsLast(nn.Module):
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        # torch's type stubs for Module.to omit memory_format, which it accepts.
-        self.program = program.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.program(h.contiguous(memory_format=torch.channels_last))
+def _channels_last(program: nn.Module) -> nn.Module:
+    # In place: the parameters stay the program's own (same objects, same names), only their
+    # layout changes. torch's type stubs for Module.to omit memory_format, which it accepts.
+    return program.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
 
 
-class _Compiled(nn.Module):
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        self.program = program
-        # Compiling the module itself (not a wrapper function) keeps its parameters visible to
-        # optimizers and state_dict under the same names as the other forms.
-        self._compiled = torch.compile(program, dynamic=True, fullgraph=True)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self._compiled(h)
-
-
-class _Bf16(nn.Module):
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        self.program = program
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(h.device.type, dtype=torch.bfloat16):
-            out = self.program(h)
-        return out.to(h.dtype)
+def _inductor(program: nn.Module) -> nn.Module:
+    # Compiling the module itself (not a wrapper function) runs on its own parameters, so
+    # optimizers, ``.to()`` and ``state_dict`` see the same tensors under the same names.
+    compiled: nn.Module = torch.compile(program, dynamic=True, fullgraph=True)  # type: ignore[assignment]
+    return compiled
 
 
 FORMS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "export": lambda program: program,
-    "channels_last": _ChannelsLast,
-    "inductor": _Compiled,
-    "bf16": _Bf16,
+    "channels_last": _channels_last,
+    "inductor": _inductor,
+    "bf16": lambda program: program,
 }
-"""Each form's name and the function that wraps an exported program to run in that form."""
+"""Each form's name and the function that prepares an exported program to run in that form: it
+returns the module to call (the program itself, or its compiled twin over the same parameters)."""
 
 
-def apply_form(program: nn.Module, form: str) -> nn.Module:
-    """Wrap an exported program to run in ``form``.
+def prepare_form(program: nn.Module, form: str) -> nn.Module:
+    """Prepare an exported program to run in ``form``; return the module to call.
+
+    The program keeps its parameters (the same tensors, under the same names) whatever the form,
+    so a kernel's ``state_dict`` (and a checkpoint holding it) does not depend on which form the
+    optimizer measured fastest on this machine.
 
     :raises KeyError: naming the known forms, if ``form`` is not one of them.
     """
     try:
-        wrap = FORMS[form]
+        prepare = FORMS[form]
     except KeyError:
         raise KeyError(f"unknown execution form {form!r}; known: {sorted(FORMS)}") from None
-    return wrap(program)
+    return prepare(program)
+
+
+def run_in_form(form: str, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Call ``module`` (from :func:`prepare_form`) on ``h`` the way ``form`` runs it."""
+    if form == "channels_last":
+        return module(h.contiguous(memory_format=torch.channels_last))  # type: ignore[no-any-return]
+    if form == "bf16":
+        with torch.autocast(h.device.type, dtype=torch.bfloat16):
+            out = module(h)
+        return out.to(h.dtype)  # type: ignore[no-any-return]
+    return module(h)  # type: ignore[no-any-return]

@@ -49,16 +49,13 @@ _LIVE = ("refuse", "drop")
 
 
 def _program(slot: SeedSlot) -> tuple[nn.Module, str]:
-    """The slot's seed program (the kernel's ``fx.GraphModule``) without its execution form's
-    wrapper, and the form's name."""
+    """The slot's seed program (the kernel's ``fx.GraphModule``) and its execution form's name."""
     seed = slot.seed
     assert seed is not None
     program = getattr(seed, "program", None)
     form = str(getattr(seed, "form", "export"))
     if program is None:  # a seed that is not a KernelModule: a plain module, traced as it is
         return seed, "export"
-    if form != "export":
-        program = program.program
     return program, form
 
 
