@@ -43,11 +43,14 @@ from ..blueprints import Blueprint
 from ..compiler import BlueprintCompiler, WorkerDiedError
 from ..control._controller import (
     Controller,
+    Counterfactual,
     Cull,
     Decision,
+    EndWidthTrial,
     EpochReport,
     Fossilize,
     Germinate,
+    GrowWidth,
     HeuristicController,
     Release,
     StartBlending,
@@ -74,7 +77,7 @@ from ..reliability._config import ReliabilityConfig
 from ..reliability._errors import LossAnomaly, is_out_of_memory
 from ..reliability._incidents import Incident, IncidentKind
 from ..seeds import SeedSlot, SeedState, find_slots
-from ..surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig
+from ..surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig, WidenSlot
 from ..surgery._replay import operation_record
 from ..telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_ROLLBACK, SPAN_SURGERY, Telemetry
 from ._evaluate import evaluate
@@ -83,6 +86,7 @@ from ._loaders import no_batches
 from ._optim import add_module_params, remove_module_params
 from ._results import FitResult, GrowthEvent
 from ._task import ClassificationTask, Task
+from ._widths import WidthTrial, example_flops, grow_width_operation, measure_widths
 
 __all__ = ("Grower",)
 
@@ -217,6 +221,8 @@ class Grower:
         self.surgeon = ModelSurgeon()
         #: Every surgery committed on the model, as records (checkpoints carry them for replay).
         self.surgeries: list[dict[str, Any]] = []
+        #: Widenings on trial (width growth), by slot: how to ablate their new units.
+        self.width_trials: dict[str, WidthTrial] = {}
         #: Every kernel loaded in a slot (and in the last snapshot), by id.
         self.kernels: dict[str, Kernel] = {}
         #: The run's record: reports, lifecycle events, incidents.
@@ -378,7 +384,10 @@ class Grower:
             sound = self._judge_epoch(report)
             if self.grow and self._agreed(sound):
                 for decision in self.controller.decide(report, self.result.history, self.slots):
-                    self.apply(decision)
+                    if isinstance(decision, GrowWidth):
+                        await self._grow_width(decision, val_loader)
+                    else:
+                        self.apply(decision)
             if self.surgery is not None:
                 await self._operate(val_loader)
         finally:
@@ -512,6 +521,7 @@ class Grower:
         return {
             "growth_paused_until": self._growth_paused_until, "oom_pause": self._oom_pause,
             "surgery": list(self.surgeries),
+            "width_trials": {k: t.to_json() for k, t in self.width_trials.items()},
         }
 
     def stateful(self) -> dict[str, Any]:
@@ -528,6 +538,9 @@ class Grower:
         self._growth_paused_until = int(state["growth_paused_until"])
         self._oom_pause = int(state["oom_pause"])
         self.surgeries = list(state.get("surgery", []))
+        self.width_trials = {
+            str(k): WidthTrial.from_json(v) for k, v in state.get("width_trials", {}).items()
+        }
 
     def resume_at(self, *, epoch: int, step: int) -> None:
         """Continue the run at ``epoch`` (the next to train) and global ``step``."""
@@ -593,6 +606,15 @@ class Grower:
                 self._cull(slot, reason)
             case Release(reason=reason):
                 self._tracked(slot, slot.release, reason)
+            case EndWidthTrial(reason=reason):
+                if self.width_trials.pop(decision.slot, None) is not None:
+                    log.info("width trial ended", slot=decision.slot, reason=reason,
+                             epoch=self.epoch)
+            case GrowWidth():
+                raise ValueError(
+                    f"GrowWidth({decision.slot!r}) is surgery: it runs in end_epoch (it needs a "
+                    "validation batch and a transaction), not through Grower.apply"
+                )
 
     def _refusal(self, blueprint: Blueprint) -> str | None:
         """Why a germination of ``blueprint`` may not start now (backpressure), or ``None``."""
@@ -739,12 +761,18 @@ class Grower:
                 self.seed_failed(exc)
         if measured.batches == 0:
             raise no_batches("validation", later=self.epoch > self.first_epoch, epoch=self.epoch)
+        widths: dict[str, Counterfactual] = {}
+        if self.width_trials:
+            widths = await anyio.to_thread.run_sync(
+                measure_widths, self.model, self.task, loader, self.device, self.width_trials,
+                measured,
+            )
         return EpochReport(
             epoch=self.epoch, train_loss=train_loss, val_loss=measured.loss,
             val_acc=measured.metrics.get("accuracy", math.nan),
             health={name: slot.health() for name, slot in self.slots.items()},
             counterfactual=measured.counterfactual, steps=steps, dropped=dropped,
-            metrics=measured.metrics,
+            metrics=measured.metrics, width_counterfactual=widths,
         )
 
     def _judge_epoch(self, report: EpochReport) -> bool:
@@ -850,6 +878,58 @@ class Grower:
                 params_after=before + added, epoch=self.epoch, step=self.step,
             )
         # The last snapshot has the old shapes: a rollback must land on the new structure.
+        if not self.governor.offer(await self._snapshot()):
+            self.governor.snapshot = None
+
+    async def _grow_width(self, decision: GrowWidth, val_loader: Iterable[Any]) -> None:
+        """Widen ``decision.slot``'s host in one transaction (GradMax reads the first validation
+        batch), put the new units on trial and tell the controller what it added."""
+        widened = getattr(self.controller, "widened", None)
+        slot = self.slots[decision.slot]
+        batch = next(iter(val_loader), None)
+        inputs = getattr(self.task, "inputs", None)
+        if batch is None or inputs is None:
+            if widened is not None:
+                widened(decision.slot, committed=False)
+            return
+        batch = self.task.to_device(batch, self.device)
+        probe = inputs(batch)[:_SURGERY_PROBE]
+        path = self._module_path(slot)
+        before, flops_before = self.param_count(), example_flops(self.model, probe)
+        with self.telemetry.span(
+            SPAN_SURGERY, surgery__op=f"widen slot {path!r} to {decision.width}", slot=path,
+            epoch=self.epoch, step=self.step,
+        ) as span:
+            try:
+                operation, trial = await anyio.to_thread.run_sync(
+                    grow_width_operation, self.model, self.task, batch, path, decision.width,
+                    decision.init, self.step,
+                )
+                await self.surgeon.apply(self.model, self.optimizer, operation, probe=probe)
+            except SurgeryError as exc:
+                self._agree_on_surgery(
+                    WidenSlot(path, decision.width, init=decision.init), committed=False
+                )
+                span.set_attribute("esper.outcome", "rejected")
+                log.warning("width growth rejected", slot=path, error=str(exc), epoch=self.epoch)
+                if widened is not None:
+                    widened(decision.slot, committed=False)
+                return
+            self._agree_on_surgery(operation, committed=True)
+            self.surgeries.append(operation_record(operation))
+            self.width_trials[decision.slot] = trial
+            self.rewrap()
+            added = self.param_count() - before
+            flops = example_flops(self.model, probe) - flops_before
+            span.set_attribute("esper.outcome", "committed")
+            span.set_attribute("esper.params.added", added)
+            self.telemetry.metrics.params_added(added, slot=path)
+            log.info(
+                "width growth", operation=operation.describe(), params_added=added,
+                flops_added=flops, epoch=self.epoch, step=self.step,
+            )
+        if widened is not None:
+            widened(decision.slot, committed=True, params_added=added, flops_added=flops)
         if not self.governor.offer(await self._snapshot()):
             self.governor.snapshot = None
 
