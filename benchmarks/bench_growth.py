@@ -19,7 +19,9 @@ Adam, lr 3e-3), epochs and batch size, from the same host initialisation:
 * ``growth``: the demo's growth run (slots conv1, conv2, fc1; the default controller, with
   ``horizon_epochs`` set to the run's length and any ``--controller`` options).
 * ``static_final``: the exact architecture growth ended with, trained from scratch: the host
-  wrapped as in ``growth``, and in every slot where growth fossilized a seed, a fresh module of
+  wrapped as in ``growth``, widened as growth widened it (``graft_widenings``: the recorded
+  widenings replayed, the widened layers freshly initialised), and in every slot where growth
+  fossilized a seed, a fresh module of
   the same blueprint (``build`` with a new seed), grafted and set FOSSILIZED before training, so
   it trains as part of the model from step 0 (the same function-preserving initialisation a
   growth seed gets). Paired with the growth run of the same seed.
@@ -90,13 +92,14 @@ def _workload(workload: dict[str, Any], cfg: Any) -> tuple[Any, Any, Any, tuple[
 
 async def _arm(
     arm: str, seed: int, epochs: int, batch_size: int, store_dir: str,
-    fossils: list[tuple[str, str]], controller: dict[str, Any], workload: dict[str, Any],
+    fossils: list[tuple[str, str]], controller: dict[str, Any],
+    widenings: list[dict[str, Any]], workload: dict[str, Any],
 ) -> dict[str, Any]:
     import torch
 
     from esper_async import BlueprintCompiler, HeuristicController, Trainer, wrap
     from esper_async.apps.demo import DemoConfig, evaluate_accuracy
-    from esper_async.apps.static_final import fossils_of, graft_fossils
+    from esper_async.apps.static_final import fossils_of, graft_fossils, graft_widenings
     from esper_async.control import ControllerConfig
     from esper_async.seeds import SeedState
     from esper_async.store import KernelStore
@@ -109,6 +112,7 @@ async def _arm(
     data, model, example, slots = _workload(workload, cfg)
     if arm != "static":
         wrap(model, slots, example_input=example)
+    graft_widenings(model, widenings, seed=seed)  # static_final: growth's widths, fresh
     graft_fossils(model, fossils, seed=seed)  # static_final: growth's fossils, fresh
     ledger = FlopLedger(model)
     germinated: list[str] = []
@@ -151,6 +155,7 @@ async def _arm(
         "wall_s": fit.wall_s,
         "fossilized": [name for name, _ in final],
         "fossil_blueprints": final,
+        "surgeries": list(trainer.surgeries),
         "germinated": germinated,
         "culled": fit.count(SeedState.CULLED),
         "live_at_end": [
@@ -165,7 +170,7 @@ async def _arm(
 def run_arm(
     arm: str, seed: int, epochs: int, batch_size: int, store_dir: str,
     fossils: list[tuple[str, str]], threads: int, controller: dict[str, Any],
-    workload: dict[str, Any],
+    widenings: list[dict[str, Any]], workload: dict[str, Any],
 ) -> dict[str, Any]:
     """One arm of one seed, in its own process."""
     import anyio
@@ -176,7 +181,8 @@ def run_arm(
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     started = time.perf_counter()
     out = anyio.run(
-        _arm, arm, seed, epochs, batch_size, store_dir, fossils, controller, workload
+        _arm, arm, seed, epochs, batch_size, store_dir, fossils, controller, widenings,
+        workload,
     )
     out["process_s"] = time.perf_counter() - started
     return out
@@ -245,7 +251,12 @@ def controller_options(pairs: list[str], epochs: int) -> dict[str, Any]:
             raise SystemExit(
                 f"--controller {pair!r}: expected key=value, key one of {sorted(types)}"
             )
-        options[key] = types[key](value)
+        if types[key] is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--controller {pair!r}: expected true or false")
+            options[key] = value.lower() in ("true", "1")
+        else:
+            options[key] = types[key](value)
     return options
 
 
@@ -267,10 +278,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             pending: dict[Future[dict[str, Any]], tuple[str, int]] = {}
 
-            def submit(arm: str, seed: int, fossils: list[Any]) -> None:
+            def submit(
+                arm: str, seed: int, fossils: list[Any], widenings: list[Any] | None = None
+            ) -> None:
                 future = pool.submit(
                     run_arm, arm, seed, args.epochs, args.batch_size, store_dir, fossils, threads,
-                    args.controller_options, args.workload_spec,
+                    args.controller_options, widenings or [], args.workload_spec,
                 )
                 pending[future] = (arm, seed)
 
@@ -287,11 +300,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(
                         f"seed {seed} {arm:<12} acc {result['test_acc']:.4f} "
                         f"params {result['params']} flops {result['flops']['total']:.3e} "
-                        f"{result['wall_s']:.1f} s fossils {result['fossilized']}",
+                        f"{result['wall_s']:.1f} s fossils {result['fossilized']} "
+                        f"widened {[r['target'] for r in result['surgeries']]}",
                         flush=True,
                     )
                     if arm == "growth":
-                        submit("static_final", seed, result["fossil_blueprints"])
+                        submit(
+                            "static_final", seed, result["fossil_blueprints"],
+                            result["surgeries"],
+                        )
     finally:
         shutil.rmtree(store_dir, ignore_errors=True)
     runs.sort(key=lambda r: (ARMS.index(r["arm"]), r["seed"]))

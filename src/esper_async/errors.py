@@ -24,6 +24,7 @@ boundary where they occur and chained with ``raise ... from exc``.
     ├── ExportError               a model cannot be exported to plain torch (a live seed, ...)
     ├── StreamError               a CUDA stream operation failed, or CUDA is needed and absent
     ├── TelemetryConfigError      telemetry was configured in a way that cannot work
+    ├── ControllerConfigError     a ControllerConfig option is out of range
     ├── LoaderError               a data loader yields no batches, or cannot be iterated again
     ├── DemoConfigError           the demo's options (or a run's demo.json) are invalid
     ├── DataError                 a data set's files are corrupt, truncated, crafted or malformed
@@ -45,6 +46,7 @@ __all__ = (
     "BlueprintError",
     "CompileError",
     "CompileTimeoutError",
+    "ControllerConfigError",
     "DataError",
     "DataMissingError",
     "DemoConfigError",
@@ -233,6 +235,11 @@ class StreamError(EsperError, RuntimeError):
 class TelemetryConfigError(EsperError, ValueError):
     """Telemetry was configured in a way that cannot work (an exporter that is not installed,
     a malformed endpoint, an unreadable trace file)."""
+
+
+class ControllerConfigError(EsperError, ValueError):
+    """A :class:`~esper_async.control.ControllerConfig` option is out of range (width growth's
+    factors, trial length, the FLOP rent)."""
 
 
 class LoaderError(EsperError, ValueError):

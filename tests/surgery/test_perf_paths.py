@@ -9,7 +9,8 @@ from torch import nn
 from esper_async.errors import SurgeryError
 from esper_async.surgery import ModelSurgeon, Widen, _widen, identity_conv2d, identity_linear
 from esper_async.surgery._context import eval_mode, module_list, parameter_list
-from esper_async.surgery._widen import _grow, _grow_scaled, _replication
+from esper_async.surgery._widen import _grow, _grow_scaled
+from esper_async.surgery._width_init import replication as _replication
 
 from ._helpers import TinyNet, assert_same, fingerprint, images, train
 

@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from esper_async.blueprints import Blueprint, SlotContract, build
+from esper_async.control import EpochReport
+from esper_async.control._controller import Counterfactual
 from esper_async.seeds import wrap
-from esper_async.training._flops import FlopCounter, count_flops, kernel_compile_flops
+from esper_async.training._flops import FlopCounter, FlopLedger, count_flops, kernel_compile_flops
 
 N, IN, HIDDEN, OUT = 5, 7, 3, 4
 
@@ -69,3 +71,26 @@ def test_kernel_compile_estimate_is_positive_and_scales_with_the_validator_runs(
     fwd_1 = count_flops(lambda: module(torch.zeros(1, HIDDEN)))
     assert figures["validation"] > 7 * fwd_1  # at b=1 alone: 2 fwd+bwd (≥ 2 fwd each) + 1 fwd
     assert figures["optimizer"] > figures["validation"]
+
+
+def test_a_counterfactual_costs_the_full_validation_pass_whatever_else_drew_from_it() -> None:
+    # A widening draws one validation batch after the full pass (GradMax's signal): the epoch's
+    # counterfactual must still cost the ablated forward over the full pass, not over that batch.
+    host = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, OUT))
+    wrap(host, ["0"], example_input=torch.zeros(2, IN))
+    blueprint = Blueprint("low_rank", {"rank": 2})
+    host[0].germinate(blueprint)
+    host[0].graft(build(blueprint, host[0].contract, seed=1), "test-kernel")
+    ledger = FlopLedger(host)
+    batches = [(torch.zeros(N, IN), torch.zeros(N, dtype=torch.long))] * 3
+    val = ledger.val(batches)
+    list(val)  # the full validation pass
+    next(iter(val))  # a one-batch draw after it
+    ablated = ledger.counter.forward(host, (N, IN), ablate=["0"])
+    report = EpochReport(epoch=0, train_loss=None, val_loss=1.0,
+                         counterfactual={"0": Counterfactual(1.0, 1.1, 0.5, 0.4)})
+    ledger.end_epoch(report)
+    assert ledger.totals["counterfactual"] == 3 * ablated
+    assert ledger.totals["eval"] == 4 * ledger.counter.forward(host, (N, IN))
+    ledger.end_epoch(report)  # a new epoch without validation passes has nothing to ablate
+    assert ledger.totals["counterfactual"] == 3 * ablated

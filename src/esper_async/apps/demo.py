@@ -18,7 +18,7 @@ from torch import nn
 
 from ..compiler import BlueprintCompiler
 from ..control._controller import ControllerConfig, EpochReport, HeuristicController
-from ..errors import DemoConfigError
+from ..errors import ControllerConfigError, DemoConfigError
 from ..reliability import CheckpointError, CheckpointStore
 from ..reliability._checkpoint_store import CHECKPOINT_PATTERN
 from ..seeds import SeedState, wrap
@@ -27,7 +27,7 @@ from ..surgery import SurgeryPolicyConfig
 from ..telemetry import Telemetry, TelemetryConfig
 from ..training.trainer import FitResult, Trainer
 from .data import digits_loaders
-from .static_final import fossils_of, graft_fossils
+from .static_final import fossils_of, graft_fossils, graft_widenings
 
 __all__ = (
     "DemoConfig",
@@ -143,10 +143,13 @@ class DemoConfig:
                 key="slots", path=path,
             )
         fields["slots"] = tuple(slots)
-        fields["controller"] = ControllerConfig(**_exact_keys(
-            fields["controller"], {f.name for f in dataclasses.fields(ControllerConfig)},
-            "controller.", where, path,
-        ))
+        try:
+            fields["controller"] = ControllerConfig(**_exact_keys(
+                fields["controller"], {f.name for f in dataclasses.fields(ControllerConfig)},
+                "controller.", where, path,
+            ))
+        except ControllerConfigError as exc:
+            raise DemoConfigError(f"{where}: {exc}", key="controller", path=path) from exc
         device = fields["device"]
         if isinstance(device, str) and device != "auto":
             try:
@@ -236,6 +239,13 @@ def _check_controller(controller: ControllerConfig) -> None:
         key, value = f"controller.{f.name}", getattr(controller, f.name)
         if f.type in ("int", int):
             _check_int(key, value, 0)
+        elif f.type in ("bool", bool):
+            if not isinstance(value, bool):
+                raise DemoConfigError(f"option {key!r} must be true or false, got {value!r}",
+                                      key=key)
+        elif f.type in ("str", str):
+            if not isinstance(value, str):
+                raise DemoConfigError(f"option {key!r} must be a string, got {value!r}", key=key)
         elif not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(
             value
         ):
@@ -316,7 +326,8 @@ class DemoResult:
     static: RunSummary
     growth: RunSummary
     static_final: RunSummary
-    """Growth's final architecture (its fossilized seeds, built afresh), trained from scratch."""
+    """Growth's final architecture (its widenings and fossilized seeds, built afresh), trained
+    from scratch."""
     kernels_compiled: int
     kernels_from_store: int
     compile_s: float
@@ -355,12 +366,14 @@ async def _run(
     telemetry: Telemetry,
     resume: frozenset[str],
     fossils: tuple[tuple[str, str], ...] = (),
+    widenings: tuple[dict[str, object], ...] = (),
 ) -> RunSummary:
     torch.manual_seed(cfg.seed)
     data = digits_loaders(batch_size=cfg.batch_size, seed=cfg.seed, limit=cfg.limit)
     model = DigitsHost()
-    if grow or fossils:
+    if grow or fossils or widenings:
         wrap(model, cfg.slots, example_input=torch.zeros(2, 1, 8, 8))
+        graft_widenings(model, widenings, seed=cfg.seed)  # growth's widths, fresh
         graft_fossils(model, fossils, seed=cfg.seed)
     device = cfg.resolved_device()
     trainer = Trainer(
@@ -443,7 +456,8 @@ async def run_demo(
         await compiler.wait_ready()
         growth = await _run("growth", cfg, True, progress, compiler, telemetry, resume)
         static_final = await _run(
-            _STATIC_FINAL, cfg, False, progress, compiler, telemetry, resume, growth.fossils
+            _STATIC_FINAL, cfg, False, progress, compiler, telemetry, resume, growth.fossils,
+            growth.surgeries,
         )
     requested = growth.fit.count(SeedState.GERMINATED)
     return DemoResult(

@@ -6,19 +6,28 @@ a freshly initialised module of each fossilized seed's blueprint grafted and set
 before step 0 (the same function-preserving initialisation a growth seed gets), trained with the
 same recipe and budget. :func:`fossils_of` reads what growth ended with; :func:`graft_fossils`
 puts fresh copies into another model.
+
+Growth may also have widened host layers (``Trainer.surgeries``: surgery, or the controller's
+width growth). :func:`graft_widenings` gives another model the same widths: it replays the
+recorded widenings (structure only) and then re-initialises every layer and batch norm whose
+shape changed with PyTorch's default initialisation, as if the wider model had been built
+directly. Call it before :func:`graft_fossils`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..blueprints import Blueprint, build
 from ..errors import DemoConfigError
 from ..seeds import SeedSlot, SeedState, find_slots
+from ..surgery._replay import replay_operations
 
-__all__ = ("FRESH_SEED_OFFSET", "fossils_of", "graft_fossils")
+__all__ = ("FRESH_SEED_OFFSET", "fossils_of", "graft_fossils", "graft_widenings")
 
 #: Added to a run's seed for the fresh modules (never a growth kernel's seed).
 FRESH_SEED_OFFSET = 1_000_003
@@ -61,3 +70,37 @@ def graft_fossils(model: nn.Module, fossils: Sequence[tuple[str, str]], *, seed:
         slot.start_blending(1, "part of the architecture from the start")
         slot.on_step()  # α reaches 1: PROBATION
         slot.fossilize("part of the architecture from the start")
+
+
+def graft_widenings(
+    model: nn.Module, records: Iterable[Mapping[str, Any]], *, seed: int
+) -> list[str]:
+    """Give ``model`` the widths growth's widenings ended with, freshly initialised.
+
+    :param model: the host, wrapped as in the growth run; modified in place.
+    :param records: the growth run's ``Trainer.surgeries`` (widening records), in order.
+    :param seed: the run's seed; the re-initialised layers draw from
+        ``FRESH_SEED_OFFSET + 101·seed + 97`` (the global RNG is left as it was).
+    :returns: the dotted names of the modules re-initialised.
+    :raises SurgeryError: a record does not fit ``model`` (it is not the host growth started
+        from).
+    """
+    records = list(records)
+    if not records:
+        return []
+    before = {name: _shapes(m) for name, m in model.named_modules()}
+    replay_operations(model, None, records)
+    changed = [
+        name for name, module in model.named_modules()
+        if callable(getattr(module, "reset_parameters", None))
+        and _shapes(module) and before.get(name) != _shapes(module)
+    ]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FRESH_SEED_OFFSET + 101 * seed + 97)
+        for name in changed:
+            model.get_submodule(name).reset_parameters()  # type: ignore[operator]
+    return changed
+
+
+def _shapes(module: nn.Module) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(p.shape) for p in module.parameters(recurse=False))

@@ -13,9 +13,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import structlog
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..blueprints import Blueprint, library
-from ..errors import NoLegalArmError
+from ..errors import ControllerConfigError, NoLegalArmError
 from ..seeds import HealthSignals, SeedSlot, SeedState
 from ..selection import (
     IntelligentSeedSelector,
@@ -26,14 +29,17 @@ from ..selection import (
 from ..telemetry import SPAN_SELECT, Telemetry, selection_attributes
 
 __all__ = (
+    "WIDEN_ARM",
     "Controller",
     "ControllerConfig",
     "Counterfactual",
     "Cull",
     "Decision",
+    "EndWidthTrial",
     "EpochReport",
     "Fossilize",
     "Germinate",
+    "GrowWidth",
     "HeuristicController",
     "Release",
     "StartBlending",
@@ -76,6 +82,9 @@ class EpochReport:
     :ivar dropped: batches whose step was dropped (a bad loss, rolled back).
     :ivar metrics: the task's validation figures by name (``accuracy``, ``bits_per_token``, a
         user's own), averaged over the validation batches.
+    :ivar width_counterfactual: per slot whose host was widened by width growth and is still on
+        trial, the figures with the new units and with them ablated (their fan-out folded back
+        or zeroed), same batches.
     """
 
     epoch: int
@@ -87,6 +96,7 @@ class EpochReport:
     steps: int = 0
     dropped: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    width_counterfactual: Mapping[str, Counterfactual] = field(default_factory=dict)
 
     @property
     def val_finite(self) -> bool:
@@ -137,7 +147,45 @@ class Release:
     reason: str
 
 
-Decision = Germinate | StartBlending | Fossilize | Cull | Release
+@dataclass(frozen=True)
+class GrowWidth:
+    """Widen the host of ``slot`` to ``width`` units (``WidenSlot`` with ``init``), and put the
+    new units on trial: their contribution is measured until a :class:`EndWidthTrial`."""
+
+    slot: str
+    width: int
+    init: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class EndWidthTrial:
+    """Stop measuring the widening of ``slot``'s host (it was rewarded; the units stay)."""
+
+    slot: str
+    reason: str
+
+
+Decision = Germinate | StartBlending | Fossilize | Cull | Release | GrowWidth | EndWidthTrial
+
+#: The selector's arm for widening a slot's host: ``(slot, WIDEN_ARM)``.
+WIDEN_ARM = "widen"
+#: ``esper_async.surgery.WIDTH_INITS`` (the surgery layer is above this one; a test keeps them
+#: equal).
+WIDTH_INITS = ("net2wider", "zero_fanout", "gradmax", "split_noise")
+#: Host layers width growth can widen.
+_WIDENABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class _WidthTrial:
+    """A widening on trial: decided at ``epoch``; what it added once committed."""
+
+    epoch: int
+    features: list[float]
+    committed: bool = False
+    params_added: int = 0
+    flops_added: int = 0
 
 
 class Controller(Protocol):
@@ -167,6 +215,17 @@ class ControllerConfig:
         germinated only if it can be judged before the run ends (``training_epochs +
         blend_epochs + probation_epochs + 1`` epochs left, the 1 for its kernel): one germinated
         later would cost training FLOPs and never become part of the model.
+    :ivar flop_rent: reward charged per forward FLOP per example that a grown seed or widening
+        adds (``0``: none). Seeds' FLOPs are counted on their module at the slot's shape,
+        widenings' on the model before and after.
+    :ivar width_growth: offer the selector a ``(slot, "widen")`` arm per slot beside the seeds:
+        widen the slot's host by ``width_factor`` (see ``docs/growth.md``).
+    :ivar width_init: how the new units start (``"gradmax"``, ``"zero_fanout"``,
+        ``"split_noise"``, ``"net2wider"``; see ``esper_async.surgery.WIDTH_INITS``).
+    :ivar width_factor: each widening multiplies the host's width by this (at least +1 unit).
+    :ivar width_max_growth: a host never grows past this multiple of its first-seen width.
+    :ivar width_trial_epochs: epochs after a widening before its contribution is measured and
+        rewarded.
     """
 
     plateau_patience: int = 2
@@ -179,6 +238,38 @@ class ControllerConfig:
     fossilize_margin: float = 0.0
     param_rent: float = 1e-6
     horizon_epochs: int = 0
+    flop_rent: float = 0.0
+    width_growth: bool = False
+    width_init: str = "gradmax"
+    width_factor: float = 2.0
+    width_max_growth: float = 2.0
+    width_trial_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        def number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+                value
+            )
+
+        factor, most, trial, rent = (
+            self.width_factor, self.width_max_growth, self.width_trial_epochs, self.flop_rent
+        )
+        if not (number(factor) and number(most) and factor > 1.0 and most >= 1.0):
+            raise ControllerConfigError(
+                f"ControllerConfig needs width_factor > 1 and width_max_growth >= 1, got "
+                f"{factor!r} and {most!r}"
+            )
+        if not (isinstance(trial, int) and number(trial) and trial >= 1
+                and number(rent) and rent >= 0):
+            raise ControllerConfigError(
+                f"ControllerConfig needs an integer width_trial_epochs >= 1 and a finite "
+                f"flop_rent >= 0, got {trial!r} and {rent!r}"
+            )
+        if self.width_init not in WIDTH_INITS or not isinstance(self.width_growth, bool):
+            raise ControllerConfigError(
+                f"ControllerConfig needs width_growth true or false and width_init one of "
+                f"{', '.join(WIDTH_INITS)}; got {self.width_growth!r}, {self.width_init!r}"
+            )
 
     @property
     def lifespan_epochs(self) -> int:
@@ -236,7 +327,8 @@ class HeuristicController:
     :param selector: chooses where and what to grow (default: Gaussian Thompson sampling seeded
         with ``seed``, its variances scaled to validation-loss rewards, at most
         ``config.max_live_seeds`` live seeds).
-    :param blueprints: the designs on offer (default: the standard library).
+    :param blueprints: the designs on offer (default: the standard library; ``()``: none, e.g.
+        for width growth alone).
     :param tracker: per (slot, blueprint) statistics from real training (default: a new one).
     :param seed: RNG seed of the default selector.
     :param telemetry: where each selection is recorded as an ``esper.select`` span (the chosen
@@ -265,11 +357,14 @@ class HeuristicController:
             max_live=self.config.max_live_seeds,
             param_rent=self.config.param_rent,
         )
-        self.blueprints = tuple(blueprints or library())
+        self.blueprints = tuple(library() if blueprints is None else blueprints)
         self.tracker = tracker or PerformanceTracker()
         # slot -> (training loss, health features) when its seed germinated: the outcome is
         # measured against the first, and LinUCB learns from the context the choice was made in.
         self._born: dict[str, tuple[float, list[float]]] = {}
+        # width growth: slot -> its widening on trial; slot -> its host's first-seen width
+        self._widenings: dict[str, _WidthTrial] = {}
+        self._base_width: dict[str, int] = {}
 
     def decide(
         self, report: EpochReport, history: Sequence[EpochReport], slots: Mapping[str, SeedSlot]
@@ -303,16 +398,102 @@ class HeuristicController:
             elif life.state is SeedState.EMBARGOED and life.epochs_in_state >= cfg.embargo_epochs:
                 decisions.append(Release(name, f"embargo of {cfg.embargo_epochs} epochs over"))
 
+        decisions.extend(self._end_width_trials(report))
         late = cfg.horizon_epochs > 0 and report.epoch + cfg.lifespan_epochs >= cfg.horizon_epochs
         if not late and plateaued([*history, report], cfg.plateau_patience, cfg.plateau_tolerance):
-            germinate = self._choose(report, slots, decisions)
-            if germinate is not None:
-                decisions.append(germinate)
+            grow = self._choose(report, slots, decisions)
+            if grow is not None:
+                decisions.append(grow)
         return decisions
+
+    # --- width growth ---------------------------------------------------------------------------
+
+    def _end_width_trials(self, report: EpochReport) -> list[Decision]:
+        """Reward every widening whose trial is over with its measured contribution."""
+        ended: list[Decision] = []
+        for name, trial in list(self._widenings.items()):
+            if not trial.committed or report.epoch - trial.epoch < self.config.width_trial_epochs:
+                continue
+            del self._widenings[name]
+            cf = report.width_counterfactual.get(name)
+            if cf is None or not math.isfinite(cf.loss_gain):
+                ended.append(EndWidthTrial(name, "no finite measurement of the new units"))
+                continue
+            rent = self.config.flop_rent * trial.flops_added
+            reward = self.selector.update(
+                name, WIDEN_ARM, contribution=cf.loss_gain - rent,
+                param_count=trial.params_added,
+                health_features=np.asarray(trial.features, dtype=float),
+            )
+            ended.append(EndWidthTrial(
+                name, f"val loss {cf.loss_with:.4f} with the new units, {cf.loss_without:.4f} "
+                f"without; reward {reward:.4f}",
+            ))
+        return ended
+
+    def _target_width(self, slot: SeedSlot) -> int | None:
+        """The width a widening of ``slot``'s host would reach, or ``None`` if it may not grow."""
+        host = slot.host
+        if not isinstance(host, _WIDENABLE) or (isinstance(host, nn.Conv2d) and host.groups != 1):
+            return None
+        width = host.out_features if isinstance(host, nn.Linear) else host.out_channels
+        base = self._base_width.setdefault(slot.slot_name, width)
+        cap = math.floor(base * self.config.width_max_growth)
+        target = min(cap, max(width + 1, math.ceil(width * self.config.width_factor)))
+        return target if target > width else None
+
+    def _width_actions(
+        self, slots: Mapping[str, SeedSlot], leaving: set[str]
+    ) -> list[tuple[str, str]]:
+        """The ``(slot, "widen")`` arms legal now: a host that may grow, no widening of it on
+        trial, and no live seed in the slot (a widening is judged on its own)."""
+        resting = (SeedState.DORMANT, SeedState.FOSSILIZED, SeedState.EMBARGOED)
+        return [
+            (name, WIDEN_ARM) for name, slot in slots.items()
+            if slot.contract is not None and name not in self._widenings
+            and (slot.state in resting or name in leaving)
+            and self._target_width(slot) is not None
+        ]
+
+    def widened(
+        self, slot: str, *, committed: bool, params_added: int = 0, flops_added: int = 0
+    ) -> None:
+        """The grower's report on a :class:`GrowWidth`: committed (with what it added: trainable
+        parameters and forward FLOPs per example) or refused (then nothing is rewarded).
+
+        :param slot: the slot whose host was to be widened.
+        :param committed: whether the widening went through.
+        :param params_added: trainable parameters it added.
+        :param flops_added: forward FLOPs per example it added (charged at ``flop_rent``).
+        """
+        trial = self._widenings.get(slot)
+        if trial is None:
+            return
+        if not committed:
+            del self._widenings[slot]
+            return
+        trial.committed, trial.params_added, trial.flops_added = True, params_added, flops_added
+
+    def _seed_flops(self, slot: SeedSlot) -> int:
+        """Forward FLOPs per example of ``slot``'s seed at the slot's shape (0 if unknown)."""
+        seed, contract = slot.seed, slot.contract
+        if seed is None or contract is None:
+            return 0
+        param = next(seed.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        try:
+            x = torch.zeros(contract.batch_shape(1), dtype=getattr(torch, contract.dtype),
+                            device=device)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                seed(x)
+            return int(counter.get_total_flops())
+        except Exception as exc:  # a kernel that cannot be counted is charged nothing
+            log.warning("seed FLOPs not counted", slot=slot.slot_name, error=repr(exc))
+            return 0
 
     def _choose(
         self, report: EpochReport, slots: Mapping[str, SeedSlot], decisions: list[Decision]
-    ) -> Germinate | None:
+    ) -> Germinate | GrowWidth | None:
         leaving = {d.slot for d in decisions if isinstance(d, Cull)}
         candidates = {}
         for name, slot in slots.items():
@@ -325,38 +506,58 @@ class HeuristicController:
                 slot.contract, occupied, slot.state is SeedState.EMBARGOED, features
             )
         live = [s for n, s in slots.items() if s.lifecycle.live and n not in leaving]
+        actions = self._width_actions(slots, leaving) if self.config.width_growth else []
         try:
-            name, blueprint = self.selector.choose(
+            arm = self.selector.choose_arm(
                 candidates,
                 self.blueprints,
-                live_count=len(live),
+                live_count=len(live) + len(self._widenings),
                 params_used=sum(_params(s) for s in live),
+                actions=actions,
             )
         except NoLegalArmError as exc:
-            log.debug("no seed to germinate", reason=str(exc))
+            log.debug("nothing to grow", reason=str(exc))
             return None
-        self._born[name] = (_loss(report), candidates[name].health_features.tolist())
+        name = arm[0]
+        features = candidates[name].health_features.tolist()
+        blueprint = self.selector.blueprint_of(arm)
+        strategy = self.selector.strategy.name
+        if blueprint is None:  # the widen arm
+            width = self._target_width(slots[name])
+            assert width is not None  # _width_actions checked it
+            self._widenings[name] = _WidthTrial(report.epoch, features)
+            if self.telemetry is not None:
+                self._emit_select(name, WIDEN_ARM, report)
+            return GrowWidth(
+                name, width, self.config.width_init,
+                f"validation loss plateaued at {report.val_loss:.4f}; {strategy} chose to "
+                f"widen {name} to {width} ({self.config.width_init})",
+            )
+        self._born[name] = (_loss(report), features)
         if self.telemetry is not None:
-            self._emit_select(name, blueprint, report)
+            self._emit_select(name, blueprint.name, report)
         return Germinate(
             name,
             blueprint,
             f"validation loss plateaued at {report.val_loss:.4f}; "
-            f"{self.selector.strategy.name} chose {blueprint.name}",
+            f"{strategy} chose {blueprint.name}",
         )
 
-    def _emit_select(self, name: str, blueprint: Blueprint, report: EpochReport) -> None:
-        """One ``esper.select`` span: the chosen arm and each legal arm's mean reward."""
+    def _emit_select(self, name: str, what: str, report: EpochReport) -> None:
+        """One ``esper.select`` span: the chosen arm (``what``: a blueprint's name or
+        ``"widen"``) and each legal arm's mean reward."""
         assert self.telemetry is not None
         values = self.selector.arm_values()
         arms = {f"{slot}/{bp.name}": value for (slot, bp), value in values.items()}
-        chosen = f"{name}/{blueprint.name}"
+        for arm in self.selector.last_actions:
+            arms[f"{arm[0]}/{arm[1]}"] = self.selector.mean_reward(arm)
+        chosen = f"{name}/{what}"
         arms.setdefault(chosen, 0.0)
         attributes = selection_attributes(
             strategy=self.selector.strategy.name, chosen=chosen, arms=arms
         )
         with self.telemetry.span(
-            SPAN_SELECT, attributes, slot=name, blueprint=blueprint.name, epoch=report.epoch
+            SPAN_SELECT, attributes, slot=name, blueprint=what, epoch=report.epoch
         ):
             pass
 
@@ -382,6 +583,8 @@ class HeuristicController:
         name, params = slot.slot_name, _params(slot)
         after = _loss(report)
         before, features = self._born.pop(name, (after, [0.0] * 4))
+        if self.config.flop_rent > 0:
+            contribution -= self.config.flop_rent * self._seed_flops(slot)
         self.selector.update(
             name,
             slot.blueprint,
@@ -401,6 +604,8 @@ class HeuristicController:
             "selector": self.selector.state_dict(),
             "tracker": self.tracker.state_dict(),
             "born": {k: [loss, features] for k, (loss, features) in self._born.items()},
+            "widenings": {k: vars(t).copy() for k, t in self._widenings.items()},
+            "base_width": dict(self._base_width),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -411,6 +616,14 @@ class HeuristicController:
             str(k): (float(loss), [float(f) for f in features])
             for k, (loss, features) in state.get("born", {}).items()
         }
+        self._widenings = {
+            str(k): _WidthTrial(
+                int(t["epoch"]), [float(f) for f in t["features"]], bool(t["committed"]),
+                int(t["params_added"]), int(t["flops_added"]),
+            )
+            for k, t in state.get("widenings", {}).items()
+        }
+        self._base_width = {str(k): int(v) for k, v in state.get("base_width", {}).items()}
 
 
 def _params(slot: SeedSlot) -> int:

@@ -19,6 +19,9 @@ def report_to_json(report: EpochReport) -> dict[str, Any]:
         "health": {k: dataclasses.asdict(v) for k, v in report.health.items()},
         "counterfactual": {k: dataclasses.asdict(v) for k, v in report.counterfactual.items()},
         "steps": report.steps, "dropped": report.dropped, "metrics": dict(report.metrics),
+        "width_counterfactual": {
+            k: dataclasses.asdict(v) for k, v in report.width_counterfactual.items()
+        },
     }
 
 
@@ -33,4 +36,7 @@ def report_from_json(data: dict[str, Any]) -> EpochReport:
         counterfactual={k: Counterfactual(**v) for k, v in data["counterfactual"].items()},
         steps=int(data.get("steps", 0)), dropped=int(data.get("dropped", 0)),
         metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
+        width_counterfactual={
+            k: Counterfactual(**v) for k, v in data.get("width_counterfactual", {}).items()
+        },
     )

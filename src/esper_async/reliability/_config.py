@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ._backoff import Backoff
 from ._breaker import BreakerConfig
@@ -31,6 +32,12 @@ class ReliabilityConfig:
     :ivar max_epochs_without_steps: this many epochs in a row in which every step was dropped
         stop the run with :class:`~esper_async.reliability.GovernorError`.
     :ivar clock: monotonic seconds for the breakers (injectable in tests).
+    :ivar verdict: how a step's loss is judged. ``"sync"``: read on the host before the backward
+        pass (one device sync per step); ``"lagged"``: judged on the device, the update masked
+        there, the verdict read ``verdict_lag`` steps later (no sync on the hot path; see
+        ``docs/reliability.md``); ``"auto"`` (default): lagged on a GPU, sync on a CPU (where a
+        host read costs nothing) and under data parallelism (the ranks agree on each step).
+    :ivar verdict_lag: with lagged verdicts, the steps launched before a step's verdict is read.
     """
 
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
@@ -43,6 +50,8 @@ class ReliabilityConfig:
     checkpoint_keep: int = 2
     max_epochs_without_steps: int = 2
     clock: Callable[[], float] = time.monotonic
+    verdict: Literal["auto", "sync", "lagged"] = "auto"
+    verdict_lag: int = 1
 
     def __post_init__(self) -> None:
         if (
@@ -53,3 +62,7 @@ class ReliabilityConfig:
                 "compile_attempts, checkpoint_keep and max_epochs_without_steps must be >= 1 and "
                 "oom_backoff_epochs >= 0"
             )
+        if self.verdict not in ("auto", "sync", "lagged"):
+            raise ValueError(f"verdict must be 'auto', 'sync' or 'lagged', got {self.verdict!r}")
+        if self.verdict_lag < 1:
+            raise ValueError(f"verdict_lag must be at least 1 step, got {self.verdict_lag}")

@@ -80,6 +80,11 @@ class Governor:
         median = statistics.median(self._recent)
         return max(self.config.spike_factor * median, median + self.config.spike_floor)
 
+    @property
+    def warming_up(self) -> bool:
+        """Whether fewer than ``warmup`` good losses have been seen (no spike is judged yet)."""
+        return len(self._recent) < self.config.warmup
+
     def judge(self, loss: float) -> str | None:
         """``"non_finite"`` or ``"spike"`` for a bad loss, ``None`` for a good one."""
         if not math.isfinite(loss):

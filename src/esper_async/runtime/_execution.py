@@ -87,12 +87,25 @@ class StepRunner:
         """
         raise NotImplementedError
 
+    async def launch(self, fn: Callable[..., T], *args: Any) -> tuple[T, Completion | None]:
+        """Run ``fn(*args)`` off the loop and return as soon as its work is *queued*: the next
+        step can be launched while this one runs on the device (lagged verdicts).
+
+        :returns: ``fn``'s result and the completion of its work, to await (or close) later;
+            ``None`` where the work is done when ``fn`` returns (a CPU).
+        :raises: whatever ``fn`` raises.
+        """
+        raise NotImplementedError
+
 
 class ThreadStepRunner(StepRunner):
     """CPU steps: ``fn`` runs in a worker thread (torch releases the GIL inside its ops)."""
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def launch(self, fn: Callable[..., T], *args: Any) -> tuple[T, Completion | None]:
+        return await self.run(fn, *args), None
 
 
 class CudaStepRunner(StepRunner):
@@ -144,6 +157,18 @@ class CudaStepRunner(StepRunner):
             for completion in armed:
                 completion.close()
         return result
+
+    async def launch(self, fn: Callable[..., T], *args: Any) -> tuple[T, Completion | None]:
+        armed: list[Completion] = []
+        try:
+            result = await anyio.to_thread.run_sync(
+                self._launch, fn, args, armed, limiter=self._limiter
+            )
+        except BaseException:
+            for completion in armed:
+                completion.close()
+            raise
+        return result, armed[0]
 
 
 # --- loop lag ---

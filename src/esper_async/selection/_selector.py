@@ -148,6 +148,8 @@ class IntelligentSeedSelector:
         self._last_blueprints: tuple[Blueprint, ...] = ()
         #: The legal arms of the last :meth:`choose` (what :meth:`arm_values` scores by default).
         self.last_arms: tuple[ArmKey, ...] = ()
+        #: The actions (non-seed arms) offered in the last :meth:`choose_arm`.
+        self.last_actions: tuple[ArmKey, ...] = ()
         self._history: deque[tuple[ArmKey, float, list[float] | None]] = deque(
             maxlen=_HISTORY_LIMIT
         )
@@ -356,6 +358,36 @@ class IntelligentSeedSelector:
         :returns: ``(slot_name, blueprint)``.
         :raises NoLegalArmError: with ``reasons`` for every pair, if no pair is legal.
         """
+        arm = self.choose_arm(
+            candidates,
+            blueprints,
+            live_count=live_count,
+            params_used=params_used,
+            memory_used_bytes=memory_used_bytes,
+        )
+        return arm[0], self._arm_blueprint[arm]
+
+    def choose_arm(
+        self,
+        candidates: Mapping[str, SlotCandidate | tuple[Any, ...]],
+        blueprints: Sequence[Blueprint],
+        *,
+        live_count: int,
+        params_used: int = 0,
+        memory_used_bytes: int = 0,
+        actions: Sequence[ArmKey] = (),
+    ) -> ArmKey:
+        """Choose among the legal seed arms and other growth ``actions`` (e.g. widening a slot's
+        host: ``(slot, "widen")``), in one bandit, with the same rewards.
+
+        Actions count against ``max_live`` as seeds do; the caller decides which are legal. Seed
+        arms map back to their blueprint with :meth:`blueprint_of`.
+
+        :param actions: the other legal arms, keyed ``(slot, action name)``; the action's slot
+            gives its context features (zeros when it is not among ``candidates``).
+        :returns: the chosen arm, ``(slot, blueprint id)`` or one of ``actions``.
+        :raises NoLegalArmError: with ``reasons`` for every seed pair, if no arm is legal.
+        """
         arms, slots, counts = self.legal_arms(
             candidates,
             blueprints,
@@ -363,7 +395,10 @@ class IntelligentSeedSelector:
             params_used=params_used,
             memory_used_bytes=memory_used_bytes,
         )
-        if not arms:
+        extra = tuple(a for a in actions if a not in self._arm_blueprint)
+        if live_count >= self.max_live:
+            extra = ()
+        if not arms and not extra:
             reasons = self.explain(
                 candidates,
                 blueprints,
@@ -381,12 +416,33 @@ class IntelligentSeedSelector:
                 reasons=reasons,
             )
         self.last_arms = arms
+        self.last_actions = extra
         context = None
         if getattr(self.strategy, "contextual", False):
-            features = np.stack([np.asarray(candidates[s][3], dtype=np.float64) for s in slots])
-            context = np.repeat(features, counts, axis=0)
-        arm = cast(ArmKey, self.strategy.select(arms, context))
-        return arm[0], self._arm_blueprint[arm]
+            rows = [np.asarray(candidates[s][3], dtype=np.float64) for s in slots]
+            width = len(rows[0]) if rows else len(next(iter(candidates.values()))[3])
+            context = np.zeros((len(arms) + len(extra), width))
+            if rows:
+                context[: len(arms)] = np.repeat(np.stack(rows), counts, axis=0)
+            for i, (slot, _action) in enumerate(extra, start=len(arms)):
+                if slot in candidates:
+                    context[i] = np.asarray(candidates[slot][3], dtype=np.float64)
+        return cast(ArmKey, self.strategy.select(arms + extra if extra else arms, context))
+
+    def blueprint_of(self, arm: ArmKey) -> Blueprint | None:
+        """The blueprint of a seed arm the selector offered; ``None`` for an action.
+
+        :param arm: an arm :meth:`choose_arm` returned.
+        """
+        return self._arm_blueprint.get(arm)
+
+    def mean_reward(self, arm: ArmKey) -> float:
+        """The mean of ``arm``'s rewards so far (``0.0``, every strategy's prior mean, if none).
+
+        :param arm: any arm, seed or action.
+        """
+        values = [value for key, value, _context in self._history if key == arm]
+        return sum(values) / len(values) if values else 0.0
 
     def arm_values(
         self, arms: Sequence[ArmKey] | None = None

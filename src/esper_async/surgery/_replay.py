@@ -21,7 +21,7 @@ from ._context import SurgeryContext
 from ._widen import Widen
 from ._widen_slot import WidenSlot
 
-__all__ = ("operation_from_record", "operation_record", "replay_operations")
+__all__ = ("operation_from_record", "operation_record", "replay_init", "replay_operations")
 
 _KINDS = {"widen": Widen, "widen_slot": WidenSlot}
 
@@ -32,11 +32,16 @@ def operation_record(operation: Widen | WidenSlot) -> dict[str, Any]:
     :raises SurgeryError: for an operation that cannot be recorded (only widenings can).
     """
     if isinstance(operation, WidenSlot):
-        return {"op": "widen_slot", "target": operation.target, "width": operation.width,
-                "seed": operation.seed}
-    if isinstance(operation, Widen):
-        record: dict[str, Any] = {"op": "widen", "target": operation.target,
+        record: dict[str, Any] = {"op": "widen_slot", "target": operation.target,
                                   "width": operation.width, "seed": operation.seed}
+        if operation.init != "net2wider":
+            record["init"] = operation.init
+        return record
+    if isinstance(operation, Widen):
+        record = {"op": "widen", "target": operation.target,
+                  "width": operation.width, "seed": operation.seed}
+        if operation.init != "net2wider":
+            record["init"] = operation.init
         if operation.consumers is not None:
             record["consumers"] = list(operation.consumers)
             record["norms"] = list(operation.norms)
@@ -47,20 +52,31 @@ def operation_record(operation: Widen | WidenSlot) -> dict[str, Any]:
     )
 
 
+def replay_init(init: str) -> str:
+    """The init a recorded widening is replayed with: its own, except ``"gradmax"``, whose batch
+    is gone; it is replayed as ``"zero_fanout"`` (the same shapes, and the same zero fan-out).
+    Replay makes structure: the values come from the checkpoint loaded after it."""
+    return "zero_fanout" if init == "gradmax" else init
+
+
 def operation_from_record(record: Mapping[str, Any]) -> Widen | WidenSlot:
-    """The operation a record describes.
+    """The operation a record describes (a ``"gradmax"`` widening comes back as
+    ``"zero_fanout"``: see :func:`replay_init`).
 
     :raises SurgeryError: the record names no known operation.
     """
     kind = record.get("op")
+    init = replay_init(str(record.get("init", "net2wider")))
     if kind == "widen_slot":
-        return WidenSlot(str(record["target"]), int(record["width"]), seed=int(record["seed"]))
+        return WidenSlot(
+            str(record["target"]), int(record["width"]), seed=int(record["seed"]), init=init
+        )
     if kind == "widen":
         consumers = record.get("consumers")
         return Widen(
             str(record["target"]), int(record["width"]),
             consumers=None if consumers is None else tuple(consumers),
-            norms=tuple(record.get("norms", ())), seed=int(record["seed"]),
+            norms=tuple(record.get("norms", ())), seed=int(record["seed"]), init=init,
         )
     raise SurgeryError(
         f"unknown surgery record {dict(record)!r}; known operations: {', '.join(sorted(_KINDS))}",

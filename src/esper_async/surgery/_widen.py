@@ -17,7 +17,8 @@ so first moments are scaled by ``f_j`` and second moments by ``f_j²``.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,8 +28,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import SurgeryError
 from ._context import SurgeryContext
+from ._width_init import (
+    ZERO_FANOUT,
+    WidthSignal,
+    blocks,
+    check_init,
+    fresh_norm_entries,
+    new_fan_in,
+    split_noise,
+    unit_shares,
+    zero_new,
+)
 
-__all__ = ("Widen", "find_consumers", "traced_call")
+__all__ = ("Widen", "find_consumers", "traced_call", "widen_layers")
+
 
 # Modules and functions acting on each unit independently: a widened unit's replicas stay replicas.
 _ELEMENTWISE_MODULES = (
@@ -195,6 +208,11 @@ class Widen:
     :param norms: dotted names of batch norms between ``target`` and its consumers (only read
         together with ``consumers``).
     :param seed: seeds the choice of replicated units and split fractions (reproducible surgery).
+    :param init: how the new units start (see :mod:`._width_init`): ``"net2wider"`` (replicas),
+        ``"zero_fanout"`` (zero fan-out, random fan-in), ``"gradmax"`` (zero fan-out, fan-in from
+        ``signal``) or ``"split_noise"`` (half/half split with fan-out noise).
+    :param signal: for ``init="gradmax"``: :func:`capture_width_signal` of ``target`` on a real
+        batch.
     """
 
     target: str
@@ -202,16 +220,20 @@ class Widen:
     consumers: tuple[str, ...] | None = None
     norms: tuple[str, ...] = ()
     seed: int = 0
+    init: str = "net2wider"
+    signal: WidthSignal | None = field(default=None, compare=False, repr=False)
 
     @property
     def preserves_function(self) -> bool:
         return True
 
     def describe(self) -> str:
-        return f"widen {self.target!r} to {self.width}"
+        how = "" if self.init == "net2wider" else f" ({self.init})"
+        return f"widen {self.target!r} to {self.width}{how}"
 
     def apply(self, ctx: SurgeryContext) -> None:
         operation = self.describe()
+        check_init(self.init, operation)
         producer = ctx.resolve(self.target, operation=operation)
         ctx.parent_of(self.target, operation=operation)
         old_width = _width_of(producer, operation)
@@ -233,27 +255,11 @@ class Widen:
         _check_fit(norm_paths, norms, consumer_paths, consumers, old_width, operation)
         assert isinstance(producer, (nn.Linear, nn.Conv2d))
 
-        weight = producer.weight
-        mapping, fractions = _replication(old_width, self.width, self.seed, weight.device)
-        swaps: list[tuple[str, nn.Module, nn.Module]] = []
-        new_producer = _widened_producer(producer, mapping)
-        swaps.append((self.target, producer, new_producer))
-        for path, norm in zip(norm_paths, norms, strict=True):
-            assert isinstance(norm, _BatchNorm)
-            swaps.append((path, norm, _widened_norm(norm, mapping)))
-        for path, consumer in zip(consumer_paths, consumers, strict=True):
-            assert isinstance(consumer, (nn.Linear, nn.Conv2d))
-            swaps.append((path, consumer, _widened_consumer(consumer, mapping, fractions)))
-
-        for path, old, new in swaps:
-            is_consumer = path in consumer_paths
-            for key, old_param in old.named_parameters(recurse=False):
-                new_param = getattr(new, key)
-                if new_param is old_param:
-                    continue
-                state = _carry_state(ctx, old_param, mapping, fractions, is_consumer)
-                ctx.replace_parameter(old_param, new_param, state)
-            ctx.replace(path, new, operation=operation)
+        widen_layers(
+            ctx, operation, producer_path=self.target, norm_paths=norm_paths,
+            consumers=[(path, 1) for path in consumer_paths], width=self.width, seed=self.seed,
+            init=self.init, signal=self.signal,
+        )
 
 
 def _width_of(module: nn.Module, operation: str) -> int:
@@ -294,21 +300,6 @@ def _check_fit(
                 "input features or channels",
                 operation=operation,
             )
-
-
-def _replication(
-    old: int, new: int, seed: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unit map ``g`` (long, length ``new``) and split fractions ``f`` (float64, sum 1 per
-    unit)."""
-    generator = torch.Generator().manual_seed(seed)
-    extra = torch.randint(0, old, (new - old,), generator=generator)
-    mapping = torch.cat([torch.arange(old), extra])
-    counts = torch.bincount(mapping, minlength=old)
-    shares = torch.empty(new, dtype=torch.float64).uniform_(0.5, 1.5, generator=generator)
-    shares = torch.where(counts[mapping] > 1, shares, torch.ones_like(shares))
-    totals = torch.zeros(old, dtype=torch.float64).index_add_(0, mapping, shares)
-    return mapping.to(device), (shares / totals[mapping]).to(device)
 
 
 def _grow(tensor: torch.Tensor, dim: int, mapping: torch.Tensor) -> torch.Tensor:
@@ -442,3 +433,80 @@ def _carry_state(
         else:
             carried[key] = value
     return carried
+
+
+def widen_layers(
+    ctx: SurgeryContext,
+    operation: str,
+    *,
+    producer_path: str,
+    norm_paths: Sequence[str],
+    consumers: Sequence[tuple[str, int]],
+    width: int,
+    seed: int,
+    init: str,
+    signal: WidthSignal | None,
+) -> torch.Tensor:
+    """Widen the producer at ``producer_path`` to ``width`` units, its batch norms and its
+    consumers (``(path, block)``: ``block`` input columns per unit), initialising the new units
+    as ``init`` says; swap everything in through ``ctx`` with optimizer state carried.
+
+    :returns: the unit map ``g`` (new unit ``k`` stands in for old unit ``g(k)``).
+    :raises SurgeryError: ``init="gradmax"`` without a signal for this target, or a signal that
+        lacks a consumer.
+    """
+    producer = ctx.resolve(producer_path, operation=operation)
+    assert isinstance(producer, (nn.Linear, nn.Conv2d))
+    old = _width_of(producer, operation)
+    layers = []
+    for path, block in consumers:
+        layer = ctx.resolve(path, operation=operation)
+        assert isinstance(layer, (nn.Linear, nn.Conv2d))
+        layers.append((layer, path, block))
+    if init == "gradmax":
+        missing = [p for _, p, _ in layers if signal is None or p not in signal.grads]
+        if missing:
+            raise SurgeryError(
+                f"{operation}: init='gradmax' needs signal= from capture_width_signal(model, "
+                f"target, loss_fn) on a real batch (missing the gradient at {', '.join(missing)})",
+                operation=operation,
+            )
+    mapping, fractions = unit_shares(old, width, seed, init, producer.weight.device)
+    fresh = init in ZERO_FANOUT
+
+    swaps: list[tuple[str, nn.Module, nn.Module, torch.Tensor, torch.Tensor, bool, int]] = []
+    new_producer = _widened_producer(producer, mapping)
+    if fresh:
+        rows = new_fan_in(
+            producer, width - old, init, seed=seed, signal=signal, consumers=layers
+        )
+        with torch.no_grad():
+            new_producer.weight[old:] = rows
+            if new_producer.bias is not None:
+                new_producer.bias[old:] = 0.0
+    swaps.append((producer_path, producer, new_producer, mapping, fractions, False, old))
+    for path in norm_paths:
+        norm = ctx.resolve(path, operation=operation)
+        assert isinstance(norm, _BatchNorm)
+        new_norm = _widened_norm(norm, mapping)
+        if fresh:
+            fresh_norm_entries(new_norm, old)
+        swaps.append((path, norm, new_norm, mapping, fractions, False, old))
+    for layer, path, block in layers:
+        columns, shares = blocks(mapping, fractions, block)
+        widened = _widened_consumer(layer, columns, shares)
+        if init == "split_noise":
+            split_noise(widened.weight, columns, seed)
+        swaps.append((path, layer, widened, columns, shares, True, old * block))
+
+    for path, before, after, units, split, is_consumer, kept in swaps:
+        for key, old_param in before.named_parameters(recurse=False):
+            new_param = getattr(after, key)
+            if new_param is old_param:
+                continue
+            state = _carry_state(ctx, old_param, units, split, is_consumer)
+            if fresh:
+                zero_new(state, new_param.shape, 1 if is_consumer else 0, kept)
+            ctx.replace_parameter(old_param, new_param, state)
+        ctx.replace(path, after, operation=operation)
+    return mapping

@@ -18,26 +18,17 @@ contract are untouched, since its output keeps its width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import SurgeryError
 from ..seeds import SeedSlot
 from ..seeds._slot import UnitMap
 from ._context import SurgeryContext
-from ._widen import (
-    _carry_state,
-    _classify,
-    _replication,
-    _widened_consumer,
-    _widened_norm,
-    _widened_producer,
-    _width_of,
-    traced_call,
-)
+from ._widen import _classify, _width_of, traced_call, widen_layers
+from ._width_init import WidthSignal, check_init
 
 __all__ = ("SlotConsumer", "WidenSlot", "find_slot_consumers")
 
@@ -148,19 +139,6 @@ def _consumer(layer: nn.Module, path: str, width: int, flat: bool) -> SlotConsum
     return None
 
 
-def _blocks(
-    mapping: torch.Tensor, fractions: torch.Tensor, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unit map and fractions over a flattened consumer's columns: unit ``j``'s block of
-    ``block`` columns comes from unit ``g(j)``'s, all scaled by ``f_j``. Starts with
-    ``arange(n·block)``, as :func:`_grow` requires."""
-    if block == 1:
-        return mapping, fractions
-    offsets = torch.arange(block, device=mapping.device)
-    columns = (mapping.unsqueeze(1) * block + offsets).flatten()
-    return columns, fractions.repeat_interleave(block)
-
-
 @dataclass(frozen=True)
 class WidenSlot:
     """Widen the host of the seed slot at ``target`` to ``width`` outputs, whatever its seed's
@@ -170,21 +148,31 @@ class WidenSlot:
         or a Conv2d with ``groups == 1``.
     :param width: the new number of output features or channels (larger than the current one).
     :param seed: seeds the choice of replicated units and split fractions (reproducible surgery).
+    :param init: how the new units start, as for :class:`~esper_async.surgery.Widen`
+        (``"net2wider"``, ``"zero_fanout"``, ``"gradmax"``, ``"split_noise"``). With a zero
+        fan-out init the slot's unit map still gives each new unit a seed unit (``u[g(k)]``):
+        what the seed adds there reaches nothing, since the unit's fan-out is zero.
+    :param signal: for ``init="gradmax"``: :func:`capture_width_signal` of the slot on a real
+        batch.
     """
 
     target: str
     width: int
     seed: int = 0
+    init: str = "net2wider"
+    signal: WidthSignal | None = field(default=None, compare=False, repr=False)
 
     @property
     def preserves_function(self) -> bool:
         return True
 
     def describe(self) -> str:
-        return f"widen slot {self.target!r} to {self.width}"
+        how = "" if self.init == "net2wider" else f" ({self.init})"
+        return f"widen slot {self.target!r} to {self.width}{how}"
 
     def apply(self, ctx: SurgeryContext) -> None:
         operation = self.describe()
+        check_init(self.init, operation)
         slot = ctx.resolve(self.target, operation=operation)
         ctx.parent_of(self.target, operation=operation)
         if not isinstance(slot, SeedSlot):
@@ -205,30 +193,11 @@ class WidenSlot:
             unit_major=isinstance(host, nn.Conv2d),
         )
         assert isinstance(host, (nn.Linear, nn.Conv2d))
-        mapping, fractions = _replication(old_width, self.width, self.seed, host.weight.device)
-
-        swaps: list[tuple[str, nn.Module, nn.Module, torch.Tensor, torch.Tensor, bool]] = []
-        host_path = f"{self.target}.host"
-        swaps.append((host_path, host, _widened_producer(host, mapping), mapping, fractions, False))
-        for path in norm_paths:
-            norm = ctx.resolve(path, operation=operation)
-            assert isinstance(norm, _BatchNorm)
-            swaps.append((path, norm, _widened_norm(norm, mapping), mapping, fractions, False))
-        for consumer in consumers:
-            layer = ctx.resolve(consumer.path, operation=operation)
-            assert isinstance(layer, (nn.Linear, nn.Conv2d))
-            columns, shares = _blocks(mapping, fractions, consumer.block)
-            widened = _widened_consumer(layer, columns, shares)
-            swaps.append((consumer.path, layer, widened, columns, shares, True))
-
-        for path, old, new, units, split, is_consumer in swaps:
-            for key, old_param in old.named_parameters(recurse=False):
-                new_param = getattr(new, key)
-                if new_param is old_param:
-                    continue
-                state = _carry_state(ctx, old_param, units, split, is_consumer)
-                ctx.replace_parameter(old_param, new_param, state)
-            ctx.replace(path, new, operation=operation)
+        mapping = widen_layers(
+            ctx, operation, producer_path=f"{self.target}.host", norm_paths=norm_paths,
+            consumers=[(c.path, c.block) for c in consumers], width=self.width, seed=self.seed,
+            init=self.init, signal=self.signal,
+        )
 
         # The slot's map composes: new unit k replicates old unit g(k), itself seed unit u[g(k)].
         previous = slot.unit_map

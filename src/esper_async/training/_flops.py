@@ -300,7 +300,8 @@ class FlopLedger:
             "train_host": 0, "train_seeds": 0, "eval": 0, "counterfactual": 0, "kernels": 0,
         }
         self.steps = 0
-        self._ablation: dict[str, int] = {}
+        #: Per validation pass this epoch: each seeded slot's ablated-forward FLOPs over it.
+        self._passes: list[dict[str, int]] = []
 
     def train(self, loader: Iterable[Any]) -> Iterable[Any]:
         """``loader``, counting a training step for each batch it yields."""
@@ -308,7 +309,7 @@ class FlopLedger:
 
     def val(self, loader: Iterable[Any]) -> Iterable[Any]:
         """``loader``, counting a validation forward for each batch it yields."""
-        return _Counted(loader, self._ablation.clear, self._val_batch)
+        return _Counted(loader, lambda: self._passes.append({}), self._val_batch)
 
     def _train_batch(self, x: torch.Tensor) -> None:
         shape, dtype = tuple(x.shape), x.dtype
@@ -325,12 +326,21 @@ class FlopLedger:
         for name, slot in _slots(self.model):
             if slot.seed is not None:
                 flops = self.counter.forward(self.model, shape, dtype=dtype, ablate=[name])
-                self._ablation[name] = self._ablation.get(name, 0) + flops
+                ablation = self._passes[-1] if self._passes else {}
+                ablation[name] = ablation.get(name, 0) + flops
 
     def end_epoch(self, report: EpochReport) -> None:
-        """Add the counterfactual passes of ``report``'s epoch (one per slot it measured)."""
+        """Add the counterfactual passes of ``report``'s epoch (one per slot it measured).
+
+        A counterfactual runs over the epoch's validation batches, so each costs the slot's
+        ablated forward over the epoch's *full* validation pass: the largest of the epoch's passes
+        (others, such as a widening's one-batch draw or a width trial's pass, add their own
+        forwards to ``eval`` as they run, and must not stand in for it)."""
         for name in report.counterfactual:
-            self.totals["counterfactual"] += self._ablation.get(name, 0)
+            self.totals["counterfactual"] += max(
+                (ablation.get(name, 0) for ablation in self._passes), default=0
+            )
+        self._passes.clear()
 
     def add_kernel(self, blueprint: Blueprint, contract: SlotContract) -> None:
         """Add the estimated FLOPs of compiling a kernel (see :func:`kernel_compile_flops`)."""

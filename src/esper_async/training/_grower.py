@@ -43,11 +43,14 @@ from ..blueprints import Blueprint
 from ..compiler import BlueprintCompiler, WorkerDiedError
 from ..control._controller import (
     Controller,
+    Counterfactual,
     Cull,
     Decision,
+    EndWidthTrial,
     EpochReport,
     Fossilize,
     Germinate,
+    GrowWidth,
     HeuristicController,
     Release,
     StartBlending,
@@ -74,7 +77,7 @@ from ..reliability._config import ReliabilityConfig
 from ..reliability._errors import LossAnomaly, is_out_of_memory
 from ..reliability._incidents import Incident, IncidentKind
 from ..seeds import SeedSlot, SeedState, find_slots
-from ..surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig
+from ..surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig, WidenSlot
 from ..surgery._replay import operation_record
 from ..telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_ROLLBACK, SPAN_SURGERY, Telemetry
 from ._evaluate import evaluate
@@ -83,6 +86,7 @@ from ._loaders import no_batches
 from ._optim import add_module_params, remove_module_params
 from ._results import FitResult, GrowthEvent
 from ._task import ClassificationTask, Task
+from ._widths import WidthTrial, example_flops, grow_width_operation, measure_widths
 
 __all__ = ("Grower",)
 
@@ -217,6 +221,8 @@ class Grower:
         self.surgeon = ModelSurgeon()
         #: Every surgery committed on the model, as records (checkpoints carry them for replay).
         self.surgeries: list[dict[str, Any]] = []
+        #: Widenings on trial (width growth), by slot: how to ablate their new units.
+        self.width_trials: dict[str, WidthTrial] = {}
         #: Every kernel loaded in a slot (and in the last snapshot), by id.
         self.kernels: dict[str, Kernel] = {}
         #: The run's record: reports, lifecycle events, incidents.
@@ -228,6 +234,8 @@ class Grower:
         self.steps_per_epoch = 1
         self._epoch_steps = 0
         self._epoch_losses: list[float] = []
+        self._epoch_loss_sum: torch.Tensor | None = None  # tensor losses, summed on the device
+        self._epoch_loss_count = 0
         self._epoch_dropped = 0
         self._epochs_without_steps = 0
         self._pending: dict[str, Blueprint] = {}
@@ -320,13 +328,20 @@ class Grower:
         Advances the seeds' blending ramps and, with ``graft="step"``, grafts kernels that
         finished compiling.
 
-        :param loss: the step's training loss (for the epoch's ``train_loss``), if known.
+        :param loss: the step's training loss (for the epoch's ``train_loss``), if known; a
+            tensor is summed where it lives and read once, at the end of the epoch (no host
+            sync per step).
         :param updated: whether the step updated the model (``False``: it was dropped).
         """
         self.begin_epoch()
         self._epoch_steps += 1
         if updated:
-            if loss is not None:
+            if isinstance(loss, torch.Tensor):  # summed on its device, read at the epoch's end
+                value = loss.detach().double()  # the same sum as of the values read one by one
+                total = self._epoch_loss_sum
+                self._epoch_loss_sum = value if total is None else total + value
+                self._epoch_loss_count += 1
+            elif loss is not None:
                 self._epoch_losses.append(float(loss))
         else:
             self._epoch_dropped += 1
@@ -355,18 +370,24 @@ class Grower:
         assert self._epoch_span is not None
         steps = self._epoch_steps - self._epoch_dropped
         losses = self._epoch_losses
-        train_loss = sum(losses) / len(losses) if losses else None
+        count = len(losses) + self._epoch_loss_count
+        total = sum(losses) + (0.0 if self._epoch_loss_sum is None else float(self._epoch_loss_sum))
+        train_loss = total / count if count else None
         report = await self._measure(val_loader, train_loss, steps, self._epoch_dropped)
         for slot in self.slots.values():
             slot.lifecycle.epochs_in_state += 1
         self.steps_per_epoch = self._epoch_steps
         self._epoch_steps, self._epoch_losses, self._epoch_dropped = 0, [], 0
+        self._epoch_loss_sum, self._epoch_loss_count = None, 0
         try:
             await self._await_late_kernels()
             sound = self._judge_epoch(report)
             if self.grow and self._agreed(sound):
                 for decision in self.controller.decide(report, self.result.history, self.slots):
-                    self.apply(decision)
+                    if isinstance(decision, GrowWidth):
+                        await self._grow_width(decision, val_loader)
+                    else:
+                        self.apply(decision)
             if self.surgery is not None:
                 await self._operate(val_loader)
         finally:
@@ -500,6 +521,7 @@ class Grower:
         return {
             "growth_paused_until": self._growth_paused_until, "oom_pause": self._oom_pause,
             "surgery": list(self.surgeries),
+            "width_trials": {k: t.to_json() for k, t in self.width_trials.items()},
         }
 
     def stateful(self) -> dict[str, Any]:
@@ -516,6 +538,9 @@ class Grower:
         self._growth_paused_until = int(state["growth_paused_until"])
         self._oom_pause = int(state["oom_pause"])
         self.surgeries = list(state.get("surgery", []))
+        self.width_trials = {
+            str(k): WidthTrial.from_json(v) for k, v in state.get("width_trials", {}).items()
+        }
 
     def resume_at(self, *, epoch: int, step: int) -> None:
         """Continue the run at ``epoch`` (the next to train) and global ``step``."""
@@ -581,6 +606,15 @@ class Grower:
                 self._cull(slot, reason)
             case Release(reason=reason):
                 self._tracked(slot, slot.release, reason)
+            case EndWidthTrial(reason=reason):
+                if self.width_trials.pop(decision.slot, None) is not None:
+                    log.info("width trial ended", slot=decision.slot, reason=reason,
+                             epoch=self.epoch)
+            case GrowWidth():
+                raise ValueError(
+                    f"GrowWidth({decision.slot!r}) is surgery: it runs in end_epoch (it needs a "
+                    "validation batch and a transaction), not through Grower.apply"
+                )
 
     def _refusal(self, blueprint: Blueprint) -> str | None:
         """Why a germination of ``blueprint`` may not start now (backpressure), or ``None``."""
@@ -727,12 +761,18 @@ class Grower:
                 self.seed_failed(exc)
         if measured.batches == 0:
             raise no_batches("validation", later=self.epoch > self.first_epoch, epoch=self.epoch)
+        widths: dict[str, Counterfactual] = {}
+        if self.width_trials:
+            widths = await anyio.to_thread.run_sync(
+                measure_widths, self.model, self.task, loader, self.device, self.width_trials,
+                measured,
+            )
         return EpochReport(
             epoch=self.epoch, train_loss=train_loss, val_loss=measured.loss,
             val_acc=measured.metrics.get("accuracy", math.nan),
             health={name: slot.health() for name, slot in self.slots.items()},
             counterfactual=measured.counterfactual, steps=steps, dropped=dropped,
-            metrics=measured.metrics,
+            metrics=measured.metrics, width_counterfactual=widths,
         )
 
     def _judge_epoch(self, report: EpochReport) -> bool:
@@ -838,6 +878,58 @@ class Grower:
                 params_after=before + added, epoch=self.epoch, step=self.step,
             )
         # The last snapshot has the old shapes: a rollback must land on the new structure.
+        if not self.governor.offer(await self._snapshot()):
+            self.governor.snapshot = None
+
+    async def _grow_width(self, decision: GrowWidth, val_loader: Iterable[Any]) -> None:
+        """Widen ``decision.slot``'s host in one transaction (GradMax reads the first validation
+        batch), put the new units on trial and tell the controller what it added."""
+        widened = getattr(self.controller, "widened", None)
+        slot = self.slots[decision.slot]
+        batch = next(iter(val_loader), None)
+        inputs = getattr(self.task, "inputs", None)
+        if batch is None or inputs is None:
+            if widened is not None:
+                widened(decision.slot, committed=False)
+            return
+        batch = self.task.to_device(batch, self.device)
+        probe = inputs(batch)[:_SURGERY_PROBE]
+        path = self._module_path(slot)
+        before, flops_before = self.param_count(), example_flops(self.model, probe)
+        with self.telemetry.span(
+            SPAN_SURGERY, surgery__op=f"widen slot {path!r} to {decision.width}", slot=path,
+            epoch=self.epoch, step=self.step,
+        ) as span:
+            try:
+                operation, trial = await anyio.to_thread.run_sync(
+                    grow_width_operation, self.model, self.task, batch, path, decision.width,
+                    decision.init, self.step,
+                )
+                await self.surgeon.apply(self.model, self.optimizer, operation, probe=probe)
+            except SurgeryError as exc:
+                self._agree_on_surgery(
+                    WidenSlot(path, decision.width, init=decision.init), committed=False
+                )
+                span.set_attribute("esper.outcome", "rejected")
+                log.warning("width growth rejected", slot=path, error=str(exc), epoch=self.epoch)
+                if widened is not None:
+                    widened(decision.slot, committed=False)
+                return
+            self._agree_on_surgery(operation, committed=True)
+            self.surgeries.append(operation_record(operation))
+            self.width_trials[decision.slot] = trial
+            self.rewrap()
+            added = self.param_count() - before
+            flops = example_flops(self.model, probe) - flops_before
+            span.set_attribute("esper.outcome", "committed")
+            span.set_attribute("esper.params.added", added)
+            self.telemetry.metrics.params_added(added, slot=path)
+            log.info(
+                "width growth", operation=operation.describe(), params_added=added,
+                flops_added=flops, epoch=self.epoch, step=self.step,
+            )
+        if widened is not None:
+            widened(decision.slot, committed=True, params_added=added, flops_added=flops)
         if not self.governor.offer(await self._snapshot()):
             self.governor.snapshot = None
 

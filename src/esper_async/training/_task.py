@@ -64,26 +64,40 @@ class Task(Protocol):
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor in it moved to ``device``: through mappings, lists, tuples
     (named ones too) and dataclasses; other objects with a ``.to`` method (a Hugging Face
-    ``BatchEncoding``) are asked to move themselves; anything else is returned as it is.
+    ``BatchEncoding``) are asked to move themselves; anything else is returned as it is. Copies
+    from the host to a GPU do not block (``non_blocking``: asynchronous from pinned memory).
 
     :param batch: a tensor, or a structure holding tensors.
     :param device: where they go.
     :returns: the moved batch (tensors already there are not copied).
     """
+    device = torch.device(device)
+    non_blocking = device.type == "cuda"
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=non_blocking)
+                       if isinstance(t, torch.Tensor) else t.to(device))
+
+
+def map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it (see :func:`move_to_device` for the
+    structures walked; an object with a ``.to`` method is given to ``fn`` whole).
+
+    :param batch: a tensor, or a structure holding tensors.
+    :param fn: applied to each tensor.
+    """
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+        return type(batch)({k: map_tensors(v, fn) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(move_to_device(v, device) for v in batch))
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        moved = {f.name: move_to_device(getattr(batch, f.name), device)
+        moved = {f.name: map_tensors(getattr(batch, f.name), fn)
                  for f in dataclasses.fields(batch) if f.init}
         return dataclasses.replace(batch, **moved)
     if callable(getattr(batch, "to", None)):
-        return batch.to(device)
+        return fn(batch)
     return batch
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,10 +33,13 @@ from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
 from ._grower import Grower
 from ._guard import StepGuard
 from ._loaders import batch_count, check_loaders, loader_generator, no_batches
+from ._masked import HostUndo, MaskedStep
 from ._outputs import LOOP_LAG_INTERVAL_S, RunOutputs
+from ._prefetch import Ready, prefetched, wait_ready
 from ._results import FitResult, GrowthEvent
 from ._state import load_run_state, restore_run, run_state, save_run_checkpoint
 from ._task import ClassificationTask, Task
+from ._verdict import LaggedVerdicts, Launched
 
 if TYPE_CHECKING:
     from ..store import KernelStore
@@ -46,6 +50,9 @@ log = structlog.get_logger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Settle = Literal["judge", "cull", "keep"]
+Precision = Literal["fp32", "bf16"]
+#: A batch waiting to be stepped, and whether it must take the synchronous path.
+_Queued = tuple[Any, Ready, bool]
 
 
 def _grower_attr(name: str, doc: str) -> Any:
@@ -78,8 +85,11 @@ class Trainer:
         besides the model — a trace in ``run_dir``, the default compiler's kernel ``store``, epoch
         figures to ``loggers``, the loop-lag metric; see :class:`RunOutputs`. Defaults: nothing
         on disk, no store, no loggers, loop lag every 0.25 s.
+    :param precision: ``"fp32"`` (default) or ``"bf16"``: training steps (host and seeds) run
+        under bf16 autocast on the device (validation stays in fp32).
     :raises ValueError: both ``task`` and ``loss_fn``, ``run_dir`` and ``telemetry``, or ``store``
-        and ``compiler`` are given; ``loop_lag_interval_s`` is not positive; or as :class:`Grower`.
+        and ``compiler`` are given; ``loop_lag_interval_s`` is not positive; an unknown
+        ``precision``; or as :class:`Grower`.
     """
 
     def __init__(
@@ -107,9 +117,13 @@ class Trainer:
         store: str | os.PathLike[str] | KernelStore | None = None,
         loggers: Sequence[MetricLogger] = (),
         loop_lag_interval_s: float | None = LOOP_LAG_INTERVAL_S,
+        precision: Precision = "fp32",
     ) -> None:
         if task is not None and loss_fn is not None:
             raise ValueError("give Trainer a task or a loss_fn, not both (the task has its loss)")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision: Precision = precision
         #: What each fit writes besides the model: trace, kernel store, loggers, loop lag.
         self.outputs = outputs = RunOutputs(
             run_dir=run_dir, telemetry_config=telemetry_config, store=store, loggers=loggers,
@@ -117,7 +131,9 @@ class Trainer:
             compiler_given=compiler is not None)
         self.task: Task = task or ClassificationTask(loss_fn or nn.functional.cross_entropy)
         model = model.to(torch.device(device))
-        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=3e-3)
+        # On a GPU the default Adam is fused: it masks a bad step itself (lagged verdicts).
+        self.optimizer = optimizer or torch.optim.Adam(
+            model.parameters(), lr=3e-3, fused=torch.device(device).type == "cuda" or None)
         self.grower = g = Grower(
             model, self.optimizer, task=self.task, controller=controller, compiler=compiler,
             grow=grow, device=device, seed=seed, graft=graft,
@@ -141,6 +157,14 @@ class Trainer:
             lambda batch: self.task.forward(g.runner, batch), self.optimizer, self.slots,
             self.governor, g.consensus,
             run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)))
+        rel = g.reliability
+        lagged = rel.verdict == "lagged" or (
+            rel.verdict == "auto" and self.device.type == "cuda")
+        if lagged and g.consensus is not None:
+            lagged = False  # the ranks agree on every step before it updates (see StepGuard)
+        #: The lagged verdicts of the steps (``None``: each loss is judged on the host first).
+        self.verdicts = LaggedVerdicts(self.device, rel.verdict_lag) if lagged else None
+        self._masked = MaskedStep(self.optimizer)
         self._generator: torch.Generator | None = None
         self._stop_requested = False
         self._checkpoint_requested = False
@@ -242,51 +266,159 @@ class Trainer:
     async def _train_epoch(
         self, loader: Iterable[Any], on_step: Callable[[int, float | None], None] | None
     ) -> None:
-        """One pass over the training data, each batch a guarded step."""
+        """One pass over the training data, each batch a guarded step (the next batch copied to
+        the device while the step runs)."""
         self.model.train()
         batches = 0
-        for batch in loader:
+        queue: deque[_Queued] = deque()
+        in_flight: deque[Launched] = deque()
+        for batch, ready in prefetched(loader, self.task, self.device):
             batches += 1
-            batch = self.task.to_device(batch, self.device)
-            with self.telemetry.step_span(self.step, epoch=self.epoch):
-                started = time.perf_counter()
-                loss = await self._guarded_step(batch)
-                self.telemetry.metrics.step_finished(time.perf_counter() - started)
-            self.grower.after_step(loss, updated=loss is not None)
-            if on_step is not None:
-                on_step(self.step, loss)
+            if self.verdicts is None:
+                await self._sync_step(batch, ready, on_step)
+                continue
+            queue.append((batch, ready, False))
+            await self._pump(queue, in_flight, self.verdicts.lag, on_step)
+        if self.verdicts is not None:
+            await self._pump(queue, in_flight, 0, on_step)
         if batches == 0:
             later = self.epoch > self.grower.first_epoch
             raise no_batches("training", later=later, epoch=self.epoch)
 
-    def _step(self, batch: Any) -> float:
+    async def _sync_step(
+        self, batch: Any, ready: Ready, on_step: Callable[[int, float | None], None] | None
+    ) -> None:
+        """A step whose loss is read on the host before it updates (:meth:`_guarded_step`)."""
+        with self.telemetry.step_span(self.step, epoch=self.epoch):
+            started = time.perf_counter()
+            loss = await self._guarded_step(batch, ready)
+            self.telemetry.metrics.step_finished(time.perf_counter() - started)
+        self._stepped(loss, on_step)
+
+    def _stepped(self, loss: float | None, on_step: Callable[[int, float | None], None] | None
+                 ) -> None:
+        self.grower.after_step(loss, updated=loss is not None)
+        if on_step is not None:
+            on_step(self.step, loss)
+
+    # --- lagged verdicts -------------------------------------------------------------------------
+
+    async def _pump(
+        self, queue: deque[_Queued], in_flight: deque[Launched], lag: int,
+        on_step: Callable[[int, float | None], None] | None,
+    ) -> None:
+        """Launch the queued batches, reading verdicts once more than ``lag`` steps are in flight.
+
+        During the governor's warm-up the lag is 0 (the first spike threshold needs every loss
+        before it). A bad verdict puts the steps launched after it (which applied nothing: the
+        device's halt) back at the front of the queue. A batch whose launch raised (a seed
+        raised, the backward failed) waits for the steps in flight to be read, then takes the
+        synchronous path, whose handling of it is the reference.
+        """
+        verdicts = self.verdicts
+        assert verdicts is not None
+        while queue or len(in_flight) > lag:
+            # During the governor's warm-up, the spike threshold of the next step depends on the
+            # losses in flight (it turns finite once enough are read): read them first.
+            now = 0 if self.governor.warming_up else lag
+            if len(in_flight) > now or (in_flight and queue and queue[0][2]):
+                queue.extendleft(reversed(await self._resolve(in_flight, on_step)))
+                continue
+            batch, ready, sync = queue.popleft()
+            if sync:  # nothing is in flight: a halt left by the failed launch is stale
+                verdicts.clear()
+                await self._sync_step(batch, ready, on_step)
+                continue
+            with self.telemetry.step_span(self.step + len(in_flight), epoch=self.epoch):
+                started = time.perf_counter()
+                try:
+                    undo, done = await self._steps.launch(self._lagged_step, batch, ready)
+                except (SeedRuntimeError, LossAnomaly):
+                    queue.appendleft((batch, None, True))  # its copy was already waited for
+                    continue
+                finally:
+                    self.telemetry.metrics.step_finished(time.perf_counter() - started)
+            in_flight.append(Launched(batch, verdicts.launches - 1, undo, done))
+
+    async def _resolve(
+        self, in_flight: deque[Launched], on_step: Callable[[int, float | None], None] | None
+    ) -> list[_Queued]:
+        """Read the oldest verdict in flight and act on it. :returns: the batches to run again."""
+        verdicts = self.verdicts
+        assert verdicts is not None
+        launched = in_flight.popleft()
+        value, ok = await verdicts.read(launched)
+        if ok:
+            self.governor.accept(value)
+            self._stepped(value, on_step)
+            return []
+        # Nothing since this step has applied (the halt): undo what the host holds, lift the
+        # halt, and let the synchronous path judge this batch again on the same model.
+        again: list[_Queued] = [(x.batch, None, False) for x in in_flight]
+        for later in in_flight:
+            if later.done is not None:
+                await later.done.wait()
+        in_flight.clear()
+        launched.undo.restore()
+        verdicts.clear()
+        await self._sync_step(launched.batch, None, on_step)
+        return again
+
+    def _lagged_step(self, batch: Any, ready: Ready) -> HostUndo:
+        """One step launched with a device-side verdict (in a worker thread; no host read).
+
+        :returns: the host-resident state to restore if the verdict is bad.
+        :raises SeedRuntimeError: a seed raised in the forward pass (nothing updated).
+        :raises LossAnomaly: the backward pass failed (nothing updated).
+        """
+        verdicts = self.verdicts
+        assert verdicts is not None
+        wait_ready(batch, ready)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            _, loss = self.task.forward(self.grower.runner, batch)
+        ok, apply = verdicts.judge(loss, self.governor.threshold())
+        self._guard.backward(loss, float("nan"))
+        undo = self._masked.step(apply)
+        verdicts.record(loss, ok)
+        return undo
+
+    def _autocast(self) -> Any:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _step(self, batch: Any, ready: Ready = None) -> float:
         """One optimizer step on ``batch`` (in a worker thread); returns the loss.
 
-        The loss is judged before the backward pass (a device sync on a GPU), so a bad step never
-        reaches the parameters.
+        The loss is judged on the host before the backward pass (a device sync on a GPU), so a
+        bad step never reaches the parameters.
 
         :raises SeedRuntimeError: a seed raised or produced non-finite values (nothing updated).
         :raises LossAnomaly: the loss was bad (nothing updated).
         """
+        wait_ready(batch, ready)
         self.optimizer.zero_grad(set_to_none=True)
         loss: torch.Tensor | None = None
         try:
-            _, loss = self.task.forward(self.grower.runner, batch)
+            with self._autocast():
+                _, loss = self.task.forward(self.grower.runner, batch)
         except SeedRuntimeError as exc:
             self._guard.forward_failed(exc)  # re-raised, unless ranks must agree on it first
-        value = self._guard.judge(loss, batch)
+        with self._autocast():  # the diagnosis, if any, runs the forward as the step did
+            value = self._guard.judge(loss, batch)
         assert loss is not None  # judge() raised for a failed forward
         self._guard.backward(loss, value)
         self.optimizer.step()
         self.governor.accept(value)
         return value
 
-    async def _guarded_step(self, batch: Any) -> float | None:
+    async def _guarded_step(self, batch: Any, ready: Ready = None) -> float | None:
         """A step that survives a failing seed (culled, the step redone without it) or a bad
         loss (rolled back). :returns: the loss, or ``None`` when the batch was dropped."""
         for _ in range(len(self.slots) + 1):  # every retry culls a seed, so this ends
             try:
-                return await self._steps.run(self._step, batch)
+                return await self._steps.run(self._step, batch, ready)
             except SeedRuntimeError as exc:
                 if not self.slots[exc.slot].lifecycle.live:  # a fossilized seed: nothing to cull
                     self.grower.roll_back(LossAnomaly("fossilized seed failed", float("nan")), exc)

@@ -1,0 +1,322 @@
+"""The trainer's step against plain PyTorch, at real sizes, in fp32 and bf16.
+
+    python benchmarks/bench_gpu.py [--device cuda|cpu] [--quick] [--precision fp32,bf16]
+        → benchmarks/results/gpu.json (CUDA) or gpu_cpu.json (CPU)
+
+Four loops run on copies of one model, alternating block by block in one process (so drift in
+the machine's load affects them alike):
+
+* ``plain``: ``zero_grad``, forward, backward, ``step``; no per-step sync (the block ends with one
+  ``torch.cuda.synchronize()``);
+* ``static``: ``Trainer(grow=False)`` on the unwrapped model;
+* ``dormant``: the same with a slot on every candidate layer, all dormant;
+* ``seeds``: the same with two seeds in TRAINING.
+
+A block of the plain loop is ``steps`` steps; a block of a trainer is one ``fit(epochs=1)`` over the
+same ``steps`` batches, timed from its first step's report to its last (``on_step``), so the epoch
+boundary (validation, snapshot) is left out; the plain loop's time per step is measured over the
+same ``steps - 1`` intervals. Every trainer uses its defaults (on a GPU: lagged verdicts, fused
+Adam; ``--verdict sync|lagged`` forces one kind); the plain loop uses the same optimizer.
+Figures: the median seconds per step of each loop, ``ratio`` = loop / plain, and the GPU's
+utilisation sampled after each block (``torch.cuda.utilization``, when pynvml is installed).
+
+Workloads: the demo host (``DigitsHost``, batch 64 of 1×8×8); a CIFAR-shaped ResNet-18 (batch 256 of
+synthetic 3×32×32); the GPT of ``esper_async.apps.gpt`` (6 × 384, 64 × 256 tokens). ``--quick``
+shrinks batches, models and repeats so that a CPU run takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, machine
+
+from esper_async import Trainer, library
+from esper_async.apps.demo import DigitsHost
+from esper_async.apps.gpt import GPT, GPTConfig
+from esper_async.errors import BlueprintError
+from esper_async.kernels import export_kernel, load_kernel
+from esper_async.seeds import find_slots, wrap
+from esper_async.training._optim import add_module_params
+from esper_async.training._task import ClassificationTask, LanguageModelTask
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+# --- workloads ---------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block (two 3×3 convs, batch norm, identity or 1×1 shortcut)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.short = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                       nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    """The CIFAR-10 ResNet-18 (3×3 stem, no max-pool; 11.2M parameters at ``width=64``)."""
+
+    def __init__(self, width: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        layers: list[nn.Module] = []
+        c = width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            out = width * mult
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(BasicBlock(c, out, stride), BasicBlock(out, out, 1)))
+            c = out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _workloads(quick: bool) -> dict[str, dict[str, Any]]:
+    """name → model factory, batch factory, task, candidate slots, example input."""
+    gen = torch.Generator().manual_seed(0)
+    demo_n = 64
+    res_n, res_w = (16, 16) if quick else (256, 64)
+    gpt_cfg = (GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=64) if quick
+               else GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384))
+    gpt_n, gpt_t = (8, 64) if quick else (64, 256)
+    return {
+        "demo": {
+            "model": DigitsHost, "task": ClassificationTask(),
+            "batch": lambda: (torch.randn(demo_n, 1, 8, 8, generator=gen),
+                              torch.randint(0, 10, (demo_n,), generator=gen)),
+            "slots": ["conv1", "conv2", "fc1"], "example": torch.zeros(2, 1, 8, 8),
+        },
+        "resnet18": {
+            "model": lambda: ResNet18(res_w), "task": ClassificationTask(),
+            "batch": lambda: (torch.randn(res_n, 3, 32, 32, generator=gen),
+                              torch.randint(0, 10, (res_n,), generator=gen)),
+            "slots": ["layer1", "layer2", "layer3", "layer4"],
+            "example": torch.zeros(2, 3, 32, 32),
+        },
+        "gpt": {
+            "model": lambda: GPT(gpt_cfg), "task": LanguageModelTask(),
+            "batch": lambda: (torch.randint(0, 65, (gpt_n, gpt_t), generator=gen),
+                              torch.randint(0, 65, (gpt_n, gpt_t), generator=gen)),
+            "slots": [f"blocks.{i}.mlp" for i in range(gpt_cfg.n_layer)],
+            "example": torch.zeros(2, gpt_t, dtype=torch.long),
+        },
+    }
+
+
+def _grow_two(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> list[str]:
+    """Graft a seed (the first library blueprint that fits) into each of two slots."""
+    grown = []
+    for name, slot in list(find_slots(model).items())[:2]:
+        assert slot.contract is not None
+        for bp in library():
+            try:
+                bp.check_fits(slot.contract)
+            except BlueprintError:  # the next one may fit
+                continue
+            kernel = export_kernel(bp, slot.contract)
+            slot.germinate(bp, "bench")
+            module = load_kernel(kernel, device=device)
+            slot.graft(module, kernel.kernel_id)
+            add_module_params(opt, module)
+            grown.append(f"{name}:{bp.name}")
+            break
+    return grown
+
+
+# --- loops -------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
+
+
+#: ``--verdict``: how the trainers judge their losses (``None``: the trainer's default).
+VERDICT: str | None = None
+
+
+def _trainer_kwargs(device: torch.device, precision: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"grow": False, "device": device, "loop_lag_interval_s": None}
+    if VERDICT is not None:
+        from esper_async.reliability import ReliabilityConfig
+
+        kwargs["reliability"] = ReliabilityConfig(verdict=VERDICT)  # type: ignore[arg-type]
+    if "precision" in inspect.signature(Trainer).parameters:
+        kwargs["precision"] = precision
+    elif precision != "fp32":
+        raise SystemExit("this Trainer has no precision option; run with --precision fp32")
+    return kwargs
+
+
+class Plain:
+    """The plain loop over ``batches`` (already on the device)."""
+
+    def __init__(self, model: nn.Module, task: Any, batches: list[Batch],
+                 device: torch.device, precision: str) -> None:
+        self.model, self.task, self.batches, self.device = model, task, batches, device
+        self.opt = _optimizer(model, device)
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def block(self) -> float:
+        self.model.train()
+        start = time.perf_counter()
+        for i, batch in enumerate(self.batches):
+            if i == 1:
+                _sync(self.device)
+                start = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.dtype is not None):
+                _, loss = self.task.forward(self.model, batch)
+            loss.backward()
+            self.opt.step()
+        _sync(self.device)
+        return (time.perf_counter() - start) / (len(self.batches) - 1)
+
+
+class InTrainer:
+    """``Trainer.fit(epochs=1)`` over ``batches``, timed between its first and last step."""
+
+    def __init__(self, model: nn.Module, task: Any, batches: list[Batch],
+                 device: torch.device, precision: str, grow_two: bool) -> None:
+        opt = _optimizer(model, device)
+        self.grown = _grow_two(model, opt, device) if grow_two else []
+        self.trainer = Trainer(model, optimizer=opt, task=task,
+                               **_trainer_kwargs(device, precision))
+        self.batches, self.val = batches, batches[:1]
+
+    def block(self) -> float:
+        marks: list[float] = []
+        anyio.run(lambda: self.trainer.fit(
+            self.batches, self.val, epochs=1,
+            on_step=lambda _s, _l: marks.append(time.perf_counter())))
+        assert len(marks) == len(self.batches), "a step was dropped or redone"
+        return (marks[-1] - marks[0]) / (len(marks) - 1)
+
+
+def _utilisation(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # pynvml missing: not measured
+        return None
+
+
+def bench_workload(name: str, spec: dict[str, Any], device: torch.device, precision: str,
+                   steps: int, repeats: int) -> dict[str, Any]:
+    """The four loops on one workload, alternating, ``repeats`` blocks each after a warm-up."""
+    torch.manual_seed(0)
+    base = spec["model"]()
+    batches = [tuple(t.to(device) for t in spec["batch"]()) for _ in range(steps)]
+
+    def wrapped() -> nn.Module:
+        model = copy.deepcopy(base)
+        wrap(model, spec["slots"], example_input=spec["example"])
+        return model.to(device)
+
+    loops: dict[str, Any] = {
+        "plain": Plain(copy.deepcopy(base).to(device), spec["task"], batches, device, precision),
+        "static": InTrainer(copy.deepcopy(base), spec["task"], batches, device, precision, False),
+        "dormant": InTrainer(wrapped(), spec["task"], batches, device, precision, False),
+        "seeds": InTrainer(wrapped(), spec["task"], batches, device, precision, True),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in loops}
+    util: dict[str, list[float]] = {k: [] for k in loops}
+    for loop in loops.values():  # warm-up: allocator, cuDNN's choices, autocast caches
+        loop.block()
+    for _ in range(repeats):
+        for key, loop in loops.items():
+            samples[key].append(loop.block())
+            u = _utilisation(device)
+            if u is not None:
+                util[key].append(u)
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    out: dict[str, Any] = {
+        "params": sum(p.numel() for p in base.parameters()),
+        "batch": list(batches[0][0].shape), "steps_per_block": steps, "blocks": repeats,
+        "median_ms": {k: round(v * 1e3, 4) for k, v in medians.items()},
+        "ratio": {k: round(v / medians["plain"], 4) for k, v in medians.items() if k != "plain"},
+        "seeds": loops["seeds"].grown,
+    }
+    if any(util.values()):
+        out["gpu_utilisation_pct"] = {k: statistics.median(v) for k, v in util.items() if v}
+    print(f"{name} {precision}: {json.dumps(out['median_ms'])} ratio {json.dumps(out['ratio'])}",
+          file=sys.stderr)
+    return out
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--precision", default="fp32,bf16")
+    parser.add_argument("--workloads", default="demo,resnet18,gpt")
+    parser.add_argument("--verdict", choices=("auto", "sync", "lagged"), default=None,
+                        help="ReliabilityConfig(verdict=) of the trainers (default: theirs)")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON file to write")
+    args = parser.parse_args()
+    global VERDICT
+    VERDICT = args.verdict
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # steady figures on a shared machine
+    steps, repeats = (16, 7) if args.quick else (50, 11)
+    specs = _workloads(args.quick)
+    results: dict[str, Any] = {}
+    for name in args.workloads.split(","):
+        for precision in args.precision.split(","):
+            results[f"{name}/{precision}"] = bench_workload(
+                name, specs[name], device, precision, steps, repeats)
+    out = args.out or RESULTS / ("gpu.json" if device.type == "cuda" else "gpu_cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "device": str(device), "quick": args.quick,
+               "verdict": args.verdict or "default",
+               "commit": _commit(), "results": results}
+    out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    print(out, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
