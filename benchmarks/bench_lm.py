@@ -1,30 +1,46 @@
-"""The Shakespeare GPT demo's three arms: static, growth, static_final, on one token budget.
+"""The Shakespeare GPT demo's three arms: static, growth, static_final, on one token budget, over seeds.
 
-    python benchmarks/bench_lm.py                      → benchmarks/results/lm.json (CPU quick)
-    python benchmarks/bench_lm.py --device cuda --out benchmarks/results/lm_cuda.json
+    python benchmarks/bench_lm.py [--seeds N] [--jobs J]     → benchmarks/results/lm.json (CPU quick)
+    python benchmarks/bench_lm.py --device cuda --seeds 5    → benchmarks/results/growth_cuda.json
 
 The CPU run is :meth:`LMDemoConfig.quick` (the narrow host, 2×64, T=64, B=32, 1000 steps per
 arm); the CUDA run is :meth:`LMDemoConfig.full` (nanoGPT's ``shakespeare_char`` host, 6×384,
 T=256, B=64, dropout 0.2, 600 steps per arm, TF32 matmuls), sized to finish all three arms in
-about 4 minutes on one H200. Per arm: final validation loss (nats/char) and bits per char,
-parameters, training tokens, training FLOPs (``FlopLedger``: steps, validation and
-counterfactual passes, kernel compiles), tokens/s and wall seconds. nanoGPT's published
-anchors (``shakespeare_char``: val loss 1.4697 after 5000 iterations of 64×256 tokens; its
-CPU "baby GPT": ≈1.88) are for comparison of scale only: the arms here are compared with the
-static host measured in the same run.
+about 4 minutes on one H200. Each seed 0..N-1 runs the three arms (``--jobs`` seeds at once on
+the CPU, each process with ``cpus // jobs`` torch threads; one at a time on CUDA). Per seed and
+arm, under ``runs``: final validation loss (nats/char) and bits per char, parameters, training
+tokens, training FLOPs (``FlopLedger``: steps, validation and counterfactual passes, kernel
+compiles), tokens/s, wall seconds, and the validation-loss curve per epoch with the cumulative
+tokens and FLOPs. Aggregates: mean and 95 % t-interval per arm, paired differences growth −
+static_final and growth − static, and **tokens to target**: the training tokens (and FLOPs)
+growth needed to first reach static_final's final validation loss (linear interpolation between
+epochs, :func:`~esper_async.apps.lm_demo.first_reach`; ``null`` if never reached) over
+static_final's total, per seed and aggregated over the seeds that reached it (issue 18's goal:
+at most 0.70). nanoGPT's published anchors (``shakespeare_char``: val loss 1.4697 after 5000
+iterations of 64×256 tokens; its CPU "baby GPT": ≈1.88) are for comparison of scale only: the
+arms here are compared with the static host measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine
+from _common import RESULTS, machine
+
+ARMS = ("static", "growth", "static_final")
+#: Issue 18's goal: growth reaches static_final's validation loss with at most this share.
+TARGET_SHARE = 0.70
 
 NANOGPT_ANCHORS = {
     "shakespeare_char_val_loss_5000_iters": 1.4697,
@@ -33,14 +49,123 @@ NANOGPT_ANCHORS = {
 }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the three arms and return the JSON-ready figures."""
+def _ci95(values: list[float]) -> dict[str, float | int | None]:
+    """Mean and 95 % t-interval half-width (``None`` with fewer than 2 values; ``mean`` is
+    ``None`` with none), as in ``bench_growth.py``."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "ci95": None, "n": n}
+    half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return {"mean": mean, "ci95": half, "n": n}
+
+
+def tokens_to_target(arms: dict[str, Any]) -> dict[str, Any]:
+    """Growth's tokens and FLOPs to first reach static_final's final validation loss, over
+    static_final's totals (``None`` where growth never reached it), from one run's arm summaries.
+    """
+    from esper_async.apps.lm_demo import first_reach
+
+    target = arms["static_final"]["val_loss"]
+    curve = arms["growth"]["curve"]
+    losses = [p["val_loss"] for p in curve]
+    tokens = first_reach([p["tokens"] for p in curve], losses, target)
+    flops = first_reach([p["flops"] for p in curve], losses, target)
+    return {
+        "target_val_loss": target,
+        "growth_tokens": tokens,
+        "growth_flops": flops,
+        "tokens_share": None if tokens is None else tokens / arms["static_final"]["tokens"],
+        "flops_share": None if flops is None else flops / arms["static_final"]["flops"]["total"],
+    }
+
+
+def run_seed(overrides: dict[str, Any], device: str, threads: int | None) -> dict[str, Any]:
+    """Run the three arms for one seed and return the JSON-ready figures."""
     import anyio
     import torch
 
     from esper_async.apps.lm_demo import LMDemoConfig, run_lm_demo
 
-    overrides: dict[str, Any] = {"seed": args.seed, "use_store": False}
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        cfg = LMDemoConfig.full(device=device, **overrides)
+    else:
+        cfg = LMDemoConfig.quick(device=device, **overrides)
+    started = time.perf_counter()
+    result = anyio.run(run_lm_demo, cfg)
+    out = result.summary()
+    arms = out["arms"]
+    out.update({
+        "seed": cfg.seed,
+        "total_wall_s": time.perf_counter() - started,
+        "growth_minus_static_val_loss": arms["growth"]["val_loss"] - arms["static"]["val_loss"],
+        "growth_minus_static_final_val_loss":
+            arms["growth"]["val_loss"] - arms["static_final"]["val_loss"],
+        "flops_ratio_growth_over_static_final":
+            arms["growth"]["flops"]["total"] / arms["static_final"]["flops"]["total"],
+        "tokens_to_target": tokens_to_target(arms),
+    })
+    if cuda:
+        out["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-arm intervals, paired differences and tokens to target over the runs (one per seed)."""
+    arms: dict[str, Any] = {}
+    for arm in ARMS:
+        rs = [r["arms"][arm] for r in runs]
+        arms[arm] = {
+            "val_loss": _ci95([a["val_loss"] for a in rs]),
+            "bits_per_char": _ci95([a["bits_per_char"] for a in rs]),
+            "params": _ci95([float(a["params"]) for a in rs]),
+            "flops_total": _ci95([float(a["flops"]["total"]) for a in rs]),
+            "wall_s": _ci95([a["wall_s"] for a in rs]),
+        }
+
+    def paired(a: str, b: str) -> dict[str, Any]:
+        return _ci95([r["arms"][a]["val_loss"] - r["arms"][b]["val_loss"] for r in runs])
+
+    targets = [r["tokens_to_target"] for r in runs]
+    tokens = [t["tokens_share"] for t in targets if t["tokens_share"] is not None]
+    flops = [t["flops_share"] for t in targets if t["flops_share"] is not None]
+    return {
+        "summary": arms,
+        "paired_val_loss": {
+            "growth_minus_static_final": paired("growth", "static_final"),
+            "growth_minus_static": paired("growth", "static"),
+        },
+        "flops_ratio_growth_over_static_final": _ci95(
+            [r["flops_ratio_growth_over_static_final"] for r in runs]
+        ),
+        "tokens_to_target": {
+            "what": "growth's training tokens (FLOPs) to first reach static_final's final "
+                    "validation loss, over static_final's total tokens (FLOPs); linear "
+                    "interpolation between epochs; seeds that never reached it are counted "
+                    "in 'reached' and left out of the interval",
+            "goal_share_at_most": TARGET_SHARE,
+            "reached": len(tokens),
+            "seeds": len(runs),
+            "tokens_share": _ci95(tokens),
+            "flops_share": _ci95(flops),
+            "per_seed": [dict(t, seed=r["seed"]) for t, r in zip(targets, runs, strict=True)],
+            "seeds_at_most_goal": sum(1 for v in tokens if v <= TARGET_SHARE),
+        },
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the three arms for every seed and return the JSON-ready figures."""
+    import torch
+
+    overrides: dict[str, Any] = {"use_store": False}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.steps is not None:
@@ -48,27 +173,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.forms:
         overrides["kernel_forms"] = tuple(args.forms.split(","))
     cuda = torch.device(args.device).type == "cuda"
-    if cuda:
-        cfg = LMDemoConfig.full(device=args.device, **overrides)
-    else:
-        cfg = LMDemoConfig.quick(device=args.device, **overrides)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    jobs = 1 if cuda else max(1, min(args.jobs, len(seeds)))
+    cpus = os.cpu_count() or 1
+    threads = None if jobs == 1 else max(1, cpus // jobs)
     started = time.perf_counter()
-    result = anyio.run(run_lm_demo, cfg)
-    out = result.summary()
-    arms = out["arms"]
-    out.update({
+    runs: list[dict[str, Any]] = []
+
+    def done(result: dict[str, Any]) -> None:
+        runs.append(result)
+        for label, arm in result["arms"].items():
+            print(f"seed {result['seed']} {label:<12} val {arm['val_loss']:.4f} "
+                  f"params {arm['params']} FLOPs {arm['flops']['total']:.3e} "
+                  f"{arm['wall_s']:.1f} s", flush=True)
+
+    if jobs == 1:
+        for seed in seeds:
+            done(run_seed({**overrides, "seed": seed}, args.device, threads))
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_seed, {**overrides, "seed": s}, args.device, threads)
+                       for s in seeds]
+            for future in futures:
+                done(future.result())
+    runs.sort(key=lambda r: r["seed"])
+    out: dict[str, Any] = {
         "command": "python benchmarks/bench_lm.py " + " ".join(sys.argv[1:]),
+        "device": args.device,
+        "seeds": len(seeds),
+        "jobs": jobs,
+        "torch_threads_per_job": threads,
+        "config": runs[0]["config"],
         "total_wall_s": time.perf_counter() - started,
-        "growth_minus_static_val_loss": arms["growth"]["val_loss"] - arms["static"]["val_loss"],
-        "growth_minus_static_final_val_loss":
-            arms["growth"]["val_loss"] - arms["static_final"]["val_loss"],
-        "flops_ratio_growth_over_static_final":
-            arms["growth"]["flops"]["total"] / arms["static_final"]["flops"]["total"],
+        **summarise(runs),
+        "runs": runs,
         "nanogpt_anchors": NANOGPT_ANCHORS,
         "machine": machine(),
-    })
-    if cuda:
-        out["machine"]["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    }
+    if args.note:
+        out["note"] = args.note
     return out
 
 
@@ -77,19 +220,35 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--epochs", type=int, default=None, help="override epochs per arm")
     parser.add_argument("--steps", type=int, default=None, help="override steps per epoch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run at once on the CPU (default 1; always 1 on CUDA)")
     parser.add_argument("--forms", default=None,
                         help="kernel execution forms to measure, comma-separated (default: the "
                         "optimizer's for the device; 'export' skips Inductor compiles)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lm.json"))
+    parser.add_argument("--note", default=None, help="a note stored in the JSON")
+    parser.add_argument("--out", default=None,
+                        help="results name or path (default: 'lm' on the CPU, 'growth_cuda' on "
+                        "CUDA, in benchmarks/results/)")
     args = parser.parse_args()
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error("--seeds and --jobs must be at least 1")
+    cuda = args.device.startswith("cuda")
+    name = args.out or ("growth_cuda" if cuda else "lm")
+    path = Path(name) if name.endswith(".json") or "/" in name else RESULTS / f"{name}.json"
     result = run(args)
-    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    for label, arm in result["arms"].items():
-        print(f"{label:<12} val {arm['val_loss']:.4f} ({arm['bits_per_char']:.3f} bits/char) "
-              f"params {arm['params']} FLOPs {arm['flops']['total']:.3e} {arm['wall_s']:.1f} s")
+    for label, arm in result["summary"].items():
+        v, f = arm["val_loss"], arm["flops_total"]
+        print(f"{label:<12} val {v['mean']:.4f} ± {v['ci95'] or 0:.4f} "
+              f"FLOPs {f['mean']:.3e} params {arm['params']['mean']:.0f}")
+    t = result["tokens_to_target"]
+    share = t["tokens_share"]
+    print(f"tokens to target: reached {t['reached']}/{t['seeds']}, share "
+          + ("n/a" if share["mean"] is None else f"{share['mean']:.3f} ± {share['ci95'] or 0:.3f}")
+          + f" (goal ≤ {TARGET_SHARE})")
     print(f"→ {path} ({result['total_wall_s']:.0f} s)")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +39,8 @@ from .shakespeare import ShakespeareData, load_shakespeare
 from .static_final import fossils_of, graft_fossils
 
 __all__ = (
-    "ARMS", "LMArm", "LMDemoConfig", "LMDemoResult", "architecture", "lm_slots", "run_lm_demo",
+    "ARMS", "LMArm", "LMDemoConfig", "LMDemoResult", "architecture", "first_reach", "lm_slots",
+    "run_lm_demo",
 )
 
 log = structlog.get_logger(__name__)
@@ -61,6 +62,39 @@ def architecture(model: torch.nn.Module) -> tuple[tuple[str, tuple[int, ...]], .
         (name.replace(".seed.program.", ".seed."), tuple(p.shape))
         for name, p in model.named_parameters()
     )
+
+
+def first_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:
+    """Where a loss curve first reaches ``target``, linearly interpolated between its points.
+
+    ``xs`` is the cumulative budget (tokens, FLOPs) at each point and ``losses`` the loss there.
+    The crossing between the last point above ``target`` and the first at or below it is
+    interpolated; a curve already at or below ``target`` at its first point reaches it there
+    (nothing earlier was measured). Non-finite losses never count as reaching it.
+
+    :param xs: cumulative budget per point, non-decreasing.
+    :param losses: loss per point, as many as ``xs``.
+    :param target: the loss to reach.
+    :returns: the budget at the crossing, or ``None`` if the curve never reaches ``target``.
+    :raises DemoConfigError: if ``xs`` and ``losses`` differ in length.
+    """
+    if len(xs) != len(losses):
+        raise DemoConfigError(
+            f"first_reach: {len(xs)} budget points but {len(losses)} losses; pass one of each",
+            key=None,
+        )
+    prev: tuple[float, float] | None = None
+    for x, loss in zip(xs, losses, strict=True):
+        if not math.isfinite(loss):
+            prev = None
+            continue
+        if loss <= target:
+            if prev is None:
+                return float(x)
+            x0, l0 = prev
+            return float(x0 + (l0 - target) / (l0 - loss) * (x - x0))
+        prev = (float(x), float(loss))
+    return None
 
 
 def lm_slots(n_layer: int) -> tuple[str, ...]:
@@ -201,6 +235,8 @@ class LMArm:
     :ivar fit: the fit's history and events.
     :ivar fossils: ``(slot, blueprint JSON)`` of every fossilized seed at the end.
     :ivar architecture: ``(parameter name, shape)`` of every parameter at the end.
+    :ivar curve: per epoch, ``{"epoch", "tokens", "flops", "val_loss"}``: the epoch's
+        validation loss with the training tokens and FLOPs counted up to its end.
     """
 
     label: str
@@ -212,6 +248,7 @@ class LMArm:
     fit: FitResult
     fossils: tuple[tuple[str, str], ...]
     architecture: tuple[tuple[str, tuple[int, ...]], ...]
+    curve: tuple[dict[str, float], ...] = ()
 
     @property
     def bits_per_char(self) -> float:
@@ -231,6 +268,7 @@ class LMArm:
             "tokens_per_s": self.tokens_per_s, "wall_s": self.wall_s, "steps": self.fit.steps,
             "fossilized": [name for name, _ in self.fossils],
             "culled": self.fit.count(SeedState.CULLED),
+            "curve": [dict(point) for point in self.curve],
         }
 
 
@@ -295,9 +333,11 @@ async def _arm(
         writes_checkpoints=False,
     )
     seen = 0
+    steps = 0
+    curve: list[dict[str, float]] = []
 
     def on_epoch(report: EpochReport, fit: FitResult) -> None:
-        nonlocal seen
+        nonlocal seen, steps
         ledger.end_epoch(report)
         for event in fit.events[seen:]:
             if event.target == SeedState.GERMINATED.value:
@@ -305,6 +345,11 @@ async def _arm(
                 if slot.blueprint is not None and slot.contract is not None:
                     ledger.add_kernel(slot.blueprint, slot.contract)
         seen = len(fit.events)
+        steps += report.steps
+        curve.append({
+            "epoch": report.epoch, "tokens": steps * cfg.batch_size * cfg.block_size,
+            "flops": ledger.total, "val_loss": float(report.val_loss),
+        })
         if progress is not None:
             progress(label, report, fit)
 
@@ -323,6 +368,7 @@ async def _arm(
         fit=fit,
         fossils=fossils_of(trainer.slots),
         architecture=architecture(model),
+        curve=tuple(curve),
     )
     log.info("lm_demo.arm_done", arm=label, val_loss=round(arm.val_loss, 4),
              params=arm.params, wall_s=round(arm.wall_s, 1))
