@@ -1,7 +1,7 @@
-"""The Shakespeare GPT demo's three arms: static, growth, static_final, on one token budget, over seeds.
+"""The Shakespeare GPT demo's three arms (static, growth, static_final) over seeds.
 
-    python benchmarks/bench_lm.py [--seeds N] [--jobs J]     → benchmarks/results/lm.json (CPU quick)
-    python benchmarks/bench_lm.py --device cuda --seeds 5    → benchmarks/results/growth_cuda.json
+    python benchmarks/bench_lm.py [--seeds N] [--jobs J]   → benchmarks/results/lm.json (CPU)
+    python benchmarks/bench_lm.py --device cuda --seeds 5  → benchmarks/results/growth_cuda.json
 
 The CPU run is :meth:`LMDemoConfig.quick` (the narrow host, 2×64, T=64, B=32, 1000 steps per
 arm); the CUDA run is :meth:`LMDemoConfig.full` (nanoGPT's ``shakespeare_char`` host, 6×384,
