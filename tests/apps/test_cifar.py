@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from esper_async import Trainer
+from esper_async.apps import _safe_pickle
 from esper_async.apps.cifar import (
     CHANNEL_MEAN,
     CHANNEL_STD,
@@ -471,3 +472,20 @@ async def test_the_conv_host_grows_on_cifar_files_through_the_trainer(tmp_path: 
     assert fit.count(SeedState.GERMINATED) >= 1, fit.incidents
     assert all(math.isfinite(r.val_loss) for r in fit.history)
     assert host(_all(data.test)[0]).shape == (16, 10)
+
+
+@pytest.mark.parametrize("name", [b"numpy.core.numeric\n_frombuffer", b"numpy\nndarray",
+                                  b"numpy\ndtype", b"builtins\nbytes"])
+def test_a_pickle_cannot_set_the_state_of_a_shared_stand_in(name: bytes) -> None:
+    # BUILD with a (None, {...}) slot state would setattr on the stand-in every load shares,
+    # changing how later files load (here: a function's __defaults__).
+    key = b"__defaults__"
+    raw = (b"c" + name + b"\nN}X" + len(key).to_bytes(4, "little") + key
+           + b"K\x01K\x02\x86s\x86b.")
+    before = {k: (getattr(v, "__dict__", None), getattr(getattr(v, "_fn", None), "__defaults__", 0))
+              for k, v in _safe_pickle._NAMES.items()}
+    with pytest.raises(_safe_pickle.PickleRefused):
+        _safe_pickle.loads(raw)
+    after = {k: (getattr(v, "__dict__", None), getattr(getattr(v, "_fn", None), "__defaults__", 0))
+             for k, v in _safe_pickle._NAMES.items()}
+    assert after == before

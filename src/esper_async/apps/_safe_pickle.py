@@ -99,12 +99,38 @@ def _array(raw: object, dtype: object, shape: object, fortran: bool) -> np.ndarr
     return flat.reshape(shape, order="F" if fortran else "C").copy()
 
 
-class _NdarrayName:
+class _Sealed:
+    """A stand-in every load shares: a pickle's BUILD may not set its attributes (it would change
+    how every later file in the process loads)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: object) -> None:
+        """:raises PickleRefused: always."""
+        raise PickleRefused(f"setting the state of {type(self).__name__}")
+
+
+class _NdarrayName(_Sealed):
     """What ``numpy.ndarray`` resolves to: a name only :func:`_reconstruct` takes."""
+
+    __slots__ = ()
 
     def __call__(self, *args: object, **kwargs: object) -> None:
         """:raises PickleRefused: always (a pickle may not make arrays of any size it names)."""
         raise PickleRefused("numpy.ndarray called directly")
+
+
+class _Call(_Sealed):
+    """A stand-in function, sealed (see :class:`_Sealed`)."""
+
+    __slots__ = ("_fn",)
+    _fn: Any
+
+    def __init__(self, fn: Any) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: object) -> Any:
+        return self._fn(*args)
 
 
 _NDARRAY = _NdarrayName()
@@ -154,14 +180,14 @@ def _empty_bytes() -> bytes:
 def _names() -> dict[tuple[str, str], Any]:
     names: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): _NDARRAY,
-        ("numpy", "dtype"): _dtype,
-        ("_codecs", "encode"): _latin1,
-        ("__builtin__", "bytes"): _empty_bytes,
-        ("builtins", "bytes"): _empty_bytes,
+        ("numpy", "dtype"): _Call(_dtype),
+        ("_codecs", "encode"): _Call(_latin1),
+        ("__builtin__", "bytes"): _Call(_empty_bytes),
+        ("builtins", "bytes"): _Call(_empty_bytes),
     }
     for core in ("numpy.core", "numpy._core"):  # numpy 1 and numpy 2 spellings
-        names[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
-        names[(f"{core}.numeric", "_frombuffer")] = _frombuffer
+        names[(f"{core}.multiarray", "_reconstruct")] = _Call(_reconstruct)
+        names[(f"{core}.numeric", "_frombuffer")] = _Call(_frombuffer)
     return names
 
 
