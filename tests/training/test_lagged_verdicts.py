@@ -181,3 +181,35 @@ def test_a_culprit_seed_is_culled_after_the_lagged_read_and_training_continues(
         (i.kind, i.step) for i in lagged.result.incidents]
     assert all(torch.equal(a, b) for a, b in zip(
         sync_model.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+class _Broken:
+    """Good batches, a NaN batch, then a loader error while that bad step is still in flight."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches) + 1
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from self.batches
+        raise OSError("the data disk went away")
+
+
+def test_a_fit_left_by_an_error_behind_a_bad_step_does_not_halt_the_next_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2))
+    trainer = Trainer(
+        model, grow=False, optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
+        reliability=ReliabilityConfig(governor=GovernorConfig(warmup=2), verdict="lagged"),
+    )
+    good, val = _loaders({})
+    bad = [*good[:4], (good[4][0] * math.nan, good[4][1])]
+    with pytest.raises(OSError, match="disk went away"):
+        anyio.run(lambda: trainer.fit(_Broken(bad), val, epochs=1))
+    assert trainer.verdicts is not None
+    before, steps = [p.detach().clone() for p in model.parameters()], trainer.step
+    anyio.run(lambda: trainer.fit(good, val, epochs=1))
+    assert trainer.step == steps + len(good) and not trainer.result.incidents
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -35,8 +35,10 @@ class ReliabilityConfig:
     :ivar verdict: how a step's loss is judged. ``"sync"``: read on the host before the backward
         pass (one device sync per step); ``"lagged"``: judged on the device, the update masked
         there, the verdict read ``verdict_lag`` steps later (no sync on the hot path; see
-        ``docs/reliability.md``); ``"auto"`` (default): lagged on a GPU, sync on a CPU (where a
-        host read costs nothing) and under data parallelism (the ranks agree on each step).
+        ``docs/reliability.md``); ``"auto"`` (default): lagged on a GPU with a fused Adam or AdamW
+        (the trainer's default optimizer there), sync otherwise: on a CPU (where a host read
+        costs nothing), under data parallelism (the ranks agree on each step), and with other
+        optimizers (whose masked step copies their state, and may keep some on the host).
     :ivar verdict_lag: with lagged verdicts, the steps launched before a step's verdict is read.
     """
 

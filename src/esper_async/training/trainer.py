@@ -55,6 +55,13 @@ Precision = Literal["fp32", "bf16"]
 _Queued = tuple[Any, Ready, bool]
 
 
+def _fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is a fused Adam or AdamW, which masks a bad step on the device by
+    itself (``found_inf``) and keeps no state on the host to undo."""
+    fused_kinds = (torch.optim.Adam, torch.optim.AdamW)
+    return isinstance(optimizer, fused_kinds) and bool(optimizer.defaults.get("fused"))
+
+
 def _grower_attr(name: str, doc: str) -> Any:
     """A trainer attribute that is the grower's ``name`` (read and written through)."""
     return property(lambda self: getattr(self.grower, name),
@@ -159,7 +166,7 @@ class Trainer:
             run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)))
         rel = g.reliability
         lagged = rel.verdict == "lagged" or (
-            rel.verdict == "auto" and self.device.type == "cuda")
+            rel.verdict == "auto" and self.device.type == "cuda" and _fused(self.optimizer))
         if lagged and g.consensus is not None:
             lagged = False  # the ranks agree on every step before it updates (see StepGuard)
         #: The lagged verdicts of the steps (``None``: each loss is judged on the host first).
@@ -272,6 +279,10 @@ class Trainer:
         batches = 0
         queue: deque[_Queued] = deque()
         in_flight: deque[Launched] = deque()
+        if self.verdicts is not None:
+            # An epoch left by an exception (a loader error, cancellation) may have left the halt
+            # of a bad step set with nothing in flight any more: no step would apply again.
+            self.verdicts.clear()
         for batch, ready in prefetched(loader, self.task, self.device):
             batches += 1
             if self.verdicts is None:
