@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -59,3 +60,18 @@ def write(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def ci95(values: list[float]) -> dict[str, float | int | None]:
+    """Mean and 95 % t-interval half-width over ``values`` (seeds): ``ci95`` is ``None`` with
+    fewer than 2 values, ``mean`` is ``None`` with none."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "ci95": None, "n": n}
+    half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return {"mean": mean, "ci95": half, "n": n}

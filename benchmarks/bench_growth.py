@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -54,21 +53,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, write
+from _common import ci95, machine, write
 
 ARMS = ("static", "growth", "static_final")
-
-
-def _ci95(values: list[float]) -> dict[str, float | int | None]:
-    """Mean and 95 % t-interval half-width (``None`` with fewer than 2 values)."""
-    from scipy import stats
-
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return {"mean": mean, "ci95": None, "n": n}
-    half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
-    return {"mean": mean, "ci95": half, "n": n}
 
 
 def _workload(workload: dict[str, Any], cfg: Any) -> tuple[Any, Any, Any, tuple[str, ...]]:
@@ -195,17 +182,17 @@ def summarise(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
     for arm in ARMS:
         rs = [by[(arm, s)] for s in seeds]
         arms[arm] = {
-            "test_acc": _ci95([r["test_acc"] for r in rs]),
-            "params": _ci95([float(r["params"]) for r in rs]),
-            "flops_total": _ci95([float(r["flops"]["total"]) for r in rs]),
+            "test_acc": ci95([r["test_acc"] for r in rs]),
+            "params": ci95([float(r["params"]) for r in rs]),
+            "flops_total": ci95([float(r["flops"]["total"]) for r in rs]),
             "flops_mean_by_kind": {
                 k: statistics.fmean(float(r["flops"][k]) for r in rs) for k in rs[0]["flops"]
             },
-            "wall_s": _ci95([r["wall_s"] for r in rs]),
+            "wall_s": ci95([r["wall_s"] for r in rs]),
         }
 
     def paired(a: str, b: str, key: str = "test_acc") -> dict[str, Any]:
-        return _ci95([by[(a, s)][key] - by[(b, s)][key] for s in seeds])
+        return ci95([by[(a, s)][key] - by[(b, s)][key] for s in seeds])
 
     ratios = [by[("growth", s)]["flops"]["total"] / by[("static_final", s)]["flops"]["total"]
               for s in seeds]
@@ -219,7 +206,7 @@ def summarise(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
         "flops_ratio_growth_over_static_final": {
             "of_means": arms["growth"]["flops_total"]["mean"]
             / arms["static_final"]["flops_total"]["mean"],
-            "per_seed": _ci95(ratios),
+            "per_seed": ci95(ratios),
         },
     }
 

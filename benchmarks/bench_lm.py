@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine
+from _common import RESULTS, ci95, machine
 
 ARMS = ("static", "growth", "static_final")
 #: Issue 18's goal: growth reaches static_final's validation loss with at most this share.
@@ -47,21 +45,6 @@ NANOGPT_ANCHORS = {
     "baby_gpt_cpu_val_loss": 1.88,
     "note": "nanoGPT's README; a different split (the 1 MB tinyshakespeare, 90/10) and budget",
 }
-
-
-def _ci95(values: list[float]) -> dict[str, float | int | None]:
-    """Mean and 95 % t-interval half-width (``None`` with fewer than 2 values; ``mean`` is
-    ``None`` with none), as in ``bench_growth.py``."""
-    from scipy import stats
-
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "ci95": None, "n": 0}
-    mean = statistics.fmean(values)
-    if n < 2:
-        return {"mean": mean, "ci95": None, "n": n}
-    half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
-    return {"mean": mean, "ci95": half, "n": n}
 
 
 def tokens_to_target(arms: dict[str, Any]) -> dict[str, Any]:
@@ -123,15 +106,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for arm in ARMS:
         rs = [r["arms"][arm] for r in runs]
         arms[arm] = {
-            "val_loss": _ci95([a["val_loss"] for a in rs]),
-            "bits_per_char": _ci95([a["bits_per_char"] for a in rs]),
-            "params": _ci95([float(a["params"]) for a in rs]),
-            "flops_total": _ci95([float(a["flops"]["total"]) for a in rs]),
-            "wall_s": _ci95([a["wall_s"] for a in rs]),
+            "val_loss": ci95([a["val_loss"] for a in rs]),
+            "bits_per_char": ci95([a["bits_per_char"] for a in rs]),
+            "params": ci95([float(a["params"]) for a in rs]),
+            "flops_total": ci95([float(a["flops"]["total"]) for a in rs]),
+            "wall_s": ci95([a["wall_s"] for a in rs]),
         }
 
     def paired(a: str, b: str) -> dict[str, Any]:
-        return _ci95([r["arms"][a]["val_loss"] - r["arms"][b]["val_loss"] for r in runs])
+        return ci95([r["arms"][a]["val_loss"] - r["arms"][b]["val_loss"] for r in runs])
 
     targets = [r["tokens_to_target"] for r in runs]
     tokens = [t["tokens_share"] for t in targets if t["tokens_share"] is not None]
@@ -142,7 +125,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "growth_minus_static_final": paired("growth", "static_final"),
             "growth_minus_static": paired("growth", "static"),
         },
-        "flops_ratio_growth_over_static_final": _ci95(
+        "flops_ratio_growth_over_static_final": ci95(
             [r["flops_ratio_growth_over_static_final"] for r in runs]
         ),
         "tokens_to_target": {
@@ -153,8 +136,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "goal_share_at_most": TARGET_SHARE,
             "reached": len(tokens),
             "seeds": len(runs),
-            "tokens_share": _ci95(tokens),
-            "flops_share": _ci95(flops),
+            "tokens_share": ci95(tokens),
+            "flops_share": ci95(flops),
             "per_seed": [dict(t, seed=r["seed"]) for t, r in zip(targets, runs, strict=True)],
             "seeds_at_most_goal": sum(1 for v in tokens if v <= TARGET_SHARE),
         },
