@@ -55,13 +55,6 @@ Precision = Literal["fp32", "bf16"]
 _Queued = tuple[Any, Ready, bool]
 
 
-def _fused(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` is a fused Adam or AdamW, which masks a bad step on the device by
-    itself (``found_inf``) and keeps no state on the host to undo."""
-    fused_kinds = (torch.optim.Adam, torch.optim.AdamW)
-    return isinstance(optimizer, fused_kinds) and bool(optimizer.defaults.get("fused"))
-
-
 def _grower_attr(name: str, doc: str) -> Any:
     """A trainer attribute that is the grower's ``name`` (read and written through)."""
     return property(lambda self: getattr(self.grower, name),
@@ -165,13 +158,13 @@ class Trainer:
             self.governor, g.consensus,
             run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)))
         rel = g.reliability
+        self._masked = MaskedStep(self.optimizer)
         lagged = rel.verdict == "lagged" or (
-            rel.verdict == "auto" and self.device.type == "cuda" and _fused(self.optimizer))
+            rel.verdict == "auto" and self.device.type == "cuda" and self._masked.uses_found_inf)
         if lagged and g.consensus is not None:
             lagged = False  # the ranks agree on every step before it updates (see StepGuard)
         #: The lagged verdicts of the steps (``None``: each loss is judged on the host first).
         self.verdicts = LaggedVerdicts(self.device, rel.verdict_lag) if lagged else None
-        self._masked = MaskedStep(self.optimizer)
         self._generator: torch.Generator | None = None
         self._stop_requested = False
         self._checkpoint_requested = False
