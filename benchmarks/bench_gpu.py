@@ -15,8 +15,10 @@ the machine's load affects them alike):
 A block of the plain loop is ``steps`` steps; a block of a trainer is one ``fit(epochs=1)`` over the
 same ``steps`` batches, timed from its first step's report to its last (``on_step``), so the epoch
 boundary (validation, snapshot) is left out; the plain loop's time per step is measured over the
-same ``steps - 1`` intervals. Every trainer uses its defaults (on a GPU: lagged verdicts, fused
-Adam; ``--verdict sync|lagged`` forces one kind); the plain loop uses the same optimizer.
+same ``steps - 1`` intervals. A loop-lag monitor (a 5 ms heartbeat) runs beside every trainer
+block; its lateness percentiles are ``loop_lag_ms``. Every trainer uses its defaults (on a GPU:
+lagged verdicts, fused Adam; ``--verdict sync|lagged`` forces one kind); the plain loop uses
+the same optimizer.
 Figures: the median seconds per step of each loop, ``ratio`` = loop / plain, and the GPU's
 utilisation sampled after each block (``torch.cuda.utilization``, when pynvml is installed).
 
@@ -50,6 +52,7 @@ from esper_async.apps.demo import DigitsHost
 from esper_async.apps.gpt import GPT, GPTConfig
 from esper_async.errors import BlueprintError
 from esper_async.kernels import export_kernel, load_kernel
+from esper_async.runtime import LagStats, LoopLagMonitor
 from esper_async.seeds import find_slots, wrap
 from esper_async.training._optim import add_module_params
 from esper_async.training._task import ClassificationTask, LanguageModelTask
@@ -164,6 +167,9 @@ def _optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
 
 
+#: Heartbeat of the loop-lag monitor that runs beside every trainer block (seconds).
+LAG_INTERVAL_S = 0.005
+
 #: ``--verdict``: how the trainers judge their losses (``None``: the trainer's default).
 VERDICT: str | None = None
 
@@ -217,12 +223,19 @@ class InTrainer:
         self.trainer = Trainer(model, optimizer=opt, task=task,
                                **_trainer_kwargs(device, precision))
         self.batches, self.val = batches, batches[:1]
+        self.lag_s: list[float] = []  # the event loop's lateness over every block
 
     def block(self) -> float:
         marks: list[float] = []
-        anyio.run(lambda: self.trainer.fit(
-            self.batches, self.val, epochs=1,
-            on_step=lambda _s, _l: marks.append(time.perf_counter())))
+
+        async def fit() -> None:
+            async with LoopLagMonitor(interval=LAG_INTERVAL_S) as monitor:
+                await self.trainer.fit(
+                    self.batches, self.val, epochs=1,
+                    on_step=lambda _s, _l: marks.append(time.perf_counter()))
+            self.lag_s.extend(monitor.samples)
+
+        anyio.run(fit)
         assert len(marks) == len(self.batches), "a step was dropped or redone"
         return (marks[-1] - marks[0]) / (len(marks) - 1)
 
@@ -271,12 +284,20 @@ def bench_workload(name: str, spec: dict[str, Any], device: torch.device, precis
         "median_ms": {k: round(v * 1e3, 4) for k, v in medians.items()},
         "ratio": {k: round(v / medians["plain"], 4) for k, v in medians.items() if k != "plain"},
         "seeds": loops["seeds"].grown,
+        "loop_lag_ms": {k: _lag(loop.lag_s) for k, loop in loops.items()
+                        if isinstance(loop, InTrainer)},
     }
     if any(util.values()):
         out["gpu_utilisation_pct"] = {k: statistics.median(v) for k, v in util.items() if v}
     print(f"{name} {precision}: {json.dumps(out['median_ms'])} ratio {json.dumps(out['ratio'])}",
           file=sys.stderr)
     return out
+
+
+def _lag(samples: list[float]) -> dict[str, float | int]:
+    stats = LagStats.from_seconds(samples)
+    return {"samples": stats.samples, "p50": round(stats.p50_ms, 3),
+            "p99": round(stats.p99_ms, 3), "max": round(stats.max_ms, 3)}
 
 
 def _commit() -> str | None:
@@ -305,16 +326,18 @@ def main() -> None:
     steps, repeats = (16, 7) if args.quick else (50, 11)
     specs = _workloads(args.quick)
     results: dict[str, Any] = {}
+    out = args.out or RESULTS / ("gpu.json" if device.type == "cuda" else "gpu_cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "device": str(device), "quick": args.quick,
+               "verdict": args.verdict or "default", "loop_lag_interval_s": LAG_INTERVAL_S,
+               "command": " ".join(["python", *sys.argv]),
+               "commit": _commit(), "results": results}
     for name in args.workloads.split(","):
         for precision in args.precision.split(","):
             results[f"{name}/{precision}"] = bench_workload(
                 name, specs[name], device, precision, steps, repeats)
-    out = args.out or RESULTS / ("gpu.json" if device.type == "cuda" else "gpu_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "device": str(device), "quick": args.quick,
-               "verdict": args.verdict or "default",
-               "commit": _commit(), "results": results}
-    out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            # written after every workload, so that a run cut short keeps what it measured
+            out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(out, file=sys.stderr)
 
 

@@ -3,22 +3,23 @@
     python benchmarks/bench_lm.py [--seeds N] [--jobs J]   → benchmarks/results/lm.json (CPU)
     python benchmarks/bench_lm.py --device cuda --seeds 5  → benchmarks/results/growth_cuda.json
 
-The CPU run is :meth:`LMDemoConfig.quick` (the narrow host, 2×64, T=64, B=32, 1000 steps per
-arm); the CUDA run is :meth:`LMDemoConfig.full` (nanoGPT's ``shakespeare_char`` host, 6×384,
-T=256, B=64, dropout 0.2, 600 steps per arm, TF32 matmuls), sized to finish all three arms in
-about 4 minutes on one H200. Each seed 0..N-1 runs the three arms (``--jobs`` seeds at once on
-the CPU, each process with ``cpus // jobs`` torch threads; one at a time on CUDA). Per seed and
-arm, under ``runs``: final validation loss (nats/char) and bits per char, parameters, training
-tokens, training FLOPs (``FlopLedger``: steps, validation and counterfactual passes, kernel
-compiles), tokens/s, wall seconds, and the validation-loss curve per epoch with the cumulative
-tokens and FLOPs. Aggregates: mean and 95 % t-interval per arm, paired differences growth −
-static_final and growth − static, and **tokens to target**: the training tokens (and FLOPs)
-growth needed to first reach static_final's final validation loss (linear interpolation between
-epochs, :func:`~esper_async.apps.lm_demo.first_reach`; ``null`` if never reached) over
-static_final's total, per seed and aggregated over the seeds that reached it (issue 18's goal:
-at most 0.70). nanoGPT's published anchors (``shakespeare_char``: val loss 1.4697 after 5000
-iterations of 64×256 tokens; its CPU "baby GPT": ≈1.88) are for comparison of scale only: the
-arms here are compared with the static host measured in the same run.
+The CPU run is :meth:`LMDemoConfig.quick` (the narrow host, 2×64, T=64, B=32, 1000 steps per arm);
+the CUDA run is :meth:`LMDemoConfig.full` (nanoGPT's ``shakespeare_char`` host, 6×384, T=256, B=64,
+dropout 0.2, 600 steps per arm, TF32 matmuls), sized to finish all three arms in about 4 minutes on
+one H200. Each seed 0..N-1 runs the three arms (``--jobs`` seeds at once on the CPU or on one GPU,
+each process with ``cpus // jobs`` torch threads; on a GPU the seeds then share it, which lengthens
+every arm's wall time alike and leaves tokens and FLOPs as they are). Per seed and arm, under
+``runs``: final validation loss (nats/char) and bits per char, parameters, training tokens,
+training FLOPs (``FlopLedger``: steps, validation and counterfactual passes, kernel compiles),
+tokens/s, wall seconds, and the validation-loss curve per epoch with the cumulative tokens and
+FLOPs. Aggregates: mean and 95 % t-interval per arm, paired differences growth − static_final and
+growth − static, and **tokens to target**: the training tokens (and FLOPs) growth needed to first
+reach static_final's final validation loss (linear interpolation between epochs,
+:func:`~esper_async.apps.lm_demo.first_reach`; ``null`` if never reached) over static_final's
+total, per seed and aggregated over the seeds that reached it (issue 18's goal: at most 0.70).
+nanoGPT's published anchors (``shakespeare_char``: val loss 1.4697 after 5000 iterations of 64×256
+tokens; its CPU "baby GPT": ≈1.88) are for comparison of scale only: the arms here are compared
+with the static host measured in the same run.
 """
 
 from __future__ import annotations
@@ -144,10 +145,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the three arms for every seed and return the JSON-ready figures."""
-    import torch
+def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """Run the three arms for every seed and return the JSON-ready figures.
 
+    Each finished seed's runs are written to ``path`` at once (marked ``"partial": true``), so that
+    a run cut short keeps the seeds it finished; the caller writes the full figures at the end.
+    """
     overrides: dict[str, Any] = {"use_store": False}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
@@ -155,9 +158,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overrides["steps_per_epoch"] = args.steps
     if args.forms:
         overrides["kernel_forms"] = tuple(args.forms.split(","))
-    cuda = torch.device(args.device).type == "cuda"
     seeds = list(range(args.seed, args.seed + args.seeds))
-    jobs = 1 if cuda else max(1, min(args.jobs, len(seeds)))
+    jobs = max(1, min(args.jobs, len(seeds)))
     cpus = os.cpu_count() or 1
     threads = None if jobs == 1 else max(1, cpus // jobs)
     started = time.perf_counter()
@@ -169,6 +171,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"seed {result['seed']} {label:<12} val {arm['val_loss']:.4f} "
                   f"params {arm['params']} FLOPs {arm['flops']['total']:.3e} "
                   f"{arm['wall_s']:.1f} s", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"partial": True, "device": args.device, "jobs": jobs,
+                                    "runs": sorted(runs, key=lambda r: r["seed"])},
+                                   indent=2, sort_keys=True) + "\n")
 
     if jobs == 1:
         for seed in seeds:
@@ -206,7 +212,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="seeds run at once on the CPU (default 1; always 1 on CUDA)")
+                        help="seeds run at once, in processes of their own (default 1)")
     parser.add_argument("--forms", default=None,
                         help="kernel execution forms to measure, comma-separated (default: the "
                         "optimizer's for the device; 'export' skips Inductor compiles)")
@@ -220,8 +226,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     name = args.out or ("growth_cuda" if cuda else "lm")
     path = Path(name) if name.endswith(".json") or "/" in name else RESULTS / f"{name}.json"
-    result = run(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    result = run(args, path)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     for label, arm in result["summary"].items():
         v, f = arm["val_loss"], arm["flops_total"]
