@@ -12,15 +12,19 @@ the machine's load affects them alike):
 * ``dormant``: the same with a slot on every candidate layer, all dormant;
 * ``seeds``: the same with two seeds in TRAINING.
 
-A block of the plain loop is ``steps`` steps; a block of a trainer is one ``fit(epochs=1)`` over the
-same ``steps`` batches, timed from its first step's report to its last (``on_step``), so the epoch
-boundary (validation, snapshot) is left out; the plain loop's time per step is measured over the
-same ``steps - 1`` intervals. A loop-lag monitor (a 5 ms heartbeat) runs beside every trainer
-block; its lateness percentiles are ``loop_lag_ms``. Every trainer uses its defaults (on a GPU:
-lagged verdicts, fused Adam; ``--verdict sync|lagged`` forces one kind); the plain loop uses
-the same optimizer.
-Figures: the median seconds per step of each loop, ``ratio`` = loop / plain, and the GPU's
-utilisation sampled after each block (``torch.cuda.utilization``, when pynvml is installed).
+A block of the plain loop is ``steps`` steps; a block of a trainer is one ``fit(epochs=1)`` over
+the same ``steps`` batches, timed from its first step's report to its last (``on_step``), so the
+epoch boundary (validation, snapshot) is left out; the plain loop's time per step is measured over
+the same ``steps - 1`` intervals. After the timed blocks, each trainer runs ``LAG_BLOCKS`` more
+with a loop-lag monitor (a 5 ms heartbeat) beside it; their lateness percentiles are
+``loop_lag_ms``. Those blocks are not timed, so that the heartbeat's wake-ups (each takes the GIL
+from the thread that launches the step) cannot slow the timed steps. A fifth loop, ``plain_seeds``,
+is the plain loop over a copy of the model with the same two seeds grafted (its optimizer holds
+their parameters too): ``seeds_over_plain_seeds`` is what the trainer costs beyond the seeds' own
+compute. Every trainer uses its defaults (on a GPU: lagged verdicts, fused Adam;
+``--verdict sync|lagged`` forces one kind); the plain loop uses the same optimizer. Figures: the
+median seconds per step of each loop, ``ratio`` = loop / plain, and the GPU's utilisation sampled
+after each block (``torch.cuda.utilization``, when pynvml is installed).
 
 Workloads: the demo host (``DigitsHost``, batch 64 of 1×8×8); a CIFAR-shaped ResNet-18 (batch 256 of
 synthetic 3×32×32); the GPT of ``esper_async.apps.gpt`` (6 × 384, 64 × 256 tokens). ``--quick``
@@ -37,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +172,10 @@ def _optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
 
 
-#: Heartbeat of the loop-lag monitor that runs beside every trainer block (seconds).
+#: Heartbeat of the loop-lag monitor (seconds), and how many extra, untimed blocks of each trainer
+#: run with it.
 LAG_INTERVAL_S = 0.005
+LAG_BLOCKS = 3
 
 #: ``--verdict``: how the trainers judge their losses (``None``: the trainer's default).
 VERDICT: str | None = None
@@ -225,15 +232,19 @@ class InTrainer:
         self.batches, self.val = batches, batches[:1]
         self.lag_s: list[float] = []  # the event loop's lateness over every block
 
-    def block(self) -> float:
+    def block(self, *, monitor: bool = False) -> float:
+        """One epoch; ``monitor``: with the loop-lag heartbeat beside it (its samples kept)."""
         marks: list[float] = []
 
         async def fit() -> None:
-            async with LoopLagMonitor(interval=LAG_INTERVAL_S) as monitor:
+            async with AsyncExitStack() as stack:
+                lag = (await stack.enter_async_context(LoopLagMonitor(interval=LAG_INTERVAL_S))
+                       if monitor else None)
                 await self.trainer.fit(
                     self.batches, self.val, epochs=1,
                     on_step=lambda _s, _l: marks.append(time.perf_counter()))
-            self.lag_s.extend(monitor.samples)
+            if lag is not None:
+                self.lag_s.extend(lag.samples)
 
         anyio.run(fit)
         assert len(marks) == len(self.batches), "a step was dropped or redone"
@@ -267,6 +278,9 @@ def bench_workload(name: str, spec: dict[str, Any], device: torch.device, precis
         "dormant": InTrainer(wrapped(), spec["task"], batches, device, precision, False),
         "seeds": InTrainer(wrapped(), spec["task"], batches, device, precision, True),
     }
+    seeded = wrapped()
+    _grow_two(seeded, _optimizer(seeded, device), device)
+    loops["plain_seeds"] = Plain(seeded, spec["task"], batches, device, precision)
     samples: dict[str, list[float]] = {k: [] for k in loops}
     util: dict[str, list[float]] = {k: [] for k in loops}
     for loop in loops.values():  # warm-up: allocator, cuDNN's choices, autocast caches
@@ -277,20 +291,25 @@ def bench_workload(name: str, spec: dict[str, Any], device: torch.device, precis
             u = _utilisation(device)
             if u is not None:
                 util[key].append(u)
+    for loop in loops.values():
+        if isinstance(loop, InTrainer):
+            for _ in range(LAG_BLOCKS):
+                loop.block(monitor=True)
     medians = {k: statistics.median(v) for k, v in samples.items()}
     out: dict[str, Any] = {
         "params": sum(p.numel() for p in base.parameters()),
         "batch": list(batches[0][0].shape), "steps_per_block": steps, "blocks": repeats,
         "median_ms": {k: round(v * 1e3, 4) for k, v in medians.items()},
         "ratio": {k: round(v / medians["plain"], 4) for k, v in medians.items() if k != "plain"},
+        "seeds_over_plain_seeds": round(medians["seeds"] / medians["plain_seeds"], 4),
         "seeds": loops["seeds"].grown,
         "loop_lag_ms": {k: _lag(loop.lag_s) for k, loop in loops.items()
                         if isinstance(loop, InTrainer)},
     }
     if any(util.values()):
         out["gpu_utilisation_pct"] = {k: statistics.median(v) for k, v in util.items() if v}
-    print(f"{name} {precision}: {json.dumps(out['median_ms'])} ratio {json.dumps(out['ratio'])}",
-          file=sys.stderr)
+    print(f"{name} {precision}: {json.dumps(out['median_ms'])} ratio {json.dumps(out['ratio'])} "
+          f"seeds/plain_seeds {out['seeds_over_plain_seeds']}", file=sys.stderr)
     return out
 
 
