@@ -69,8 +69,26 @@ __all__ = (
 )
 
 
+def _rebuild(cls: type[EsperError], args: tuple[Any, ...], state: dict[str, Any]) -> EsperError:
+    """Unpickle an :class:`EsperError` without calling its keyword-only ``__init__``."""
+    # An OSError subclass (DataMissingError) has OSError's layout: only OSError.__new__ builds it.
+    error = OSError.__new__(cls) if issubclass(cls, OSError) else cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class EsperError(Exception):
-    """Base class of every error raised by esper_async."""
+    """Base class of every error raised by esper_async.
+
+    Every one pickles with its attributes (``slot``, ``key``, ...), so that it crosses a process
+    pool (compile workers, a benchmark's seeds) as itself: ``Exception``'s own pickling would call
+    ``__init__`` with the message alone, which fails for errors whose keyword arguments are
+    required.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
 class BlueprintError(EsperError, ValueError):
