@@ -50,7 +50,9 @@ class MaskedStep:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        self._layout: tuple[tuple[int, tuple[str, ...]], ...] | None = None
+        # The parameters themselves, not their ids: a culled seed's freed parameter could hand
+        # its id to a new one, whose first step would then look like a step of an old one.
+        self._layout: tuple[tuple[torch.Tensor, tuple[str, ...]], ...] | None = None
         #: Steps whose verdict had to be read on the host (state being created), for tests.
         self.host_reads = 0
 
@@ -87,19 +89,28 @@ class MaskedStep:
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _layout_now(self, params: list[torch.Tensor]) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    def _layout_now(
+        self, params: list[torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, tuple[str, ...]], ...]:
         state = self.optimizer.state
         return tuple(
-            (id(p), tuple(sorted(k for k, v in state.get(p, {}).items()
-                                 if isinstance(v, torch.Tensor))))
+            (p, tuple(sorted(k for k, v in state.get(p, {}).items()
+                             if isinstance(v, torch.Tensor))))
             for p in params if p.grad is not None
         )
+
+    def _same_layout(self, layout: tuple[tuple[torch.Tensor, tuple[str, ...]], ...]) -> bool:
+        old = self._layout
+        if old is None or len(old) != len(layout):
+            return False
+        return all(p is q and keys == old_keys
+                   for (p, keys), (q, old_keys) in zip(layout, old, strict=True))
 
     def _generic_step(self, apply: torch.Tensor) -> HostUndo:
         opt = self.optimizer
         params = self._params()
         layout = self._layout_now(params)
-        if layout != self._layout:
+        if not self._same_layout(layout):
             # This step may create state that copying cannot undo: read the verdict (rare).
             self.host_reads += 1
             if bool(apply):
