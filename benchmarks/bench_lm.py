@@ -20,7 +20,8 @@ reach static_final's final validation loss (linear interpolation between epochs,
 total, per seed and aggregated over the seeds that reached it (issue 18's goal: at most 0.70).
 ``--controller KEY=VALUE`` (repeatable) changes one option of the growth controller, which is
 otherwise the demo's :meth:`ControllerConfig.eager`; ``width_growth=true`` also wraps each
-block's MLP hidden layer and widens it (see :mod:`esper_async.apps.lm_demo`). Each growth run's
+block's MLP hidden layer and widens it (see :mod:`esper_async.apps.lm_demo`); ``--no-seeds``
+leaves width growth alone. Each growth run's
 widenings are under ``runs[i].arms.growth.widened``.
 nanoGPT's published anchors (``shakespeare_char``: val loss 1.4697 after 5000 iterations of 64×256
 tokens; its CPU "baby GPT": ≈1.88) are for comparison of scale only: the arms here are compared
@@ -197,6 +198,8 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         overrides["epochs"] = args.epochs
     if args.steps is not None:
         overrides["steps_per_epoch"] = args.steps
+    if args.no_seeds:
+        overrides["seeds"] = False
     if args.forms:
         overrides["kernel_forms"] = tuple(args.forms.split(","))
     controller = controller_options(args.controller)
@@ -263,6 +266,9 @@ def main() -> None:
         help="change one option of the growth controller (ControllerConfig.eager), e.g. "
         "width_growth=true; repeatable",
     )
+    parser.add_argument("--no-seeds", action="store_true",
+                        help="offer the controller no seeds (with --controller width_growth=true: "
+                        "width growth alone)")
     parser.add_argument("--note", default=None, help="a note stored in the JSON")
     parser.add_argument("--out", default=None,
                         help="results name or path (default: 'lm' on the CPU, 'growth_cuda' on "

@@ -141,6 +141,8 @@ class LMDemoConfig:
     :ivar sample_chars: characters the grown model generates at the end.
     :ivar controller: the growth controller's thresholds. With ``width_growth`` on, the host is
         wrapped at :func:`lm_width_slots` too, and ``width_slots`` (unless given) is set to them.
+    :ivar seeds: offer the growth controller the blueprint library (``False``: no seeds, width
+        growth alone; needs ``controller.width_growth``).
     :ivar store: kernel store directory (``None``: the default store).
     :ivar use_store: look kernels up in (and add them to) the store.
     :ivar device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
@@ -161,6 +163,7 @@ class LMDemoConfig:
     seed: int = 0
     sample_chars: int = 200
     controller: ControllerConfig = field(default_factory=ControllerConfig.eager)
+    seeds: bool = True
     store: str | None = None
     use_store: bool = True
     device: str = "cpu"
@@ -189,6 +192,13 @@ class LMDemoConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise DemoConfigError(f"option 'dropout' must lie in [0, 1), got {self.dropout!r}",
                                   key="dropout")
+        if not isinstance(self.seeds, bool) or not (self.seeds or self.controller.width_growth):
+            raise DemoConfigError(
+                f"option 'seeds' must be true or false, and false only with the controller's "
+                f"width_growth on (else nothing can grow); got seeds={self.seeds!r}, "
+                f"width_growth={self.controller.width_growth!r}",
+                key="seeds",
+            )
 
     @classmethod
     def quick(cls, **overrides: Any) -> LMDemoConfig:
@@ -362,7 +372,9 @@ async def _arm(
         seed=cfg.seed,
         device=device,
         compiler=compiler if label == "growth" else None,
-        controller=HeuristicController(controller, seed=cfg.seed),
+        controller=HeuristicController(
+            controller, seed=cfg.seed, blueprints=None if cfg.seeds else ()
+        ),
         writes_checkpoints=False,
     )
     seen = 0
