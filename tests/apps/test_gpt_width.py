@@ -13,7 +13,12 @@ import torch
 
 from esper_async.apps.gpt import GPT, GPTConfig, count_parameters, init_like_new
 from esper_async.apps.lm_demo import (
-    ARMS, LMDemoConfig, architecture, lm_slots, lm_width_slots, run_lm_demo,
+    ARMS,
+    LMDemoConfig,
+    architecture,
+    lm_slots,
+    lm_width_slots,
+    run_lm_demo,
 )
 from esper_async.apps.static_final import graft_widenings
 from esper_async.control import ControllerConfig
@@ -105,7 +110,7 @@ def test_static_final_replays_the_widening_with_the_gpts_own_initialisation() ->
 
 
 def test_init_like_new_refuses_modules_it_has_no_rule_for() -> None:
-    with pytest.raises(TypeError, match="blocks.0.act"):
+    with pytest.raises(TypeError, match=r"blocks\.0\.act"):
         init_like_new(SHAPE, "blocks.0.act", torch.nn.GELU())
 
 
