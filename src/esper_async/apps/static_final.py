@@ -10,8 +10,9 @@ puts fresh copies into another model.
 Growth may also have widened host layers (``Trainer.surgeries``: surgery, or the controller's
 width growth). :func:`graft_widenings` gives another model the same widths: it replays the
 recorded widenings (structure only) and then re-initialises every layer and batch norm whose
-shape changed with PyTorch's default initialisation, as if the wider model had been built
-directly. Call it before :func:`graft_fossils`.
+shape changed, as if the wider model had been built directly: with PyTorch's default
+initialisation, or the host's own where it differs (``reinit=``; a GPT's N(0, 0.02),
+:func:`~esper_async.apps.gpt.init_like_new`). Call it before :func:`graft_fossils`.
 """
 
 from __future__ import annotations
