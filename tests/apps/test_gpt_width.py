@@ -1,6 +1,7 @@
-"""Width growth on the GPT: widening a block's MLP hidden layer (``mlp.fc`` → GELU → ``mlp.proj``)
-preserves the function, the residual stream cannot be widened, static_final replays the widenings
-with the GPT's own initialisation, and the LM demo grows width end to end."""
+"""Width (and depth) growth on the GPT: widening a block's MLP hidden layer (``mlp.fc`` → GELU →
+``mlp.proj``) preserves the function, the residual stream cannot be widened, static_final replays
+the widenings with the GPT's own initialisation, the LM demo grows width end to end, and an
+identity block inserted after a block leaves the function as it was."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import anyio
 import pytest
 import torch
 
-from esper_async.apps.gpt import GPT, GPTConfig, count_parameters, init_like_new
+from esper_async.apps.gpt import (
+    GPT,
+    Block,
+    GPTConfig,
+    count_parameters,
+    identity_block,
+    init_like_new,
+)
 from esper_async.apps.lm_demo import (
     ARMS,
     LMDemoConfig,
@@ -24,7 +32,7 @@ from esper_async.apps.static_final import graft_widenings
 from esper_async.control import ControllerConfig
 from esper_async.errors import DemoConfigError, SurgeryError
 from esper_async.seeds import wrap
-from esper_async.surgery import SurgeryContext, WidenSlot
+from esper_async.surgery import InsertAfter, SurgeryContext, WidenSlot
 from esper_async.surgery._replay import operation_record
 from esper_async.training import LanguageModelTask
 from esper_async.training._widths import grow_width_operation
@@ -138,3 +146,23 @@ def test_the_lm_demo_grows_width_alone_and_static_final_replays_it() -> None:
     assert final.params == growth.params == static.params + 2 * 16 * 4 * 16
     assert growth.summary()["widened"] == [dict(growth.surgeries[0])]
     assert final.val_loss != growth.val_loss
+
+
+def test_an_identity_block_inserted_after_a_block_preserves_the_function_and_learns() -> None:
+    torch.manual_seed(0)
+    model = GPT(SHAPE).eval()
+    x, y = _batch()
+    with torch.no_grad():
+        before = model(x)
+    ctx = SurgeryContext(model, None, probe=None)
+    InsertAfter("blocks.0.out", identity_block(SHAPE)).apply(ctx)
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+    assert torch.equal(after, before)
+    new = model.get_submodule("blocks.0.out.1")
+    assert isinstance(new, Block)
+    loss = torch.nn.functional.cross_entropy(model.train()(x).flatten(0, 1), y.flatten())
+    loss.backward()
+    assert new.attn.proj.weight.grad is not None and new.mlp.proj.weight.grad is not None
+    assert new.attn.proj.weight.grad.abs().sum() > 0 and new.mlp.proj.weight.grad.abs().sum() > 0

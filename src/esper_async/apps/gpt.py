@@ -31,6 +31,7 @@ __all__ = (
     "CausalSelfAttention",
     "GPTConfig",
     "count_parameters",
+    "identity_block",
     "init_like_new",
     "training_flops_per_token",
 )
@@ -261,6 +262,25 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+
+
+def identity_block(config: GPTConfig) -> Block:
+    """A new pre-norm :class:`Block` of ``config``'s shape that is the identity at birth: its
+    attention and MLP output projections (``attn.proj``, ``mlp.proj``) are zero, so both residual
+    branches add nothing (``x + 0 + 0``), while every other weight starts as :class:`GPT`'s do.
+    The zero projections get gradients from the first step (their inputs are not zero). For
+    depth growth: insert it after a block's ``out``, e.g.
+    ``InsertAfter("blocks.0.out", identity_block(model.config))``.
+
+    :param config: the host's shape (width, heads, dropout, biases).
+    """
+    block = Block(config)
+    block.apply(_init_weights)
+    for proj in (block.attn.proj, block.mlp.proj):
+        nn.init.zeros_(proj.weight)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+    return block
 
 
 def init_like_new(config: GPTConfig, name: str, module: nn.Module) -> None:
