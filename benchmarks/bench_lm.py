@@ -2,6 +2,7 @@
 
     python benchmarks/bench_lm.py [--seeds N] [--jobs J]   → benchmarks/results/lm.json (CPU)
     python benchmarks/bench_lm.py --device cuda --seeds 5  → benchmarks/results/growth_cuda.json
+    python benchmarks/bench_lm.py --controller width_growth=true --out lm_width   (MLP widening)
 
 The CPU run is :meth:`LMDemoConfig.quick` (the narrow host, 2×64, T=64, B=32, 1000 steps per arm);
 the CUDA run is :meth:`LMDemoConfig.full` (nanoGPT's ``shakespeare_char`` host, 6×384, T=256, B=64,
@@ -17,6 +18,11 @@ growth − static, and **tokens to target**: the training tokens (and FLOPs) gro
 reach static_final's final validation loss (linear interpolation between epochs,
 :func:`~esper_async.apps.lm_demo.first_reach`; ``null`` if never reached) over static_final's
 total, per seed and aggregated over the seeds that reached it (issue 18's goal: at most 0.70).
+``--controller KEY=VALUE`` (repeatable) changes one option of the growth controller, which is
+otherwise the demo's :meth:`ControllerConfig.eager`; ``width_growth=true`` also wraps each
+block's MLP hidden layer and widens it (see :mod:`esper_async.apps.lm_demo`); ``--no-seeds``
+leaves width growth alone. Each growth run's
+widenings are under ``runs[i].arms.growth.widened``.
 nanoGPT's published anchors (``shakespeare_char``: val loss 1.4697 after 5000 iterations of 64×256
 tokens; its CPU "baby GPT": ≈1.88) are for comparison of scale only: the arms here are compared
 with the static host measured in the same run.
@@ -68,15 +74,51 @@ def tokens_to_target(arms: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_seed(overrides: dict[str, Any], device: str, threads: int | None) -> dict[str, Any]:
-    """Run the three arms for one seed and return the JSON-ready figures."""
+def controller_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` options of :class:`~esper_async.control.ControllerConfig` (booleans as
+    ``true``/``false``), parsed by the type of the option's default."""
+    from esper_async.control import ControllerConfig
+
+    types = {name: type(value) for name, value in vars(ControllerConfig()).items()
+             if value is not None}
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types or not value:
+            raise SystemExit(
+                f"--controller {pair!r}: expected key=value, key one of {sorted(types)}"
+            )
+        if types[key] is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--controller {pair!r}: expected true or false")
+            options[key] = value.lower() in ("true", "1")
+        else:
+            options[key] = types[key](value)
+    return options
+
+
+def run_seed(
+    overrides: dict[str, Any], device: str, threads: int | None,
+    controller: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the three arms for one seed and return the JSON-ready figures.
+
+    :param controller: options changed on the demo's :meth:`ControllerConfig.eager`.
+    """
+    import dataclasses
+
     import anyio
     import torch
 
     from esper_async.apps.lm_demo import LMDemoConfig, run_lm_demo
+    from esper_async.control import ControllerConfig
 
     if threads is not None:
         torch.set_num_threads(threads)
+    if controller:
+        overrides = dict(overrides, controller=dataclasses.replace(
+            ControllerConfig.eager(), **controller
+        ))
     cuda = torch.device(device).type == "cuda"
     if cuda:
         cfg = LMDemoConfig.full(device=device, **overrides)
@@ -156,8 +198,11 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         overrides["epochs"] = args.epochs
     if args.steps is not None:
         overrides["steps_per_epoch"] = args.steps
+    if args.no_seeds:
+        overrides["seeds"] = False
     if args.forms:
         overrides["kernel_forms"] = tuple(args.forms.split(","))
+    controller = controller_options(args.controller)
     seeds = list(range(args.seed, args.seed + args.seeds))
     jobs = max(1, min(args.jobs, len(seeds)))
     cpus = os.cpu_count() or 1
@@ -178,11 +223,11 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
     if jobs == 1:
         for seed in seeds:
-            done(run_seed({**overrides, "seed": seed}, args.device, threads))
+            done(run_seed({**overrides, "seed": seed}, args.device, threads, controller))
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_seed, {**overrides, "seed": s}, args.device, threads)
-                       for s in seeds]
+            futures = [pool.submit(run_seed, {**overrides, "seed": s}, args.device, threads,
+                                   controller) for s in seeds]
             for future in futures:
                 done(future.result())
     runs.sort(key=lambda r: r["seed"])
@@ -216,6 +261,14 @@ def main() -> None:
     parser.add_argument("--forms", default=None,
                         help="kernel execution forms to measure, comma-separated (default: the "
                         "optimizer's for the device; 'export' skips Inductor compiles)")
+    parser.add_argument(
+        "--controller", action="append", default=[], metavar="KEY=VALUE",
+        help="change one option of the growth controller (ControllerConfig.eager), e.g. "
+        "width_growth=true; repeatable",
+    )
+    parser.add_argument("--no-seeds", action="store_true",
+                        help="offer the controller no seeds (with --controller width_growth=true: "
+                        "width growth alone)")
     parser.add_argument("--note", default=None, help="a note stored in the JSON")
     parser.add_argument("--out", default=None,
                         help="results name or path (default: 'lm' on the CPU, 'growth_cuda' on "

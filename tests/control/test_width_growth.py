@@ -111,3 +111,24 @@ def test_the_controller_knows_every_surgery_init() -> None:
     from esper_async.control._controller import WIDTH_INITS as CONTROL_INITS
 
     assert CONTROL_INITS == WIDTH_INITS
+
+
+def test_width_slots_are_widened_only_and_no_other_slot_is() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    wrap(model, ["0", "2"], example_input=torch.zeros(2, 4))
+    slots = find_slots(model)
+    config = ControllerConfig(
+        plateau_patience=1, plateau_tolerance=0.05, width_growth=True, width_slots=("0",)
+    )
+    controller = HeuristicController(config)
+    controller.decide(_report(1, 1.0), PLATEAU, slots)
+    assert controller.selector.last_actions == (("0", WIDEN_ARM),)
+    assert controller.selector.last_arms and all(slot == "2" for slot, _ in
+                                                 controller.selector.last_arms)
+
+
+@pytest.mark.parametrize("named", [(), ["0"], ("0", "")], ids=["empty", "list", "blank"])
+def test_bad_width_slots_are_refused(named: object) -> None:
+    with pytest.raises(ControllerConfigError, match="width_slots"):
+        ControllerConfig(width_slots=named)  # type: ignore[arg-type]

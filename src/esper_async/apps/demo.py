@@ -144,10 +144,13 @@ class DemoConfig:
             )
         fields["slots"] = tuple(slots)
         try:
-            fields["controller"] = ControllerConfig(**_exact_keys(
+            controller = _exact_keys(
                 fields["controller"], {f.name for f in dataclasses.fields(ControllerConfig)},
                 "controller.", where, path,
-            ))
+            )
+            if isinstance(controller["width_slots"], list):  # JSON has no tuples
+                controller["width_slots"] = tuple(controller["width_slots"])
+            fields["controller"] = ControllerConfig(**controller)
         except ControllerConfigError as exc:
             raise DemoConfigError(f"{where}: {exc}", key="controller", path=path) from exc
         device = fields["device"]
@@ -237,6 +240,8 @@ def _check_int(key: str, value: object, least: int) -> None:
 def _check_controller(controller: ControllerConfig) -> None:
     for f in dataclasses.fields(controller):
         key, value = f"controller.{f.name}", getattr(controller, f.name)
+        if f.name == "width_slots":
+            continue  # names or None: ControllerConfig checks them itself
         if f.type in ("int", int):
             _check_int(key, value, 0)
         elif f.type in ("bool", bool):

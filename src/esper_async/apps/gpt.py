@@ -31,6 +31,8 @@ __all__ = (
     "CausalSelfAttention",
     "GPTConfig",
     "count_parameters",
+    "identity_block",
+    "init_like_new",
     "training_flops_per_token",
 )
 
@@ -260,6 +262,52 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+
+
+def identity_block(config: GPTConfig) -> Block:
+    """A new pre-norm :class:`Block` of ``config``'s shape that is the identity at birth: its
+    attention and MLP output projections (``attn.proj``, ``mlp.proj``) are zero, so both residual
+    branches add nothing (``x + 0 + 0``), while every other weight starts as :class:`GPT`'s do.
+    The zero projections get gradients from the first step (their inputs are not zero). For
+    depth growth: insert it after a block's ``out``, e.g.
+    ``InsertAfter("blocks.0.out", identity_block(model.config))``.
+
+    :param config: the host's shape (width, heads, dropout, biases).
+    """
+    block = Block(config)
+    block.apply(_init_weights)
+    for proj in (block.attn.proj, block.mlp.proj):
+        nn.init.zeros_(proj.weight)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+    return block
+
+
+def init_like_new(config: GPTConfig, name: str, module: nn.Module) -> None:
+    """Initialise ``module`` (at dotted path ``name`` in a :class:`GPT`, possibly wrapped in a
+    seed slot: ``blocks.0.mlp.proj.host``) as :class:`GPT` initialises a fresh model: Linear and
+    Embedding weights from N(0, 0.02), biases zero, attention's and the MLP's output projections
+    (``attn.proj``, ``mlp.proj``) at GPT-2's residual scale ``0.02/√(2·n_layer)``; LayerNorms
+    as PyTorch resets them. For re-initialising layers a widening made wider, so that a model
+    built at the new widths (static_final) starts like one built that way from scratch.
+
+    :param config: the model's shape (for ``n_layer``).
+    :param name: the module's dotted path in the model.
+    :param module: the module to initialise, in place.
+    :raises TypeError: if ``module`` is not a Linear, Embedding or LayerNorm.
+    """
+    if isinstance(module, nn.LayerNorm):
+        module.reset_parameters()
+        return
+    if not isinstance(module, nn.Linear | nn.Embedding):
+        raise TypeError(
+            f"init_like_new: {name!r} is a {type(module).__name__}; only Linear, Embedding and "
+            "LayerNorm modules of a GPT have an initialisation here"
+        )
+    _init_weights(module)
+    path = name.removesuffix(".host")
+    if isinstance(module, nn.Linear) and path.endswith(("attn.proj", "mlp.proj")):
+        nn.init.normal_(module.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
 
 
 def count_parameters(model: nn.Module, *, non_embedding: bool = True) -> int:

@@ -5,9 +5,14 @@ Three arms, from the same seed, data order, recipe (AdamW, constant ``lr``) and 
 * ``static``: the bare host (:meth:`GPTConfig.narrow` on the CPU).
 * ``growth``: the same host with TOKEN slots at ``blocks.{i}.mlp.proj`` and ``blocks.{i}.out``,
   grown by the heuristic controller (:meth:`ControllerConfig.eager` by default, so that seeds
-  germinate, blend and fossilize within a short run).
-* ``static_final``: the architecture growth ended with, freshly initialised and trained from
-  scratch (see :mod:`esper_async.apps.static_final`).
+  germinate, blend and fossilize within a short run). With the controller's ``width_growth``,
+  the host is also wrapped at ``blocks.{i}.mlp.fc`` (the MLP's hidden layer, ``4·D`` units),
+  and those slots are widened, never seeded (:func:`lm_width_slots`): a widening grows the
+  hidden layer and the columns of ``mlp.proj`` that read it; the residual stream, the
+  embeddings and the tied head keep their width.
+* ``static_final``: the architecture growth ended with (fossils and widenings), freshly
+  initialised and trained from scratch (see :mod:`esper_async.apps.static_final`; widened
+  layers start with the GPT's own initialisation, :func:`~esper_async.apps.gpt.init_like_new`).
 
 :meth:`LMDemoConfig.quick` is the CPU size (a few minutes on 2 cores for all three arms);
 :meth:`LMDemoConfig.full` the GPU size (nanoGPT's ``shakespeare_char`` host, 6×384, T=256).
@@ -21,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -34,13 +40,13 @@ from ..store import KernelStore
 from ..training._flops import FlopLedger
 from ..training._task import LanguageModelTask
 from ..training.trainer import FitResult, Trainer
-from .gpt import GPT, GPTConfig, count_parameters
+from .gpt import GPT, GPTConfig, count_parameters, init_like_new
 from .shakespeare import ShakespeareData, load_shakespeare
-from .static_final import fossils_of, graft_fossils
+from .static_final import fossils_of, graft_fossils, graft_widenings
 
 __all__ = (
     "ARMS", "LMArm", "LMDemoConfig", "LMDemoResult", "architecture", "first_reach", "lm_slots",
-    "run_lm_demo",
+    "lm_width_slots", "run_lm_demo",
 )
 
 log = structlog.get_logger(__name__)
@@ -97,14 +103,24 @@ def first_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> 
     return None
 
 
-def lm_slots(n_layer: int) -> tuple[str, ...]:
-    """The slots the demo grows in: each block's MLP output projection and its output.
+def lm_slots(n_layer: int, *, widen: bool = False) -> tuple[str, ...]:
+    """The slots the demo grows in: each block's MLP output projection and its output, and with
+    ``widen`` each block's MLP hidden layer (:func:`lm_width_slots`) first.
+
+    :param n_layer: the host's blocks.
+    :param widen: wrap the MLP hidden layers too, for width growth.
+    """
+    names = ("mlp.fc", "mlp.proj", "out") if widen else ("mlp.proj", "out")
+    return tuple(f"blocks.{i}.{name}" for i in range(n_layer) for name in names)
+
+
+def lm_width_slots(n_layer: int) -> tuple[str, ...]:
+    """The slots width growth widens: each block's MLP hidden layer, ``blocks.{i}.mlp.fc`` (its
+    consumer is ``mlp.proj``, through the GELU; nothing else reads it).
 
     :param n_layer: the host's blocks.
     """
-    return tuple(
-        name for i in range(n_layer) for name in (f"blocks.{i}.mlp.proj", f"blocks.{i}.out")
-    )
+    return tuple(f"blocks.{i}.mlp.fc" for i in range(n_layer))
 
 
 @dataclass(frozen=True)
@@ -123,7 +139,10 @@ class LMDemoConfig:
     :ivar lr: AdamW's learning rate (the same for every arm; seeds join at it).
     :ivar seed: seeds the host's initial weights, the data order, the kernels and the sample.
     :ivar sample_chars: characters the grown model generates at the end.
-    :ivar controller: the growth controller's thresholds.
+    :ivar controller: the growth controller's thresholds. With ``width_growth`` on, the host is
+        wrapped at :func:`lm_width_slots` too, and ``width_slots`` (unless given) is set to them.
+    :ivar seeds: offer the growth controller the blueprint library (``False``: no seeds, width
+        growth alone; needs ``controller.width_growth``).
     :ivar store: kernel store directory (``None``: the default store).
     :ivar use_store: look kernels up in (and add them to) the store.
     :ivar device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
@@ -144,6 +163,7 @@ class LMDemoConfig:
     seed: int = 0
     sample_chars: int = 200
     controller: ControllerConfig = field(default_factory=ControllerConfig.eager)
+    seeds: bool = True
     store: str | None = None
     use_store: bool = True
     device: str = "cpu"
@@ -172,6 +192,13 @@ class LMDemoConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise DemoConfigError(f"option 'dropout' must lie in [0, 1), got {self.dropout!r}",
                                   key="dropout")
+        if not isinstance(self.seeds, bool) or not (self.seeds or self.controller.width_growth):
+            raise DemoConfigError(
+                f"option 'seeds' must be true or false, and false only with the controller's "
+                f"width_growth on (else nothing can grow); got seeds={self.seeds!r}, "
+                f"width_growth={self.controller.width_growth!r}",
+                key="seeds",
+            )
 
     @classmethod
     def quick(cls, **overrides: Any) -> LMDemoConfig:
@@ -206,6 +233,14 @@ class LMDemoConfig:
             n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout,
         )
 
+    def controller_config(self) -> ControllerConfig:
+        """:attr:`controller`, with ``width_slots`` set to :func:`lm_width_slots` when width growth
+        is on and no slots were named."""
+        cfg = self.controller
+        if cfg.width_growth and cfg.width_slots is None:
+            return dataclasses.replace(cfg, width_slots=lm_width_slots(self.n_layer))
+        return cfg
+
     def resolved_device(self) -> torch.device:
         """:attr:`device` with ``"auto"`` resolved.
 
@@ -237,6 +272,8 @@ class LMArm:
     :ivar architecture: ``(parameter name, shape)`` of every parameter at the end.
     :ivar curve: per epoch, ``{"epoch", "tokens", "flops", "val_loss"}``: the epoch's
         validation loss with the training tokens and FLOPs counted up to its end.
+    :ivar surgeries: the widenings committed during the fit (growth's width growth), as
+        ``Trainer.surgeries`` records them.
     """
 
     label: str
@@ -249,6 +286,7 @@ class LMArm:
     fossils: tuple[tuple[str, str], ...]
     architecture: tuple[tuple[str, tuple[int, ...]], ...]
     curve: tuple[dict[str, float], ...] = ()
+    surgeries: tuple[dict[str, Any], ...] = ()
 
     @property
     def bits_per_char(self) -> float:
@@ -268,6 +306,7 @@ class LMArm:
             "tokens_per_s": self.tokens_per_s, "wall_s": self.wall_s, "steps": self.fit.steps,
             "fossilized": [name for name, _ in self.fossils],
             "culled": self.fit.count(SeedState.CULLED),
+            "widened": [dict(record) for record in self.surgeries],
             "curve": [dict(point) for point in self.curve],
         }
 
@@ -304,13 +343,17 @@ async def _arm(
     device: torch.device,
     compiler: BlueprintCompiler | None,
     fossils: tuple[tuple[str, str], ...],
+    widenings: Sequence[dict[str, Any]],
     progress: ProgressFn | None,
 ) -> tuple[LMArm, GPT]:
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.gpt_config(data.vocab.size))
+    shape = cfg.gpt_config(data.vocab.size)
+    model = GPT(shape)
+    controller = cfg.controller_config()
     if label != "static":
         example = torch.zeros(2, cfg.block_size, dtype=torch.long)
-        wrap(model, lm_slots(cfg.n_layer), example_input=example)
+        wrap(model, lm_slots(cfg.n_layer, widen=controller.width_growth), example_input=example)
+        graft_widenings(model, widenings, seed=cfg.seed, reinit=partial(init_like_new, shape))
         graft_fossils(model, fossils, seed=cfg.seed)
     train = data.train_batches(
         batch_size=cfg.batch_size, block_size=cfg.block_size,
@@ -329,7 +372,9 @@ async def _arm(
         seed=cfg.seed,
         device=device,
         compiler=compiler if label == "growth" else None,
-        controller=HeuristicController(cfg.controller, seed=cfg.seed),
+        controller=HeuristicController(
+            controller, seed=cfg.seed, blueprints=None if cfg.seeds else ()
+        ),
         writes_checkpoints=False,
     )
     seen = 0
@@ -369,6 +414,7 @@ async def _arm(
         fossils=fossils_of(trainer.slots),
         architecture=architecture(model),
         curve=tuple(curve),
+        surgeries=tuple(trainer.surgeries) if label == "growth" else (),
     )
     log.info("lm_demo.arm_done", arm=label, val_loss=round(arm.val_loss, 4),
              params=arm.params, wall_s=round(arm.wall_s, 1))
@@ -422,12 +468,14 @@ async def run_lm_demo(
             device=str(device), store=store, options=OptimizerOptions(forms=cfg.kernel_forms)
         )
         await stack.enter_async_context(compiler)
-        arms["static"], _ = await _arm("static", cfg, data, device, None, (), progress)
+        arms["static"], _ = await _arm("static", cfg, data, device, None, (), (), progress)
         await compiler.wait_ready()
-        arms["growth"], grown = await _arm("growth", cfg, data, device, compiler, (), progress)
-        fossils = arms["growth"].fossils
+        arms["growth"], grown = await _arm(
+            "growth", cfg, data, device, compiler, (), (), progress
+        )
+        growth = arms["growth"]
         arms["static_final"], _ = await _arm(
-            "static_final", cfg, data, device, None, fossils, progress
+            "static_final", cfg, data, device, None, growth.fossils, growth.surgeries, progress
         )
         compiles = compiler.compiles
     sample = _sample(grown, data, cfg, device)

@@ -10,13 +10,14 @@ puts fresh copies into another model.
 Growth may also have widened host layers (``Trainer.surgeries``: surgery, or the controller's
 width growth). :func:`graft_widenings` gives another model the same widths: it replays the
 recorded widenings (structure only) and then re-initialises every layer and batch norm whose
-shape changed with PyTorch's default initialisation, as if the wider model had been built
-directly. Call it before :func:`graft_fossils`.
+shape changed, as if the wider model had been built directly: with PyTorch's default
+initialisation, or the host's own where it differs (``reinit=``; a GPT's N(0, 0.02),
+:func:`~esper_async.apps.gpt.init_like_new`). Call it before :func:`graft_fossils`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,7 +74,11 @@ def graft_fossils(model: nn.Module, fossils: Sequence[tuple[str, str]], *, seed:
 
 
 def graft_widenings(
-    model: nn.Module, records: Iterable[Mapping[str, Any]], *, seed: int
+    model: nn.Module,
+    records: Iterable[Mapping[str, Any]],
+    *,
+    seed: int,
+    reinit: Callable[[str, nn.Module], None] | None = None,
 ) -> list[str]:
     """Give ``model`` the widths growth's widenings ended with, freshly initialised.
 
@@ -81,6 +86,9 @@ def graft_widenings(
     :param records: the growth run's ``Trainer.surgeries`` (widening records), in order.
     :param seed: the run's seed; the re-initialised layers draw from
         ``FRESH_SEED_OFFSET + 101·seed + 97`` (the global RNG is left as it was).
+    :param reinit: called with each changed module's dotted name and the module, in place of
+        its ``reset_parameters()``: the host's own initialisation where it is not PyTorch's
+        default (a GPT's N(0, 0.02), :func:`~esper_async.apps.gpt.init_like_new`).
     :returns: the dotted names of the modules re-initialised.
     :raises SurgeryError: a record does not fit ``model`` (it is not the host growth started
         from).
@@ -98,7 +106,11 @@ def graft_widenings(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FRESH_SEED_OFFSET + 101 * seed + 97)
         for name in changed:
-            model.get_submodule(name).reset_parameters()  # type: ignore[operator]
+            module = model.get_submodule(name)
+            if reinit is None:
+                module.reset_parameters()  # type: ignore[operator]
+            else:
+                reinit(name, module)
     return changed
 
 

@@ -226,6 +226,9 @@ class ControllerConfig:
     :ivar width_max_growth: a host never grows past this multiple of its first-seen width.
     :ivar width_trial_epochs: epochs after a widening before its contribution is measured and
         rewarded.
+    :ivar width_slots: the slots width growth may widen (``None``: every slot whose host is a
+        Linear or Conv2d). Slots named here are for widening only: they are offered no seed
+        (e.g. a transformer MLP's hidden layer, while its residual-stream slots take the seeds).
     """
 
     plateau_patience: int = 2
@@ -244,6 +247,7 @@ class ControllerConfig:
     width_factor: float = 2.0
     width_max_growth: float = 2.0
     width_trial_epochs: int = 2
+    width_slots: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
@@ -269,6 +273,14 @@ class ControllerConfig:
             raise ControllerConfigError(
                 f"ControllerConfig needs width_growth true or false and width_init one of "
                 f"{', '.join(WIDTH_INITS)}; got {self.width_growth!r}, {self.width_init!r}"
+            )
+        named = self.width_slots
+        if named is not None and not (
+            isinstance(named, tuple) and named and all(isinstance(n, str) and n for n in named)
+        ):
+            raise ControllerConfigError(
+                f"ControllerConfig needs width_slots None or a non-empty tuple of slot names, "
+                f"got {named!r}"
             )
 
     @property
@@ -448,9 +460,11 @@ class HeuristicController:
         """The ``(slot, "widen")`` arms legal now: a host that may grow, no widening of it on
         trial, and no live seed in the slot (a widening is judged on its own)."""
         resting = (SeedState.DORMANT, SeedState.FOSSILIZED, SeedState.EMBARGOED)
+        named = self.config.width_slots
         return [
             (name, WIDEN_ARM) for name, slot in slots.items()
             if slot.contract is not None and name not in self._widenings
+            and (named is None or name in named)
             and (slot.state in resting or name in leaving)
             and self._target_width(slot) is not None
         ]
@@ -495,11 +509,12 @@ class HeuristicController:
         self, report: EpochReport, slots: Mapping[str, SeedSlot], decisions: list[Decision]
     ) -> Germinate | GrowWidth | None:
         leaving = {d.slot for d in decisions if isinstance(d, Cull)}
+        widen_only = set(self.config.width_slots or ())  # offered the widen arm, never a seed
         candidates = {}
         for name, slot in slots.items():
             if slot.contract is None:
                 continue
-            occupied = slot.state is not SeedState.DORMANT or name in leaving
+            occupied = slot.state is not SeedState.DORMANT or name in leaving or name in widen_only
             health = report.health.get(name)
             features = np.asarray(health.as_features() if health else [0.0] * 4, dtype=float)
             candidates[name] = SlotCandidate(
