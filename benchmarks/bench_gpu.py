@@ -230,7 +230,7 @@ class InTrainer:
         self.trainer = Trainer(model, optimizer=opt, task=task,
                                **_trainer_kwargs(device, precision))
         self.batches, self.val = batches, batches[:1]
-        self.lag_s: list[float] = []  # the event loop's lateness over every block
+        self.lag_s: list[float] = []  # the event loop's lateness over the monitored blocks
 
     def block(self, *, monitor: bool = False) -> float:
         """One epoch; ``monitor``: with the loop-lag heartbeat beside it (its samples kept)."""
