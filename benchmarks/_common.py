@@ -75,3 +75,30 @@ def ci95(values: list[float]) -> dict[str, float | int | None]:
         return {"mean": mean, "ci95": None, "n": n}
     half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
     return {"mean": mean, "ci95": half, "n": n}
+
+
+def controller_options(pairs: list[str], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``--controller key=value`` options of :class:`~esper_async.control.ControllerConfig`, each
+    parsed by the type of the option's default (booleans as ``true``/``false``/``1``/``0``; options
+    whose default is ``None`` cannot be set this way), on top of ``defaults``.
+
+    :raises SystemExit: for an unknown key, an empty value or a boolean that is not one.
+    """
+    from esper_async.control import ControllerConfig
+
+    types = {name: type(value) for name, value in vars(ControllerConfig()).items()
+             if value is not None}
+    options: dict[str, Any] = dict(defaults or {})
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types or not value:
+            raise SystemExit(
+                f"--controller {pair!r}: expected key=value, key one of {sorted(types)}"
+            )
+        if types[key] is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--controller {pair!r}: expected true or false")
+            options[key] = value.lower() in ("true", "1")
+        else:
+            options[key] = types[key](value)
+    return options

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ci95, machine, write
+from _common import ci95, controller_options, machine, write
 
 ARMS = ("static", "growth", "static_final")
 
@@ -225,28 +225,6 @@ def _store_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def controller_options(pairs: list[str], epochs: int) -> dict[str, Any]:
-    """``key=value`` options of :class:`~esper_async.control.ControllerConfig`; ``horizon_epochs``
-    defaults to the run's length (``--controller horizon_epochs=0`` turns it off)."""
-    from esper_async.control import ControllerConfig
-
-    types = {name: type(value) for name, value in vars(ControllerConfig()).items()}
-    options: dict[str, Any] = {"horizon_epochs": epochs}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in types or not value:
-            raise SystemExit(
-                f"--controller {pair!r}: expected key=value, key one of {sorted(types)}"
-            )
-        if types[key] is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--controller {pair!r}: expected true or false")
-            options[key] = value.lower() in ("true", "1")
-        else:
-            options[key] = types[key](value)
-    return options
-
-
 def _controller_summary(options: dict[str, Any]) -> dict[str, Any]:
     from esper_async.control import ControllerConfig
 
@@ -378,7 +356,8 @@ def main() -> None:
     args.workload_spec = _cifar_workload(args) if cifar else {"name": "digits"}
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be at least 1")
-    args.controller_options = controller_options(args.controller, args.epochs)
+    # horizon_epochs defaults to the run's length (--controller horizon_epochs=0 turns it off)
+    args.controller_options = controller_options(args.controller, {"horizon_epochs": args.epochs})
     result = run(args)
     if args.note:
         result["note"] = args.note

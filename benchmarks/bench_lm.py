@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, ci95, machine
+from _common import RESULTS, ci95, controller_options, machine
 
 ARMS = ("static", "growth", "static_final")
 #: Issue 18's goal: growth reaches static_final's validation loss with at most this share.
@@ -72,29 +72,6 @@ def tokens_to_target(arms: dict[str, Any]) -> dict[str, Any]:
         "tokens_share": None if tokens is None else tokens / arms["static_final"]["tokens"],
         "flops_share": None if flops is None else flops / arms["static_final"]["flops"]["total"],
     }
-
-
-def controller_options(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` options of :class:`~esper_async.control.ControllerConfig` (booleans as
-    ``true``/``false``), parsed by the type of the option's default."""
-    from esper_async.control import ControllerConfig
-
-    types = {name: type(value) for name, value in vars(ControllerConfig()).items()
-             if value is not None}
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in types or not value:
-            raise SystemExit(
-                f"--controller {pair!r}: expected key=value, key one of {sorted(types)}"
-            )
-        if types[key] is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--controller {pair!r}: expected true or false")
-            options[key] = value.lower() in ("true", "1")
-        else:
-            options[key] = types[key](value)
-    return options
 
 
 def run_seed(
