@@ -68,6 +68,13 @@ def test_wrap_rejects_bad_targets(targets: list, message: str) -> None:
         wrap(Host(), targets, example_input=X)
 
 
+def test_wrapping_a_slot_twice_says_it_is_a_slot_already() -> None:
+    model, _ = wrapped()
+    with pytest.raises(BlueprintError, match="'conv' is a seed slot already") as info:
+        wrap(model, ["conv"], example_input=X)
+    assert "no module named" not in str(info.value)
+
+
 def test_dormant_slots_change_nothing() -> None:
     torch.manual_seed(0)
     plain = Host()

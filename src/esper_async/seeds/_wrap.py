@@ -106,6 +106,11 @@ def _candidates(
                 )
             continue
         if isinstance(module, SeedSlot):
+            if name in names:
+                raise BlueprintError(
+                    f"wrap(): module {name!r} is a seed slot already (an earlier wrap() made "
+                    "it); wrap each module once"
+                )
             in_slots.append(name)
             continue
         if name in names or isinstance(module, types):
