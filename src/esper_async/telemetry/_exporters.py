@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import format_span_id, format_trace_id
 
 from ..errors import TelemetryConfigError
+from ._span_fields import check_resource, span_fields
 
 __all__ = (
     "SPAN_FILE_GLOB",
@@ -403,29 +404,20 @@ def read_span_records(path: str | os.PathLike[str]) -> list[SpanRecord]:
                 continue
             try:
                 raw = json.loads(line)
-                if "name" not in raw and "resource" in raw:  # a header line
-                    resource = raw["resource"]
+                if isinstance(raw, dict) and "name" not in raw and "resource" in raw:  # header
+                    resource = check_resource(raw["resource"])
                     continue
-                records.append(
-                    SpanRecord(
-                        name=raw["name"],
-                        trace_id=raw["trace_id"],
-                        span_id=raw["span_id"],
-                        parent_span_id=raw.get("parent_span_id"),
-                        start_ns=int(raw["start_ns"]),
-                        end_ns=int(raw["end_ns"]),
-                        status=raw.get("status", "UNSET"),
-                        attributes=raw.get("attributes", {}),
-                        events=tuple(raw.get("events", ())),
-                        resource=raw.get("resource", resource),
-                    )
-                )
+                records.append(SpanRecord(**span_fields(raw, resource)))
             except json.JSONDecodeError as exc:
                 if number == len(lines):
                     _log.warning("skipping truncated last line", file=str(file), line=number)
                     continue
                 raise TelemetryConfigError(f"{file}:{number} is not JSON: {exc}") from exc
-            except (KeyError, TypeError, ValueError) as exc:
+            except RecursionError as exc:
+                raise TelemetryConfigError(
+                    f"{file}:{number} is not a span record: JSON nested too deep"
+                ) from exc
+            except ValueError as exc:
                 raise TelemetryConfigError(f"{file}:{number} is not a span record: {exc}") from exc
     records.sort(key=lambda r: (r.start_ns, r.end_ns))
     return records
