@@ -94,3 +94,32 @@ async def test_errors_exit_with_status_2(
 def test_the_parser_needs_a_subcommand() -> None:
     with pytest.raises(SystemExit):
         _parse()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(("--json", "--path", "{p}", "ls"), id="before"),
+        pytest.param(("ls", "--json", "--path", "{p}"), id="after"),
+        pytest.param(("--json", "ls", "--path", "{p}"), id="split"),
+    ],
+)
+def test_common_options_go_before_or_after_the_sub_command(
+    store_dir: Path, argv: tuple[str, ...]
+) -> None:
+    args = _parse(*(a.format(p=store_dir) for a in argv))
+    assert (args.json, args.path, args.create, args.store_command) == (
+        True,
+        str(store_dir),
+        False,
+        "ls",
+    )
+
+
+@pytest.mark.asyncio
+async def test_ls_json_after_the_sub_command_prints_json(
+    store_dir: Path, kernels: list[Kernel]
+) -> None:
+    keys = await _fill(store_dir, kernels[:2])
+    status, text = await _run("ls", "--json", "--path", str(store_dir))
+    assert status == 0 and sorted(r["key"] for r in json.loads(text)) == sorted(keys)

@@ -46,18 +46,7 @@ def add_store_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="inspect and look after the kernel store",
         description="Inspect and look after the kernel store.",
     )
-    store.add_argument(
-        "--path",
-        default=None,
-        help=f"store directory (default: ${STORE_ENV_VAR} or the user cache directory)",
-    )
-    store.add_argument("--json", action="store_true", help="print JSON instead of text")
-    store.add_argument(
-        "--create",
-        action="store_true",
-        help="create the store directory if it does not exist (otherwise a missing store is "
-        "refused; `import` always creates it)",
-    )
+    _common_options(store, top=True)
     commands = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
 
     ls = commands.add_parser("ls", help="list kernels")
@@ -112,7 +101,34 @@ def add_store_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_MAX_MEMBERS,
         help="refuse a bundle with more members than this",
     )
+    for command in commands.choices.values():
+        _common_options(command, top=False)
     return store
+
+
+def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--path``, ``--json`` and ``--create``, taken before the sub-command's name
+    (``store --json ls``) or after it (``store ls --json``). After it, the default is left out,
+    so that it does not undo one given before."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--path",
+        default=default(None),
+        help=f"store directory (default: ${STORE_ENV_VAR} or the user cache directory)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON instead of text"
+    )
+    parser.add_argument(
+        "--create",
+        action="store_true",
+        default=default(False),
+        help="create the store directory if it does not exist (otherwise a missing store is "
+        "refused; `import` always creates it)",
+    )
 
 
 def _store_path(args: argparse.Namespace) -> tuple[Path, bool]:
