@@ -268,3 +268,18 @@ def test_linucb_reads_slot_health_features() -> None:
         if t >= 200:
             hits.append(slot == f"slot{needy}")
     assert np.mean(hits) > 0.9
+
+
+def test_no_legal_arm_is_logged_once_per_change() -> None:
+    from structlog.testing import capture_logs
+
+    selector = IntelligentSeedSelector(max_live=1, rng_seed=0)
+    cands = _candidates(2, kinds=[SlotContract("linear", (32,))] * 2)
+    with capture_logs() as logs:
+        for live_count in (1, 1, 1, 0, 1, 1):  # full thrice, one choice, full again twice
+            try:
+                selector.choose(cands, library(), live_count=live_count)
+            except NoLegalArmError:
+                pass
+    ruled_out = [e for e in logs if e["event"] == "no legal seed arm"]
+    assert len(ruled_out) == 2 and ruled_out[0]["log_level"] == "info"

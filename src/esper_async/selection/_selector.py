@@ -146,6 +146,8 @@ class IntelligentSeedSelector:
         self._slots: dict[str, _SlotArms] = {}
         self._arm_blueprint: dict[ArmKey, Blueprint] = {}
         self._last_blueprints: tuple[Blueprint, ...] = ()
+        #: The reasons last logged for "no legal seed arm": logged at INFO once per change.
+        self._no_legal_logged: dict[str, str] | None = None
         #: The legal arms of the last :meth:`choose` (what :meth:`arm_values` scores by default).
         self.last_arms: tuple[ArmKey, ...] = ()
         #: The actions (non-seed arms) offered in the last :meth:`choose_arm`.
@@ -408,13 +410,16 @@ class IntelligentSeedSelector:
             )
             shown = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:3])
             more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
-            _log.info("no legal seed arm", ruled_out=len(reasons))
+            if reasons != self._no_legal_logged:  # once per change, not every epoch
+                _log.info("no legal seed arm", ruled_out=len(reasons))
+                self._no_legal_logged = dict(reasons)
             raise NoLegalArmError(
                 f"no (slot, blueprint) pair is legal among {len(candidates)} slots and "
                 f"{len(blueprints)} blueprints: {shown or 'nothing was offered'}{more}. "
                 "See .reasons for every pair.",
                 reasons=reasons,
             )
+        self._no_legal_logged = None
         self.last_arms = arms
         self.last_actions = extra
         context = None
