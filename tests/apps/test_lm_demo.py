@@ -25,8 +25,23 @@ TINY = dict(
 
 
 @pytest.fixture(scope="module")
-def lm_result():  # type: ignore[no-untyped-def]
-    return anyio.run(lambda: run_lm_demo(LMDemoConfig.quick(**TINY)))
+def lm_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lm") / "run"
+
+
+@pytest.fixture(scope="module")
+def lm_result(lm_run_dir: Path):  # type: ignore[no-untyped-def]
+    return anyio.run(lambda: run_lm_demo(LMDemoConfig.quick(**TINY, run_dir=str(lm_run_dir))))
+
+
+def test_the_run_directory_holds_the_trace_of_the_three_arms(lm_result, lm_run_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from esper_async.apps.cli import main
+    from esper_async.telemetry import SPAN_RUN, read_span_records
+
+    records = read_span_records(lm_run_dir)
+    labels = [r.attributes.get("esper.label") for r in records if r.name == SPAN_RUN]
+    assert sorted(labels) == ["growth", "static", "static_final"]
+    assert main(["trace", str(lm_run_dir), "--events-only"]) == 0
 
 
 def test_three_arms_train_on_the_same_token_budget(lm_result) -> None:  # type: ignore[no-untyped-def]
@@ -129,3 +144,17 @@ def test_cli_refuses_options_of_the_other_task(capsys: pytest.CaptureFixture[str
     assert "--steps applies to --task shakespeare only" in capsys.readouterr().err
     assert main(["demo", "--task", "shakespeare", "--steps", "0", "--no-store"]) == 2
     assert "steps_per_epoch" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_cli_shakespeare_writes_its_trace_into_run_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from esper_async.apps.cli import main
+
+    run = tmp_path / "lm"
+    argv = ["demo", "--task", "shakespeare", "--epochs", "1", "--steps", "2", "--no-store"]
+    assert main([*argv, "--run-dir", str(run)]) == 0
+    assert f"trace: {run} (view it with `esper-async trace {run}`)" in capsys.readouterr().out
+    assert list(run.glob("spans-run-*.jsonl"))
+    assert main(["trace", str(run), "--events-only"]) == 0

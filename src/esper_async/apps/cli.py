@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,7 +21,7 @@ import anyio
 import torch
 
 from ..control._controller import EpochReport
-from ..errors import DemoConfigError
+from ..errors import DemoConfigError, StoreError
 from ..reliability import CheckpointError
 from ..seeds import SeedState
 from ..store._cli import add_store_parser, run_store_command
@@ -62,15 +64,23 @@ class _Progress:
             return f"bits/char {bits:.3f}"
         return f"val_acc {report.val_acc:.3f}"
 
+    def _resumed(self, label: str, epoch: int) -> str:
+        """How a run of a resumed demo starts, at its first reported ``epoch`` (0-based)."""
+        if label == "static_final":
+            return "trains again from scratch (it keeps no checkpoint)"
+        if epoch == 0:
+            return "starts from scratch (it wrote no checkpoint)"
+        return (
+            f"resumed from its checkpoint after epoch {epoch} of {self.epochs}, continuing at "
+            f"epoch {epoch + 1}"
+        )
+
     def __call__(self, label: str, report: EpochReport, fit: FitResult) -> None:
         if label not in self.first_epoch:
             self.first_epoch[label] = report.epoch
             if self.resume:
-                print(
-                    f"{label:>12}: resumed from its checkpoint after epoch {report.epoch} of "
-                    f"{self.epochs}, continuing at epoch {report.epoch + 1}",
-                    file=sys.stderr, flush=True,
-                )
+                print(f"{label:>12}: {self._resumed(label, report.epoch)}", file=sys.stderr,
+                      flush=True)
         done = report.epoch + 1
         bar = "#" * (20 * done // self.epochs)
         live = (
@@ -161,7 +171,6 @@ _LIFECYCLE = (
 def _lm_demo(args: argparse.Namespace) -> int:
     digits_only = [
         flag for flag, given in (("--resume", args.resume is not None),
-                                 ("--run-dir", args.run_dir is not None),
                                  ("--surgery", args.surgery)) if given
     ]
     if digits_only:
@@ -178,9 +187,10 @@ def _lm_demo(args: argparse.Namespace) -> int:
         print(f"esper-async: --device {args.device} needs CUDA, which is not available here",
               file=sys.stderr)
         return 2
+    run_dir = args.run_dir or time.strftime("runs/lm-%Y%m%d-%H%M%S")
     overrides: dict[str, Any] = {
         "seed": args.seed, "store": args.store, "use_store": not args.no_store,
-        "device": str(device),
+        "device": str(device), "run_dir": run_dir,
     }
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
@@ -199,7 +209,7 @@ def _lm_demo(args: argparse.Namespace) -> int:
     )
     try:
         result = anyio.run(lambda: run_lm_demo(cfg, progress=_Progress(cfg.epochs)))
-    except CorpusError as exc:
+    except (CorpusError, StoreError, DemoConfigError) as exc:
         print(f"esper-async: {exc}", file=sys.stderr)
         return 2
     print()
@@ -213,7 +223,56 @@ def _lm_demo(args: argparse.Namespace) -> int:
     gain = result.arms["growth"].val_loss - result.arms["static_final"].val_loss
     print(f"growth - static_final: {gain:+.4f} val loss (nats/char)")
     print(f"\nsample from the grown model (seed {cfg.seed}):\n{result.sample}")
+    print(f"\ntrace: {run_dir} (view it with `esper-async trace {run_dir}`)")
     return 0
+
+
+#: Written into a digits demo's run directory when all three runs finished: what the demo
+#: printed, so that ``--resume`` of a finished run shows it instead of training anything again.
+_RESULT_FILE = "demo-result.json"
+#: The largest result file read back (it holds a table and a few dozen event lines).
+_MAX_RESULT_BYTES = 1 << 20
+
+
+def _write_result(run_dir: Path, epochs: int, report: str) -> None:
+    temporary = run_dir / f".{_RESULT_FILE}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps({"epochs": epochs, "report": report}), encoding="utf-8")
+    temporary.replace(run_dir / _RESULT_FILE)
+
+
+def _finished_report(run_dir: Path, epochs: int) -> str | None:
+    """What the demo in ``run_dir`` printed when it finished ``epochs`` epochs of each run;
+    ``None`` if it did not (or finished another number of epochs).
+
+    :raises DemoConfigError: if the result file is there but is not one.
+    """
+    path = run_dir / _RESULT_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DemoConfigError(f"cannot read {path}: {exc}; delete it to resume the run",
+                              key=None, path=str(path)) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DemoConfigError(f"{path} is not a regular file; delete it to resume the run",
+                                  key=None, path=str(path))
+        data = os.read(fd, _MAX_RESULT_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        if len(data) > _MAX_RESULT_BYTES:
+            raise ValueError(f"larger than {_MAX_RESULT_BYTES} bytes")
+        result = json.loads(data.decode("utf-8"))
+        if not isinstance(result, dict) or not isinstance(result.get("report"), str):
+            raise ValueError("no report in it")
+    except (ValueError, RecursionError) as exc:
+        raise DemoConfigError(f"{path} is not a demo result ({exc}); delete it to resume the "
+                              "run", key=None, path=str(path)) from exc
+    if result.get("epochs") != epochs:
+        return None
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in result["report"])
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -226,11 +285,17 @@ def _demo(args: argparse.Namespace) -> int:
         if args.resume is not None:
             run_dir = args.resume
             try:
-                cfg = load_demo_config(run_dir)
+                cfg = load_demo_config(run_dir, store=args.store)
             except FileNotFoundError:
                 print(f"esper-async: {run_dir} holds no demo run to resume (no demo.json)",
                       file=sys.stderr)
                 return 2
+            finished = _finished_report(Path(run_dir), cfg.epochs)
+            if finished is not None:
+                print(f"{run_dir}: the demo had finished all {cfg.epochs} epochs of its three "
+                      "runs; nothing to resume. Its results:\n")
+                print(finished)
+                return 0
         else:
             run_dir = args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
             cfg = DemoConfig(
@@ -264,34 +329,41 @@ def _demo(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"\nesper-async: cannot resume: {exc}", file=sys.stderr)
         return 2
-    print()
-    print(format_table(result))
-    print()
+    except (StoreError, DemoConfigError) as exc:
+        print(f"\nesper-async: {exc}", file=sys.stderr)
+        return 2
+    lines = ["", format_table(result), ""]
     for event in result.growth.fit.events:
         if event.target in (
             SeedState.GERMINATED.value,
             SeedState.FOSSILIZED.value,
             SeedState.CULLED.value,
         ):
-            print(f"  epoch {event.epoch:>3}  {event.slot:<6} {event.target:<10} {event.reason}")
-    for op in result.growth.surgeries:
-        print(f"  surgery: {format_surgery(op)}")
+            lines.append(
+                f"  epoch {event.epoch:>3}  {event.slot:<6} {event.target:<10} {event.reason}"
+            )
+    lines += [f"  surgery: {format_surgery(op)}" for op in result.growth.surgeries]
     if cfg.resume:
-        for label in ("static", "growth", "static_final"):
+        for label in ("static", "growth"):
             if label not in progress.first_epoch:
-                print(f"  {label}: had finished all {cfg.epochs} epochs; nothing to resume")
+                lines.append(f"  {label}: had finished all {cfg.epochs} epochs; nothing to resume")
     gain = result.growth.test_acc - result.static.test_acc
     final = result.growth.test_acc - result.static_final.test_acc
-    print(f"\ngrowth vs static: {gain:+.4f} test accuracy; growth vs static_final: {final:+.4f}")
+    lines.append(
+        f"\ngrowth vs static: {gain:+.4f} test accuracy; growth vs static_final: {final:+.4f}"
+    )
     if result.store_path is None:
-        print(f"kernels: {result.kernels_compiled} compiled (no store)")
+        lines.append(f"kernels: {result.kernels_compiled} compiled (no store)")
     else:
         hits, misses = store_lookups(run_dir)
-        print(
+        lines.append(
             f"kernels: {result.kernels_compiled} compiled; store lookups: {hits} hit(s), "
             f"{misses} miss(es) (store: {result.store_path})"
         )
-    print(f"trace: {run_dir} (view it with `esper-async trace {run_dir}`)")
+    lines.append(f"trace: {run_dir} (view it with `esper-async trace {run_dir}`)")
+    report = "\n".join(lines)
+    print(report)
+    _write_result(Path(run_dir), cfg.epochs, report)
     return 0
 
 
@@ -343,15 +415,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=DemoConfig.seed,
         help=f"random seed of data split, model and growth (default {DemoConfig.seed})",
     )
-    demo.add_argument("--store", default=None, help="kernel store directory (default: user cache)")
+    demo.add_argument(
+        "--store", default=None,
+        help="kernel store directory (default: user cache); with --resume, the store to use "
+        "instead of the one the run's demo.json names",
+    )
     demo.add_argument("--no-store", action="store_true", help="compile every kernel afresh")
     demo.add_argument(
         "--run-dir", default=None,
-        help="where the trace and checkpoints go (default runs/demo-*)",
+        help="where the trace goes, with the options and checkpoints for digits (default "
+        "runs/demo-* for digits, runs/lm-* for shakespeare, which keeps no checkpoints)",
     )
     demo.add_argument(
         "--surgery", action="store_true",
-        help="the growth run also widens each slot whose seed fossilized (WidenSlot)",
+        help="digits only: the growth run also widens each slot whose seed fossilized "
+        "(WidenSlot)",
     )
     demo.add_argument(
         "--device", default=DemoConfig.device,
@@ -359,8 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--resume", metavar="RUN_DIR", default=None,
-        help="continue the demo run in RUN_DIR from its last checkpoints (other options are "
-        "read from the run)",
+        help="digits only: continue the demo run in RUN_DIR from its last checkpoints (other "
+        "options, but --store, are read from the run's demo.json; a finished run shows its "
+        "results)",
     )
     demo.set_defaults(func=_demo)
     store = add_store_parser(sub)

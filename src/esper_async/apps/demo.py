@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ _CONFIG_FILE = "demo.json"
 _HOST_MODULES = ("conv1", "conv2", "fc1", "head")
 #: The fewest images ``limit`` may keep: the splits are stratified over the 10 classes.
 _MIN_LIMIT = 100
+#: Upper ends of the integer options: far above any useful value, low enough that a typo such as
+#: ``batch_size: 10**20`` is refused here rather than failing deep inside the data loader.
+_MOST: Mapping[str, int] = {"epochs": 100_000, "batch_size": 65_536, "checkpoint_every": 100_000}
+#: Any other integer option (limits, controller counts) stays a 32-bit signed integer.
+_MAX_INT = 2**31 - 1
 #: The runs of a demo, in order; each checkpoints into ``run_dir/checkpoints/<label>``.
 _RUNS = ("static", "growth")
 #: The run trained last, from growth's fossils; it writes no checkpoints (its fresh modules are
@@ -197,9 +203,7 @@ def _exact_keys(
 def _check_options(cfg: DemoConfig) -> None:
     """Raise :class:`DemoConfigError` naming the first option of ``cfg`` that is invalid."""
     for key, least in (("epochs", 1), ("seed", 0), ("batch_size", 1), ("checkpoint_every", 1)):
-        _check_int(key, getattr(cfg, key), least)
-    if cfg.seed >= 2**32:
-        raise DemoConfigError(f"option 'seed' must be below 2**32, got {cfg.seed}", key="seed")
+        _check_int(key, getattr(cfg, key), least, _MOST.get(key, 2**32 - 1))
     if cfg.limit is not None:
         _check_int("limit", cfg.limit, _MIN_LIMIT)
     if (
@@ -230,10 +234,14 @@ def _check_options(cfg: DemoConfig) -> None:
     _check_controller(cfg.controller)
 
 
-def _check_int(key: str, value: object, least: int) -> None:
+def _check_int(key: str, value: object, least: int, most: int = _MAX_INT) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise DemoConfigError(
-            f"option {key!r} must be an integer >= {least}, got {value!r}", key=key
+            f"option {key!r} must be an integer >= {least}, got {value!r:.60}", key=key
+        )
+    if value > most:
+        raise DemoConfigError(
+            f"option {key!r} must be an integer <= {most}, got {value!r:.60}", key=key
         )
 
 
@@ -258,13 +266,19 @@ def _check_controller(controller: ControllerConfig) -> None:
                                   key=key)
 
 
-def load_demo_config(run_dir: str | Path) -> DemoConfig:
+def load_demo_config(run_dir: str | Path, *, store: str | None = None) -> DemoConfig:
     """The options of the demo run in ``run_dir``, set to resume it.
 
+    A ``store`` path in ``demo.json`` is read relative to ``run_dir`` and must lie inside it:
+    a crafted file must not choose where a store is created. A store elsewhere is given with
+    ``store`` (``esper-async demo --resume RUN_DIR --store DIR``).
+
     :param run_dir: the run's directory (it holds ``demo.json``).
+    :param store: the kernel store to use instead of the one ``demo.json`` names.
     :raises FileNotFoundError: if ``run_dir`` holds no demo run.
-    :raises DemoConfigError: if its ``demo.json`` cannot be read, is not JSON, or an option in
-        it is unknown, missing, of the wrong type or out of range (the error names it).
+    :raises DemoConfigError: if its ``demo.json`` cannot be read, is not JSON (or nests too
+        deep), or an option in it is unknown, missing, of the wrong type or out of range, or its
+        ``store`` lies outside ``run_dir`` (the error names the option).
     """
     path = Path(run_dir) / _CONFIG_FILE
     try:
@@ -280,8 +294,29 @@ def load_demo_config(run_dir: str | Path) -> DemoConfig:
             f"{path} is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
             key=None, path=str(path),
         ) from exc
+    except RecursionError as exc:
+        raise DemoConfigError(
+            f"{path} is not demo options: its JSON nests too deep", key=None, path=str(path)
+        ) from exc
     config = DemoConfig.from_json(data, path=str(path))
-    return dataclasses.replace(config, run_dir=str(run_dir), resume=True)
+    if store is None and config.store is not None:
+        store = _store_inside(Path(run_dir), config.store, path)
+    return dataclasses.replace(config, run_dir=str(run_dir), resume=True, store=store)
+
+
+def _store_inside(run_dir: Path, store: str, path: Path) -> str:
+    """``store`` (relative to ``run_dir``), if it lies inside ``run_dir``, links resolved."""
+    target = run_dir / store  # an absolute ``store`` stays absolute
+    root = os.path.realpath(run_dir)
+    real = os.path.realpath(target)
+    if os.path.commonpath([root, real]) != root:
+        raise DemoConfigError(
+            f"{path}: option 'store' {store!r} lies outside the run directory {run_dir}; a "
+            "run's demo.json may only name a store inside it. To resume with that store, "
+            "pass it on the command line: esper-async demo --resume RUN_DIR --store DIR",
+            key="store", path=str(path),
+        )
+    return str(target)
 
 
 def _checkpoint_dir(cfg: DemoConfig, label: str) -> Path | None:
@@ -356,7 +391,12 @@ def evaluate_accuracy(
 
 def _save_config(cfg: DemoConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / _CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
+    options = cfg.to_json()
+    if cfg.store is not None:  # as --resume reads it: relative to the run directory
+        inside = os.path.relpath(os.path.realpath(cfg.store), os.path.realpath(run_dir))
+        outside = inside == os.pardir or inside.startswith(os.pardir + os.sep)
+        options["store"] = os.path.abspath(cfg.store) if outside else inside
+    (run_dir / _CONFIG_FILE).write_text(json.dumps(options, indent=2))
 
 
 ProgressFn = Callable[[str, EpochReport, FitResult], None]

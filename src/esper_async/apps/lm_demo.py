@@ -37,6 +37,7 @@ from ..control._controller import ControllerConfig, EpochReport, HeuristicContro
 from ..errors import DemoConfigError
 from ..seeds import SeedState, wrap
 from ..store import KernelStore
+from ..telemetry import Telemetry, TelemetryConfig
 from ..training._flops import FlopLedger
 from ..training._task import LanguageModelTask
 from ..training.trainer import FitResult, Trainer
@@ -148,6 +149,8 @@ class LMDemoConfig:
     :ivar device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
     :ivar kernel_forms: the execution forms the kernel optimizer measures (``None``: its
         defaults for the device, Inductor included on CUDA).
+    :ivar run_dir: where the run's trace (JSON-lines spans of the three arms) goes, for
+        ``esper-async trace``; ``None``: no trace. The arms write no checkpoints.
     """
 
     epochs: int = 10
@@ -168,6 +171,7 @@ class LMDemoConfig:
     use_store: bool = True
     device: str = "cpu"
     kernel_forms: tuple[str, ...] | None = None
+    run_dir: str | None = None
 
     def __post_init__(self) -> None:
         """:raises DemoConfigError: if an option is out of range."""
@@ -192,6 +196,10 @@ class LMDemoConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise DemoConfigError(f"option 'dropout' must lie in [0, 1), got {self.dropout!r}",
                                   key="dropout")
+        if self.run_dir is not None and not isinstance(self.run_dir, str):
+            raise DemoConfigError(
+                f"option 'run_dir' must be a path or null, got {self.run_dir!r}", key="run_dir"
+            )
         if not isinstance(self.seeds, bool) or not (self.seeds or self.controller.width_growth):
             raise DemoConfigError(
                 f"option 'seeds' must be true or false, and false only with the controller's "
@@ -345,6 +353,7 @@ async def _arm(
     fossils: tuple[tuple[str, str], ...],
     widenings: Sequence[dict[str, Any]],
     progress: ProgressFn | None,
+    telemetry: Telemetry | None = None,
 ) -> tuple[LMArm, GPT]:
     torch.manual_seed(cfg.seed)
     shape = cfg.gpt_config(data.vocab.size)
@@ -376,6 +385,7 @@ async def _arm(
             controller, seed=cfg.seed, blueprints=None if cfg.seeds else ()
         ),
         writes_checkpoints=False,
+        telemetry=telemetry,
     )
     seen = 0
     steps = 0
@@ -401,7 +411,7 @@ async def _arm(
     # Seeds still alive at the end are judged (kept if they helped, else culled), so growth's
     # final architecture is its fossils alone, which static_final then reproduces.
     fit = await trainer.fit(ledger.train(train), ledger.val(val), epochs=cfg.epochs,
-                            on_epoch=on_epoch, settle="judge")
+                            on_epoch=on_epoch, settle="judge", label=label)
     val_loss = fit.history[-1].val_loss if fit.history else float("nan")
     arm = LMArm(
         label=label,
@@ -461,21 +471,30 @@ async def run_lm_demo(
     arms: dict[str, LMArm] = {}
     started = time.perf_counter()
     async with AsyncExitStack() as stack:
+        telemetry = await stack.enter_async_context(
+            Telemetry.create(
+                run_dir=cfg.run_dir, config=TelemetryConfig(jsonl=cfg.run_dir is not None)
+            )
+        )
         store = None
         if cfg.use_store:
             store = await stack.enter_async_context(KernelStore(cfg.store))
         compiler = BlueprintCompiler(
-            device=str(device), store=store, options=OptimizerOptions(forms=cfg.kernel_forms)
+            device=str(device), store=store, options=OptimizerOptions(forms=cfg.kernel_forms),
+            telemetry=telemetry,
         )
         await stack.enter_async_context(compiler)
-        arms["static"], _ = await _arm("static", cfg, data, device, None, (), (), progress)
+        arms["static"], _ = await _arm(
+            "static", cfg, data, device, None, (), (), progress, telemetry
+        )
         await compiler.wait_ready()
         arms["growth"], grown = await _arm(
-            "growth", cfg, data, device, compiler, (), (), progress
+            "growth", cfg, data, device, compiler, (), (), progress, telemetry
         )
         growth = arms["growth"]
         arms["static_final"], _ = await _arm(
-            "static_final", cfg, data, device, None, growth.fossils, growth.surgeries, progress
+            "static_final", cfg, data, device, None, growth.fossils, growth.surgeries, progress,
+            telemetry,
         )
         compiles = compiler.compiles
     sample = _sample(grown, data, cfg, device)
