@@ -192,13 +192,23 @@ def test_resume_says_where_it_resumed_and_counts_no_store_kernels(
     assert main(["demo", "--epochs", "2", "--no-store", "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
     assert "compiled (no store)" in out and "loaded from the store" not in out
+    spans = {p.name: p.stat().st_size for p in run.glob("spans-*.jsonl")}
+    # A finished run: its results again, and nothing trained (static_final included).
     assert main(["demo", "--resume", str(run)]) == 0
-    out = capsys.readouterr().out
-    assert "static: had finished all 2 epochs; nothing to resume" in out
-    assert "compiled (no store)" in out and "loaded from the store" not in out
+    captured = capsys.readouterr()
+    assert "the demo had finished all 2 epochs of its three runs; nothing to resume" in (
+        captured.out
+    )
+    assert "compiled (no store)" in captured.out and "static_final" in captured.out
+    assert "epoch" not in captured.err and "resumed" not in captured.err
+    assert {p.name: p.stat().st_size for p in run.glob("spans-*.jsonl")} == spans  # no spans
     config = json.loads((run / "demo.json").read_text())
     (run / "demo.json").write_text(json.dumps({**config, "epochs": 3}))
     assert main(["demo", "--resume", str(run)]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "static: resumed from its checkpoint after epoch 2 of 3, continuing at epoch 3" in err
     assert "growth: resumed from its checkpoint after epoch 2 of 3" in err
+    assert "static_final: trains again from scratch (it keeps no checkpoint)" in err
+    assert "static_final: resumed" not in err
+    assert "compiled (no store)" in captured.out

@@ -53,6 +53,14 @@ BAD = [
     pytest.param(_set("epochs", "10"), "epochs", "integer >= 1, got '10'", id="epochs-string"),
     pytest.param(_set("epochs", True), "epochs", "integer >= 1", id="epochs-bool"),
     pytest.param(_set("batch_size", 0), "batch_size", "integer >= 1", id="zero-batch"),
+    pytest.param(_set("batch_size", 10**20), "batch_size", "integer <= 65536", id="huge-batch"),
+    pytest.param(_set("epochs", 10**9), "epochs", "integer <= 100000", id="huge-epochs"),
+    pytest.param(_set("controller.blend_epochs", 2**40), "controller.blend_epochs",
+                 "integer <= 2147483647", id="huge-controller-int"),
+    pytest.param(_set("store", "/tmp/elsewhere"), "store", "outside the run directory",
+                 id="store-absolute"),
+    pytest.param(_set("store", "../../.."), "store", "outside the run directory",
+                 id="store-parent"),
     pytest.param(_set("seed", 2.5), "seed", "integer >= 0", id="float-seed"),
     pytest.param(_set("limit", 5), "limit", "integer >= 100", id="tiny-limit"),
     pytest.param(_set("slots", "conv1"), "slots", "list of module names", id="slots-string"),
@@ -134,3 +142,39 @@ def test_resuming_a_run_that_wrote_no_checkpoint_is_an_error(
     assert main(["demo", "--resume", str(tmp_path)]) == 2
     assert "looked for ckpt-<8-digit epoch>.pt files" in capsys.readouterr().err
     assert not list(tmp_path.glob("checkpoints/*/*.pt"))  # nothing was trained or written
+
+
+def test_demo_json_nested_deep_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "demo.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DemoConfigError, match="nests too deep"):
+        load_demo_config(tmp_path)
+    assert main(["demo", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nests too deep" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_store_inside_the_run_directory_is_read_relative_to_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "demo.json").write_text(json.dumps({**_options(), "store": "kernels"}))
+    assert load_demo_config(run).store == str(run / "kernels")
+    (run / "link").symlink_to(tmp_path)  # inside by name, outside once the link is followed
+    (run / "demo.json").write_text(json.dumps({**_options(), "store": "link/store"}))
+    with pytest.raises(DemoConfigError, match="outside the run directory"):
+        load_demo_config(run)
+    chosen = str(tmp_path / "mine")
+    assert load_demo_config(run, store=chosen).store == chosen  # --store on the command line
+
+
+def test_a_store_that_is_a_regular_file_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    store.write_text("not a directory")
+    argv = ["demo", "--epochs", "1", "--store", str(store), "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(store) in err
+    assert len(err.strip().splitlines()) == 1
