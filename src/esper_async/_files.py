@@ -120,7 +120,8 @@ def read_regular(path: str | os.PathLike[str], *, cap: int) -> bytes:
             if got == len(buffer):
                 if got > cap:
                     raise FileTooLarge(
-                        errno.EFBIG, f"over the cap of {cap} bytes (it grew while read)",
+                        errno.EFBIG,
+                        f"over the cap of {cap} bytes (it grew while read)",
                         os.fspath(path),
                     )
                 view.release()
@@ -140,8 +141,9 @@ def read_regular(path: str | os.PathLike[str], *, cap: int) -> bytes:
 def _create_temporary(target: Path) -> tuple[int, Path]:
     """A new file beside ``target``, created exclusively, never through a link."""
     names = [target.with_name(f"{target.name}.tmp")]
-    names += [target.with_name(f"{target.name}.{secrets.token_hex(6)}.tmp")
-              for _ in range(_TEMP_TRIES)]
+    names += [
+        target.with_name(f"{target.name}.{secrets.token_hex(6)}.tmp") for _ in range(_TEMP_TRIES)
+    ]
     for name in names:
         try:
             return os.open(name, _CREATE_FLAGS, 0o666), name
