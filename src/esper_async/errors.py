@@ -31,6 +31,7 @@ boundary where they occur and chained with ``raise ... from exc``.
     │   └── DataMissingError          a data set's directory or one of its files is not there
     ├── CheckpointError           (esper_async.reliability) a checkpoint cannot be written or read
     │   ├── CheckpointIntegrityError  a checkpoint file is damaged (digest, truncation, content)
+    │   ├── CheckpointForgeryError    with a seal key: a checkpoint's seal is missing or foreign
     │   └── CheckpointMismatchError   a sound checkpoint does not fit the model restored into
     ├── GovernorError             (esper_async.reliability) rolling back did not make training sound
     └── DistributedError          (esper_async.distributed) ranks disagree or cannot coordinate
