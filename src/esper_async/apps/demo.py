@@ -16,6 +16,7 @@ import structlog
 import torch
 from torch import nn
 
+from .._files import read_regular, write_atomic
 from ..compiler import BlueprintCompiler
 from ..control._controller import ControllerConfig, EpochReport, HeuristicController
 from ..errors import ControllerConfigError, DemoConfigError
@@ -268,7 +269,7 @@ def load_demo_config(run_dir: str | Path) -> DemoConfig:
     """
     path = Path(run_dir) / _CONFIG_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, cap=2**20).decode("utf-8")  # a FIFO or /dev/zero: refused
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError) as exc:
@@ -356,7 +357,7 @@ def evaluate_accuracy(
 
 def _save_config(cfg: DemoConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / _CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
+    write_atomic(run_dir / _CONFIG_FILE, json.dumps(cfg.to_json(), indent=2).encode())
 
 
 ProgressFn = Callable[[str, EpochReport, FitResult], None]
