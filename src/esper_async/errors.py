@@ -17,6 +17,7 @@ boundary where they occur and chained with ``raise ... from exc``.
     │       └── UnsafeKernelError artifact holds what a kernel may not carry (a pickle, code)
     ├── StoreError
     │   └── StoreIntegrityError   a stored blob or row is corrupt or missing
+    │       └── StoreForgeryError     with a seal key: a bundle's seal is missing or foreign
     ├── SelectionError
     │   └── NoLegalArmError       every (slot, blueprint) pair is ruled out
     ├── SurgeryError              an architecture change was rejected; nothing was changed
@@ -62,6 +63,7 @@ __all__ = (
     "SeedRuntimeError",
     "SelectionError",
     "StoreError",
+    "StoreForgeryError",
     "StoreIntegrityError",
     "StreamError",
     "SurgeryError",
@@ -189,6 +191,12 @@ class StoreIntegrityError(StoreError):
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+class StoreForgeryError(StoreIntegrityError):
+    """With a seal key configured (``$ESPER_SEAL_KEY`` or an argument), a kernel bundle carries
+    no seal, or a seal of another key, over its manifest: it was not exported by a holder of the
+    key, or was altered since. Nothing of it is imported."""
 
 
 class SelectionError(EsperError):
