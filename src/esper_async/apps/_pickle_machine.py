@@ -385,8 +385,9 @@ class _Machine:
         weight, depth = self._use(items)
         target.weight += weight - 1
         target.depth = max(target.depth, depth)
+        container: Any = target.obj
         if kind is list:
-            target.obj.extend(n.obj for n in items)
+            container.extend(n.obj for n in items)
             return
         if len(items) % 2:
             raise ValueError("a dict's items are not key, value pairs")
@@ -395,7 +396,7 @@ class _Machine:
                 raise PickleUnsupported(
                     f"has a dict key of type {type(key.obj).__name__} (only str and bytes)"
                 )
-            target.obj[key.obj] = value.obj
+            container[key.obj] = value.obj
 
     def _list(self) -> None:
         items = self._pop_mark_items()
@@ -494,7 +495,8 @@ class _Machine:
         if target.used:
             raise PickleUnsupported("sets the state of a value after using it")
         self._use([state], charge=False)
-        built = target.obj.set_state(state.obj)
+        stateful: Any = target.obj
+        built = stateful.set_state(state.obj)
         if built is not None:
             size = _size(built)
             self._charge(size)

@@ -211,7 +211,9 @@ def _read(path: Traversable) -> bytes:
     try:
         return read_regular(path, cap=MAX_WORK_BYTES)
     except OSError as exc:
-        raise CorpusFormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise CorpusFormatError(
+            f"cannot read {path}: {exc.strerror or exc}", source=path.name
+        ) from exc
 
 
 def _name(path: Traversable) -> str:
