@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from esper_async.apps.demo import load_demo_config
+from esper_async.apps.demo import DemoConfig, _save_config, load_demo_config
 from esper_async.apps.trace_view import add_trace_parser
 from esper_async.errors import DemoConfigError, TelemetryConfigError
 from esper_async.telemetry import (
@@ -93,3 +93,14 @@ def test_a_demo_json_that_is_not_a_file_is_a_config_error(tmp_path: Path, kind: 
         special.symlink_to("/dev/zero")
     with pytest.raises(DemoConfigError, match="not a regular file"):
         load_demo_config(tmp_path)
+
+
+def test_demo_json_is_not_written_through_a_planted_link(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "demo.json.tmp").symlink_to(victim)
+    _save_config(DemoConfig(epochs=3), run_dir)
+    assert victim.read_text() == "precious"
+    assert load_demo_config(run_dir).epochs == 3
