@@ -57,7 +57,7 @@ _log = structlog.get_logger(__name__)
 #: The files of a run directory that hold spans (one per process).
 SPAN_FILE_GLOB = "spans-*.jsonl"
 #: Largest span file read (bytes): far above what a run writes, and a bound on what one read takes.
-MAX_SPAN_FILE_BYTES = 1 << 30
+_MAX_SPAN_FILE_BYTES = 1 << 30
 
 _OTLP_PACKAGE = "opentelemetry-exporter-otlp-proto-http"
 _OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -378,13 +378,13 @@ class SpanRecord:
 
 def _span_text(file: Path) -> str:
     """The text of the span file ``file``, read as a regular file of at most
-    :data:`MAX_SPAN_FILE_BYTES`.
+    :data:`_MAX_SPAN_FILE_BYTES` (1 GiB).
 
     :raises TelemetryConfigError: if it is not a regular file, is larger, cannot be read or is
         not UTF-8.
     """
     try:
-        return read_regular(file, cap=MAX_SPAN_FILE_BYTES).decode("utf-8")
+        return read_regular(file, cap=_MAX_SPAN_FILE_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TelemetryConfigError(f"cannot read span file {file}: {exc}") from exc
 
