@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from esper_async._seal import SEAL_KEY_ENV
 from esper_async.errors import StoreError, StoreForgeryError
 from esper_async.kernels import Kernel
-from esper_async.store import BundleEntry
+from esper_async.store import BundleEntry, KernelStore
 from esper_async.store._bundle import stage_bundle, write_bundle
 
 from .conftest import request_for
@@ -114,3 +115,21 @@ def test_a_bundle_that_is_not_a_file_is_refused_unread(
         path.symlink_to("/dev/zero")
     with pytest.raises(StoreError, match="not a regular file"):
         stage_bundle(path, staging)
+
+
+@pytest.mark.asyncio
+async def test_the_store_seals_and_checks_bundles_with_the_environment_key(
+    tmp_path: Path, kernels: list[Kernel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tmp_path / "kernels.tar"
+    async with KernelStore(tmp_path / "a") as source:
+        request = request_for(kernels[0].blueprint, i=0)
+        await source.put(request, kernels[0])
+        monkeypatch.setenv(SEAL_KEY_ENV, OTHER.decode())
+        assert await source.export_bundle(bundle) == 1
+    async with KernelStore(tmp_path / "b") as target:
+        monkeypatch.setenv(SEAL_KEY_ENV, KEY.decode())
+        with pytest.raises(StoreForgeryError, match="sealed with another key"):
+            await target.import_bundle(bundle)
+        assert await target.list_kernels() == []
+        assert await target.import_bundle(bundle, seal_key=OTHER) == 1
