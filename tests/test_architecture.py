@@ -15,7 +15,7 @@ PACKAGE = SRC / "esper_async"
 
 #: Bottom to top. A module may import its own layer's packages and the layers below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors",),
+    ("errors", "_files", "_seal"),
     ("blueprints",),
     ("kernels",),
     ("seeds",),

@@ -17,6 +17,7 @@ boundary where they occur and chained with ``raise ... from exc``.
     │       └── UnsafeKernelError artifact holds what a kernel may not carry (a pickle, code)
     ├── StoreError
     │   └── StoreIntegrityError   a stored blob or row is corrupt or missing
+    │       └── StoreForgeryError     with a seal key: a bundle's seal is missing or foreign
     ├── SelectionError
     │   └── NoLegalArmError       every (slot, blueprint) pair is ruled out
     ├── SurgeryError              an architecture change was rejected; nothing was changed
@@ -31,6 +32,7 @@ boundary where they occur and chained with ``raise ... from exc``.
     │   └── DataMissingError          a data set's directory or one of its files is not there
     ├── CheckpointError           (esper_async.reliability) a checkpoint cannot be written or read
     │   ├── CheckpointIntegrityError  a checkpoint file is damaged (digest, truncation, content)
+    │   ├── CheckpointForgeryError    with a seal key: a checkpoint's seal is missing or foreign
     │   └── CheckpointMismatchError   a sound checkpoint does not fit the model restored into
     ├── GovernorError             (esper_async.reliability) rolling back did not make training sound
     └── DistributedError          (esper_async.distributed) ranks disagree or cannot coordinate
@@ -61,6 +63,7 @@ __all__ = (
     "SeedRuntimeError",
     "SelectionError",
     "StoreError",
+    "StoreForgeryError",
     "StoreIntegrityError",
     "StreamError",
     "SurgeryError",
@@ -188,6 +191,12 @@ class StoreIntegrityError(StoreError):
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+class StoreForgeryError(StoreIntegrityError):
+    """With a seal key configured (``$ESPER_SEAL_KEY`` or an argument), a kernel bundle carries
+    no seal, or a seal of another key, over its manifest: it was not exported by a holder of the
+    key, or was altered since. Nothing of it is imported."""
 
 
 class SelectionError(EsperError):

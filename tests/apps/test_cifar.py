@@ -482,10 +482,8 @@ def test_a_pickle_cannot_set_the_state_of_a_shared_stand_in(name: bytes) -> None
     key = b"__defaults__"
     raw = (b"c" + name + b"\nN}X" + len(key).to_bytes(4, "little") + key
            + b"K\x01K\x02\x86s\x86b.")
-    before = {k: (getattr(v, "__dict__", None), getattr(getattr(v, "_fn", None), "__defaults__", 0))
-              for k, v in _safe_pickle._NAMES.items()}
-    with pytest.raises(_safe_pickle.PickleRefused):
+    with pytest.raises(_safe_pickle.PickleRefused, match="setting the state of"):
         _safe_pickle.loads(raw)
-    after = {k: (getattr(v, "__dict__", None), getattr(getattr(v, "_fn", None), "__defaults__", 0))
-             for k, v in _safe_pickle._NAMES.items()}
-    assert after == before
+    array = np.arange(6, dtype=np.int16).reshape(2, 3)
+    for protocol in (2, 5):  # the stand-ins still work as before
+        np.testing.assert_array_equal(_safe_pickle.loads(pickle.dumps(array, protocol)), array)

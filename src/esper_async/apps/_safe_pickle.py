@@ -1,10 +1,12 @@
-"""Read a pickle of plain data and numeric numpy arrays without running anything it names.
+"""Read a pickle of plain data and numeric numpy arrays without running anything it names, within
+hard bounds on depth, memory and work.
 
 A pickle names functions for its reader to call, so a crafted one can run code (``os.system``),
-and numpy's own rebuilders trust their input: ``ndarray.__setstate__`` given an object dtype and a
-list shorter than the shape reads past the list (numpy 2.4 crashes on it). So nothing numpy
-pickles arrays with is resolved to numpy. :func:`loads` resolves each name a numpy or Python 3
-pickle of plain data uses to a stand-in of ours that takes only the calls those pickles make:
+and numpy's own rebuilders trust their input (numpy 2.4 crashes on an object array whose state is
+shorter than its shape). The stdlib unpickler is not used at all: :func:`loads` runs its own
+interpreter (:mod:`._pickle_machine`) over the few opcodes plain data needs, and resolves each
+name a numpy or Python 3 pickle of plain data uses to a stand-in of ours that takes only the
+calls those pickles make:
 
 * ``numpy.core.multiarray._reconstruct(ndarray, (0,), b"b")`` (``numpy._core`` in numpy 2), then
   its state ``(1, shape, dtype, fortran, bytes)``: an array of a plain numeric dtype built with
@@ -16,31 +18,61 @@ pickle of plain data uses to a stand-in of ours that takes only the calls those 
   protocols 0-2.
 
 Any other name is refused before it is called (:class:`PickleRefused`), and so is a stand-in
-called with anything else. No array is larger than the bytes the file holds.
+called with anything else, an opcode outside the subset (classes, sets, persistent ids,
+out-of-band buffers: :class:`PickleUnsupported`) and a dict key that is not ``str`` or
+``bytes``. The bounds (:class:`PickleOverBound`), all fixed before reading:
+
+* **depth**: no value nests more than :data:`MAX_DEPTH` containers deep; the interpreter keeps
+  its own stack, so nothing recurses on the input, and nothing it returns is deep enough to make
+  a later ``repr``, hash or comparison recurse far;
+* **memo**: at most :data:`MAX_MEMO` memo entries, at indices below it;
+* **bytes and work**: every value has a weight (its bytes for strings, bytes and arrays, one for
+  a scalar, one plus its items' weights for a container: shared references are counted at each
+  use). Each value read or built is charged its size, and each time a value is used (placed in a
+  tuple, list or dict, or set as a state) its whole weight is charged again, against a budget of
+  :data:`BUDGET_PER_BYTE` per byte of the file plus :data:`BUDGET_SLACK`. So what a file
+  materialises, and the time spent on it, are linear in its size: ``t = (t, t)`` 40 deep or one
+  16 MiB string behind 256 arrays run out of budget after a few steps.
+
+An honest CIFAR-10 batch spends about four times its size (the data string, the array built from
+it, and each used once).
 """
 
 from __future__ import annotations
 
-import io
 import math
-import pickle
 from typing import Any
 
 import numpy as np
 
-__all__ = ("PickleRefused", "loads")
+from ._pickle_machine import (
+    ARRAY_NAME,
+    BUDGET_PER_BYTE,
+    BUDGET_SLACK,
+    MAX_DEPTH,
+    MAX_MEMO,
+    PickleOverBound,
+    PickleRefused,
+    PickleUnsupported,
+    StandIns,
+    run,
+)
+
+__all__ = (
+    "BUDGET_PER_BYTE",
+    "BUDGET_SLACK",
+    "MAX_DEPTH",
+    "MAX_MEMO",
+    "PickleOverBound",
+    "PickleRefused",
+    "PickleUnsupported",
+    "loads",
+)
 
 #: The dtype codes an array may have: bool, integers and floats (numpy's pickled spelling).
-_PLAIN_CODES = frozenset(
-    {"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8"}
-)
+_PLAIN_CODES = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8"})
 #: The most dimensions an array may have.
 _MAX_DIMS = 8
-
-
-class PickleRefused(Exception):
-    """The pickle names something :func:`loads` does not resolve, or calls a stand-in with
-    arguments it does not take. ``str(exc)`` says what, briefly."""
 
 
 def _text(value: object) -> object:
@@ -53,13 +85,13 @@ def _text(value: object) -> object:
     return value
 
 
-class _Dtype:
+class Dtype:
     """A plain numeric dtype named by a pickle (``numpy.dtype(code, align, copy)`` + state)."""
 
     def __init__(self, code: str) -> None:
         self.dtype = np.dtype(code)
 
-    def __setstate__(self, state: object) -> None:
+    def set_state(self, state: object) -> None:
         """Take the byte order of numpy's dtype state ``(version, order, subarray, names,
         fields, ...)``.
 
@@ -74,75 +106,11 @@ class _Dtype:
             self.dtype = self.dtype.newbyteorder(order)  # type: ignore[arg-type]
 
 
-def _dtype(code: object, align: object = False, copy: object = False) -> _Dtype:
-    code = _text(code)
-    if not isinstance(code, str) or code not in _PLAIN_CODES:
-        raise PickleRefused(f"numpy.dtype of {code!r:.20} (only bool, integer and float dtypes)")
-    return _Dtype(code)
+class ArrayState:
+    """``_reconstruct``'s result: an array whose state the pickle sets next (BUILD)."""
 
-
-def _array(raw: object, dtype: object, shape: object, fortran: bool) -> np.ndarray:
-    """An array of ``shape`` and ``dtype`` from exactly the bytes it needs."""
-    if not isinstance(dtype, _Dtype):
-        raise PickleRefused(f"an array of dtype {type(dtype).__name__}")
-    if (
-        not isinstance(shape, tuple) or len(shape) > _MAX_DIMS
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-    ):
-        raise PickleRefused(f"an array of shape {shape!r:.40}")
-    if not isinstance(raw, bytes | bytearray):
-        raise PickleRefused(f"an array whose data is a {type(raw).__name__}")
-    need = math.prod(shape) * dtype.dtype.itemsize
-    if need != len(raw):
-        raise ValueError(f"an array of shape {shape} needs {need} bytes, the file holds {len(raw)}")
-    flat = np.frombuffer(bytes(raw), dtype=dtype.dtype)
-    return flat.reshape(shape, order="F" if fortran else "C").copy()
-
-
-class _Sealed:
-    """A stand-in every load shares: a pickle's BUILD may not set its attributes (it would change
-    how every later file in the process loads)."""
-
-    __slots__ = ()
-
-    def __setstate__(self, state: object) -> None:
-        """:raises PickleRefused: always."""
-        raise PickleRefused(f"setting the state of {type(self).__name__}")
-
-
-class _NdarrayName(_Sealed):
-    """What ``numpy.ndarray`` resolves to: a name only :func:`_reconstruct` takes."""
-
-    __slots__ = ()
-
-    def __call__(self, *args: object, **kwargs: object) -> None:
-        """:raises PickleRefused: always (a pickle may not make arrays of any size it names)."""
-        raise PickleRefused("numpy.ndarray called directly")
-
-
-class _Call(_Sealed):
-    """A stand-in function, sealed (see :class:`_Sealed`)."""
-
-    __slots__ = ("_fn",)
-    _fn: Any
-
-    def __init__(self, fn: Any) -> None:
-        object.__setattr__(self, "_fn", fn)
-
-    def __call__(self, *args: object) -> Any:
-        return self._fn(*args)
-
-
-_NDARRAY = _NdarrayName()
-
-
-class _ArrayState:
-    """``_reconstruct``'s result: the array is built when the pickle sets its state."""
-
-    array: np.ndarray | None = None
-
-    def __setstate__(self, state: object) -> None:
-        """Build the array from numpy's state ``([1,] shape, dtype, fortran, data)``.
+    def set_state(self, state: object) -> np.ndarray:
+        """The array numpy's state ``([1,] shape, dtype, fortran, data)`` describes.
 
         :raises PickleRefused: if the state is not of a plain numeric array.
         :raises ValueError: if the data is not the size the shape needs.
@@ -152,13 +120,39 @@ class _ArrayState:
         if not isinstance(state, tuple) or len(state) != 4 or not isinstance(state[2], bool):
             raise PickleRefused("numpy._reconstruct with an unknown array state")
         shape, dtype, fortran, raw = state
-        self.array = _array(raw, dtype, shape, fortran)
+        return _array(raw, dtype, shape, fortran)
 
 
-def _reconstruct(subtype: object, shape: object, code: object) -> _ArrayState:
-    if subtype is not _NDARRAY or shape != (0,) or _text(code) != "b":
+def _dtype(code: object, align: object = False, copy: object = False) -> Dtype:
+    code = _text(code)
+    if not isinstance(code, str) or code not in _PLAIN_CODES:
+        raise PickleRefused(f"numpy.dtype of {code!r:.20} (only bool, integer and float dtypes)")
+    return Dtype(code)
+
+
+def _array(raw: object, dtype: object, shape: object, fortran: bool) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` from exactly the bytes it needs."""
+    if not isinstance(dtype, Dtype):
+        raise PickleRefused(f"an array of dtype {type(dtype).__name__}")
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) > _MAX_DIMS
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise PickleRefused(f"an array of shape {shape!r:.40}")
+    if not isinstance(raw, bytes | bytearray):
+        raise PickleRefused(f"an array whose data is a {type(raw).__name__}")
+    need = math.prod(shape) * dtype.dtype.itemsize
+    if need != len(raw):
+        raise ValueError(f"an array of shape {shape} needs {need} bytes, the file holds {len(raw)}")
+    flat = np.frombuffer(raw, dtype=dtype.dtype)
+    return flat.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _reconstruct(subtype: object, shape: object, code: object) -> ArrayState:
+    if subtype is not ARRAY_NAME or shape != (0,) or _text(code) != "b":
         raise PickleRefused("numpy._reconstruct of anything but an empty ndarray")
-    return _ArrayState()
+    return ArrayState()
 
 
 def _frombuffer(buf: object, dtype: object, shape: object, order: object) -> np.ndarray:
@@ -177,54 +171,35 @@ def _empty_bytes() -> bytes:
     return b""
 
 
+def _ndarray(*args: object) -> None:
+    raise PickleRefused("numpy.ndarray called directly")
+
+
 def _names() -> dict[tuple[str, str], Any]:
     names: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): _NDARRAY,
-        ("numpy", "dtype"): _Call(_dtype),
-        ("_codecs", "encode"): _Call(_latin1),
-        ("__builtin__", "bytes"): _Call(_empty_bytes),
-        ("builtins", "bytes"): _Call(_empty_bytes),
+        ("numpy", "ndarray"): ARRAY_NAME,
+        ("numpy", "dtype"): _dtype,
+        ("_codecs", "encode"): _latin1,
+        ("__builtin__", "bytes"): _empty_bytes,
+        ("builtins", "bytes"): _empty_bytes,
     }
     for core in ("numpy.core", "numpy._core"):  # numpy 1 and numpy 2 spellings
-        names[(f"{core}.multiarray", "_reconstruct")] = _Call(_reconstruct)
-        names[(f"{core}.numeric", "_frombuffer")] = _Call(_frombuffer)
+        names[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
+        names[(f"{core}.numeric", "_frombuffer")] = _frombuffer
     return names
 
 
-_NAMES = _names()
-
-
-class _Unpickler(pickle.Unpickler):
-    """Resolves :data:`_NAMES` and nothing else; persistent ids are refused by default."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        """The stand-in for ``module.name``.
-
-        :raises PickleRefused: if there is none.
-        """
-        found = _NAMES.get((module, name))
-        if found is None:
-            raise PickleRefused(f"{module[:60]}.{name[:60]}")
-        return found
+_STAND_INS = StandIns(names=_names(), ndarray_call=_ndarray, stateful=(Dtype, ArrayState))
 
 
 def loads(raw: bytes) -> Any:
-    """The object pickled in ``raw``; the values of a top-level dict that are numpy arrays come
-    back as ``np.ndarray`` (read-write copies), other arrays stay unbuilt stand-ins.
-
-    Strings of Python 2 pickles load as ``bytes`` (``encoding="bytes"``).
+    """The object pickled in ``raw``; numpy arrays come back as ``np.ndarray`` (read-write
+    copies). Strings of Python 2 pickles load as ``bytes`` (as ``encoding="bytes"`` would).
 
     :param raw: the whole pickle; bytes after its end are an error.
     :raises PickleRefused: if it names anything outside the list above, or calls it otherwise.
-    :raises Exception: whatever ``pickle`` raises on a truncated or malformed stream
-        (``UnpicklingError``, ``EOFError``, ``ValueError``, ...).
+    :raises PickleUnsupported: if it uses an opcode or a structure outside plain data.
+    :raises PickleOverBound: if it nests, memoises or materialises beyond the bounds above.
+    :raises ValueError: if it is truncated or malformed.
     """
-    stream = io.BytesIO(raw)
-    obj = _Unpickler(stream, encoding="bytes").load()
-    if stream.tell() != len(raw):
-        raise ValueError(f"{len(raw) - stream.tell()} bytes after the pickle's end")
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if isinstance(value, _ArrayState) and value.array is not None:
-                obj[key] = value.array
-    return obj
+    return run(raw, _STAND_INS)

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .._files import FileTooLarge, read_regular
 from ..errors import DataError, DataMissingError
-from ._safe_pickle import PickleRefused, loads
+from ._safe_pickle import PickleOverBound, PickleRefused, PickleUnsupported, loads
 
 __all__ = (
     "CIFAR_CLASSES",
@@ -82,33 +83,43 @@ def _unpickle(path: Path) -> Any:
     """The object pickled in ``path``, read by :func:`._safe_pickle.loads`.
 
     :raises DataMissingError: if there is no such file.
-    :raises DataError: if it cannot be read, is too large, names a refused global, or is not a
-        whole pickle.
+    :raises DataError: if it is not a regular file, cannot be read, is too large, names a
+        refused global, goes beyond the reader's bounds, or is not a whole pickle.
     """
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise DataError(
-                f"{path}: {size} bytes, more than a CIFAR-10 batch file ever holds "
-                f"({MAX_FILE_BYTES}); it is not one", path=str(path),
-            )
-        raw = path.read_bytes()
+        raw = read_regular(path, cap=MAX_FILE_BYTES)
     except FileNotFoundError as exc:
         raise DataMissingError(
             f"{path} is missing: a CIFAR-10 directory holds {', '.join(TRAIN_FILES[:1])}…"
             f"{TRAIN_FILES[-1]}, {TEST_FILE} and {META_FILE}", path=str(path),
         ) from exc
+    except FileTooLarge as exc:
+        raise DataError(
+            f"{path}: {exc.strerror}, more than a CIFAR-10 batch file ever holds; it is not one",
+            path=str(path),
+        ) from None
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}", path=str(path)) from exc
     try:
         obj = loads(raw)  # Python 2's strings (the official files') load as bytes
+    except PickleOverBound as exc:
+        raise DataError(
+            f"{path} is refused: its pickle {exc}; a CIFAR-10 batch is plain arrays, lists "
+            "and strings well within these bounds (nothing in it was run)", path=str(path),
+        ) from None
+    except PickleUnsupported as exc:
+        raise DataError(
+            f"{path} is refused unread: its pickle {exc}, and CIFAR-10 files hold only "
+            "arrays, lists and strings (nothing in it was run); use the official files",
+            path=str(path),
+        ) from None
     except PickleRefused as exc:
         raise DataError(
             f"{path} is refused unread: its pickle imports {exc}, and CIFAR-10 files hold only "
             "arrays, lists and strings (nothing in it was run); use the official files",
             path=str(path),
         ) from None
-    except Exception as exc:  # pickle raises assorted errors on damaged streams
+    except (ValueError, MemoryError) as exc:  # truncated or malformed (UnicodeDecodeError, ...)
         raise DataError(
             f"{path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:120]}); "
             "extract it again from cifar-10-python.tar.gz", path=str(path),

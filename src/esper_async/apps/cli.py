@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import stat
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 import anyio
 import torch
 
+from .._files import read_regular, write_atomic
 from ..control._controller import EpochReport
 from ..errors import DemoConfigError, StoreError
 from ..reliability import CheckpointError
@@ -235,9 +235,7 @@ _MAX_RESULT_BYTES = 1 << 20
 
 
 def _write_result(run_dir: Path, epochs: int, report: str) -> None:
-    temporary = run_dir / f".{_RESULT_FILE}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps({"epochs": epochs, "report": report}), encoding="utf-8")
-    temporary.replace(run_dir / _RESULT_FILE)
+    write_atomic(run_dir / _RESULT_FILE, json.dumps({"epochs": epochs, "report": report}).encode())
 
 
 def _finished_report(run_dir: Path, epochs: int) -> str | None:
@@ -248,22 +246,13 @@ def _finished_report(run_dir: Path, epochs: int) -> str | None:
     """
     path = run_dir / _RESULT_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        data = read_regular(path, cap=_MAX_RESULT_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except OSError as exc:  # a link out, a FIFO or device, too large: refused before the read
         raise DemoConfigError(f"cannot read {path}: {exc}; delete it to resume the run",
                               key=None, path=str(path)) from exc
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DemoConfigError(f"{path} is not a regular file; delete it to resume the run",
-                                  key=None, path=str(path))
-        data = os.read(fd, _MAX_RESULT_BYTES + 1)
-    finally:
-        os.close(fd)
-    try:
-        if len(data) > _MAX_RESULT_BYTES:
-            raise ValueError(f"larger than {_MAX_RESULT_BYTES} bytes")
         result = json.loads(data.decode("utf-8"))
         if not isinstance(result, dict) or not isinstance(result.get("report"), str):
             raise ValueError("no report in it")

@@ -17,6 +17,7 @@ import structlog
 import torch
 from torch import nn
 
+from .._files import read_regular, write_atomic
 from ..compiler import BlueprintCompiler
 from ..control._controller import ControllerConfig, EpochReport, HeuristicController
 from ..errors import ControllerConfigError, DemoConfigError
@@ -282,7 +283,7 @@ def load_demo_config(run_dir: str | Path, *, store: str | None = None) -> DemoCo
     """
     path = Path(run_dir) / _CONFIG_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, cap=2**20).decode("utf-8")  # a FIFO or /dev/zero: refused
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError) as exc:
@@ -396,7 +397,7 @@ def _save_config(cfg: DemoConfig, run_dir: Path) -> None:
         inside = os.path.relpath(os.path.realpath(cfg.store), os.path.realpath(run_dir))
         outside = inside == os.pardir or inside.startswith(os.pardir + os.sep)
         options["store"] = os.path.abspath(cfg.store) if outside else inside
-    (run_dir / _CONFIG_FILE).write_text(json.dumps(options, indent=2))
+    write_atomic(run_dir / _CONFIG_FILE, json.dumps(options, indent=2).encode())
 
 
 ProgressFn = Callable[[str, EpochReport, FitResult], None]

@@ -41,10 +41,12 @@ from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from importlib.util import find_spec
+from pathlib import Path
 
 import structlog
 import torch
 
+from .._files import read_regular
 from ..errors import EsperError
 from .char_text import CharVocab, EvalWindows, RandomWindows
 
@@ -71,6 +73,8 @@ SPLIT_PERIOD = 10
 VAL_INDEX = 4
 TEST_INDEX = 9
 WORK_SEPARATOR = "\n\n"
+#: Largest work read (bytes): the longest play is about 200 KB.
+MAX_WORK_BYTES = 16 * 2**20
 
 _START = re.compile(
     r"^\*{3}\s*START OF (?:THE |THIS )?PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT!.*$",
@@ -192,7 +196,24 @@ def load_works() -> dict[str, str]:
     """
     texts = _texts_dir()
     paths = sorted((p for p in texts.iterdir() if p.name.endswith(EDITION_SUFFIX)), key=_name)
-    return {_work(p): clean_gutenberg(_decode(p.read_bytes()), source=p.name) for p in paths}
+    return {_work(p): clean_gutenberg(_decode(_read(p)), source=p.name) for p in paths}
+
+
+def _read(path: Traversable) -> bytes:
+    """A work's bytes: a file on disk is read as a regular file of at most
+    :data:`MAX_WORK_BYTES` (a packaged resource that is not on disk is read as the loader
+    gives it).
+
+    :raises CorpusFormatError: if it is not a regular file, is larger, or cannot be read.
+    """
+    if not isinstance(path, Path):
+        return path.read_bytes()
+    try:
+        return read_regular(path, cap=MAX_WORK_BYTES)
+    except OSError as exc:
+        raise CorpusFormatError(
+            f"cannot read {path}: {exc.strerror or exc}", source=path.name
+        ) from exc
 
 
 def _name(path: Traversable) -> str:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from .._files import write_atomic
 from ..errors import TelemetryConfigError
 from ..telemetry import (
     ATTR_ARM_NAMES,
@@ -472,9 +473,7 @@ def run_trace_command(
         page = render_dashboard(
             _finite_records(records), title=f"esper_async run: {path.name}", refresh_s=args.watch
         )
-        temporary = target.with_name(target.name + ".tmp")
-        temporary.write_text(page, encoding="utf-8")
-        temporary.replace(target)  # a reloading browser never reads half a page
+        write_atomic(target, page.encode("utf-8"), durable=False)  # whole, never via a link
         print(f"wrote {target}", file=stdout, flush=True)
         if args.watch is None:
             return 0

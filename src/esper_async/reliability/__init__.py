@@ -21,6 +21,7 @@ from ._checkpoint_store import CheckpointStore as CheckpointStore
 from ._checkpoint_store import write_atomic as write_atomic
 from ._config import ReliabilityConfig as ReliabilityConfig
 from ._errors import CheckpointError as CheckpointError
+from ._errors import CheckpointForgeryError as CheckpointForgeryError
 from ._errors import CheckpointIntegrityError as CheckpointIntegrityError
 from ._errors import CheckpointMismatchError as CheckpointMismatchError
 from ._errors import GovernorError as GovernorError
@@ -42,6 +43,7 @@ __all__ = (
     "BreakerConfig",
     "BreakerState",
     "CheckpointError",
+    "CheckpointForgeryError",
     "CheckpointIntegrityError",
     "CheckpointMismatchError",
     "CheckpointStore",

@@ -24,8 +24,15 @@ from typing import Any, TypeVar
 
 import structlog
 
+from .._files import write_atomic as _write_atomic
+from .._seal import resolve_key
 from ._checkpoint_file import encode, read_verified
-from ._errors import CheckpointError, CheckpointMismatchError, is_out_of_memory
+from ._errors import (
+    CheckpointError,
+    CheckpointForgeryError,
+    CheckpointMismatchError,
+    is_out_of_memory,
+)
 
 __all__ = ("CHECKPOINT_PATTERN", "CheckpointStore", "reason", "unrestorable", "write_atomic")
 
@@ -41,28 +48,15 @@ T = TypeVar("T")
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, flush, fsync, rename, fsync the directory.
+    """Write ``data`` to ``path`` atomically: a temporary file created beside it without
+    following a link (``O_EXCL | O_NOFOLLOW``), flushed, fsynced, renamed over ``path``; then
+    the directory is fsynced.
 
     :param path: the file to write.
     :param data: its content.
     :raises OSError: if the write fails (the previous file, if any, is untouched).
     """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_atomic(path, data)
 
 
 def reason(exc: BaseException, path: str | os.PathLike[str]) -> str:
@@ -98,14 +92,24 @@ class CheckpointStore:
 
     :param directory: where they live (created on first save).
     :param keep: how many of the newest to keep.
+    :param seal_key: the key checkpoints are sealed with and checked against (HMAC-SHA256);
+        default ``$ESPER_SEAL_KEY``, and without either none are sealed or checked (see
+        :mod:`esper_async.reliability._checkpoint_file`).
     :raises ValueError: if ``keep < 1``.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 2) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep: int = 2,
+        seal_key: bytes | str | None = None,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
+        self._seal_key = resolve_key(seal_key)
 
     def paths(self) -> list[Path]:
         """The checkpoints present, oldest first."""
@@ -123,7 +127,7 @@ class CheckpointStore:
         :raises CheckpointError: if the file cannot be written.
         """
         path = self.directory / f"ckpt-{int(payload['epoch']):08d}.pt"
-        data = encode(payload)
+        data = encode(payload, self._seal_key)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             write_atomic(path, data)
@@ -140,9 +144,11 @@ class CheckpointStore:
         :param path: a checkpoint file.
         :raises CheckpointIntegrityError: if it is damaged, truncated, has bytes appended, or
             carries no digest (written by an older esper_async).
+        :raises CheckpointForgeryError: if a seal key is configured and the file's seal is
+            missing or not the key's.
         :raises CheckpointError: if it cannot be read.
         """
-        return read_verified(path)
+        return read_verified(path, key=self._seal_key)
 
     def missing(self) -> CheckpointError:
         """The error for a directory with no checkpoint file at all."""
@@ -161,12 +167,14 @@ class CheckpointStore:
         back to the one before whenever either fails.
 
         Every file skipped is logged as a warning naming it and the reason. An out-of-memory
-        error is not a fault of the file and is raised at once.
+        error is not a fault of the file and is raised at once; so is a forgery (with a seal
+        key: a file whose seal is missing or another key's), which is never skipped.
 
         :param apply: puts a payload into the run; whatever it raises counts as that file's
             failure.
         :param path: use only this file (no fallback).
         :returns: the file used and what ``apply`` returned.
+        :raises CheckpointForgeryError: if a file's seal is missing or foreign (with a key).
         :raises CheckpointError: if there is no checkpoint (saying what was looked for), if
             ``path`` does not restore, or if none does (listing each file tried and why; a
             :class:`CheckpointMismatchError` when every file was sound but did not fit).
@@ -181,8 +189,8 @@ class CheckpointStore:
             try:
                 return candidate, apply(candidate, self.read(candidate))
             except Exception as exc:
-                if is_out_of_memory(exc):
-                    raise
+                if is_out_of_memory(exc) or isinstance(exc, CheckpointForgeryError):
+                    raise  # not the file's damage: a forgery is refused, never skipped
                 if path is not None:
                     if isinstance(exc, CheckpointError):
                         raise

@@ -5,6 +5,7 @@ everything the framework raises on purpose::
 
     CheckpointError                a checkpoint cannot be written, found or restored
     ├── CheckpointIntegrityError   a checkpoint file is damaged (digest, truncation, content)
+    ├── CheckpointForgeryError     with a seal key: a file's seal is missing or not the key's
     └── CheckpointMismatchError    a sound checkpoint does not fit the model it is restored into
     GovernorError                  rolling back did not make training sound
 """
@@ -19,6 +20,7 @@ from ..errors import EsperError
 
 __all__ = (
     "CheckpointError",
+    "CheckpointForgeryError",
     "CheckpointIntegrityError",
     "CheckpointMismatchError",
     "GovernorError",
@@ -50,6 +52,12 @@ class CheckpointIntegrityError(CheckpointError):
     """A checkpoint file is damaged: its digest does not match, it is truncated or has junk
     appended, it has no digest (an old format), or its content does not decode. Nothing of it
     was deserialised into the run."""
+
+
+class CheckpointForgeryError(CheckpointError):
+    """With a seal key configured (``$ESPER_SEAL_KEY`` or an argument), a checkpoint file whose
+    digest verifies carries no seal, or a seal of another key: it was altered and re-digested,
+    or written by another run. It is refused, never skipped for an older one as damage is."""
 
 
 class CheckpointMismatchError(CheckpointError):

@@ -23,6 +23,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .._files import read_regular, write_atomic
+from ._checkpoint_file import MAX_CHECKPOINT_BYTES
+
 __all__ = (
     "FaultKind",
     "FaultPlan",
@@ -166,13 +169,14 @@ def corrupt_file(path: str | os.PathLike[str]) -> None:
     """Flip the bits of the middle bytes of ``path`` in place (as disk rot would).
 
     :raises FileNotFoundError: if the file does not exist.
+    :raises OSError: if it is not a regular file (refused unread) or cannot be rewritten.
     """
     target = Path(path)
-    data = bytearray(target.read_bytes())
+    data = bytearray(read_regular(target, cap=MAX_CHECKPOINT_BYTES))
     middle = len(data) // 2
     for i in range(middle, min(len(data), middle + 16)):
         data[i] ^= 0xFF
-    target.write_bytes(bytes(data))
+    write_atomic(target, bytes(data), durable=False)
 
 
 def kill_processes(pids: Iterable[int]) -> int:

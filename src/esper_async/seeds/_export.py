@@ -21,6 +21,11 @@ it, and nothing in it refers to esper_async, so ``torch.save`` of it loads with 
 (``torch.load(..., weights_only=False)``). Its ``state_dict`` keys are the trained model's keys
 for what it kept (``conv1.host.weight``, ``conv1.seed.program.<name>``...).
 
+**Loading the pickled module runs code**: a ``GraphModule``'s pickle carries its generated Python
+source, which ``torch.load(..., weights_only=False)`` executes, so an edited file runs whatever
+was put in it. Load it only as you would run its author's code; to share a model, save
+:func:`export_program`'s result with ``torch.export.save`` (a ``.pt2`` whose graph is data).
+
 The model is traced in eval mode: Python branches on ``self.training`` in the model's own
 modules are fixed at eval; torch's leaves (``Dropout``, ``BatchNorm``) still switch. A kernel
 loaded in the ``bf16`` form runs in full precision in the export. :func:`export_program` turns the

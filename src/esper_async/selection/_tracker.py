@@ -10,11 +10,9 @@ host shows up. The tracker persists as JSON with an atomic write and is restored
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -25,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from .._files import read_regular, write_atomic
 from ..errors import SelectionError
 
 __all__ = ("PairSummary", "PerformanceTracker", "SeedOutcome")
@@ -33,6 +32,8 @@ _log = structlog.get_logger(__name__)
 
 #: Bumped when the persisted layout changes; older files are refused rather than misread.
 STATE_VERSION = 1
+#: Largest tracker state read (bytes): a state holds a bounded window per arm.
+MAX_STATE_BYTES = 64 * 2**20
 
 
 class SeedOutcome(StrEnum):
@@ -357,26 +358,10 @@ class PerformanceTracker:
         """
         target = Path(path)
         data = json.dumps(self.state_dict(), sort_keys=True).encode()
-        tmp_name: str | None = None
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, target)
-            tmp_name = None
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(target, data)  # a temporary created O_EXCL | O_NOFOLLOW, then renamed
         except OSError as exc:
             raise SelectionError(f"could not save the tracker to {target}: {exc}") from exc
-        finally:
-            if tmp_name is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name)
 
     @classmethod
     def load(
@@ -384,10 +369,11 @@ class PerformanceTracker:
     ) -> PerformanceTracker:
         """Read a tracker written by :meth:`save`.
 
-        :raises SelectionError: if the file is missing, unreadable or not a tracker state.
+        :raises SelectionError: if the file is missing, unreadable, not a regular file, larger
+            than :data:`MAX_STATE_BYTES`, or not a tracker state.
         """
         try:
-            state = json.loads(Path(path).read_text())
+            state = json.loads(read_regular(path, cap=MAX_STATE_BYTES).decode("utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SelectionError(f"could not load a tracker from {path}: {exc}") from exc
         if not isinstance(state, dict):

@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import StoreError, StoreIntegrityError
+from .._files import atomic_writer, open_regular
+from .._seal import seal_matches, seal_of
+from ..errors import StoreError, StoreForgeryError, StoreIntegrityError
 from ..kernels import KernelMetadata
 from ._keys import request_mismatch
 from ._untrusted import MAX_NAME_CHARS, clip, is_digest, load_json, parse_metadata, parse_request
@@ -60,6 +62,9 @@ BUNDLE_FORMAT = "esper_async.kernel_bundle"
 #: checked, so they are refused).
 BUNDLE_VERSION = 2
 _MANIFEST = "manifest.json"
+#: The member after the manifest in a sealed bundle: hex HMAC-SHA256(key, manifest bytes). The
+#: manifest names every artifact by its sha256, which import checks, so it covers them too.
+_SEAL = "manifest.seal"
 
 #: Default bound on one artifact's bytes.
 DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
@@ -185,13 +190,16 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> No
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_bundle(path: str | os.PathLike[str], entries: list[BundleEntry]) -> None:
-    """Write ``entries`` to a bundle at ``path`` atomically (temporary file, fsync, rename).
+def write_bundle(
+    path: str | os.PathLike[str], entries: list[BundleEntry], *, seal_key: bytes | None = None
+) -> None:
+    """Write ``entries`` to a bundle at ``path`` atomically (a temporary file created without
+    following a link, fsync, rename).
 
+    :param seal_key: when given, the manifest is sealed with it (member ``manifest.seal``).
     :raises StoreError: if the file cannot be written.
     """
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     now = time.time()
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -211,21 +219,19 @@ def write_bundle(path: str | os.PathLike[str], entries: list[BundleEntry]) -> No
         ],
     }
     try:
-        with open(tmp, "xb") as handle:
+        with atomic_writer(target) as handle:
             with tarfile.open(fileobj=handle, mode="w") as tar:
-                _add_bytes(tar, _MANIFEST, json.dumps(manifest, indent=1).encode(), now)
+                raw_manifest = json.dumps(manifest, indent=1).encode()
+                _add_bytes(tar, _MANIFEST, raw_manifest, now)
+                if seal_key is not None:
+                    _add_bytes(tar, _SEAL, seal_of(seal_key, raw_manifest).hex().encode(), now)
                 written: set[str] = set()
                 for entry in entries:
                     if entry.kernel_id not in written:
                         _add_bytes(tar, f"blobs/{entry.kernel_id}", entry.artifact, now)
                         written.add(entry.kernel_id)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
     except OSError as exc:
         raise StoreError(f"cannot write kernel bundle {target}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -278,7 +284,11 @@ def _decompressed(raw: IO[bytes]) -> IO[bytes] | gzip.GzipFile:
 
 
 def stage_bundle(
-    path: str | os.PathLike[str], staging_dir: Path, limits: BundleLimits | None = None
+    path: str | os.PathLike[str],
+    staging_dir: Path,
+    limits: BundleLimits | None = None,
+    *,
+    seal_key: bytes | None = None,
 ) -> StagedBundle:
     """Read and check the bundle at ``path``, staging its artifacts as files in
     ``staging_dir`` (blocking). Nothing is staged unless everything checks.
@@ -286,6 +296,8 @@ def stage_bundle(
     :param path: the bundle file.
     :param staging_dir: where artifacts are written (the store's ``tmp/``).
     :param limits: bounds on what reading may take (default :class:`BundleLimits`).
+    :param seal_key: when given, the bundle must carry this key's seal over its manifest.
+    :raises StoreForgeryError: if, with a ``seal_key``, the seal is missing or not the key's.
     :raises StoreIntegrityError: if an artifact does not hash to its id, is missing, or an
         entry's key is not the key of its request and metadata.
     :raises StoreError: if the file is not a readable bundle, breaks a bound, holds a member
@@ -296,10 +308,10 @@ def stage_bundle(
     staged = StagedBundle(source)
     slack = (limits.max_members + 1) * _HEADER_SLACK + 2 * tarfile.RECORDSIZE + _MAX_READ
     try:
-        with open(source, "rb") as raw:
+        with open_regular(source) as raw:  # a FIFO or a device: refused before a read
             stream = _BoundedStream(_decompressed(raw), limits.max_total_bytes + slack, source.name)
             with tarfile.open(fileobj=stream, mode="r:") as tar:  # type: ignore[call-overload]
-                _read_members(tar, source, staged, staging_dir, limits)
+                _read_members(tar, source, staged, staging_dir, limits, seal_key)
     except BaseException as exc:
         staged.discard()
         if isinstance(exc, (OSError, EOFError, tarfile.TarError, lzma.LZMAError, zlib.error)):
@@ -314,10 +326,12 @@ def _read_members(
     staged: StagedBundle,
     staging_dir: Path,
     limits: BundleLimits,
+    seal_key: bytes | None,
 ) -> None:
     name = source.name
     count = total = 0
     wanted: set[str] = set()
+    manifest = b""
     for member in tar:
         count += 1
         if count > limits.max_members:
@@ -340,10 +354,18 @@ def _read_members(
         if count == 1:
             if member.name != _MANIFEST:
                 raise StoreError(f"bundle {name}: the first member must be {_MANIFEST}")
-            raw = _read_capped(tar, member, min(limits.max_manifest_bytes, limits.max_member_bytes))
-            staged.entries = parse_manifest(raw, source, limits)
+            manifest = _read_capped(
+                tar, member, min(limits.max_manifest_bytes, limits.max_member_bytes)
+            )
+            staged.entries = parse_manifest(manifest, source, limits)
             wanted = {e.kernel_id for e in staged.entries}
             continue
+        if count == 2 and member.name == _SEAL:
+            _check_seal(name, manifest, _read_capped(tar, member, _SEAL_HEX), seal_key)
+            seal_key = None  # checked
+            continue
+        if count == 2 and seal_key is not None:
+            _check_seal(name, manifest, None, seal_key)
         kernel_id = member.name.removeprefix("blobs/")
         if member.name != f"blobs/{kernel_id}" or not is_digest(kernel_id):
             raise StoreError(f"bundle {name}: unexpected member {clip(member.name)}; refused")
@@ -355,6 +377,8 @@ def _read_members(
         _stage_member(tar, member, kernel_id, staged, staging_dir, limits)
     if count == 0:
         raise StoreError(f"bundle {name} is empty; it has no {_MANIFEST}")
+    if count == 1 and seal_key is not None:
+        _check_seal(name, manifest, None, seal_key)
     missing = sorted(wanted - set(staged.files))
     if missing:
         entry = next(e for e in staged.entries if e.kernel_id == missing[0])
@@ -362,6 +386,30 @@ def _read_members(
             f"bundle {name} entry {entry.index}: no artifact blobs/{missing[0][:12]}; "
             "nothing was imported",
             key=entry.key,
+        )
+
+
+#: Bytes of the seal member (an HMAC-SHA256 in hex).
+_SEAL_HEX = 64
+
+
+def _check_seal(name: str, manifest: bytes, seal: bytes | None, key: bytes | None) -> None:
+    """Refuse, with a ``key``, a bundle whose manifest seal is missing or not the key's."""
+    if key is None:
+        return
+    if seal is None:
+        raise StoreForgeryError(
+            f"bundle {name} carries no seal, and a seal key is configured: it was not exported "
+            "by a holder of the key (or its seal was stripped); nothing was imported"
+        )
+    try:
+        given = bytes.fromhex(seal.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        given = b""
+    if not seal_matches(key, manifest, given):
+        raise StoreForgeryError(
+            f"bundle {name} is sealed with another key, or its manifest was altered: the seal "
+            "does not match under the configured key; nothing was imported"
         )
 
 

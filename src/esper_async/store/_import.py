@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 
+from .._files import read_regular
 from ..blueprints import Blueprint
 from ..errors import StoreIntegrityError
 from ..kernels import Kernel
@@ -24,6 +25,9 @@ from ._rows import NewRow
 from ._untrusted import clip
 
 __all__ = ("checked_rows", "validate_entry")
+
+#: Largest staged artifact read back (bytes): above any bundle bound a store accepts.
+_MAX_STAGED_BYTES = 1 << 36
 
 
 async def checked_rows(staged: StagedBundle) -> list[NewRow]:
@@ -65,7 +69,7 @@ def validate_entry(entry: ManifestEntry, staged: Path, where: str) -> tuple[dict
     # Imported here: the compiler package imports the store.
     from ..compiler._validator import KernelValidator
 
-    artifact = staged.read_bytes()
+    artifact = read_regular(staged, cap=_MAX_STAGED_BYTES)
     if hashlib.sha256(artifact).hexdigest() != entry.kernel_id:
         raise StoreIntegrityError(
             f"{where}: the staged artifact changed on disk; nothing was imported", key=entry.key

@@ -6,6 +6,7 @@ directory; the other half (``_store.py``) owns the connection, reads and writes 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -17,6 +18,7 @@ import aiosqlite
 import anyio
 import structlog
 
+from .._seal import resolve_key
 from ..blueprints import Blueprint
 from ..errors import StoreError, StoreIntegrityError
 from ..kernels import Kernel
@@ -458,9 +460,13 @@ class StoreQueries:
         keys: Iterable[str] | None = None,
         blueprint: Blueprint | str | None = None,
         tag: str | None = None,
+        seal_key: bytes | str | None = None,
     ) -> int:
         """Write ready entries (all, the given ``keys``, or those matching the filters) to a
         tar bundle with a JSON manifest, atomically. Every artifact is verified as it is read.
+
+        With a seal key (``seal_key``, else ``$ESPER_SEAL_KEY``) the manifest is sealed with
+        HMAC-SHA256, so that an importer holding the key refuses a forged bundle.
 
         :returns: the number of entries written.
         :raises StoreIntegrityError: if an artifact fails verification (it is quarantined and
@@ -512,12 +518,19 @@ class StoreQueries:
                     load_json(request_json, rec.key),
                 )
             )
-        await anyio.to_thread.run_sync(write_bundle, Path(path), entries)
+        key = resolve_key(seal_key)
+        await anyio.to_thread.run_sync(
+            functools.partial(write_bundle, Path(path), entries, seal_key=key)
+        )
         _log.info("store.exported", path=str(path), entries=len(entries))
         return len(entries)
 
     async def import_bundle(
-        self, path: str | os.PathLike[str], *, limits: BundleLimits | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        limits: BundleLimits | None = None,
+        seal_key: bytes | str | None = None,
     ) -> int:
         """Store every entry of a bundle, all or none (entries already present are kept).
 
@@ -530,13 +543,19 @@ class StoreQueries:
 
         :param path: the bundle file.
         :param limits: bounds on what reading it may take (default :class:`BundleLimits`).
+        :param seal_key: when set (else ``$ESPER_SEAL_KEY``), the bundle must carry this key's
+            seal; without a key, seals are neither required nor checked.
         :returns: the number of entries whose kernel is now the one stored under their key.
+        :raises StoreForgeryError: if, with a seal key, the seal is missing or foreign.
         :raises StoreIntegrityError: if an entry is forged or damaged, or fails validation.
         :raises StoreError: if the file is not a readable bundle, breaks a bound or is
             malformed (naming the entry), or on store errors.
         """
         staged = await anyio.to_thread.run_sync(
-            stage_bundle, Path(path), self._blobs.tmp_dir, limits
+            functools.partial(
+                stage_bundle, Path(path), self._blobs.tmp_dir, limits,
+                seal_key=resolve_key(seal_key),
+            )
         )
         try:
             rows = await checked_rows(staged)

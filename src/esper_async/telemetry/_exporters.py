@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import format_span_id, format_trace_id
 
+from .._files import open_append, read_regular
 from ..errors import TelemetryConfigError
 from ._span_fields import check_resource, span_fields
 
@@ -56,6 +57,8 @@ _log = structlog.get_logger(__name__)
 
 #: The files of a run directory that hold spans (one per process).
 SPAN_FILE_GLOB = "spans-*.jsonl"
+#: Largest span file read (bytes): far above what a run writes, and a bound on what one read takes.
+_MAX_SPAN_FILE_BYTES = 1 << 30
 
 _OTLP_PACKAGE = "opentelemetry-exporter-otlp-proto-http"
 _OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -122,7 +125,7 @@ class _LineWriter:
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = self.path.open("a", encoding="utf-8")
+                self._file = open_append(self.path)  # never through a link or into a FIFO
             self._file.write("".join(line + "\n" for line in lines))
             self._file.flush()
 
@@ -374,6 +377,19 @@ class SpanRecord:
         return (self.end_ns - self.start_ns) / 1e9
 
 
+def _span_text(file: Path) -> str:
+    """The text of the span file ``file``, read as a regular file of at most
+    :data:`_MAX_SPAN_FILE_BYTES` (1 GiB).
+
+    :raises TelemetryConfigError: if it is not a regular file, is larger, cannot be read or is
+        not UTF-8.
+    """
+    try:
+        return read_regular(file, cap=_MAX_SPAN_FILE_BYTES).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TelemetryConfigError(f"cannot read span file {file}: {exc}") from exc
+
+
 def _span_files(path: Path) -> Iterator[Path]:
     if path.is_dir():
         yield from sorted(path.glob(SPAN_FILE_GLOB))
@@ -397,7 +413,7 @@ def read_span_records(path: str | os.PathLike[str]) -> list[SpanRecord]:
     """
     records: list[SpanRecord] = []
     for file in _span_files(Path(path)):
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = _span_text(file).splitlines()
         resource: Mapping[str, Any] = {}
         for number, line in enumerate(lines, start=1):
             if not line.strip():
