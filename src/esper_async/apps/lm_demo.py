@@ -376,6 +376,7 @@ async def _arm(
             controller, seed=cfg.seed, blueprints=None if cfg.seeds else ()
         ),
         writes_checkpoints=False,
+        progress="off",  # the CLI shows its own progress
     )
     seen = 0
     steps = 0
