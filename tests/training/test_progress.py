@@ -8,6 +8,7 @@ import pty
 import re
 import sys
 import threading
+from pathlib import Path
 
 import anyio
 import pytest
@@ -150,3 +151,70 @@ def test_a_growth_line_names_the_transitions() -> None:
     first, second = out.getvalue().splitlines()
     assert first.endswith("growth: conv1 germinated, conv2 culled")
     assert "growth" not in second  # already shown
+
+
+class _FossilizeOnProbation:
+    """Fossilizes every seed on probation and decides nothing else."""
+
+    def decide(self, report: EpochReport, history: object, slots: dict) -> list:
+        from esper_async.control import Fossilize
+        from esper_async.seeds import SeedState
+
+        return [
+            Fossilize(name, "helps: kept by the test controller")
+            for name, s in slots.items()
+            if s.state is SeedState.PROBATION
+        ]
+
+
+def test_a_growth_fit_shows_its_events_in_the_lines_and_the_loggers(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A real fit whose seed is fossilized after epoch 0: the epoch line names it, and the
+    trainer hands it to an event logger (TensorBoard's text, read back)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from esper_async.apps.data import digits_loaders
+    from esper_async.apps.demo import DigitsHost
+    from esper_async.blueprints import Blueprint
+    from esper_async.kernels import export_kernel, load_kernel
+    from esper_async.seeds import wrap
+    from esper_async.telemetry import TensorBoardLogger
+
+    torch.manual_seed(0)
+    model = DigitsHost()
+    slot = wrap(model, ["conv1"], example_input=torch.zeros(2, 1, 8, 8))["conv1"]
+    assert slot.contract is not None
+    kernel = export_kernel(Blueprint("bottleneck"), slot.contract, seed=0)
+    slot.germinate(kernel.blueprint)
+    slot.graft(load_kernel(kernel), kernel.kernel_id)
+    slot.start_blending(1)
+    slot.on_step()  # α = 1: probation
+    data = digits_loaders(batch_size=64, seed=0, limit=200)
+    trainer = Trainer(
+        model,
+        seed=0,
+        controller=_FossilizeOnProbation(),
+        progress="lines",
+        loggers=[TensorBoardLogger(tmp_path / "tb")],
+        loop_lag_interval_s=None,
+    )
+    trainer.kernels[kernel.kernel_id] = kernel
+    result = anyio.run(lambda: trainer.fit(data.train, data.val, epochs=2))
+    (event,) = [e for e in result.events if e.target == "fossilized"]
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("growth: conv1 fossilized") and "growth" not in lines[1]
+    board = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    board.Reload()
+    texts = [
+        (t.step, t.tensor_proto.string_val[0].decode())
+        for t in board.Tensors("growth/events/text_summary")
+    ]
+    assert (
+        event.step,
+        f"epoch 0 step {event.step} conv1: probation -> fossilized "
+        "(helps: kept by the test controller)",
+    ) in texts
+    assert [(s.step, s.value) for s in board.Scalars("growth/fossilized")] == [(event.step, 1.0)]
