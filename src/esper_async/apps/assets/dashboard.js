@@ -48,6 +48,8 @@
   // MARKER_DX px further right and its number MARKER_DY px lower: a cull never hides under a
   // germination.
   var MARKER_DX = 6, MARKER_DY = 14;
+  // Epochs are whole numbers: no tick at epoch 0.2.
+  var EPOCH_TICKS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
   var markers = [];
   var perEpoch = {};
   runs.forEach(function (run, ri) {
@@ -140,7 +142,7 @@
     var u = new uPlot({
       title: title, width: width, height: 260,
       scales: { x: { time: false, range: [0, Math.max(maxEpoch, 1)] }, y: log ? { distr: 3 } : {} },
-      axes: [{ label: "epoch" }, { label: yLabel + (log ? " (log scale)" : ""), size: 60 }],
+      axes: [{ label: "epoch", incrs: EPOCH_TICKS }, { label: yLabel + (log ? " (log scale)" : ""), size: 60 }],
       series: opts, plugins: [markerPlugin(id)]
     }, cols, box);
     drawn[id].scale = u.scales.y.distr === 3 ? "log" : "linear";
