@@ -20,7 +20,7 @@ from esper_async.telemetry import (
     TensorBoardLogger,
     WandbLogger,
 )
-from esper_async.telemetry._loggers import event_line
+from esper_async.telemetry._loggers import _event_line
 from esper_async.training import GrowthEvent
 
 
@@ -74,7 +74,7 @@ def test_tensorboard_logger_writes_growth_events_as_text_and_counts(tmp_path: Pa
         (e.step, e.tensor_proto.string_val[0].decode())
         for e in events.Tensors("growth/events/text_summary")
     ]
-    assert texts == [(e.step, event_line(e)) for e in _EVENTS]
+    assert texts == [(e.step, _event_line(e)) for e in _EVENTS]
     assert "conv2: training -> culled (hurts: val loss 0.40 with, 0.38 without)" in texts[1][1]
     assert [(e.step, e.value) for e in events.Scalars("growth/germinated")] == [(4, 1.0)]
     assert [(e.step, e.value) for e in events.Scalars("growth/culled")] == [(8, 1.0)]
@@ -177,7 +177,7 @@ def test_mlflow_logger_writes_figures_and_events_to_a_file_store(
     text = Path(
         client.download_artifacts(run.info.run_id, MlflowLogger.EVENTS_ARTIFACT, str(tmp_path))
     )
-    assert text.read_text().splitlines() == [event_line(e) for e in _EVENTS]
+    assert text.read_text().splitlines() == [_event_line(e) for e in _EVENTS]
 
 
 def test_mlflow_logger_explains_a_refused_file_store(

@@ -33,9 +33,9 @@ __all__ = (
 )
 
 #: Transitions counted as ``growth/<target>`` scalars (the ones the dashboard marks on curves).
-COUNTED: Final = ("germinated", "fossilized", "culled")
+_COUNTED: Final = ("germinated", "fossilized", "culled")
 #: Columns of an event table, in order (the attributes of :class:`LifecycleEvent`).
-EVENT_COLUMNS: Final = ("epoch", "step", "slot", "source", "target", "reason")
+_EVENT_COLUMNS: Final = ("epoch", "step", "slot", "source", "target", "reason")
 
 
 @runtime_checkable
@@ -98,7 +98,7 @@ def _import(module: str, who: str, extra: str) -> ModuleType:
         ) from exc
 
 
-def event_line(event: LifecycleEvent) -> str:
+def _event_line(event: LifecycleEvent) -> str:
     """``epoch 3 step 120 conv1: training -> culled (why)``: one transition as text."""
     return (
         f"epoch {event.epoch} step {event.step} {event.slot}: {event.source} -> "
@@ -107,15 +107,15 @@ def event_line(event: LifecycleEvent) -> str:
 
 
 class _Counts:
-    """Cumulative counts of the :data:`COUNTED` transitions, as ``growth/<target>`` scalars."""
+    """Cumulative counts of the :data:`_COUNTED` transitions, as ``growth/<target>`` scalars."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
     def add(self, events: Sequence[LifecycleEvent]) -> dict[str, float]:
         """Count ``events``; :returns: the counts that changed, by scalar name."""
-        changed = {e.target for e in events if e.target in COUNTED}
-        self.counts.update(e.target for e in events if e.target in COUNTED)
+        changed = {e.target for e in events if e.target in _COUNTED}
+        self.counts.update(e.target for e in events if e.target in _COUNTED)
         return {f"growth/{t}": float(self.counts[t]) for t in sorted(changed)}
 
 
@@ -164,7 +164,8 @@ class TensorBoardLogger:
 
     def log_events(self, events: Sequence[LifecycleEvent]) -> None:
         """Write each transition as a text summary ``growth/events`` at its step (TensorBoard's
-        Text tab; the tag is ``growth/events/text_summary`` in the event file), and the cumulative counts of germinations, fossilizations and culls as scalars
+        Text tab; the tag is ``growth/events/text_summary`` in the event file), and the
+        cumulative counts of germinations, fossilizations and culls as scalars
         ``growth/germinated``, ``growth/fossilized``, ``growth/culled`` (markers on the Scalars
         tab, at the step where they change).
 
@@ -172,7 +173,7 @@ class TensorBoardLogger:
         """
         writer = self._open()
         for event in events:
-            writer.add_text("growth/events", event_line(event), global_step=event.step)
+            writer.add_text("growth/events", _event_line(event), global_step=event.step)
             for name, value in self._counts.add([event]).items():
                 writer.add_scalar(name, value, global_step=event.step)
 
@@ -241,8 +242,8 @@ class WandbLogger:
         if not events:
             return
         run = self._open()
-        self._rows += [[getattr(e, c) for c in EVENT_COLUMNS] for e in events]
-        table = self._wandb.Table(columns=list(EVENT_COLUMNS), data=[list(r) for r in self._rows])
+        self._rows += [[getattr(e, c) for c in _EVENT_COLUMNS] for e in events]
+        table = self._wandb.Table(columns=list(_EVENT_COLUMNS), data=[list(r) for r in self._rows])
         figures: dict[str, Any] = {"growth/events": table, **self._counts.add(events)}
         run.log(figures, step=max(e.step for e in events))
 
@@ -343,7 +344,7 @@ class MlflowLogger:
         if not events:
             return
         run_id = self._open()
-        self._lines += [event_line(e) for e in events]
+        self._lines += [_event_line(e) for e in events]
         self.client.log_text(run_id, "\n".join(self._lines) + "\n", self.EVENTS_ARTIFACT)
         counts = self._counts.add(events)
         if counts:
