@@ -136,6 +136,9 @@ def test_wandb_logger_writes_figures_and_events_offline(
     logger.close()
     logger.close()  # idempotent
     assert logger.run is None
+    # finish() can return before W&B's service process has written the records out; its
+    # teardown waits for that process to exit (in a user's program, interpreter exit does).
+    wandb.teardown()
     (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     assert path.name == f"run-{run_id}.wandb"
     rows = _wandb_records(tmp_path)

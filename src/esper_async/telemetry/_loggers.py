@@ -248,7 +248,11 @@ class WandbLogger:
         run.log(figures, step=max(e.step for e in events))
 
     def close(self) -> None:
-        """Finish the run the logger started (idempotent); a run passed in is left open."""
+        """Finish the run the logger started (idempotent); a run passed in is left open.
+
+        W&B's service process may write the last records out after ``finish()`` returns; it
+        does by the time the program exits (or ``wandb.teardown()`` returns).
+        """
         run, self._run = self._run, (None if self._owns else self._run)
         if run is not None and self._owns:
             run.finish()

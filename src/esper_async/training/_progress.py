@@ -130,7 +130,7 @@ class FitProgress:
     :param mode: a :data:`ProgressMode`.
     :param epochs: the fit's epochs (``fit(epochs=...)``).
     :param first_epoch: the epoch the fit starts at (later than 0 when it resumed).
-    :param steps_per_epoch: training batches per epoch (``0``: unknown, the bar counts epochs).
+    :param steps_per_epoch: training batches per epoch (``0``: unknown; the bar has no total).
     :param label: the run's label, shown first.
     :param console: where to draw (default: a rich console on standard error).
     :param clock: seconds, monotonic (injectable for tests).
