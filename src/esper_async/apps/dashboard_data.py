@@ -134,9 +134,7 @@ def _epoch_position(rec: SpanRecord, epochs: Mapping[int, SpanRecord]) -> float 
     fraction of that epoch's span that had passed when it ended; ``None`` when unknown."""
     epoch = rec.attributes.get(ATTR_EPOCH)
     if not isinstance(epoch, int):  # no epoch attribute: the epoch span it ended in
-        epoch = next(
-            (e for e, s in epochs.items() if s.start_ns <= rec.end_ns <= s.end_ns), None
-        )
+        epoch = next((e for e, s in epochs.items() if s.start_ns <= rec.end_ns <= s.end_ns), None)
         if epoch is None:
             return None
     span = epochs.get(epoch)
