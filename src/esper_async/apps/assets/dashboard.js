@@ -47,7 +47,7 @@
   // an x position (the epoch whose figures they were decided on), so the k-th of them is drawn
   // MARKER_DX px further right and its number MARKER_DY px lower: a cull never hides under a
   // germination.
-  var MARKER_DX = 6, MARKER_DY = 14;
+  var MARKER_DX = 12, MARKER_DY = 14;
   // Epochs are whole numbers: no tick at epoch 0.2.
   var EPOCH_TICKS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
   var markers = [];
