@@ -81,7 +81,8 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
 ea.wrap(model, ["0"], example_input=torch.zeros(2, 4))
 x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-trainer = ea.Trainer(model, controller=ea.HeuristicController(ea.ControllerConfig.eager()))
+trainer = ea.Trainer(model, controller=ea.HeuristicController(ea.ControllerConfig.eager()),
+                     progress="off")
 result = anyio.run(lambda: trainer.fit([(x, y)] * 2, [(x, y)], epochs=3))
 assert result.events, "no growth happened: the test would not show a quiet growth run"
 """

@@ -80,13 +80,15 @@ class RunView:
     :ivar complete: every trace of the run has its run span (``False``: killed or still going).
     :ivar figures: per figure name, ``{epoch: value}``.
     :ivar step_loss: ``[step, loss]`` pairs of the step spans that carry ``esper.loss``.
-    :ivar events: lifecycle transitions: epoch (fractional: where in the epoch), step, slot,
-        from, to, blueprint, full reason, and ``marked`` for those drawn on the curves.
-    :ivar lanes: per slot, ``[epoch_from, state]`` segments, each to the next one's start.
-    :ivar selections: selector choices: epoch, chosen arm, ``{arm: value}``.
+    :ivar events: lifecycle transitions: epoch (0-based, the epoch it happened in, as
+        ``esper-async trace`` and :class:`~esper_async.training.GrowthEvent` number it), ``at``
+        (where in that epoch, fractional, for the lanes), step, slot, from, to, blueprint, full
+        reason, and ``marked`` for those drawn on the curves.
+    :ivar lanes: per slot, ``[at, state]`` segments, each to the next one's start.
+    :ivar selections: selector choices: epoch (0-based), chosen arm, ``{arm: value}``.
     :ivar compiles: compiles per worker process id (the run's own pid when compiled in-process).
     :ivar store: kernel-store lookups: ``hit`` and ``miss`` counts.
-    :ivar surgeries: epoch, op, outcome, params added.
+    :ivar surgeries: epoch (0-based), op, outcome, params added.
     :ivar last_epoch: the highest epoch the run reached.
     """
 
@@ -132,9 +134,7 @@ def _epoch_position(rec: SpanRecord, epochs: Mapping[int, SpanRecord]) -> float 
     fraction of that epoch's span that had passed when it ended; ``None`` when unknown."""
     epoch = rec.attributes.get(ATTR_EPOCH)
     if not isinstance(epoch, int):  # no epoch attribute: the epoch span it ended in
-        epoch = next(
-            (e for e, s in epochs.items() if s.start_ns <= rec.end_ns <= s.end_ns), None
-        )
+        epoch = next((e for e, s in epochs.items() if s.start_ns <= rec.end_ns <= s.end_ns), None)
         if epoch is None:
             return None
     span = epochs.get(epoch)
@@ -142,6 +142,13 @@ def _epoch_position(rec: SpanRecord, epochs: Mapping[int, SpanRecord]) -> float 
         return float(epoch)
     frac = (rec.end_ns - span.start_ns) / (span.end_ns - span.start_ns)
     return epoch + min(max(frac, 0.0), 0.999)
+
+
+def _epoch_of(rec: SpanRecord, epochs: Mapping[int, SpanRecord]) -> int | None:
+    """The 0-based epoch ``rec`` happened in (its ``esper.epoch``, or the epoch span it ended
+    in): the number the CLI shows. ``None`` when unknown."""
+    at = _epoch_position(rec, epochs)
+    return None if at is None else int(at)
 
 
 def _collect(view: RunView, records: Sequence[SpanRecord]) -> None:
@@ -186,7 +193,8 @@ def _collect(view: RunView, records: Sequence[SpanRecord]) -> None:
             target = str(a[ATTR_LIFECYCLE_TO]).lower()
             view.events.append(
                 {
-                    "epoch": _epoch_position(rec, epochs),
+                    "epoch": _epoch_of(rec, epochs),
+                    "at": _epoch_position(rec, epochs),
                     "step": a.get(ATTR_STEP),
                     "slot": str(a.get(ATTR_SLOT, "?")),
                     "from": str(a.get(ATTR_LIFECYCLE_FROM, "?")).lower(),
@@ -201,7 +209,7 @@ def _collect(view: RunView, records: Sequence[SpanRecord]) -> None:
             names, values = a.get(ATTR_ARM_NAMES) or [], a.get(ATTR_ARM_VALUES) or []
             view.selections.append(
                 {
-                    "epoch": _epoch_position(rec, epochs),
+                    "epoch": _epoch_of(rec, epochs),
                     "chosen": str(a[ATTR_CHOSEN]),
                     "arms": dict(zip(map(str, names), values, strict=False)),
                 }
@@ -209,7 +217,7 @@ def _collect(view: RunView, records: Sequence[SpanRecord]) -> None:
         elif rec.name == SPAN_SURGERY:
             view.surgeries.append(
                 {
-                    "epoch": _epoch_position(rec, epochs),
+                    "epoch": _epoch_of(rec, epochs),
                     "op": str(a.get(ATTR_SURGERY_OP, "?")),
                     "outcome": str(a.get(ATTR_OUTCOME, "error" if rec.status == "ERROR" else "?")),
                     "params_added": a.get(ATTR_PARAMS_ADDED),
@@ -229,12 +237,12 @@ def _collect(view: RunView, records: Sequence[SpanRecord]) -> None:
 def _lanes(events: Sequence[Mapping[str, Any]]) -> dict[str, list[list[Any]]]:
     lanes: dict[str, list[list[Any]]] = defaultdict(list)
     for event in sorted(events, key=lambda e: e["t_ns"]):
-        if event["epoch"] is None:
+        if event["at"] is None:
             continue
         lane = lanes[event["slot"]]
         if not lane and event["from"] not in ("?", ""):
             lane.append([0.0, event["from"]])
-        lane.append([event["epoch"], event["to"]])
+        lane.append([event["at"], event["to"]])
     return dict(sorted(lanes.items()))
 
 

@@ -265,6 +265,7 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
                 on_build=built,
             ),
             surgery=policy,
+            progress="off",  # the demo prints its own report
         )
         trainer.step = base_step
         trainer.surgeries = surgeries

@@ -431,6 +431,7 @@ async def _run(
         telemetry=telemetry,
         controller=HeuristicController(cfg.controller, seed=cfg.seed),
         surgery=SurgeryPolicyConfig(cooldown_steps=0) if grow and cfg.surgery else None,
+        progress="off",  # the CLI shows its own progress (one line per run)
     )
     checkpoints = None if label == _STATIC_FINAL else _checkpoint_dir(cfg, label)
     if resume and label not in resume and label != _STATIC_FINAL:

@@ -452,6 +452,7 @@ async def run_drill(config: DrillConfig | None = None) -> DrillReport:
                     limits=ResourceLimits(max_compiles_in_flight=cfg.slots),
                     governor=GovernorConfig(warmup=4),
                 ),
+                progress="off",  # the drill prints its own report
             )
             plan = FaultPlan(
                 seed=cfg.seed, rate=cfg.fault_rate, kinds=cfg.kinds, skip_first=2 * cfg.slots

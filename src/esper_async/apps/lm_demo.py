@@ -386,6 +386,7 @@ async def _arm(
         ),
         writes_checkpoints=False,
         telemetry=telemetry,
+        progress="off",  # the CLI shows its own progress
     )
     seen = 0
     steps = 0

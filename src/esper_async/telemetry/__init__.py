@@ -231,8 +231,12 @@ from ._exporters import (
 from ._exporters import (
     span_to_record as span_to_record,
 )
+from ._loggers import EventLogger as EventLogger
+from ._loggers import LifecycleEvent as LifecycleEvent
 from ._loggers import MetricLogger as MetricLogger
+from ._loggers import MlflowLogger as MlflowLogger
 from ._loggers import TensorBoardLogger as TensorBoardLogger
+from ._loggers import WandbLogger as WandbLogger
 from ._logging import add_trace_context as add_trace_context
 from ._logging import configure_logging as configure_logging
 from ._metrics import Metrics as Metrics
@@ -318,15 +322,19 @@ __all__ = (
     "SPAN_SURGERY",
     "SPAN_VALIDATE",
     "AttributeValue",
+    "EventLogger",
     "JsonlMetricExporter",
     "JsonlSpanExporter",
+    "LifecycleEvent",
     "MetricLogger",
     "Metrics",
+    "MlflowLogger",
     "SpanRecord",
     "StepSampler",
     "Telemetry",
     "TelemetryConfig",
     "TensorBoardLogger",
+    "WandbLogger",
     "WorkerTelemetrySpec",
     "add_trace_context",
     "attribute_key",

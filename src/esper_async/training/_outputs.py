@@ -21,7 +21,7 @@ import structlog
 
 from ..control import EpochReport
 from ..errors import TelemetryConfigError
-from ..telemetry import MetricLogger, Telemetry, TelemetryConfig, monitor_loop_lag
+from ..telemetry import EventLogger, MetricLogger, Telemetry, TelemetryConfig, monitor_loop_lag
 
 if TYPE_CHECKING:  # the store (and SQLite) load only when a store is used
     from ..store import KernelStore
@@ -66,8 +66,9 @@ class RunOutputs:
         closed after it) or a :class:`KernelStore` you opened. ``None``: every kernel is compiled.
     :param loggers: experiment loggers (:class:`~esper_async.telemetry.MetricLogger`), given each
         epoch's figures at its end (``epoch``, ``train/loss``, ``val/loss``, ``val/<metric>``,
-        ``params``, at the global step) and closed at the end of the fit. A logger that raises
-        is warned about and training goes on.
+        ``params``, at the global step) and, for an
+        :class:`~esper_async.telemetry.EventLogger`, the epoch's lifecycle transitions; closed
+        at the end of the fit. A logger that raises is warned about and training goes on.
     :param loop_lag_interval_s: period of the loop-lag monitor a fit runs beside training
         (``esper.loop.lag``); ``None`` runs none.
     :param telemetry_given, compiler_given: whether the trainer was handed its own.
@@ -111,6 +112,8 @@ class RunOutputs:
         )
         self.own_compiler = not compiler_given
         self.loggers: list[MetricLogger] = list(loggers)
+        self._grower: Grower | None = None
+        self._events_logged = 0
         self.loop_lag_interval_s = loop_lag_interval_s
 
     async def open(self, stack: AsyncExitStack, trainer: Any) -> None:
@@ -152,7 +155,9 @@ class RunOutputs:
             trainer.controller.telemetry = telemetry
 
     async def start(self, grower: Grower) -> None:
-        """Start the loop-lag monitor in ``grower``'s task group (cancelled when it closes)."""
+        """Start the loop-lag monitor in ``grower``'s task group (cancelled when it closes);
+        the loggers get the lifecycle transitions the grower records from now on."""
+        self._grower, self._events_logged = grower, len(grower.result.events)
         if self.loop_lag_interval_s is not None:
             await grower.start_background(partial(
                 monitor_loop_lag, grower.telemetry.metrics, interval_s=self.loop_lag_interval_s,
@@ -163,8 +168,12 @@ class RunOutputs:
         if not self.loggers:
             return
         scalars = epoch_scalars(report, params)
+        events = [] if self._grower is None else self._grower.result.events
+        fresh, self._events_logged = events[self._events_logged :], len(events)
         for logger in self.loggers:
             try:
+                if fresh and isinstance(logger, EventLogger):  # before the figures: W&B's step
+                    logger.log_events(fresh)  # must not go back
                 logger.log_scalars(step, scalars)
             except Exception as exc:  # a logger must never end the run
                 log.warning("logger failed", logger=type(logger).__name__, error=repr(exc),

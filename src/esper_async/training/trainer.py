@@ -36,6 +36,7 @@ from ._loaders import batch_count, check_loaders, loader_generator, no_batches
 from ._masked import HostUndo, MaskedStep
 from ._outputs import LOOP_LAG_INTERVAL_S, RunOutputs
 from ._prefetch import Ready, prefetched, wait_ready
+from ._progress import FitProgress, ProgressMode, check_progress
 from ._results import FitResult, GrowthEvent
 from ._state import load_run_state, restore_run, run_state, save_run_checkpoint
 from ._task import ClassificationTask, Task
@@ -87,9 +88,13 @@ class Trainer:
         on disk, no store, no loggers, loop lag every 0.25 s.
     :param precision: ``"fp32"`` (default) or ``"bf16"``: training steps (host and seeds) run
         under bf16 autocast on the device (validation stays in fp32).
+    :param progress: what each fit shows on standard error: ``"auto"`` (default: a live bar on
+        a terminal, one line per epoch otherwise), ``"bar"``, ``"lines"`` or ``"off"`` (for
+        library use; ``False`` too). See :mod:`esper_async.training._progress`.
     :raises ValueError: both ``task`` and ``loss_fn``, ``run_dir`` and ``telemetry``, or ``store``
         and ``compiler`` are given; ``loop_lag_interval_s`` is not positive; an unknown
         ``precision``; or as :class:`Grower`.
+    :raises TelemetryConfigError: an unknown ``progress`` mode.
     """
 
     def __init__(
@@ -118,12 +123,16 @@ class Trainer:
         loggers: Sequence[MetricLogger] = (),
         loop_lag_interval_s: float | None = LOOP_LAG_INTERVAL_S,
         precision: Precision = "fp32",
+        progress: ProgressMode | bool = "auto",
     ) -> None:
         if task is not None and loss_fn is not None:
             raise ValueError("give Trainer a task or a loss_fn, not both (the task has its loss)")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.precision: Precision = precision
+        # [progress hook 1/5] the display mode, checked here; a display is built per fit.
+        self.progress: ProgressMode = check_progress(progress)
+        self._progress = FitProgress("off")
         #: What each fit writes besides the model: trace, kernel store, loggers, loop lag.
         self.outputs = outputs = RunOutputs(
             run_dir=run_dir, telemetry_config=telemetry_config, store=store, loggers=loggers,
@@ -240,6 +249,10 @@ class Trainer:
                 SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow, label=label))
             grower = await stack.enter_async_context(self.grower)
             await self.outputs.start(grower)
+            # [progress hook 2/5] construct this fit's display; the stack closes it (hook 5/5).
+            self._progress = stack.enter_context(FitProgress(
+                self.progress, epochs=epochs, first_epoch=first, label=label,
+                steps_per_epoch=batch_count(train_loader) or 0))
             for epoch in range(first, epochs):
                 grower.begin_epoch()
                 await self._train_epoch(train_loader, on_step)
@@ -255,6 +268,8 @@ class Trainer:
                 log.debug("epoch", epoch=epoch, train_loss=report.train_loss,
                           val_loss=report.val_loss, metrics=dict(report.metrics))
                 self.outputs.log_epoch(report, self.step, self.param_count())
+                # [progress hook 4/5] the epoch's line (and the bar's figures).
+                self._progress.epoch(report, result.events, self.param_count())
                 if on_epoch is not None:
                     on_epoch(report, result)
                 if self._stop_requested:
@@ -302,6 +317,7 @@ class Trainer:
     def _stepped(self, loss: float | None, on_step: Callable[[int, float | None], None] | None
                  ) -> None:
         self.grower.after_step(loss, updated=loss is not None)
+        self._progress.step(loss)  # [progress hook 3/5] per step: a counter, a rare redraw
         if on_step is not None:
             on_step(self.step, loss)
 

@@ -43,45 +43,66 @@
   var drawn = {};
   var width = Math.max(480, Math.min(1100, (document.documentElement.clientWidth || 1000) - 60));
 
-  // Marker numbers: every marked transition of every run, in order.
+  // Marker numbers: every marked transition of every run, in order. Events of one epoch share
+  // an x position (the epoch whose figures they were decided on), so the k-th of them is drawn
+  // MARKER_DX px further right and its number MARKER_DY px lower: a cull never hides under a
+  // germination.
+  var MARKER_DX = 12, MARKER_DY = 14;
+  // Epochs are whole numbers: no tick at epoch 0.2.
+  var EPOCH_TICKS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
   var markers = [];
+  var perEpoch = {};
   runs.forEach(function (run, ri) {
     run.events.forEach(function (ev) {
       if (ev.marked && ev.epoch !== null) {
-        markers.push({ n: markers.length + 1, run: run.label, colour: runColour(run.label, ri), ev: ev });
+        var k = perEpoch[ev.epoch] || 0;
+        perEpoch[ev.epoch] = k + 1;
+        markers.push({ n: markers.length + 1, k: k, run: run.label, colour: runColour(run.label, ri), ev: ev });
       }
     });
   });
 
-  function markerPlugin() {
+  function markerPlugin(id) {
     return {
       hooks: {
         draw: function (u) {
           var ctx = u.ctx;
+          var px = devicePixelRatio;
+          var placed = [];
           ctx.save();
           markers.forEach(function (m) {
-            var x = u.valToPos(m.ev.epoch, "x", true);
-            if (!isFinite(x)) return;
+            var x0 = u.valToPos(m.ev.epoch, "x", true);
+            if (!isFinite(x0)) return;
+            var x = x0 + m.k * MARKER_DX * px;
+            var y = u.bbox.top + (12 + m.k * MARKER_DY) * px;
             ctx.strokeStyle = STATES[m.ev.to] || "#555";
-            ctx.lineWidth = 2 * devicePixelRatio;
-            ctx.setLineDash([5 * devicePixelRatio, 4 * devicePixelRatio]);
+            ctx.lineWidth = 2 * px;
+            ctx.setLineDash([5 * px, 4 * px]);
             ctx.beginPath();
             ctx.moveTo(x, u.bbox.top);
             ctx.lineTo(x, u.bbox.top + u.bbox.height);
             ctx.stroke();
             ctx.setLineDash([]);
-            ctx.fillStyle = "#222";
-            ctx.font = (11 * devicePixelRatio) + "px sans-serif";
-            ctx.fillText(String(m.n), x + 3 * devicePixelRatio, u.bbox.top + 12 * devicePixelRatio);
+            ctx.font = (11 * px) + "px sans-serif";
+            var label = String(m.n);
+            var w = ctx.measureText(label).width;
+            ctx.fillStyle = "rgba(255,255,255,0.85)";  // the number stays legible over lines
+            ctx.fillRect(x + 2 * px, y - 10 * px, w + 2 * px, 12 * px);
+            ctx.fillStyle = STATES[m.ev.to] || "#222";
+            ctx.fillText(label, x + 3 * px, y);
+            placed.push({ n: m.n, epoch: m.ev.epoch, to: m.ev.to, x: x / px, y: y / px });
           });
           ctx.restore();
+          drawn.markers = drawn.markers || {};
+          drawn.markers[id] = placed;
         }
       }
     };
   }
 
-  // One chart: x = epoch (union over runs), one series per (run, figure).
-  function epochChart(id, title, figures, yLabel) {
+  // One chart: x = epoch (union over runs), one series per (run, figure); y on a log scale
+  // (uPlot's distr 3) when ``log``. Drawn into a box of its own, so it can be drawn again.
+  function epochChart(id, title, figures, yLabel, log) {
     var xs = {};
     var series = [];
     runs.forEach(function (run, ri) {
@@ -112,14 +133,38 @@
       });
     });
     drawn[id].epoch = epochs;
-    var box = el("div", { "class": "chart", id: id });
-    document.getElementById("charts").appendChild(box);
-    new uPlot({
+    var box = document.getElementById(id);
+    if (box) box.textContent = "";
+    else {
+      box = el("div", { "class": "chart", id: id });
+      document.getElementById("charts").appendChild(box);
+    }
+    var u = new uPlot({
       title: title, width: width, height: 260,
-      scales: { x: { time: false, range: [0, Math.max(maxEpoch, 1)] } },
-      axes: [{ label: "epoch" }, { label: yLabel, size: 60 }],
-      series: opts, plugins: [markerPlugin()]
+      scales: { x: { time: false, range: [0, Math.max(maxEpoch, 1)] }, y: log ? { distr: 3 } : {} },
+      axes: [{ label: "epoch", incrs: EPOCH_TICKS }, { label: yLabel + (log ? " (log scale)" : ""), size: 60 }],
+      series: opts, plugins: [markerPlugin(id)]
     }, cols, box);
+    drawn[id].scale = u.scales.y.distr === 3 ? "log" : "linear";
+  }
+
+  // The loss chart's scale: linear, or log (after a few epochs the curves sit close together
+  // near zero); "#log" in the address starts on log.
+  function lossChart(log) {
+    epochChart("chart-loss", "Loss (dashed: training, solid: validation)", ["train_loss", "val_loss"], "loss", log);
+  }
+  function logToggle() {
+    var box = el("label", { "class": "meta", id: "log-toggle" });
+    var check = el("input", { type: "checkbox", id: "log-loss" });
+    check.checked = /(^#|&)log(&|$)/.test(location.hash);
+    check.addEventListener("change", function () {
+      lossChart(check.checked);
+      history.replaceState(null, "", check.checked ? "#log" : location.pathname + location.search);
+    });
+    box.appendChild(check);
+    box.appendChild(document.createTextNode(" log scale for the loss"));
+    document.getElementById("charts").appendChild(box);
+    return check.checked;
   }
 
   function stepChart() {
@@ -141,7 +186,8 @@
     });
   }
 
-  function epochText(e) { return e === null || e === undefined ? "" : e.toFixed(2); }
+  // Epochs as the CLI numbers them: 0-based, whole (the epoch the event happened in).
+  function epochText(e) { return e === null || e === undefined ? "" : String(Math.floor(e)); }
 
   function table(parent, head, rows) {
     var t = el("table");
@@ -174,7 +220,7 @@
         var stop = i + 1 < segs.length ? segs[i + 1][0] : span;
         var d = el("div", {
           "class": "seg state-" + seg[1],
-          title: slot + ": " + seg[1] + " from epoch " + start.toFixed(2)
+          title: slot + ": " + seg[1] + " from epoch " + epochText(start)
         });
         d.style.left = (100 * start / span) + "%";
         d.style.width = Math.max(100 * (stop - start) / span, 0.3) + "%";
@@ -187,7 +233,7 @@
   }
 
   try {
-    epochChart("chart-loss", "Loss (dashed: training, solid: validation)", ["train_loss", "val_loss"], "loss");
+    lossChart(logToggle());
     epochChart("chart-acc", "Validation accuracy", ["val_acc"], "accuracy");
     epochChart("chart-params", "Trainable parameters", ["params"], "parameters");
     stepChart();
@@ -250,6 +296,10 @@
   } catch (e) {
     fail(e && e.stack ? e.stack : e);
   }
-  document.getElementById("esper-drawn").textContent = JSON.stringify(drawn);
-  if (errors.length === 0) body.setAttribute("data-status", "ok");
+  // uPlot draws in a microtask after it is built: report what was drawn after that.
+  function finish() {
+    document.getElementById("esper-drawn").textContent = JSON.stringify(drawn);
+    if (errors.length === 0) body.setAttribute("data-status", "ok");
+  }
+  queueMicrotask(function () { queueMicrotask(finish); });
 })();
