@@ -40,7 +40,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from torch import nn
 
 from ..blueprints import Blueprint
-from ..compiler import BlueprintCompiler, WorkerDiedError
+from ..compiler import BlueprintCompiler, WorkerDiedError, WorkerStartError
 from ..control._controller import (
     Controller,
     Counterfactual,
@@ -678,6 +678,8 @@ class Grower:
                 module = await anyio.to_thread.run_sync(
                     lambda: load_kernel(kernel, device=self.device)
                 )
+            except WorkerStartError:
+                raise  # no compile can run (a script without the __main__ guard): end the run
             except EsperError as exc:
                 error = exc
             except Exception as exc:  # an unmapped dependency error must not end the run
