@@ -101,12 +101,8 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     """
     device = torch.device(device)
     non_blocking = device.type == "cuda"
-    return map_tensors(
-        batch,
-        lambda t: (
-            t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t.to(device)
-        ),
-    )
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=non_blocking)
+                       if isinstance(t, torch.Tensor) else t.to(device))
 
 
 def map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
@@ -125,11 +121,8 @@ def map_tensors(batch: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(map_tensors(v, fn) for v in batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        moved = {
-            f.name: map_tensors(getattr(batch, f.name), fn)
-            for f in dataclasses.fields(batch)
-            if f.init
-        }
+        moved = {f.name: map_tensors(getattr(batch, f.name), fn)
+                 for f in dataclasses.fields(batch) if f.init}
         return dataclasses.replace(batch, **moved)
     if callable(getattr(batch, "to", None)):
         return fn(batch)
@@ -147,11 +140,7 @@ class _SupervisedTask:
     """
 
     def __init__(
-        self,
-        loss_fn: LossFn,
-        *,
-        input_key: str = "input",
-        target_key: str = "labels",
+        self, loss_fn: LossFn, *, input_key: str = "input", target_key: str = "labels",
         metrics: Mapping[str, MetricFn] | None = None,
     ) -> None:
         self.loss_fn = loss_fn
@@ -231,12 +220,8 @@ class ClassificationTask(_SupervisedTask):
     :class:`_SupervisedTask` for the parameters). ``loss_fn`` defaults to cross-entropy."""
 
     def __init__(
-        self,
-        loss_fn: LossFn = nn.functional.cross_entropy,
-        *,
-        input_key: str = "input",
-        target_key: str = "labels",
-        metrics: Mapping[str, MetricFn] | None = None,
+        self, loss_fn: LossFn = nn.functional.cross_entropy, *, input_key: str = "input",
+        target_key: str = "labels", metrics: Mapping[str, MetricFn] | None = None,
     ) -> None:
         super().__init__(loss_fn, input_key=input_key, target_key=target_key, metrics=metrics)
 
@@ -274,12 +259,8 @@ class RegressionTask(_SupervisedTask):
     against targets ``(N,)`` give an ``(N, N)`` loss that does not train the model)."""
 
     def __init__(
-        self,
-        loss_fn: LossFn = nn.functional.mse_loss,
-        *,
-        input_key: str = "input",
-        target_key: str = "labels",
-        metrics: Mapping[str, MetricFn] | None = None,
+        self, loss_fn: LossFn = nn.functional.mse_loss, *, input_key: str = "input",
+        target_key: str = "labels", metrics: Mapping[str, MetricFn] | None = None,
     ) -> None:
         super().__init__(loss_fn, input_key=input_key, target_key=target_key, metrics=metrics)
 
@@ -306,10 +287,7 @@ class LanguageModelTask(_SupervisedTask):
     :class:`_SupervisedTask` for the parameters)."""
 
     def __init__(
-        self,
-        *,
-        input_key: str = "input",
-        target_key: str = "labels",
+        self, *, input_key: str = "input", target_key: str = "labels",
         metrics: Mapping[str, MetricFn] | None = None,
     ) -> None:
         super().__init__(
