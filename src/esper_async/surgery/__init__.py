@@ -30,12 +30,14 @@ from ._validation import SurgeryBudget as SurgeryBudget
 from ._validation import SurgeryReport as SurgeryReport
 from ._validation import SurgeryValidationConfig as SurgeryValidationConfig
 from ._widen import Widen as Widen
+from ._widen_slot import CoupledWidthError as CoupledWidthError
 from ._widen_slot import WidenSlot as WidenSlot
 from ._width_init import WIDTH_INITS as WIDTH_INITS
 from ._width_init import WidthSignal as WidthSignal
 from ._width_signal import capture_width_signal as capture_width_signal
 
 __all__ = (
+    "CoupledWidthError",
     "WIDTH_INITS",
     "AddResidual",
     "AddSkip",
