@@ -84,6 +84,6 @@ def test_width_growth_on_a_gate_ends_the_run_with_the_reason() -> None:
         controller=ea.HeuristicController(config, blueprints=()),
     )
     before = model.blocks[0].mlp.gate.host.out_features
-    with pytest.raises(CoupledWidthError, match="'blocks.0.mlp.gate' cannot be widened alone"):
+    with pytest.raises(CoupledWidthError, match=r"'blocks\.0\.mlp\.gate' cannot be widened alone"):
         anyio.run(lambda: trainer.fit(data, data, epochs=4))
     assert model.blocks[0].mlp.gate.host.out_features == before  # nothing was changed

@@ -37,10 +37,10 @@ from ._width_init import WidthSignal as WidthSignal
 from ._width_signal import capture_width_signal as capture_width_signal
 
 __all__ = (
-    "CoupledWidthError",
     "WIDTH_INITS",
     "AddResidual",
     "AddSkip",
+    "CoupledWidthError",
     "FxRewire",
     "GatedResidual",
     "GatedShortcut",
