@@ -33,16 +33,16 @@ from ._width_init import WidthSignal, check_init
 
 __all__ = ("CoupledWidthError", "SlotConsumer", "WidenSlot", "find_slot_consumers")
 
-#: Binary operations that combine the slot's output with another tensor of its width: a gated
-#: MLP's ``act(gate(x)) * up(x)``, or a sum of two branches. Both operands would have to grow.
-_COMBINING_FUNCTIONS = {
-    operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub,
-}
-_COMBINING_METHODS = {"mul", "add", "sub", "div", "mul_", "add_"}
+#: Products of the slot's output with another tensor of its width: a gated MLP's
+#: ``act(gate(x)) * up(x)``. Both factors would have to grow. (A sum of two branches is refused
+#: as any other unsupported node is: a residual add is common where width growth may still try
+#: other slots.)
+_GATING_FUNCTIONS = {operator.mul, operator.truediv, torch.mul}
+_GATING_METHODS = {"mul", "mul_", "div"}
 
 
 class CoupledWidthError(SurgeryError):
-    """The slot's output is combined elementwise with another layer's output (the gate and up
+    """The slot's output is multiplied elementwise with another layer's output (the gate and up
     projections of a gated MLP): its width is coupled to that layer's, and widening one of them
     alone cannot preserve the function. Not a passing failure: the same slot always fails.
 
@@ -123,7 +123,7 @@ def find_slot_consumers(
             consumers[consumer.path] = consumer
             continue
         kind = _classify(parent, node, width)
-        if kind is None and _combines(node):
+        if kind is None and _gates(node):
             raise _coupled(operation, slot_path, prefix, call, node)
         if kind is None:
             raise SurgeryError(
@@ -139,14 +139,14 @@ def find_slot_consumers(
     return sorted(set(norms)), [consumers[path] for path in sorted(consumers)]
 
 
-def _combines(node: fx.Node) -> bool:
-    """Whether ``node`` combines two tensors elementwise (a product or a sum of branches)."""
+def _gates(node: fx.Node) -> bool:
+    """Whether ``node`` multiplies two tensors elementwise (a gate)."""
     nodes = [a for a in node.args if isinstance(a, fx.Node)]
     if len(nodes) < 2:
         return False
     if node.op == "call_function":
-        return node.target in _COMBINING_FUNCTIONS
-    return node.op == "call_method" and node.target in _COMBINING_METHODS
+        return node.target in _GATING_FUNCTIONS
+    return node.op == "call_method" and node.target in _GATING_METHODS
 
 
 def _origin(node: fx.Node, avoid: fx.Node) -> str | None:
@@ -179,13 +179,13 @@ def _reaches(node: fx.Node, target: fx.Node) -> bool:
 def _coupled(
     operation: str, slot_path: str, prefix: str, call: fx.Node, node: fx.Node
 ) -> CoupledWidthError:
-    """The error for a slot whose output is combined with another branch at ``node``."""
+    """The error for a slot whose output is multiplied with another branch at ``node``."""
     others = [a for a in node.args if isinstance(a, fx.Node) and not _reaches(a, call)]
     origin = next((o for o in (_origin(a, call) for a in others) if o is not None), None)
     coupled = None if origin is None else prefix + origin
     what = "another tensor" if coupled is None else f"the output of {coupled!r}"
     return CoupledWidthError(
-        f"{operation}: {slot_path!r} cannot be widened alone: its output is combined "
+        f"{operation}: {slot_path!r} cannot be widened alone: its output is multiplied "
         f"({node.format_node()}) with {what}, as the gate and up projections of a gated "
         f"(SwiGLU, GLU) MLP are, so both widths are coupled and widening one breaks the "
         f"product. Width growth widens one layer whose output feeds only layers: leave "
