@@ -39,12 +39,12 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, write  # noqa: E402
+from _common import machine, write
 
-import esper_async as ea  # noqa: E402
-from esper_async.apps.data import digits_loaders  # noqa: E402
-from esper_async.apps.demo import DigitsHost  # noqa: E402
-from esper_async.seeds import SeedSlot, SeedState  # noqa: E402
+import esper_async as ea
+from esper_async.apps.data import digits_loaders
+from esper_async.apps.demo import DigitsHost
+from esper_async.seeds import SeedSlot, SeedState
 
 
 class MeasuringController(ea.HeuristicController):

@@ -24,12 +24,18 @@ def test_the_example_ends_where_the_demo_does(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "digits_growth.py"), "--epochs", str(epochs)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     example = {
         m.group(1): (float(m.group(2)), int(m.group(3)))
-        for m in map(LINE.match, done.stdout.splitlines()) if m
+        for m in map(LINE.match, done.stdout.splitlines())
+        if m
     }
     demo = anyio.run(run_demo, DemoConfig(epochs=epochs, seed=0, use_store=False))
     expected = {

@@ -22,7 +22,12 @@ SLOTS = ["transformer.h.0.mlp", "transformer.h.1.mlp"]
 def _gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+        vocab_size=32,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
         eos_token_id=0,
     )
     model = transformers.GPT2LMHeadModel(config)
