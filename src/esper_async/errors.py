@@ -35,6 +35,8 @@ boundary where they occur and chained with ``raise ... from exc``.
     │   ├── CheckpointForgeryError    with a seal key: a checkpoint's seal is missing or foreign
     │   └── CheckpointMismatchError   a sound checkpoint does not fit the model restored into
     ├── GovernorError             (esper_async.reliability) rolling back did not make training sound
+    ├── WorkerStartError          (esper_async.compiler) a compile worker died starting (no
+    │                             `if __name__ == "__main__":` guard in the script)
     └── DistributedError          (esper_async.distributed) ranks disagree or cannot coordinate
         ├── RankDivergenceError       ranks hold different structure or parameters
         └── ControllerBroadcastError  rank 0's decision could not reach the other ranks

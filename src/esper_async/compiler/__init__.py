@@ -9,6 +9,7 @@ from ._pool import CompileExecutor as CompileExecutor
 from ._pool import ProcessPool as ProcessPool
 from ._pool import WorkerDiedError as WorkerDiedError
 from ._pool import WorkerError as WorkerError
+from ._pool import WorkerStartError as WorkerStartError
 from ._validator import Check as Check
 from ._validator import KernelValidator as KernelValidator
 from ._validator import ValidationReport as ValidationReport
@@ -24,5 +25,6 @@ __all__ = (
     "ValidationReport",
     "WorkerDiedError",
     "WorkerError",
+    "WorkerStartError",
     "default_workers",
 )

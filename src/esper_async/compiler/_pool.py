@@ -9,7 +9,9 @@ Resource handling: the pool is opened with ``async with``; leaving it kills ever
 whose call is cancelled or times out is killed, not reused: its state is unknown.
 
 Error handling: a worker that dies mid-call raises :class:`WorkerDiedError`; the next call starts a
-fresh worker.
+fresh worker. A worker that exits on its own before it is ready (most often because the script
+that opened the pool has no ``if __name__ == "__main__":`` guard, so spawn re-ran it in the worker)
+raises :class:`WorkerStartError`: trying again would fail the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import re
+import signal
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -27,13 +32,20 @@ from typing import Any, Protocol
 import anyio
 import structlog
 
-__all__ = ("CompileExecutor", "ProcessPool", "WorkerDiedError", "WorkerError")
+from ..errors import EsperError
+
+__all__ = ("CompileExecutor", "ProcessPool", "WorkerDiedError", "WorkerError", "WorkerStartError")
 
 log = structlog.get_logger(__name__)
 
 #: Niceness of worker processes where SCHED_IDLE is not allowed: when training and a compile
 #: compete for a core, the kernel scheduler then still favours training.
 WORKER_NICENESS = 10
+#: Seconds to wait for a worker whose pipe closed to be reaped: the pipe closes as the process
+#: exits, a moment before its exit code can be read.
+_REAP_TIMEOUT = 5.0
+#: The guard spawn needs in the main module.
+_GUARD = re.compile(r"""__name__\s*==\s*['"]__main__['"]""")
 
 
 class WorkerDiedError(RuntimeError):
@@ -42,6 +54,23 @@ class WorkerDiedError(RuntimeError):
 
 class WorkerError(RuntimeError):
     """A call raised inside the worker; the message carries the worker-side traceback."""
+
+
+class WorkerStartError(EsperError):
+    """A compile worker process exited on its own before it was ready to take a call.
+
+    A worker is a fresh interpreter (spawn) that first re-imports the script that started it;
+    a script without an ``if __name__ == "__main__":`` guard runs its training again there and
+    dies when that tries to start workers of its own. Retrying cannot help, so this ends the run.
+
+    :ivar exit_code: the worker's exit code (``None`` when it reported a failure and exited).
+    :ivar main_path: the main script that spawn re-imported (``None`` when there is none).
+    """
+
+    def __init__(self, message: str, *, exit_code: int | None, main_path: str | None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.main_path = main_path
 
 
 class CompileExecutor(Protocol):
@@ -65,6 +94,29 @@ class CompileExecutor(Protocol):
 def _worker_main(conn: Connection, threads: int, imports: Sequence[str], niceness: int) -> None:
     """The loop of one worker process: receive ``(fn, args)``, send back the outcome."""
     try:
+        _set_up_worker(threads, imports, niceness)
+    except BaseException as exc:  # tell the parent why, rather than only dying
+        conn.send(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        fn, args = message
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        else:
+            conn.send(("ok", result))
+
+
+def _set_up_worker(threads: int, imports: Sequence[str], niceness: int) -> None:
+    try:
         # SCHED_IDLE: the worker runs only on a core that training leaves idle, so compiles
         # never slow a training step that wants both cores; plain niceness is the fallback.
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -84,21 +136,51 @@ def _worker_main(conn: Connection, threads: int, imports: Sequence[str], nicenes
         pass
     for name in imports:
         importlib.import_module(name)
-    conn.send(("ready", os.getpid()))
-    while True:
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "did not exit (it closed its pipe)"
+    if code < 0:
         try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message is None:
-            return
-        fn, args = message
-        try:
-            result = fn(*args)
-        except BaseException as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-        else:
-            conn.send(("ok", result))
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _main_path() -> str | None:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return path if isinstance(path, str) else None
+
+
+def _start_failure(pid: int | None, code: int | None) -> WorkerStartError:
+    """The error for a worker that exited on its own before it was ready: say why and the fix."""
+    path = _main_path()
+    try:
+        with open(path or "", encoding="utf-8", errors="replace") as file:
+            guarded = bool(_GUARD.search(file.read(1 << 20)))
+    except OSError:
+        guarded = True  # no readable script: say nothing about its guard
+    what = f"compile worker process {pid} {_exit_text(code)} while starting"
+    if path is not None and not guarded:
+        message = (
+            f'{what}: {path} has no `if __name__ == "__main__":` guard. Each worker is a spawned '
+            f"interpreter that first re-imports that script, so the script's training ran again in "
+            f"the worker and died starting workers of its own (its traceback is on stderr). Put "
+            f"the code that trains under the guard, e.g.\n\n"
+            f'    if __name__ == "__main__":\n        anyio.run(main)\n'
+        )
+    else:
+        where = "the main script" if path is None else path
+        message = (
+            f"{what}, before it ran any esper_async code: spawn re-imports {where} in each "
+            f"worker, and its top-level code failed there (its traceback is on stderr). Keep the "
+            f'code that trains under `if __name__ == "__main__":`, and the script\'s top level '
+            f"free of anything that cannot run twice."
+        )
+    return WorkerStartError(message, exit_code=code, main_path=path)
 
 
 class _Worker:
@@ -112,9 +194,12 @@ class _Worker:
         try:
             return self.conn.recv()
         except (EOFError, OSError) as exc:
-            raise WorkerDiedError(
-                f"worker process {self.pid} exited with code {self.process.exitcode}"
-            ) from exc
+            error = exc
+        # The pipe closes as the process exits, before it is reaped: wait for its exit code.
+        await anyio.to_thread.run_sync(self.process.join, _REAP_TIMEOUT)
+        raise WorkerDiedError(
+            f"worker process {self.pid} {_exit_text(self.process.exitcode)}"
+        ) from error
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -220,7 +305,7 @@ class ProcessPool:
                 return  # a call already started the worker this task was meant to start
             try:
                 self._idle.append(await self._start())
-            except WorkerDiedError as exc:
+            except (WorkerDiedError, WorkerStartError) as exc:
                 log.warning("worker failed to start", error=str(exc))
 
     async def _start(self) -> _Worker:
@@ -236,14 +321,29 @@ class ProcessPool:
         worker = _Worker(process, parent)
         try:
             with anyio.fail_after(self.start_timeout):
-                status, pid = await worker.receive()
+                status, payload = await worker.receive()
         except TimeoutError as exc:
             worker.kill()
             raise WorkerDiedError(f"worker did not start within {self.start_timeout} s") from exc
+        except WorkerDiedError as exc:
+            worker.kill()
+            code = worker.process.exitcode
+            if code is not None and code >= 0:  # it exited on its own: no retry can help
+                raise _start_failure(worker.pid, code) from exc
+            raise
         except BaseException:
             worker.kill()
             raise
-        log.debug("worker started", pid=pid, status=status)
+        if status == "failed":  # it sent why and is exiting
+            await anyio.to_thread.run_sync(worker.process.join, _REAP_TIMEOUT)
+            worker.kill()
+            raise WorkerStartError(
+                f"compile worker process {worker.pid} could not set itself up (check the "
+                f"modules given as imports=, {list(self.imports)}): {payload}",
+                exit_code=worker.process.exitcode,
+                main_path=_main_path(),
+            )
+        log.debug("worker started", pid=payload, status=status)
         return worker
 
     async def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
@@ -253,6 +353,8 @@ class ProcessPool:
         :param timeout: seconds the call may take (worker start excluded); on expiry the worker is
             killed and ``TimeoutError`` raised.
         :raises WorkerDiedError: if the worker exits during the call.
+        :raises WorkerStartError: if a worker started for the call exits on its own before it
+            is ready (a script without the ``__main__`` guard, a failing import).
         :raises WorkerError: if ``fn`` raised in the worker.
         :raises TimeoutError: if the call ran past ``timeout``.
         """

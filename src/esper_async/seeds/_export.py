@@ -26,6 +26,13 @@ source, which ``torch.load(..., weights_only=False)`` executes, so an edited fil
 was put in it. Load it only as you would run its author's code; to share a model, save
 :func:`export_program`'s result with ``torch.export.save`` (a ``.pt2`` whose graph is data).
 
+A model ``torch.fx`` cannot trace (a Hugging Face model: its forward inspects its arguments) is
+exported through ``torch.export`` instead, when an example input is given: the result is then
+``ExportedProgram.module()``, the model's ATen graph with the slots' seeds inlined as they compute
+in eval mode. It runs and has the model's ``state_dict`` keys, but it cannot be pickled with
+``torch.save``: share it as a program (:func:`export_program`, ``torch.export.save``), and call
+neither ``.train()`` nor ``.eval()`` on it (it is fixed at eval).
+
 The model is traced in eval mode: Python branches on ``self.training`` in the model's own
 modules are fixed at eval; torch's leaves (``Dropout``, ``BatchNorm``) still switch. A kernel
 loaded in the ``bf16`` form runs in full precision in the export. :func:`export_program` turns the
@@ -35,11 +42,14 @@ result into a ``torch.export`` program with a dynamic batch size.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal
 
 import structlog
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from ..blueprints import SlotKind
 from ..errors import ExportError
@@ -126,7 +136,8 @@ def _own_tensors(gm: fx.GraphModule) -> fx.GraphModule:
                 if id(t) not in done:
                     fresh = t.detach().clone()
                     done[id(t)] = (
-                        nn.Parameter(fresh, t.requires_grad) if isinstance(t, nn.Parameter)
+                        nn.Parameter(fresh, t.requires_grad)
+                        if isinstance(t, nn.Parameter)
                         else fresh
                     )
                 table[name] = done[id(t)]  # type: ignore[assignment]
@@ -149,10 +160,52 @@ def _foreign(gm: fx.GraphModule) -> list[str]:
     return found
 
 
+@contextmanager
+def _live_seeds_dropped(model: nn.Module) -> Iterator[None]:
+    """Within the block every live seed contributes nothing: its slot computes its host alone."""
+    with ExitStack() as stack:
+        for module in model.modules():
+            if isinstance(module, SeedSlot) and module.state in LIVE_STATES:
+                stack.enter_context(module.ablated())
+        yield
+
+
+def _batch_dims(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``dynamic_shapes`` with dimension 0 of each positional tensor dynamic; keyword arguments
+    stay as given."""
+    return tuple(
+        {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
+        for a in args
+    ) + tuple(None for _ in kwargs)
+
+
+def _through_torch_export(
+    model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], fx_error: Exception
+) -> fx.GraphModule:
+    """``model`` exported with ``torch.export`` (non-strict) as its unlifted graph module."""
+    name = type(model).__name__
+    try:
+        with _live_seeds_dropped(model):
+            program = torch.export.export(
+                model, args, dict(kwargs), dynamic_shapes=_batch_dims(args, kwargs), strict=False
+            )
+    except Exception as exc:
+        raise ExportError(
+            f"torch.fx could not trace {name} ({type(fx_error).__name__}: {fx_error}), and "
+            f"torch.export failed on the example input too: {type(exc).__name__}: {exc}. The "
+            "model needs no data-dependent Python control flow; an output torch.export cannot "
+            "carry (a Hugging Face cache) is turned off with example_kwargs (e.g. "
+            "{'use_cache': False})",
+        ) from exc
+    log.info("export.through_torch_export", model=name, fx_error=str(fx_error)[:200])
+    return _own_tensors(program.module())
+
+
 def export_model(
     model: nn.Module,
     *,
     example_input: Any = None,
+    example_kwargs: Mapping[str, Any] | None = None,
     live: Literal["refuse", "drop"] = "refuse",
     atol: float = 1e-6,
 ) -> fx.GraphModule:
@@ -163,18 +216,23 @@ def export_model(
 
     :param model: the trained model, with slots made by :func:`esper_async.wrap` anywhere in it.
     :param example_input: a batch (a tensor, or a tuple of positional arguments); when given, the
-        export's outputs on it are checked against the model's (eval mode, within ``atol``).
+        export's outputs on it are checked against the model's (eval mode, within ``atol``), and
+        a model ``torch.fx`` cannot trace is exported through ``torch.export`` on it instead.
+    :param example_kwargs: keyword arguments of the model's forward that go with
+        ``example_input`` (e.g. ``{"use_cache": False}`` for a Hugging Face language model).
     :param live: what to do with a slot whose seed is still live (GERMINATED to PROBATION):
         ``"refuse"`` raises, ``"drop"`` exports that slot's host alone.
     :param atol: absolute tolerance of the check on ``example_input``.
     :raises ValueError: if ``live`` is not ``"refuse"`` or ``"drop"``.
     :raises ExportError: if a slot holds a live seed (with ``live="refuse"``), the model cannot
-        be traced with ``torch.fx`` (data-dependent control flow), something of esper_async
-        would remain in the export, or the outputs on ``example_input`` differ.
+        be traced with ``torch.fx`` and either no example input was given or ``torch.export``
+        failed on it too (data-dependent control flow), something of esper_async would remain in
+        the export, or the outputs on ``example_input`` differ.
     """
     if live not in _LIVE:
         raise ValueError(f"export_model: live must be one of {_LIVE}, not {live!r}")
     _check_slots(model, live)
+    kwargs = dict(example_kwargs or {})
     was_training = model.training
     model.eval()
     try:
@@ -182,20 +240,15 @@ def export_model(
         try:
             graph = tracer.trace(model)
         except Exception as exc:
-            raise ExportError(
-                f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}; "
-                "export_model needs a model without data-dependent Python control flow",
-            ) from exc
-        # The graph remembers its tracer's class, and GraphModule pickles it: leave it out, so
-        # that loading the export never imports esper_async.
-        graph._tracer_cls = None
-        for node in graph.nodes:
-            # Annotations read from the model's signature (strings under postponed evaluation)
-            # would become imports in the pickled code.
-            node.type = None
-        gm = _own_tensors(copy.deepcopy(fx.GraphModule(tracer.root, graph, type(model).__name__)))
-        gm._tracer_cls = None
-        gm.eval()
+            if example_input is None:
+                raise ExportError(
+                    f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: "
+                    f"{exc}; pass example_input= (and example_kwargs=) and export_model exports "
+                    "it through torch.export instead",
+                ) from exc
+            gm = _through_torch_export(model, _args(example_input), kwargs, exc)
+        else:
+            gm = _from_fx(model, tracer, graph)
         left = _foreign(gm)
         if left:
             raise ExportError(
@@ -203,11 +256,27 @@ def export_model(
                 f"{', '.join(left[:3])}",
             )
         if example_input is not None:
-            _check_outputs(model, gm, example_input, atol)
+            _check_outputs(model, gm, example_input, kwargs, atol)
     finally:
         model.train(was_training)
-    log.info("export.model", model=type(model).__name__,
-             params=sum(p.numel() for p in gm.parameters()))
+    log.info(
+        "export.model", model=type(model).__name__, params=sum(p.numel() for p in gm.parameters())
+    )
+    return gm
+
+
+def _from_fx(model: nn.Module, tracer: fx.Tracer, graph: fx.Graph) -> fx.GraphModule:
+    """The traced graph as a module of its own, free of esper_async."""
+    # The graph remembers its tracer's class, and GraphModule pickles it: leave it out, so
+    # that loading the export never imports esper_async.
+    graph._tracer_cls = None
+    for node in graph.nodes:
+        # Annotations read from the model's signature (strings under postponed evaluation)
+        # would become imports in the pickled code.
+        node.type = None
+    gm = _own_tensors(copy.deepcopy(fx.GraphModule(tracer.root, graph, type(model).__name__)))
+    gm._tracer_cls = None
+    gm.eval()
     return gm
 
 
@@ -216,40 +285,57 @@ def _args(example_input: Any) -> tuple[Any, ...]:
 
 
 @torch.no_grad()
-def _check_outputs(model: nn.Module, gm: nn.Module, example_input: Any, atol: float) -> None:
+def _check_outputs(
+    model: nn.Module, gm: nn.Module, example_input: Any, kwargs: Mapping[str, Any], atol: float
+) -> None:
     args = _args(example_input)
-    want, got = model(*args), gm(*args)
-    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
-        return  # structured outputs: the caller compares them
-    if want.shape != got.shape or not torch.allclose(want, got, rtol=0.0, atol=atol):
-        diff = (want - got).abs().max().item() if want.shape == got.shape else float("nan")
+    # Structured outputs (a tuple, a Hugging Face ModelOutput) are compared tensor by tensor.
+    want = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    got = [t for t in pytree.tree_leaves(gm(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    if len(want) != len(got):
         raise ExportError(
-            f"the export of {type(model).__name__} differs from the model on the example input "
-            f"(shape {tuple(got.shape)} vs {tuple(want.shape)}, max |diff| {diff:.3g} > {atol})",
+            f"the export of {type(model).__name__} returns {len(got)} tensors on the example "
+            f"input where the model returns {len(want)}",
         )
+    for w, g in zip(want, got, strict=True):
+        if w.shape != g.shape or not torch.allclose(w, g, rtol=0.0, atol=atol):
+            diff = (w - g).abs().max().item() if w.shape == g.shape else float("nan")
+            raise ExportError(
+                f"the export of {type(model).__name__} differs from the model on the example "
+                f"input (shape {tuple(g.shape)} vs {tuple(w.shape)}, max |diff| {diff:.3g} > "
+                f"{atol})",
+            )
 
 
 def export_program(
-    model: nn.Module, example_input: Any, *, dynamic_batch: bool = True
+    model: nn.Module,
+    example_input: Any,
+    *,
+    example_kwargs: Mapping[str, Any] | None = None,
+    dynamic_batch: bool = True,
 ) -> torch.export.ExportedProgram:
     """A ``torch.export`` program of ``model``'s export (``torch.export.save``/``load`` it).
 
     :param model: a model with seed slots (exported first with :func:`export_model`, live seeds
         refused) or the result of :func:`export_model`.
     :param example_input: a batch (a tensor, or a tuple of positional arguments).
+    :param example_kwargs: keyword arguments of the model's forward (fixed in the program).
     :param dynamic_batch: whether dimension 0 of each tensor argument stays dynamic.
     :raises ExportError: as :func:`export_model`, or if ``torch.export.export`` fails.
     """
-    gm = model if isinstance(model, fx.GraphModule) and not _foreign(model) else export_model(model)
+    kwargs = dict(example_kwargs or {})
+    if isinstance(model, fx.GraphModule) and not _foreign(model):
+        gm = model
+    else:
+        gm = export_model(model, example_input=example_input, example_kwargs=kwargs)
     args = _args(example_input)
-    dynamic: Any = None
-    if dynamic_batch:
-        dynamic = tuple(
-            {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
-            for a in args
-        )
+    dynamic = _batch_dims(args, kwargs) if dynamic_batch else None
     try:
-        return torch.export.export(gm.eval(), args, dynamic_shapes=dynamic)
+        gm.eval()
+    except NotImplementedError:
+        pass  # an export made through torch.export: fixed at eval already
+    try:
+        return torch.export.export(gm, args, kwargs or None, dynamic_shapes=dynamic)
     except Exception as exc:
         raise ExportError(
             f"torch.export of the exported {type(model).__name__} failed: "

@@ -30,6 +30,7 @@ from ._validation import SurgeryBudget as SurgeryBudget
 from ._validation import SurgeryReport as SurgeryReport
 from ._validation import SurgeryValidationConfig as SurgeryValidationConfig
 from ._widen import Widen as Widen
+from ._widen_slot import CoupledWidthError as CoupledWidthError
 from ._widen_slot import WidenSlot as WidenSlot
 from ._width_init import WIDTH_INITS as WIDTH_INITS
 from ._width_init import WidthSignal as WidthSignal
@@ -39,6 +40,7 @@ __all__ = (
     "WIDTH_INITS",
     "AddResidual",
     "AddSkip",
+    "CoupledWidthError",
     "FxRewire",
     "GatedResidual",
     "GatedShortcut",

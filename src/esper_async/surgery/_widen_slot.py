@@ -18,6 +18,7 @@ contract are untouched, since its output keeps its width.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,31 @@ from ._context import SurgeryContext
 from ._widen import _classify, _width_of, traced_call, widen_layers
 from ._width_init import WidthSignal, check_init
 
-__all__ = ("SlotConsumer", "WidenSlot", "find_slot_consumers")
+__all__ = ("CoupledWidthError", "SlotConsumer", "WidenSlot", "find_slot_consumers")
+
+#: Products of the slot's output with another tensor of its width: a gated MLP's
+#: ``act(gate(x)) * up(x)``. Both factors would have to grow. (A sum of two branches is refused
+#: as any other unsupported node is: a residual add is common where width growth may still try
+#: other slots.)
+_GATING_FUNCTIONS = {operator.mul, operator.truediv, torch.mul}
+_GATING_METHODS = {"mul", "mul_", "div"}
+
+
+class CoupledWidthError(SurgeryError):
+    """The slot's output is multiplied elementwise with another layer's output (the gate and up
+    projections of a gated MLP): its width is coupled to that layer's, and widening one of them
+    alone cannot preserve the function. Not a passing failure: the same slot always fails.
+
+    :ivar slot: the slot's dotted name.
+    :ivar coupled: the module whose output it is combined with (``None`` when not a module).
+    """
+
+    def __init__(
+        self, message: str, *, operation: str, slot: str, coupled: str | None
+    ) -> None:
+        super().__init__(message, operation=operation)
+        self.slot = slot
+        self.coupled = coupled
 
 
 @dataclass(frozen=True)
@@ -98,6 +123,8 @@ def find_slot_consumers(
             consumers[consumer.path] = consumer
             continue
         kind = _classify(parent, node, width)
+        if kind is None and _gates(node):
+            raise _coupled(operation, slot_path, prefix, call, node)
         if kind is None:
             raise SurgeryError(
                 f"{operation}: the output of {slot_path!r} reaches {node.format_node()}, which "
@@ -110,6 +137,62 @@ def find_slot_consumers(
     if not consumers:
         raise SurgeryError(f"{operation}: {slot_path!r} feeds no consumer", operation=operation)
     return sorted(set(norms)), [consumers[path] for path in sorted(consumers)]
+
+
+def _gates(node: fx.Node) -> bool:
+    """Whether ``node`` multiplies two tensors elementwise (a gate)."""
+    nodes = [a for a in node.args if isinstance(a, fx.Node)]
+    if len(nodes) < 2:
+        return False
+    if node.op == "call_function":
+        return node.target in _GATING_FUNCTIONS
+    return node.op == "call_method" and node.target in _GATING_METHODS
+
+
+def _origin(node: fx.Node, avoid: fx.Node) -> str | None:
+    """The module whose output reaches ``node`` through elementwise steps (not through
+    ``avoid``, the slot's call), or ``None``."""
+    frontier, seen = [node], set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen or n is avoid:
+            continue
+        seen.add(n)
+        if n.op == "call_module":
+            return str(n.target)
+        frontier.extend(a for a in n.args if isinstance(a, fx.Node))
+    return None
+
+
+def _reaches(node: fx.Node, target: fx.Node) -> bool:
+    frontier, seen = [node], set()
+    while frontier:
+        n = frontier.pop()
+        if n is target:
+            return True
+        if n not in seen:
+            seen.add(n)
+            frontier.extend(a for a in n.args if isinstance(a, fx.Node))
+    return False
+
+
+def _coupled(
+    operation: str, slot_path: str, prefix: str, call: fx.Node, node: fx.Node
+) -> CoupledWidthError:
+    """The error for a slot whose output is multiplied with another branch at ``node``."""
+    others = [a for a in node.args if isinstance(a, fx.Node) and not _reaches(a, call)]
+    origin = next((o for o in (_origin(a, call) for a in others) if o is not None), None)
+    coupled = None if origin is None else prefix + origin
+    what = "another tensor" if coupled is None else f"the output of {coupled!r}"
+    return CoupledWidthError(
+        f"{operation}: {slot_path!r} cannot be widened alone: its output is multiplied "
+        f"({node.format_node()}) with {what}, as the gate and up projections of a gated "
+        f"(SwiGLU, GLU) MLP are, so both widths are coupled and widening one breaks the "
+        f"product. Width growth widens one layer whose output feeds only layers: leave "
+        f"{slot_path!r} out of ControllerConfig.width_slots (a plain MLP's hidden Linear can "
+        f"be widened).",
+        operation=operation, slot=slot_path, coupled=coupled,
+    )
 
 
 def _layer_at(parent: nn.Module, node: fx.Node) -> tuple[nn.Module | None, str]:

@@ -40,7 +40,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from torch import nn
 
 from ..blueprints import Blueprint
-from ..compiler import BlueprintCompiler, WorkerDiedError
+from ..compiler import BlueprintCompiler, WorkerDiedError, WorkerStartError
 from ..control._controller import (
     Controller,
     Counterfactual,
@@ -77,7 +77,13 @@ from ..reliability._config import ReliabilityConfig
 from ..reliability._errors import LossAnomaly, is_out_of_memory
 from ..reliability._incidents import Incident, IncidentKind
 from ..seeds import SeedSlot, SeedState, find_slots
-from ..surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig, WidenSlot
+from ..surgery import (
+    CoupledWidthError,
+    ModelSurgeon,
+    SurgeryPolicy,
+    SurgeryPolicyConfig,
+    WidenSlot,
+)
 from ..surgery._replay import operation_record
 from ..telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_ROLLBACK, SPAN_SURGERY, Telemetry
 from ._evaluate import evaluate
@@ -678,6 +684,8 @@ class Grower:
                 module = await anyio.to_thread.run_sync(
                     lambda: load_kernel(kernel, device=self.device)
                 )
+            except WorkerStartError:
+                raise  # no compile can run (a script without the __main__ guard): end the run
             except EsperError as exc:
                 error = exc
             except Exception as exc:  # an unmapped dependency error must not end the run
@@ -906,6 +914,8 @@ class Grower:
                     decision.init, self.step,
                 )
                 await self.surgeon.apply(self.model, self.optimizer, operation, probe=probe)
+            except CoupledWidthError:
+                raise  # the slot can never be widened alone: say so rather than retry in silence
             except SurgeryError as exc:
                 self._agree_on_surgery(
                     WidenSlot(path, decision.width, init=decision.init), committed=False

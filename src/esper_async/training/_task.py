@@ -8,10 +8,16 @@ library:
 * :class:`RegressionTask`: mean squared error; no accuracy.
 * :class:`LanguageModelTask`: token tensors ``(N, T)`` in and out, logits ``(N, T, V)``;
   cross-entropy over every position; reports ``bits_per_token``; no accuracy.
+* :class:`SelfLossTask`: a model that computes its own loss from a mapping batch
+  (``model(**batch).loss``, Hugging Face's ``labels`` convention);
+  :class:`HFCausalLMTask` is that for a causal language model, with ``bits_per_token``.
 
-Each takes its batch as a tuple ``(inputs, targets)``, a mapping (Hugging Face style,
+The first three take their batch as a tuple ``(inputs, targets)``, a mapping (Hugging Face style,
 ``{"input": ..., "labels": ...}``: the key names are the task's ``input_key`` and ``target_key``)
 or an object with those attributes. Extra metrics are ``name -> fn(outputs, targets) -> float``.
+Their outputs and targets must have the shapes above: a mismatch that the loss would broadcast
+(outputs ``(N, 1)`` against targets ``(N,)`` in a regression) or reject is a :class:`TaskError`
+naming both shapes.
 
 A task of your own may also define ``inputs(batch)`` (the model's input): surgery takes its probe
 batch from it, and under data parallelism the diagnosis of a non-finite loss runs the model on it
@@ -28,16 +34,38 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..errors import EsperError
+
 __all__ = (
     "ClassificationTask",
+    "HFCausalLMTask",
     "LanguageModelTask",
     "RegressionTask",
+    "SelfLossTask",
     "Task",
+    "TaskError",
     "move_to_device",
 )
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+class TaskError(EsperError, ValueError):
+    """A batch or a model's outputs do not fit the task: shapes that do not match (which the loss
+    would broadcast or reject), a batch without the fields the task reads, a model output
+    without a loss.
+
+    :ivar task: the task's class name.
+    """
+
+    def __init__(self, message: str, *, task: str) -> None:
+        super().__init__(message)
+        self.task = task
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ("," if t.dim() == 1 else "") + ")"
 
 
 @runtime_checkable
@@ -155,9 +183,27 @@ class _SupervisedTask:
         return move_to_device(batch, device)
 
     def forward(self, model: nn.Module, batch: Any) -> tuple[Any, torch.Tensor]:
-        """See :meth:`Task.forward`: ``model(inputs)`` and ``loss_fn(outputs, targets)``."""
+        """See :meth:`Task.forward`: ``model(inputs)`` and ``loss_fn(outputs, targets)``.
+
+        :raises TaskError: the outputs' shape does not fit the targets' (see the task).
+        """
         outputs = model(self.inputs(batch))
-        return outputs, self.loss_fn(outputs, self.targets(batch))
+        targets = self.targets(batch)
+        if isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):
+            problem = self._shape_problem(outputs, targets)
+            if problem is not None:
+                raise TaskError(
+                    f"{type(self).__name__}: the model's outputs have shape {_shape(outputs)} and "
+                    f"the targets {_shape(targets)}; {problem}",
+                    task=type(self).__name__,
+                )
+        return outputs, self.loss_fn(outputs, targets)
+
+    def _shape_problem(self, outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+        """What is wrong with these shapes for this task and how to fix it; ``None``: fine."""
+        if outputs.dim() == 0 or targets.dim() == 0 or outputs.shape[0] != targets.shape[0]:
+            return "they must have the same first (batch) dimension."
+        return None
 
     def metrics(self, outputs: Any, batch: Any) -> dict[str, float]:
         """See :meth:`Task.metrics`: the extra metrics given."""
@@ -179,6 +225,27 @@ class ClassificationTask(_SupervisedTask):
     ) -> None:
         super().__init__(loss_fn, input_key=input_key, target_key=target_key, metrics=metrics)
 
+    def _shape_problem(self, outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+        if outputs.dim() < 2 or outputs.shape[0] != targets.shape[0]:
+            return (
+                "a classification needs logits (N, C) and class indices (N,) with the same N "
+                "(or logits (N, C, d1, ...) and indices (N, d1, ...))."
+            )
+        if targets.is_floating_point():  # class probabilities: shaped like the logits
+            if targets.shape != outputs.shape:
+                return "class probabilities as targets must have the logits' shape."
+        elif outputs.shape[2:] != targets.shape[1:]:
+            hint = (
+                " `.squeeze(-1)` the targets."
+                if targets.shape[:-1] == outputs.shape[:1] and targets.shape[-1] == 1
+                else ""
+            )
+            return (
+                "class indices must have the logits' shape without the class dimension "
+                f"(dimension 1).{hint}"
+            )
+        return None
+
     def metrics(self, outputs: Any, batch: Any) -> dict[str, float]:
         """``accuracy`` (argmax over dimension 1) and the extra metrics."""
         accuracy = float((outputs.argmax(dim=1) == self.targets(batch)).float().mean())
@@ -187,13 +254,26 @@ class ClassificationTask(_SupervisedTask):
 
 class RegressionTask(_SupervisedTask):
     """Outputs against real targets of the same shape; mean squared error by default; no
-    accuracy (see :class:`_SupervisedTask` for the parameters)."""
+    accuracy (see :class:`_SupervisedTask` for the parameters). Outputs and targets of
+    different shapes are a :class:`TaskError`: the loss would broadcast them (outputs ``(N, 1)``
+    against targets ``(N,)`` give an ``(N, N)`` loss that does not train the model)."""
 
     def __init__(
         self, loss_fn: LossFn = nn.functional.mse_loss, *, input_key: str = "input",
         target_key: str = "labels", metrics: Mapping[str, MetricFn] | None = None,
     ) -> None:
         super().__init__(loss_fn, input_key=input_key, target_key=target_key, metrics=metrics)
+
+    def _shape_problem(self, outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+        if outputs.shape == targets.shape:
+            return None
+        if outputs.shape[:-1] == targets.shape and outputs.shape[-1] == 1:
+            fix = "`.squeeze(-1)` the outputs (or `.unsqueeze(-1)` the targets)"
+        elif targets.shape[:-1] == outputs.shape and targets.shape[-1] == 1:
+            fix = "`.squeeze(-1)` the targets (or `.unsqueeze(-1)` the outputs)"
+        else:
+            fix = "make the model's output and the targets the same shape"
+        return f"the loss would broadcast them and train on the wrong figure: {fix}."
 
 
 def _token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -214,6 +294,14 @@ class LanguageModelTask(_SupervisedTask):
             _token_cross_entropy, input_key=input_key, target_key=target_key, metrics=metrics
         )
 
+    def _shape_problem(self, outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+        if outputs.dim() >= 2 and outputs.shape[:-1] == targets.shape:
+            return None
+        return (
+            "a language model needs logits (N, T, V) against tokens (N, T): the logits' shape "
+            "without the vocabulary (last) dimension must be the targets'."
+        )
+
     def metrics(self, outputs: Any, batch: Any) -> dict[str, float]:
         """``bits_per_token`` and the extra metrics."""
         bits = float(_token_cross_entropy(outputs, self.targets(batch))) / math.log(2)
@@ -222,3 +310,114 @@ class LanguageModelTask(_SupervisedTask):
     def batch_size(self, batch: Any) -> int:
         """The batch's target tokens."""
         return int(self.targets(batch).numel())
+
+
+#: Hugging Face's label for positions that count in no loss.
+IGNORE_INDEX = -100
+
+SelfMetricFn = Callable[[Any, Any], float]
+
+
+class SelfLossTask:
+    """A model that computes its own loss: ``model(**batch)`` with the batch a mapping of its
+    keyword arguments, the loss read from the outputs (Hugging Face's convention: a batch with
+    ``labels`` gives outputs whose ``.loss`` is the mean loss).
+
+    The loss is the model's, so what it means (and what ``labels`` mean) is the model's too; the
+    task only checks that there is one scalar loss. Batches are weighted by their examples. It has
+    no ``inputs(batch)``: surgery, which runs a probe batch through the model, is not available.
+
+    :param loss_key: where the outputs carry the loss (an attribute, or a key of a mapping).
+    :param labels_key: the batch key without which the model computes no loss.
+    :param metrics: extra figures, ``name -> fn(outputs, batch)``, measured on every validation
+        batch and averaged.
+    """
+
+    def __init__(
+        self,
+        *,
+        loss_key: str = "loss",
+        labels_key: str = "labels",
+        metrics: Mapping[str, SelfMetricFn] | None = None,
+    ) -> None:
+        self.loss_key = loss_key
+        self.labels_key = labels_key
+        self.extra_metrics = dict(metrics or {})
+
+    def _error(self, message: str) -> TaskError:
+        return TaskError(f"{type(self).__name__}: {message}", task=type(self).__name__)
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """See :meth:`Task.to_device` (every tensor in the batch, at any depth)."""
+        return move_to_device(batch, device)
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[Any, torch.Tensor]:
+        """See :meth:`Task.forward`: ``outputs = model(**batch)``, the loss from the outputs.
+
+        :raises TaskError: the batch is not a mapping or has no ``labels_key``; the outputs carry
+            no loss, or one that is not a scalar.
+        """
+        if not isinstance(batch, Mapping):
+            raise self._error(
+                f"a batch must be a mapping of the model's keyword arguments (e.g. "
+                f"{{'input_ids': ..., 'labels': ...}}), got a {type(batch).__name__}"
+            )
+        if self.labels_key not in batch:
+            raise self._error(
+                f"the batch has no {self.labels_key!r} (keys: {sorted(map(str, batch))[:8]}), so "
+                f"the model computes no loss; add it (for a causal language model, labels are the "
+                f"input ids: the model shifts them) or pass labels_key="
+            )
+        outputs = model(**batch)
+        loss = self._loss_of(outputs)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            what = (
+                "none"
+                if loss is None
+                else (
+                    f"shape {_shape(loss)}"
+                    if isinstance(loss, torch.Tensor)
+                    else type(loss).__name__
+                )
+            )
+            raise self._error(
+                f"the model's outputs ({type(outputs).__name__}) carry no scalar loss at "
+                f"{self.loss_key!r} (found {what}); the model must return its mean loss there "
+                f"when given {self.labels_key!r}, or pass loss_key="
+            )
+        return outputs, loss
+
+    def _loss_of(self, outputs: Any) -> Any:
+        if isinstance(outputs, Mapping):
+            return outputs.get(self.loss_key)
+        return getattr(outputs, self.loss_key, None)
+
+    def metrics(self, outputs: Any, batch: Any) -> dict[str, float]:
+        """See :meth:`Task.metrics`: the extra metrics given."""
+        return {name: float(fn(outputs, batch)) for name, fn in self.extra_metrics.items()}
+
+    def batch_size(self, batch: Any) -> int:
+        """See :meth:`Task.batch_size`: the labels' first dimension."""
+        labels = batch[self.labels_key] if isinstance(batch, Mapping) else None
+        if not isinstance(labels, torch.Tensor) or labels.dim() == 0:
+            raise self._error(f"the batch's {self.labels_key!r} must be a tensor (N, ...)")
+        return int(labels.shape[0])
+
+
+class HFCausalLMTask(SelfLossTask):
+    """A Hugging Face causal language model (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...) on
+    batches ``{"input_ids": (N, T), "labels": (N, T), "attention_mask": ...}``: the model shifts
+    the labels and returns the mean cross-entropy of the positions whose label is not -100.
+    Reports ``bits_per_token`` (that loss in bits); batches are weighted by the tokens that count
+    (see :class:`SelfLossTask` for the parameters)."""
+
+    def metrics(self, outputs: Any, batch: Any) -> dict[str, float]:
+        """``bits_per_token`` and the extra metrics."""
+        bits = float(self._loss_of(outputs)) / math.log(2)
+        return {"bits_per_token": bits, **super().metrics(outputs, batch)}
+
+    def batch_size(self, batch: Any) -> int:
+        """The labelled tokens that count: the labels after the shift, -100 left out."""
+        super().batch_size(batch)  # checks the labels
+        labels = batch[self.labels_key]
+        return int((labels[..., 1:] != IGNORE_INDEX).sum())
