@@ -51,6 +51,7 @@ def host_record(operation: object) -> dict[str, Any] | None:
             "seed": operation.seed,
             "embedding": operation.embedding,
             "head_dim": operation.head_dim,
+            "plan": operation.found or operation.plan,
         }
     return None
 
@@ -84,6 +85,7 @@ def host_operation(record: Mapping[str, Any]) -> HostOperation:
                 seed=int(record["seed"]),
                 embedding=record.get("embedding"),
                 head_dim=None if head_dim is None else int(head_dim),
+                plan=record.get("plan"),
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise SurgeryError(

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import SurgeryError
 from ._context import SurgeryContext
 from ._host_common import GrowthCouplingError
-from ._stream import StreamPlan, find_stream
+from ._stream import StreamPlan, find_stream, plan_from_record, plan_record
 
 __all__ = ("WidenResidual",)
 
@@ -70,12 +70,20 @@ class WidenResidual:
         first ``nn.Embedding`` in the model).
     :param head_dim: attention's head size (default: read from its
         ``scaled_dot_product_attention`` call).
+    :param plan: the coupled layers, as recorded by an earlier apply (replay on resume, which
+        has no probe batch); default: found from the graph on the transaction's probe.
     """
 
     width: int
     seed: int = 0
     embedding: str | None = None
     head_dim: int | None = None
+    plan: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def found(self) -> dict[str, Any] | None:
+        """The coupled layers the last :meth:`apply` used (JSON-ready), or ``None``."""
+        return getattr(self, "_found", None)
 
     @property
     def preserves_function(self) -> bool:
@@ -91,7 +99,11 @@ class WidenResidual:
             raise SurgeryError(
                 f"{operation}: the new width must exceed the current {d}", operation=operation
             )
-        plan = find_stream(ctx.model, ctx.probe, width=d, operation=operation)
+        if self.plan is not None:
+            plan = plan_from_record(self.plan)
+        else:
+            plan = find_stream(ctx.model, ctx.probe, width=d, operation=operation)
+        object.__setattr__(self, "_found", plan_record(plan))  # recorded for replay
         _Grower(ctx, plan, self.width, self.seed, self.head_dim, operation).run()
 
     def _current(self, ctx: SurgeryContext, operation: str) -> int:

@@ -25,6 +25,7 @@ activation, the model's output — is refused with :class:`GrowthCouplingError` 
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ from ._coupling import ADDS, PASS_FUNCTIONS, PASS_MODULES
 from ._host_common import GrowthCouplingError
 from ._shadow import shadow_graph, value
 
-__all__ = ("Inner", "StreamPlan", "find_stream")
+__all__ = ("Inner", "StreamPlan", "find_stream", "plan_from_record", "plan_record")
 
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
 _SUBS = {operator.sub, torch.sub}
@@ -304,5 +305,47 @@ def find_stream(model: nn.Module, probe: Any, *, width: int, operation: str) -> 
             "root",
             f"no embedding or table of width {width} starts a residual stream",
             operation=operation,
+        )
+    return plan
+
+
+def plan_record(plan: StreamPlan) -> dict[str, Any]:
+    """``plan`` as JSON-ready data, so that a replay needs no probe batch."""
+    return {
+        "width": plan.width,
+        "embeddings": list(plan.embeddings),
+        "tables": list(plan.tables),
+        "norms": list(plan.norms),
+        "readers": list(plan.readers),
+        "writers": list(plan.writers),
+        "inner": {
+            path: {
+                "head_dim": i.head_dim,
+                "heads": i.heads,
+                "readers": list(i.readers),
+                "writers": list(i.writers),
+            }
+            for path, i in plan.inner.items()
+        },
+    }
+
+
+def plan_from_record(record: Mapping[str, Any]) -> StreamPlan:
+    """The inverse of :func:`plan_record`."""
+    plan = StreamPlan(
+        int(record["width"]),
+        [str(p) for p in record["embeddings"]],
+        [str(p) for p in record["tables"]],
+        [str(p) for p in record["norms"]],
+        [str(p) for p in record["readers"]],
+        [str(p) for p in record["writers"]],
+    )
+    for path, i in record["inner"].items():
+        plan.inner[str(path)] = Inner(
+            str(path),
+            i["head_dim"],
+            i["heads"],
+            [str(r) for r in i["readers"]],
+            [str(w) for w in i["writers"]],
         )
     return plan

@@ -1,0 +1,168 @@
+"""Residual-stream width growth (WidenResidual) on the project's GPT and on a user's transformer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esper_async.errors import SurgeryError
+from esper_async.surgery import GrowthCouplingError, ModelSurgeon, WidenResidual, operation_record
+
+from ._helpers import assert_same, evaluate, fingerprint
+from ._host_models import VOCAB, UserBlock, UserLM, adamw, lm_step, resumed, tiny_gpt, tokens
+
+BUILDS = {
+    "gpt": (tiny_gpt, 48),
+    "gpt_bias": (lambda: tiny_gpt(bias=True), 64),
+    "user": (UserLM, 40),
+}
+
+
+def _trained(build, steps: int = 3):
+    torch.manual_seed(0)
+    model = build()
+    opt = adamw(model)
+    for i in range(steps):
+        lm_step(model, opt, tokens(seed=i))
+    return model, opt
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", list(BUILDS))
+async def test_widening_preserves_function_and_carries_state(name: str) -> None:
+    build, width = BUILDS[name]
+    model, opt = _trained(build)
+    x = tokens(seed=9)[0]
+    before = evaluate(model, x)
+    old = {
+        n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+        for n, p in model.named_parameters()
+    }
+    groups = [len(g["params"]) for g in opt.param_groups]
+    async with ModelSurgeon().transaction(model, opt, probe=tokens()[0]) as tx:
+        await tx.stage(WidenResidual(width, seed=3))
+    assert tx.report is not None and tx.report.max_abs_diff is not None
+    assert torch.allclose(evaluate(model, x), before, rtol=1e-4, atol=1e-5)
+    assert [len(g["params"]) for g in opt.param_groups] == groups
+    grown = 0
+    for n, p in model.named_parameters():
+        value, state = old[n]
+        if p.shape == value.shape:
+            continue
+        grown += 1
+        assert all(new >= was for new, was in zip(p.shape, value.shape, strict=True))
+        moments = opt.state[p]
+        assert torch.equal(moments["step"], state["step"])
+        assert moments["exp_avg"].shape == p.shape
+        if p.dim() == 2 and n.endswith(("wte.weight", "tok.weight")):
+            d = value.shape[1]
+            assert torch.equal(p[:, :d], value)
+            assert torch.equal(moments["exp_avg"][:, :d], state["exp_avg"][:, :d])
+            assert torch.count_nonzero(moments["exp_avg"][:, d:]) == 0
+    # every matrix touches the stream (only the MLP input projections' biases keep their size)
+    assert grown >= sum(1 for p in model.parameters() if p.dim() == 2)
+    if name.startswith("gpt"):
+        assert model.blocks[0].attn.n_head == width // 16  # more heads of the same size
+        assert model.blocks[0].attn.qkv.weight.shape == (3 * width, width)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", ["gpt", "user"])
+async def test_gradients_reach_every_new_weight(name: str) -> None:
+    build, width = BUILDS[name]
+    model, opt = _trained(build)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    await ModelSurgeon().apply(model, opt, WidenResidual(width, seed=1), probe=tokens()[0])
+    lm_step(model, opt, tokens(seed=4))  # new coordinates leave their birth values
+    model.zero_grad()
+    logits = model(tokens(seed=5)[0])
+    F.cross_entropy(logits.reshape(-1, VOCAB), tokens(seed=5)[1].reshape(-1)).backward()
+    for n, p in model.named_parameters():
+        old = shapes[n]
+        for dim, size in enumerate(old):
+            if p.shape[dim] > size:
+                new = p.grad.narrow(dim, size, p.shape[dim] - size)
+                assert new.abs().sum() > 0, (n, dim)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", ["gpt", "user"])
+async def test_widening_rollback_is_bitwise(name: str) -> None:
+    build, width = BUILDS[name]
+    model, opt = _trained(build)
+    before = fingerprint(model, opt)
+    with pytest.raises(RuntimeError, match="abort"):
+        async with ModelSurgeon().transaction(model, opt, probe=tokens()[0]) as tx:
+            await tx.stage(WidenResidual(width))
+            assert next(model.parameters()).shape[-1] == width
+            raise RuntimeError("abort")
+    assert_same(before, fingerprint(model, opt))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", ["gpt", "user"])
+async def test_resume_after_widening_replays_exactly(name: str) -> None:
+    build, width = BUILDS[name]
+    model, opt = _trained(build)
+    op = WidenResidual(width, seed=2)
+    await ModelSurgeon().apply(model, opt, op, probe=tokens()[0])
+    lm_step(model, opt, tokens(seed=3))
+    fresh, fresh_opt = resumed(build, model, opt, [operation_record(op)])
+    for seed in (4, 5):
+        assert lm_step(model, opt, tokens(seed=seed)) == lm_step(
+            fresh, fresh_opt, tokens(seed=seed)
+        )
+    for (n, p), (m, q) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
+        assert n == m and torch.equal(p, q)
+
+
+class OwnRMSNorm(nn.Module):
+    """An RMSNorm written by hand: a custom op on the stream."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def _with(model: UserLM, path: str, module: nn.Module) -> UserLM:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+    return model
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("edit", "where", "why"),
+    [
+        (lambda m: _with(m, "norm", OwnRMSNorm(32)), "", "acts on the residual stream"),
+        (lambda m: _with(m, "layers.0.norm1", nn.LayerNorm(32)), "layers", "LayerNorm and RMSNorm"),
+        (lambda m: _with(m, "norm", nn.GELU()), "norm", "GELU reads the residual stream"),
+    ],
+    ids=["own_rmsnorm", "mixed_norms", "activation"],
+)
+async def test_what_cannot_grow_is_refused(edit, where: str, why: str) -> None:
+    torch.manual_seed(0)
+    model = edit(UserLM())
+    opt = adamw(model)
+    before = fingerprint(model, opt)
+    with pytest.raises(GrowthCouplingError, match=why) as info:
+        await ModelSurgeon().apply(model, opt, WidenResidual(40), probe=tokens()[0])
+    assert info.value.module.startswith(where) and info.value.reason
+    assert_same(before, fingerprint(model, opt))
+
+
+@pytest.mark.asyncio
+async def test_bad_widths_are_refused() -> None:
+    model, opt = _trained(tiny_gpt, steps=0)
+    for width, why in ((32, "must exceed"), (40, "does not divide")):
+        with pytest.raises(SurgeryError, match=why):
+            await ModelSurgeon().apply(model, opt, WidenResidual(width), probe=tokens()[0])
+
+
+def test_user_block_is_a_plain_module() -> None:
+    assert isinstance(UserBlock(8, 2).mlp.gate, nn.Linear)
