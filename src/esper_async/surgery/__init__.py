@@ -41,6 +41,7 @@ from ._operations import RemoveLayer as RemoveLayer
 from ._operations import SurgeryOperation as SurgeryOperation
 from ._policy import SurgeryPolicy as SurgeryPolicy
 from ._policy import SurgeryPolicyConfig as SurgeryPolicyConfig
+from ._replay import operation_from_record as operation_from_record
 from ._replay import operation_record as operation_record
 from ._replay import replay_operations as replay_operations
 from ._residual_width import WidenResidual as WidenResidual
@@ -88,6 +89,7 @@ __all__ = (
     "capture_width_signal",
     "identity_conv2d",
     "identity_linear",
+    "operation_from_record",
     "operation_record",
     "replay_operations",
 )

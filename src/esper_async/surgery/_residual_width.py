@@ -159,7 +159,8 @@ class _Grower:
         self.d = plan.width
         self.k = width - plan.width
         self.c = math.sqrt(self.d / width)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
         self.head_dim = head_dim
         self.fill = self._fill()
         self.params: dict[int, nn.Parameter] = {}  # old parameter id -> its replacement
@@ -189,14 +190,21 @@ class _Grower:
         )
 
     def _random(self, like: torch.Tensor, shape: list[int], centre_dim: int | None) -> torch.Tensor:
-        std = float(like.detach().double().std()) if like.numel() > 1 else 0.02
-        std = std if math.isfinite(std) and std > 0 else 0.02
-        noise = torch.randn(shape, generator=self.generator, dtype=torch.float64) * std
+        """Gaussian values at the scale of ``like`` (its standard deviation, 0.02 when it has
+        none), drawn on its device from a generator seeded with ``seed``; centred along
+        ``centre_dim`` under the mean fill (a reader of the raw stream then adds nothing)."""
+        device = like.device
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        ref = like.detach().float()
+        std = ref.std() if ref.numel() > 1 else ref.new_tensor(0.02)
+        std = torch.where(torch.isfinite(std) & (std > 0), std, std.new_tensor(0.02))
+        noise = torch.randn(shape, generator=self.generators[device], device=device) * std
         if centre_dim is not None and self.fill == "mean" and shape[centre_dim] > 1:
             noise -= noise.mean(centre_dim, keepdim=True)
         elif centre_dim is not None and self.fill == "mean":
             noise.zero_()
-        return noise.to(device=like.device, dtype=like.dtype)
+        return noise.to(like.dtype)
 
     # --------------------------------------------------------------- parameters and state
     def _param(
