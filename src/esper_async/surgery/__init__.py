@@ -18,7 +18,8 @@ is recorded for replay on resume by :func:`operation_record` / :func:`replay_ope
 * ``WidenResidual(width, seed=0, embedding=None, head_dim=None)`` — a transformer's residual
   width ``d_model``: embeddings, position tables, LayerNorm/RMSNorm, attention (more heads of the
   same size), GELU or gated MLPs, tied or untied head (function-preserving).
-* ``WidenChannels(target, width, seed=0)`` — a CNN's channels across a residual stage.
+* ``WidenChannels(target, width, seed=0)`` — a CNN's channels across a residual stage (every
+  conv, batch norm and consumer coupled through residual additions; function-preserving).
 
 What cannot be grown safely raises :class:`GrowthCouplingError` (a :class:`SurgeryError`) naming
 the module and the reason.
@@ -27,6 +28,7 @@ the module and the reason.
 from __future__ import annotations
 
 from ._context import SurgeryContext as SurgeryContext
+from ._conv_width import WidenChannels as WidenChannels
 from ._fx import AddSkip as AddSkip
 from ._fx import FxRewire as FxRewire
 from ._host_common import GrowthCouplingError as GrowthCouplingError
@@ -83,6 +85,7 @@ __all__ = (
     "SurgeryTransaction",
     "SurgeryValidationConfig",
     "Widen",
+    "WidenChannels",
     "WidenResidual",
     "WidenSlot",
     "WidthSignal",

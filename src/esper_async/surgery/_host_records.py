@@ -13,17 +13,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SurgeryError
+from ._conv_width import WidenChannels
 from ._residual_width import WidenResidual
 from ._stack import InsertIdentityBlocks, StackBlocks
 
 __all__ = ("HOST_KINDS", "HostOperation", "host_operation", "host_record")
 
-HostOperation = StackBlocks | InsertIdentityBlocks | WidenResidual
+HostOperation = StackBlocks | InsertIdentityBlocks | WidenResidual | WidenChannels
 
 HOST_KINDS: dict[str, type] = {
     "stack_blocks": StackBlocks,
     "insert_identity_blocks": InsertIdentityBlocks,
     "widen_residual": WidenResidual,
+    "widen_channels": WidenChannels,
 }
 
 
@@ -51,6 +53,14 @@ def host_record(operation: object) -> dict[str, Any] | None:
             "seed": operation.seed,
             "embedding": operation.embedding,
             "head_dim": operation.head_dim,
+            "plan": operation.found or operation.plan,
+        }
+    if isinstance(operation, WidenChannels):
+        return {
+            "op": "widen_channels",
+            "target": operation.target,
+            "width": operation.width,
+            "seed": operation.seed,
             "plan": operation.found or operation.plan,
         }
     return None
@@ -85,6 +95,13 @@ def host_operation(record: Mapping[str, Any]) -> HostOperation:
                 seed=int(record["seed"]),
                 embedding=record.get("embedding"),
                 head_dim=None if head_dim is None else int(head_dim),
+                plan=record.get("plan"),
+            )
+        if kind == "widen_channels":
+            return WidenChannels(
+                str(record["target"]),
+                int(record["width"]),
+                seed=int(record["seed"]),
                 plan=record.get("plan"),
             )
     except (KeyError, TypeError, ValueError) as exc:

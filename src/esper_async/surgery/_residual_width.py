@@ -45,7 +45,7 @@ from ._context import SurgeryContext
 from ._host_common import GrowthCouplingError
 from ._stream import StreamPlan, find_stream, plan_from_record, plan_record
 
-__all__ = ("WidenResidual",)
+__all__ = ("WidenResidual", "expand", "new_moment")
 
 _SECOND = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
 
@@ -126,7 +126,7 @@ class WidenResidual:
         )
 
 
-def _expand(
+def expand(
     t: torch.Tensor, dim: int, segments: int, extra: int, make: Callable[[torch.Tensor], Any]
 ) -> torch.Tensor:
     """``t`` with ``extra`` slices appended along ``dim`` to each of its ``segments`` equal
@@ -141,6 +141,11 @@ def _expand(
             new = part.new_full(shape, float(new))
         grown += [part, new.to(part.dtype).expand(shape)]
     return torch.cat(grown, dim)
+
+
+def new_moment(second: bool) -> Callable[[torch.Tensor], Any]:
+    """How a moment's new entries start: the mean of the old ones (second moments) or zero."""
+    return (lambda p: p.mean()) if second else (lambda p: 0.0)
 
 
 class _Grower:
@@ -181,7 +186,7 @@ class _Grower:
     # --------------------------------------------------------------- new values of a tensor
     def _fill_along(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """New slices along ``dim`` (the stream's) that keep the fill: mean or zero."""
-        return _expand(
+        return expand(
             t,
             dim,
             1,
@@ -230,10 +235,6 @@ class _Grower:
                     state[key] = v.clone() if isinstance(v, torch.Tensor) else v
         self.ctx.replace_parameter(old, new, state)
         return new
-
-    @staticmethod
-    def _new_moment(second: bool) -> Callable[[torch.Tensor], Any]:
-        return (lambda p: p.mean()) if second else (lambda p: 0.0)
 
     # --------------------------------------------------------------- the run
     def run(self) -> None:
@@ -319,7 +320,7 @@ class _Grower:
         weight = self._param(
             layer.weight,
             self._fill_along(layer.weight, 1),
-            lambda v, second: _expand(v, 1, 1, self.k, self._new_moment(second)),
+            lambda v, second: expand(v, 1, 1, self.k, new_moment(second)),
         )
         new = copy.copy(layer)
         new._parameters = dict(layer._parameters)
@@ -336,7 +337,7 @@ class _Grower:
         new = self._param(
             old,
             self._fill_along(old, dim),
-            lambda v, second: _expand(v, dim, 1, self.k, self._new_moment(second)),
+            lambda v, second: expand(v, dim, 1, self.k, new_moment(second)),
         )
         self.ctx.set_parameter(owner, attr, new, operation=self.operation)
 
@@ -355,17 +356,17 @@ class _Grower:
         new.eps = eps * self.d / self.new
         new.weight = self._param(
             norm.weight,
-            _expand(norm.weight * c, 0, 1, self.k, lambda p: p.mean()),
-            lambda v, second: _expand(
-                v / (c * c if second else c), 0, 1, self.k, self._new_moment(second)
+            expand(norm.weight * c, 0, 1, self.k, lambda p: p.mean()),
+            lambda v, second: expand(
+                v / (c * c if second else c), 0, 1, self.k, new_moment(second)
             ),
         )
         bias = getattr(norm, "bias", None)
         if bias is not None:
             new.bias = self._param(
                 bias,
-                _expand(bias, 0, 1, self.k, lambda p: 0.0),
-                lambda v, second: _expand(v, 0, 1, self.k, self._new_moment(second)),
+                expand(bias, 0, 1, self.k, lambda p: 0.0),
+                lambda v, second: expand(v, 0, 1, self.k, new_moment(second)),
             )
         self.ctx.replace(path, new, operation=self.operation)
 
@@ -385,16 +386,16 @@ class _Grower:
         moment_rows: list[tuple[int, int, int]] = []  # (dim, segments, extra) applied in order
         if heads is not None:  # new heads: random rows in each segment
             segments, extra = heads
-            data = _expand(
+            data = expand(
                 data, 0, segments, extra, lambda p: self._random(w, [extra, p.shape[1]], None)
             )
             moment_rows.append((0, segments, extra))
         if zero_in is not None:  # the new heads' fan-out starts at zero
             segments, extra = zero_in
-            data = _expand(data, 1, segments, extra, lambda p: 0.0)
+            data = expand(data, 1, segments, extra, lambda p: 0.0)
             moment_rows.append((1, segments, extra))
         if read and not self._tied_to_source(w):
-            data = _expand(data, 1, 1, self.k, lambda p: self._random(w, [p.shape[0], self.k], 1))
+            data = expand(data, 1, 1, self.k, lambda p: self._random(w, [p.shape[0], self.k], 1))
             moment_rows.append((1, 1, self.k))
         elif read:
             data = self._fill_along(data, 1)
@@ -405,7 +406,7 @@ class _Grower:
 
         def state(v: torch.Tensor, second: bool) -> torch.Tensor:
             for dim, segments, extra in moment_rows:
-                v = _expand(v, dim, segments, extra, self._new_moment(second))
+                v = expand(v, dim, segments, extra, new_moment(second))
             return v
 
         new = copy.copy(layer)
@@ -416,7 +417,7 @@ class _Grower:
             bias = b.detach()
             steps: list[tuple[int, int]] = []
             if heads is not None:
-                bias = _expand(bias, 0, heads[0], heads[1], lambda p: 0.0)
+                bias = expand(bias, 0, heads[0], heads[1], lambda p: 0.0)
                 steps.append(heads)
             if write:
                 bias = self._fill_along(bias, 0)
@@ -424,7 +425,7 @@ class _Grower:
 
             def bias_state(v: torch.Tensor, second: bool) -> torch.Tensor:
                 for segments, extra in steps:
-                    v = _expand(v, 0, segments, extra, self._new_moment(second))
+                    v = expand(v, 0, segments, extra, new_moment(second))
                 return v
 
             new.bias = self._param(b, bias, bias_state)
