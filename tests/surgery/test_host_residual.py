@@ -166,3 +166,15 @@ async def test_bad_widths_are_refused() -> None:
 
 def test_user_block_is_a_plain_module() -> None:
     assert isinstance(UserBlock(8, 2).mlp.gate, nn.Linear)
+
+
+@pytest.mark.asyncio
+async def test_widening_one_projection_of_a_gated_mlp_is_refused() -> None:
+    from esper_async.surgery import Widen
+
+    model, opt = _trained(UserLM, steps=1)
+    before = fingerprint(model, opt)
+    with pytest.raises(GrowthCouplingError, match="gated MLP") as info:
+        await ModelSurgeon().apply(model, opt, Widen("layers.0.mlp.gate", 120), probe=tokens()[0])
+    assert info.value.module == "layers.0.mlp.gate" and "layers.0.mlp.up" in info.value.reason
+    assert_same(before, fingerprint(model, opt))
