@@ -178,3 +178,16 @@ async def test_widening_one_projection_of_a_gated_mlp_is_refused() -> None:
         await ModelSurgeon().apply(model, opt, Widen("layers.0.mlp.gate", 120), probe=tokens()[0])
     assert info.value.module == "layers.0.mlp.gate" and "layers.0.mlp.up" in info.value.reason
     assert_same(before, fingerprint(model, opt))
+
+
+@pytest.mark.asyncio
+async def test_widening_the_slot_of_one_gated_projection_is_refused() -> None:
+    from esper_async.seeds import wrap
+    from esper_async.surgery import WidenSlot
+
+    model, opt = _trained(UserLM, steps=1)
+    wrap(model, ["layers.0.mlp.gate"], example_input=tokens()[0])
+    with pytest.raises(GrowthCouplingError, match="gated MLP"):
+        await ModelSurgeon().apply(
+            model, opt, WidenSlot("layers.0.mlp.gate", 120), probe=tokens()[0]
+        )

@@ -41,7 +41,7 @@ from ._width_init import (
     zero_new,
 )
 
-__all__ = ("Widen", "find_consumers", "traced_call", "widen_layers")
+__all__ = ("Widen", "find_consumers", "refuse_gate", "traced_call", "widen_layers")
 
 
 # Modules and functions acting on each unit independently: a widened unit's replicas stay replicas.
@@ -162,7 +162,7 @@ def find_consumers(
         if kind == "norm":
             norms.append(prefix + str(node.target))
         if kind is None:
-            _refuse_gate(parent, prefix, target, node, operation)
+            refuse_gate(parent, prefix, target, node, operation)
             raise SurgeryError(
                 f"{operation}: the output of {target!r} reaches {node.format_node()}, which cannot "
                 f"simply take a wider input; {hint}",
@@ -176,9 +176,7 @@ def find_consumers(
     return sorted(set(norms)), sorted(set(consumers))
 
 
-def _refuse_gate(
-    parent: nn.Module, prefix: str, target: str, node: fx.Node, operation: str
-) -> None:
+def refuse_gate(parent: nn.Module, prefix: str, target: str, node: fx.Node, operation: str) -> None:
     """:raises GrowthCouplingError: ``node`` multiplies ``target``'s output with another layer's
     (a gated MLP: the two projections widen together, never one alone)."""
     if not (node.op == "call_function" and node.target in (operator.mul, torch.mul)):
