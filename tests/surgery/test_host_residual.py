@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from esper_async.errors import SurgeryError
-from esper_async.surgery import GrowthCouplingError, ModelSurgeon, WidenResidual, operation_record
+from esper_async.surgery import (
+    GrowthCouplingError,
+    InsertIdentityBlocks,
+    ModelSurgeon,
+    WidenResidual,
+    operation_record,
+)
 
 from ._helpers import assert_same, evaluate, fingerprint
 from ._host_models import VOCAB, UserBlock, UserLM, adamw, lm_step, resumed, tiny_gpt, tokens
@@ -191,3 +197,24 @@ async def test_widening_the_slot_of_one_gated_projection_is_refused() -> None:
         await ModelSurgeon().apply(
             model, opt, WidenSlot("layers.0.mlp.gate", 120), probe=tokens()[0]
         )
+
+
+@pytest.mark.asyncio
+async def test_a_gpt_grown_to_a_target_has_the_target_s_shapes_and_function() -> None:
+    from esper_async.apps.gpt import GPT, GPTConfig
+    from esper_async.surgery import Widen
+
+    model, opt = _trained(lambda: tiny_gpt(n_layer=3))
+    x = tokens(seed=9)[0]
+    before = evaluate(model, x)
+    async with ModelSurgeon().transaction(model, opt, probe=tokens()[0]) as tx:
+        await tx.stage(WidenResidual(96, seed=1))  # 2 heads of 16 -> 6
+        for i in range(3):
+            await tx.stage(Widen(f"blocks.{i}.mlp.fc", 4 * 96, seed=i))
+        await tx.stage(InsertIdentityBlocks("blocks", after=(0, 1, 2)))
+    assert torch.allclose(evaluate(model, x), before, rtol=1e-4, atol=1e-5)
+    target = GPT(GPTConfig(VOCAB, block_size=12, n_layer=6, n_head=6, n_embd=96))
+    shapes = {k: v.shape for k, v in target.state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert all(block.attn.n_head == 6 for block in model.blocks)
+    lm_step(model, opt, tokens(seed=1))  # and it trains
