@@ -37,9 +37,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import SurgeryError
+from ..seeds import SeedSlot
 from ._context import SurgeryContext
 from ._coupling import ADDS, PASS_FUNCTIONS, PASS_MODULES
 from ._host_common import GrowthCouplingError
+from ._host_slots import check_dormant, grown_slot_contracts, slot_of_host
 from ._residual_width import expand, new_moment
 from ._shadow import shadow_graph, value
 
@@ -110,7 +112,16 @@ class WidenChannels:
         else:
             plan = _Coupling(ctx, self.target, conv.out_channels, operation).find()
         object.__setattr__(self, "_found", plan)
+        slots = {}
+        for host in plan["producers"]:
+            slot = slot_of_host(ctx, host, operation)
+            if slot is not None:
+                holder = ctx.resolve(slot, operation=operation)
+                assert isinstance(holder, SeedSlot)
+                check_dormant(holder, slot, "its host's channels widen", operation)
+                slots[slot] = self.width
         _grow(ctx, plan, conv.out_channels, self.width, self.seed, operation)
+        grown_slot_contracts(ctx, slots, slots, operation)
 
 
 class _Coupling:

@@ -41,8 +41,10 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from ..seeds import SeedSlot
 from ._context import SurgeryContext
 from ._host_common import GrowthCouplingError
+from ._host_slots import check_dormant, grown_slot_contracts, slot_of_host
 from ._stream import StreamPlan, find_stream, plan_from_record, plan_record
 
 __all__ = ("WidenResidual", "expand", "new_moment")
@@ -104,7 +106,13 @@ class WidenResidual:
         else:
             plan = find_stream(ctx.model, ctx.probe, width=d, operation=operation)
         object.__setattr__(self, "_found", plan_record(plan))  # recorded for replay
+        slots = _grown_slots(ctx, plan, operation)
         _Grower(ctx, plan, self.width, self.seed, self.head_dim, operation).run()
+        widths = {}
+        for slot, host in slots.items():
+            layer = ctx.resolve(host, operation=operation)
+            widths[slot] = layer.out_features if isinstance(layer, nn.Linear) else self.width
+        grown_slot_contracts(ctx, slots, widths, operation)
 
     def _current(self, ctx: SurgeryContext, operation: str) -> int:
         if self.embedding is not None:
@@ -124,6 +132,21 @@ class WidenResidual:
             "embedding=",
             operation=operation,
         )
+
+
+def _grown_slots(ctx: SurgeryContext, plan: StreamPlan, operation: str) -> dict[str, str]:
+    """The seed slots whose host's output widens (writers, attention's inner readers, identities
+    on the stream), by slot path -> host path; each must be dormant."""
+    inner_readers = [r for i in plan.inner.values() for r in i.readers]
+    found: dict[str, str] = {}
+    for host in [*plan.writers, *inner_readers, *plan.passes]:
+        slot = slot_of_host(ctx, host, operation)
+        if slot is not None:
+            holder = ctx.resolve(slot, operation=operation)
+            assert isinstance(holder, SeedSlot)
+            check_dormant(holder, slot, "its host's output widens with the stream", operation)
+            found[slot] = host
+    return found
 
 
 def expand(

@@ -32,19 +32,28 @@ from ..errors import SurgeryError
 from ._context import SurgeryContext
 from ._coupling import residual_projections
 from ._host_common import add_like, carried_state, container
+from ._host_slots import check_dormant, rename_slots, slots_in
 
 __all__ = ("InsertIdentityBlocks", "StackBlocks", "copy_block", "set_blocks")
 
 
 def copy_block(
-    ctx: SurgeryContext, block: nn.Module, *, zero: tuple[str, ...] = (), fresh_state: bool = False
+    ctx: SurgeryContext,
+    block: nn.Module,
+    *,
+    operation: str,
+    zero: tuple[str, ...] = (),
+    fresh_state: bool = False,
 ) -> nn.Module:
     """A deep copy of ``block`` whose parameters join their source's optimizer group with a copy
     of its state; the modules named in ``zero`` (relative to ``block``) start with zero weights,
     zero biases and zero moments.
 
     :param fresh_state: give every copied parameter empty moments instead of its source's.
+    :raises GrowthCouplingError: a seed slot in ``block`` holds a seed.
     """
+    for _, slot in slots_in(block):
+        check_dormant(slot, slot.slot_name, "depth growth would copy its seed", operation)
     new = copy.deepcopy(block)
     zeroed: set[int] = set()
     with torch.no_grad():
@@ -91,6 +100,7 @@ def set_blocks(ctx: SurgeryContext, path: str, blocks: list[nn.Module], operatio
         block.train(holder.training)
     holder._modules.clear()
     holder._modules.update(items)
+    rename_slots(ctx, path, blocks, operation)
 
 
 @dataclass(frozen=True)
@@ -131,13 +141,15 @@ class StackBlocks:
         if self.mode == "whole":
             new = list(old)
             for _ in range(self.factor - 1):
-                new.extend(copy_block(ctx, old[i]) for i in chosen)
+                new.extend(copy_block(ctx, old[i], operation=operation) for i in chosen)
         else:
             new = []
             for i, block in enumerate(old):
                 new.append(block)
                 if i in chosen:
-                    new.extend(copy_block(ctx, block) for _ in range(self.factor - 1))
+                    new.extend(
+                        copy_block(ctx, block, operation=operation) for _ in range(self.factor - 1)
+                    )
         set_blocks(ctx, self.blocks, new, operation)
 
 
@@ -186,8 +198,12 @@ class InsertIdentityBlocks:
     def _make(self, ctx: SurgeryContext, index: int, block: nn.Module, operation: str) -> nn.Module:
         path = f"{self.blocks}.{index}"
         if self.factory is None:
+            for _, slot in slots_in(block):
+                check_dormant(slot, slot.slot_name, "depth growth would copy its seed", operation)
             zero = self.zero or residual_projections(block, path, operation=operation)
-            return copy_block(ctx, block, zero=tuple(zero), fresh_state=self.fresh_state)
+            return copy_block(
+                ctx, block, operation=operation, zero=tuple(zero), fresh_state=self.fresh_state
+            )
         made = self.factory(index)
         anchor = next(iter(block.parameters()), None)
         if anchor is not None:

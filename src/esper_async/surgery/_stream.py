@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..seeds import SeedSlot
 from ._coupling import ADDS, PASS_FUNCTIONS, PASS_MODULES
 from ._host_common import GrowthCouplingError
+from ._host_slots import check_dormant
 from ._shadow import shadow_graph, value
 
 __all__ = ("Inner", "StreamPlan", "find_stream", "plan_from_record", "plan_record")
@@ -76,6 +78,7 @@ class StreamPlan:
     :ivar readers: Linear layers reading it.
     :ivar writers: Linear layers writing it.
     :ivar inner: modules whose inner width follows the stream, by path.
+    :ivar passes: dropout and identity modules on the stream (a seed slot's host may be one).
     """
 
     width: int
@@ -85,6 +88,7 @@ class StreamPlan:
     readers: list[str] = field(default_factory=list)
     writers: list[str] = field(default_factory=list)
     inner: dict[str, Inner] = field(default_factory=dict)
+    passes: list[str] = field(default_factory=list)
 
 
 def _owner(node: fx.Node) -> str:
@@ -158,6 +162,7 @@ class _Walker:
             _add(self.plan.norms, path)
             self.stream.add(node)
         elif isinstance(module, PASS_MODULES):
+            _add(self.plan.passes, path)
             self.stream.add(node)
         else:
             raise self.refuse(
@@ -238,6 +243,12 @@ class _Walker:
                 node = node.args[0]  # type: ignore[assignment]
                 continue
             where = str(node.target) if node.op == "call_module" else _owner(node)
+            for path in node.meta.get("nn_module_stack") or {}:
+                holder = self.model.get_submodule(str(path))
+                if isinstance(holder, SeedSlot):
+                    check_dormant(
+                        holder, str(path), "its host writes the residual stream", self.operation
+                    )
             raise self.refuse(
                 where,
                 f"a residual branch added by {add.format_node()} ends in {node.format_node()}, "
@@ -327,6 +338,7 @@ def plan_record(plan: StreamPlan) -> dict[str, Any]:
             }
             for path, i in plan.inner.items()
         },
+        "passes": list(plan.passes),
     }
 
 
@@ -348,4 +360,5 @@ def plan_from_record(record: Mapping[str, Any]) -> StreamPlan:
             [str(r) for r in i["readers"]],
             [str(w) for w in i["writers"]],
         )
+    plan.passes = [str(p) for p in record.get("passes", [])]
     return plan
