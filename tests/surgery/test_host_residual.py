@@ -125,31 +125,108 @@ async def test_resume_after_widening_replays_exactly(name: str) -> None:
 
 
 class OwnRMSNorm(nn.Module):
-    """An RMSNorm written by hand: a custom op on the stream."""
+    """An RMSNorm written by hand, as many users do."""
 
     def __init__(self, d: int) -> None:
         super().__init__()
+        self.eps = 1e-6
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def _with(model: UserLM, path: str, module: nn.Module) -> UserLM:
+class OwnLayerNorm(nn.Module):
+    """A LayerNorm written by hand."""
+
+    def __init__(self, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(-1, keepdim=True)
+        var = (x - mu).pow(2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class LiteralEpsNorm(OwnRMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+
+
+class Swish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def _with(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
     return model
+
+
+def _own_norms(model: nn.Module, norm: type[nn.Module]) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+            _with(model, name, norm(32))
+    return model
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("build", "norm"),
+    [(UserLM, OwnRMSNorm), (tiny_gpt, OwnLayerNorm)],
+    ids=["own_rmsnorm", "own_layernorm"],
+)
+async def test_hand_written_norms_grow_like_torch_s(build, norm) -> None:
+    model, opt = _trained(lambda: _own_norms(build(), norm))
+    x = tokens(seed=9)[0]
+    before = evaluate(model, x)
+    op = WidenResidual(48, seed=1)
+    await ModelSurgeon().apply(model, opt, op, probe=tokens()[0])
+    assert op.found is not None and len(op.found["custom_norms"]) == 5
+    kinds = {info["kind"] for info in op.found["custom_norms"].values()}
+    assert kinds == ({"rms"} if norm is OwnRMSNorm else {"layer"})
+    assert torch.allclose(evaluate(model, x), before, rtol=1e-4, atol=1e-5)
+    if norm is OwnRMSNorm:
+        assert model.norm.eps == pytest.approx(1e-6 * 32 / 48)  # found and scaled
+    lm_step(model, opt, tokens(seed=4))
+    fresh, fresh_opt = resumed(
+        lambda: _own_norms(build(), norm), model, opt, [operation_record(op)]
+    )
+    assert lm_step(model, opt, tokens(seed=5)) == lm_step(fresh, fresh_opt, tokens(seed=5))
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("edit", "where", "why"),
     [
-        (lambda m: _with(m, "norm", OwnRMSNorm(32)), "", "acts on the residual stream"),
+        (
+            lambda m: _with(m, "norm", nn.Sequential(Swish(), nn.RMSNorm(32))),
+            "norm.0",
+            "acts on the residual stream",
+        ),
         (lambda m: _with(m, "layers.0.norm1", nn.LayerNorm(32)), "layers", "LayerNorm and RMSNorm"),
         (lambda m: _with(m, "norm", nn.GELU()), "norm", "GELU reads the residual stream"),
+        (
+            lambda m: _with(m, "norm", nn.Sequential(LayerScale(32), nn.RMSNorm(32))),
+            "norm.0",
+            "does not normalise",
+        ),
+        (lambda m: _with(m, "norm", LiteralEpsNorm(32)), "norm", "constant in its code"),
     ],
-    ids=["own_rmsnorm", "mixed_norms", "activation"],
+    ids=["custom_op", "mixed_norms", "activation", "layer_scale", "literal_eps"],
 )
 async def test_what_cannot_grow_is_refused(edit, where: str, why: str) -> None:
     torch.manual_seed(0)

@@ -198,6 +198,10 @@ class _Grower:
 
     def _fill(self) -> str:
         kinds = {type(self.ctx.resolve(p, operation=self.operation)) for p in self.plan.norms}
+        kinds |= {
+            nn.LayerNorm if info["kind"] == "layer" else nn.RMSNorm
+            for info in self.plan.custom_norms.values()
+        }
         if len(kinds) > 1:
             raise self.refuse(
                 ", ".join(self.plan.norms[:3]),
@@ -271,6 +275,8 @@ class _Grower:
                 self._table(name)
             for path in plan.norms:
                 self._norm(path)
+            for path, info in plan.custom_norms.items():
+                self._custom_norm(path, info)
             inner_readers = {r for i in plan.inner.values() for r in i.readers}
             inner_writers = {w for i in plan.inner.values() for w in i.writers}
             for path in plan.readers:
@@ -392,6 +398,37 @@ class _Grower:
                 lambda v, second: expand(v, 0, 1, self.k, new_moment(second)),
             )
         self.ctx.replace(path, new, operation=self.operation)
+
+    def _custom_norm(self, path: str, info: Mapping[str, Any]) -> None:
+        """The user's own norm: its gain scaled like a LayerNorm's or RMSNorm's, its bias (a
+        parameter named ``bias``) extended with zeros, its eps attribute (if found) scaled."""
+        module = self.ctx.resolve(path, operation=self.operation)
+        params = {n: p for n, p in module._parameters.items() if p is not None}
+        gains = [n for n in params if n != "bias"]
+        if len(gains) != 1:
+            raise self.refuse(path, "a custom norm needs one gain parameter (and maybe 'bias')")
+        c = self.c
+        clone = copy.copy(module)
+        clone._parameters = dict(module._parameters)
+        gain = params[gains[0]]
+        clone._parameters[gains[0]] = self._param(
+            gain,
+            expand(gain.detach() * c, 0, 1, self.k, lambda p: p.mean()),
+            lambda v, second: expand(
+                v / (c * c if second else c), 0, 1, self.k, new_moment(second)
+            ),
+        )
+        if "bias" in params:
+            bias = params["bias"]
+            clone._parameters["bias"] = self._param(
+                bias,
+                expand(bias.detach(), 0, 1, self.k, lambda p: 0.0),
+                lambda v, second: expand(v, 0, 1, self.k, new_moment(second)),
+            )
+        if info.get("eps"):
+            name = str(info["eps"])
+            object.__setattr__(clone, name, getattr(module, name) * self.d / self.new)
+        self.ctx.replace(path, clone, operation=self.operation)
 
     def _linear(
         self,

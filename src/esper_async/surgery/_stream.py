@@ -7,7 +7,9 @@ in order, marking the nodes whose last dimension is the stream (width ``d``):
   dimension is ``d`` (a learned position table), sliced along leading dimensions only;
 * it passes through residual additions, dropout, identities, ``contiguous``/``to``, and reshapes
   that keep the last dimension;
-* **norms** (``nn.LayerNorm``, ``nn.RMSNorm`` over ``(d,)``) read it and write it;
+* **norms** (``nn.LayerNorm``, ``nn.RMSNorm`` over ``(d,)``, or the user's own leaf module holding
+  only ``(d,)`` parameters whose forward takes a mean over the last dimension: an RMSNorm, or a
+  LayerNorm when it subtracts, its ``eps`` attribute found by value) read it and write it;
 * **readers** (``nn.Linear`` with ``in_features == d``) read it: attention's projections, the
   MLP's input projections (a gated MLP's two together: both read the stream), the output head;
 * **writers** are found at each residual addition: the other operand, walked back through
@@ -79,6 +81,8 @@ class StreamPlan:
     :ivar writers: Linear layers writing it.
     :ivar inner: modules whose inner width follows the stream, by path.
     :ivar passes: dropout and identity modules on the stream (a seed slot's host may be one).
+    :ivar custom_norms: the user's own norm modules on the stream, by path: ``{"kind": "rms" |
+        "layer", "eps": name of its eps attribute or None}``.
     """
 
     width: int
@@ -89,6 +93,7 @@ class StreamPlan:
     writers: list[str] = field(default_factory=list)
     inner: dict[str, Inner] = field(default_factory=dict)
     passes: list[str] = field(default_factory=list)
+    custom_norms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _owner(node: fx.Node) -> str:
@@ -110,6 +115,17 @@ class _Walker:
         self.stream: set[fx.Node] = set()
         self.shapes: set[fx.Node] = set()  # nodes holding a stream tensor's shape
         self.width_reads: set[str] = set()  # modules whose code reads the stream's width
+        # the user's own leaf modules holding only (d,) parameters: possible norms
+        self.candidates = {
+            name: m
+            for name, m in model.named_modules()
+            if name
+            and not type(m).__module__.startswith("torch.")
+            and not any(True for _ in m.children())
+            and 0 < len([p for p in m._parameters.values() if p is not None]) <= 2
+            and all(p is None or tuple(p.shape) == (width,) for p in m._parameters.values())
+        }
+        self.norm_info: dict[str, dict[str, Any]] = {}
 
     def refuse(self, where: str, reason: str) -> GrowthCouplingError:
         return GrowthCouplingError(where or "root", reason, operation=self.operation)
@@ -123,9 +139,68 @@ class _Walker:
             self.visit(node)
         for path in sorted(self.width_reads):
             self.inner_of(path)
+        self.custom_norms()
         return self.plan
 
+    def norm_of(self, node: fx.Node) -> str | None:
+        """The candidate norm module a node was traced inside, if any."""
+        for path in node.meta.get("nn_module_stack") or {}:
+            if str(path) in self.candidates:
+                return str(path)
+        return None
+
+    def inside_norm(self, node: fx.Node, path: str) -> None:
+        """A node of the user's own norm module: noted, not checked op by op; the module's output
+        joins the stream once the stream entered it."""
+        info = self.norm_info.setdefault(
+            path, {"entered": False, "kind": "rms", "mean": False, "eps": None}
+        )
+        if any(n in self.stream and self.norm_of(n) != path for n in node.all_input_nodes):
+            info["entered"] = True
+        target = node.target
+        if target in _SUBS or target in ("sub", "var") or target is torch.var:
+            info["kind"] = "layer"
+        if target == "mean" or target is torch.mean:
+            v = value(node)
+            info["mean"] = info["mean"] or (isinstance(v, torch.Tensor) and v.shape[-1] == 1)
+        if node.op == "call_function" and target in ADDS:
+            for arg in node.args:
+                if isinstance(arg, float) and 0.0 < arg < 1e-2:
+                    info["eps"] = arg
+        if info["entered"] and any(self.norm_of(u) != path for u in node.users):
+            self.stream.add(node)
+
+    def custom_norms(self) -> None:
+        for path, info in self.norm_info.items():
+            if not info["entered"]:
+                continue
+            module = self.candidates[path]
+            if not info["mean"]:
+                raise self.refuse(
+                    path,
+                    f"a {type(module).__name__} with parameters of the stream's width acts on "
+                    "the residual stream but does not normalise it over its last dimension "
+                    "(no mean over it); a custom op there cannot grow",
+                )
+            eps = [
+                n
+                for n, v in vars(module).items()
+                if type(v) is float and info["eps"] is not None and v == info["eps"]
+            ]
+            if info["eps"] is not None and len(eps) != 1:
+                raise self.refuse(
+                    path,
+                    f"its eps ({info['eps']}) is a constant in its code, not one attribute, so a "
+                    "widening cannot scale it by d/d' to keep the norm exact; store it as an "
+                    "attribute (self.eps = ...)",
+                )
+            self.plan.custom_norms[path] = {"kind": info["kind"], "eps": eps[0] if eps else None}
+
     def visit(self, node: fx.Node) -> None:
+        norm = self.norm_of(node)
+        if norm is not None:
+            self.inside_norm(node, norm)
+            return
         if node.op == "call_module":
             self.module(node)
             return
@@ -302,10 +377,12 @@ def find_stream(model: nn.Module, probe: Any, *, width: int, operation: str) -> 
     for inner in plan.inner.values():
         _heads(graph, inner)
     params = dict(model.named_parameters(remove_duplicate=False))
+    norms = tuple(f"{path}." for path in plan.custom_norms)
     for node in graph.nodes:
         if (
             node.op == "get_attr"
             and str(node.target) in params
+            and not str(node.target).startswith(norms)
             and any(user.op != "output" for user in node.users)
         ):
             v = value(node)
@@ -339,6 +416,7 @@ def plan_record(plan: StreamPlan) -> dict[str, Any]:
             for path, i in plan.inner.items()
         },
         "passes": list(plan.passes),
+        "custom_norms": {path: dict(info) for path, info in plan.custom_norms.items()},
     }
 
 
@@ -361,4 +439,5 @@ def plan_from_record(record: Mapping[str, Any]) -> StreamPlan:
             [str(w) for w in i["writers"]],
         )
     plan.passes = [str(p) for p in record.get("passes", [])]
+    plan.custom_norms = {str(p): dict(i) for p, i in record.get("custom_norms", {}).items()}
     return plan
