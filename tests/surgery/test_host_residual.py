@@ -295,3 +295,24 @@ async def test_a_gpt_grown_to_a_target_has_the_target_s_shapes_and_function() ->
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
     assert all(block.attn.n_head == 6 for block in model.blocks)
     lm_step(model, opt, tokens(seed=1))  # and it trains
+
+
+@pytest.mark.asyncio
+async def test_grow_heads_adds_heads_to_a_user_s_fixed_head_attention() -> None:
+    model, opt = _trained(UserLM)
+    x = tokens(seed=9)[0]
+    before = evaluate(model, x)
+    op = WidenResidual(64, grow_heads=True)  # 2 heads of 16 -> 4
+    await ModelSurgeon().apply(model, opt, op, probe=tokens()[0])
+    attn = model.layers[0].attn
+    assert attn.heads == 4 and attn.head_dim == 16
+    assert attn.wq.weight.shape == (64, 64) and attn.wo.weight.shape == (64, 64)
+    assert model.layers[0].mlp.gate.weight.shape == (96, 64)  # the MLP's hidden width stays
+    assert torch.allclose(evaluate(model, x), before, rtol=1e-4, atol=1e-5)
+    lm_step(model, opt, tokens(seed=4))
+    fresh, fresh_opt = resumed(UserLM, model, opt, [operation_record(op)])
+    assert lm_step(model, opt, tokens(seed=5)) == lm_step(fresh, fresh_opt, tokens(seed=5))
+    # without grow_heads the user's attention keeps its 2 heads (its code fixes them)
+    model, opt = _trained(UserLM)
+    await ModelSurgeon().apply(model, opt, WidenResidual(64), probe=tokens()[0])
+    assert model.layers[0].attn.heads == 2 and model.layers[0].attn.wq.weight.shape == (32, 64)

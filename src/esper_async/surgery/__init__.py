@@ -15,7 +15,7 @@ is recorded for replay on resume by :func:`operation_record` / :func:`replay_ope
   function-preserving.
 * ``InsertIdentityBlocks(blocks="blocks", after=(-1,), factory=None, zero=None)`` — depth: insert
   blocks whose residual output projections start at zero (function-preserving).
-* ``WidenResidual(width, seed=0, embedding=None, head_dim=None)`` — a transformer's residual
+* ``WidenResidual(width, seed=0, embedding=None, head_dim=None, grow_heads=False)`` — a transformer's residual
   width ``d_model``: embeddings, position tables, LayerNorm/RMSNorm, attention (more heads of the
   same size), GELU or gated MLPs, tied or untied head (function-preserving).
 * ``WidenChannels(target, width, seed=0)`` — a CNN's channels across a residual stage (every

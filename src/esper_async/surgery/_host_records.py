@@ -53,6 +53,7 @@ def host_record(operation: object) -> dict[str, Any] | None:
             "seed": operation.seed,
             "embedding": operation.embedding,
             "head_dim": operation.head_dim,
+            "grow_heads": operation.grow_heads,
             "plan": operation.found or operation.plan,
         }
     if isinstance(operation, WidenChannels):
@@ -95,6 +96,7 @@ def host_operation(record: Mapping[str, Any]) -> HostOperation:
                 seed=int(record["seed"]),
                 embedding=record.get("embedding"),
                 head_dim=None if head_dim is None else int(head_dim),
+                grow_heads=bool(record.get("grow_heads", False)),
                 plan=record.get("plan"),
             )
         if kind == "widen_channels":

@@ -72,6 +72,10 @@ class WidenResidual:
         first ``nn.Embedding`` in the model).
     :param head_dim: attention's head size (default: read from its
         ``scaled_dot_product_attention`` call).
+    :param grow_heads: also grow attention whose head count is fixed in its code (a user's
+        ``self.heads``, read by ``view(b, t, self.heads, self.head_dim)``): its query/key/value
+        and output projections grow by whole heads and its head-count attribute follows; by
+        default only attention that reads ``d`` from a shape grows its heads.
     :param plan: the coupled layers, as recorded by an earlier apply (replay on resume, which
         has no probe batch); default: found from the graph on the transaction's probe.
     """
@@ -80,6 +84,7 @@ class WidenResidual:
     seed: int = 0
     embedding: str | None = None
     head_dim: int | None = None
+    grow_heads: bool = False
     plan: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -104,7 +109,9 @@ class WidenResidual:
         if self.plan is not None:
             plan = plan_from_record(self.plan)
         else:
-            plan = find_stream(ctx.model, ctx.probe, width=d, operation=operation)
+            plan = find_stream(
+                ctx.model, ctx.probe, width=d, operation=operation, grow_heads=self.grow_heads
+            )
         object.__setattr__(self, "_found", plan_record(plan))  # recorded for replay
         slots = _grown_slots(ctx, plan, operation)
         _Grower(ctx, plan, self.width, self.seed, self.head_dim, operation).run()

@@ -367,13 +367,24 @@ def _heads(graph: fx.Graph, inner: Inner) -> None:
             return
 
 
-def find_stream(model: nn.Module, probe: Any, *, width: int, operation: str) -> StreamPlan:
+def find_stream(
+    model: nn.Module, probe: Any, *, width: int, operation: str, grow_heads: bool = False
+) -> StreamPlan:
     """Trace ``model`` on ``probe`` and find the residual stream of width ``width``.
 
+    :param grow_heads: also treat every module that calls ``scaled_dot_product_attention`` as
+        following the stream (its head count is fixed in its code, not read from a shape).
     :raises GrowthCouplingError: something on the stream cannot grow (see the module docstring).
     """
     graph = shadow_graph(model, probe, operation=operation)
-    plan = _Walker(model, width, operation).walk(graph)
+    walker = _Walker(model, width, operation)
+    if grow_heads:
+        walker.width_reads |= {
+            _owner(n)
+            for n in graph.nodes
+            if n.op == "call_function" and n.target is F.scaled_dot_product_attention
+        }
+    plan = walker.walk(graph)
     for inner in plan.inner.values():
         _heads(graph, inner)
     params = dict(model.named_parameters(remove_duplicate=False))
