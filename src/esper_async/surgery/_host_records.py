@@ -14,18 +14,20 @@ from typing import Any
 
 from ..errors import SurgeryError
 from ._conv_width import WidenChannels
+from ._gated_width import WidenGated
 from ._residual_width import WidenResidual
 from ._stack import InsertIdentityBlocks, StackBlocks
 
 __all__ = ("HOST_KINDS", "HostOperation", "host_operation", "host_record")
 
-HostOperation = StackBlocks | InsertIdentityBlocks | WidenResidual | WidenChannels
+HostOperation = StackBlocks | InsertIdentityBlocks | WidenResidual | WidenChannels | WidenGated
 
 HOST_KINDS: dict[str, type] = {
     "stack_blocks": StackBlocks,
     "insert_identity_blocks": InsertIdentityBlocks,
     "widen_residual": WidenResidual,
     "widen_channels": WidenChannels,
+    "widen_gated": WidenGated,
 }
 
 
@@ -63,6 +65,14 @@ def host_record(operation: object) -> dict[str, Any] | None:
             "width": operation.width,
             "seed": operation.seed,
             "plan": operation.found or operation.plan,
+        }
+    if isinstance(operation, WidenGated):
+        return {
+            "op": "widen_gated",
+            "gate": operation.gate,
+            "up": operation.up,
+            "width": operation.width,
+            "seed": operation.seed,
         }
     return None
 
@@ -105,6 +115,13 @@ def host_operation(record: Mapping[str, Any]) -> HostOperation:
                 int(record["width"]),
                 seed=int(record["seed"]),
                 plan=record.get("plan"),
+            )
+        if kind == "widen_gated":
+            return WidenGated(
+                str(record["gate"]),
+                str(record["up"]),
+                int(record["width"]),
+                seed=int(record["seed"]),
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise SurgeryError(

@@ -192,8 +192,8 @@ def refuse_gate(parent: nn.Module, prefix: str, target: str, node: fx.Node, oper
         raise GrowthCouplingError(
             target,
             f"its output is multiplied by {other[0]!r}'s ({node.format_node()}): one projection "
-            "of a gated MLP cannot widen alone; the gate and up projections widen together "
-            "(WidenResidual grows both as readers of the residual stream)",
+            "of a gated MLP cannot widen alone; the gate and up projections widen together: "
+            "use WidenGated(gate, up, width)",
             operation=operation,
         )
 
