@@ -48,6 +48,23 @@ def _proposals(choose: random.Random) -> dict[str, list[dict[str, Any]]]:
                 "head_dim": None,
             },
         ],
+        "user": [
+            {
+                "op": "widen_residual",
+                "width": 48,
+                "seed": choose.randrange(10_000),
+                "embedding": None,
+                "head_dim": None,
+                "grow_heads": True,
+            },
+            {
+                "op": "widen_gated",
+                "gate": "layers.1.mlp.gate",
+                "up": "layers.1.mlp.up",
+                "width": 144 + choose.randrange(1, 9),
+                "seed": choose.randrange(10_000),
+            },
+        ],
         "cnn": [
             {
                 "op": "widen_channels",
@@ -60,8 +77,8 @@ def _proposals(choose: random.Random) -> dict[str, list[dict[str, Any]]]:
 
 
 def _grow(out: Path) -> None:
-    """Rank program: grow a GPT (three times) and a CNN under DDP, each then resumed from rank
-    0's checkpoint."""
+    """Rank program: grow a GPT (three times), a user's transformer (twice) and a CNN under DDP,
+    each then resumed from rank 0's checkpoint."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -69,7 +86,7 @@ def _grow(out: Path) -> None:
 
     torch.set_num_threads(1)
     ctx = init_distributed(backend="gloo")
-    found = {host: _grow_host(ctx, host, out) for host in ("gpt", "cnn")}
+    found = {host: _grow_host(ctx, host, out) for host in ("gpt", "user", "cnn")}
     (out / f"rank{ctx.rank}.json").write_text(json.dumps(found))
     ctx.close()
 
@@ -79,7 +96,7 @@ def _grow_host(ctx: Any, host: str, out: Path) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
     from tests.surgery._helpers import TinyNet, images
-    from tests.surgery._host_models import adamw, tiny_gpt, tokens
+    from tests.surgery._host_models import UserLM, adamw, tiny_gpt, tokens
     from torch.nn.parallel import DistributedDataParallel
 
     from esper_async.distributed import check_ranks_in_sync
@@ -91,10 +108,10 @@ def _grow_host(ctx: Any, host: str, out: Path) -> dict[str, Any]:
     )
 
     def build() -> Any:
-        return tiny_gpt() if host == "gpt" else TinyNet()
+        return {"gpt": tiny_gpt, "user": UserLM, "cnn": TinyNet}[host]()
 
     def batch(seed: int) -> Any:
-        return tokens(seed=seed) if host == "gpt" else images(8, seed=seed)
+        return images(8, seed=seed) if host == "cnn" else tokens(seed=seed)
 
     probe = batch(99)[0][:4]
     torch.manual_seed(0)  # the same initial model on every rank
@@ -172,7 +189,7 @@ def test_host_growth_is_decided_once_applied_everywhere_and_resumes(tmp_path: Pa
     lead, follow = _launch([str(Path(__file__).resolve()), "grow", str(tmp_path)], tmp_path)
     decided = _proposals(random.Random(1000))
     assert _proposals(random.Random(1001)) != decided  # rank 1 alone would have chosen otherwise
-    for host in ("gpt", "cnn"):
+    for host in ("gpt", "user", "cnn"):
         a, b = lead[host], follow[host]
         assert a["decided"] == b["decided"] == decided[host]  # rank 0's decisions, everywhere
         assert a["records"] == b["records"]
