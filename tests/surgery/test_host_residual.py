@@ -316,3 +316,36 @@ async def test_grow_heads_adds_heads_to_a_user_s_fixed_head_attention() -> None:
     model, opt = _trained(UserLM)
     await ModelSurgeon().apply(model, opt, WidenResidual(64), probe=tokens()[0])
     assert model.layers[0].attn.heads == 2 and model.layers[0].attn.wq.weight.shape == (32, 64)
+
+
+class _MatmulAttention(nn.Module):
+    """Attention written with matmuls, reading d from the input's shape."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.n_head = 2
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        w = torch.softmax(q @ k.transpose(-2, -1) / (d // self.n_head) ** 0.5, dim=-1)
+        return self.proj((w @ v).transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.asyncio
+async def test_attention_without_sdpa_needs_its_head_size() -> None:
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    for block in model.blocks:
+        block.attn = _MatmulAttention(32)
+    opt = adamw(model)
+    x = tokens(seed=9)[0]
+    before = evaluate(model, x)
+    with pytest.raises(GrowthCouplingError, match="pass head_dim="):
+        await ModelSurgeon().apply(model, opt, WidenResidual(48), probe=tokens()[0])
+    await ModelSurgeon().apply(model, opt, WidenResidual(48, head_dim=16), probe=tokens()[0])
+    assert model.blocks[0].attn.n_head == 3
+    assert torch.allclose(evaluate(model, x), before, rtol=1e-4, atol=1e-5)

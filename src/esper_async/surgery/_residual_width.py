@@ -319,7 +319,11 @@ class _Grower:
     def _inner(self, path: str, inner: Any) -> None:
         head_dim = self.head_dim or inner.head_dim
         if head_dim is None:
-            return
+            raise self.refuse(
+                path,
+                "its inner width follows the stream's, but no scaled_dot_product_attention call "
+                "in it shows a head size to grow by whole heads; pass head_dim=",
+            )
         if self.new % head_dim:
             raise self.refuse(
                 path,
