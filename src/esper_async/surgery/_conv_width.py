@@ -120,6 +120,8 @@ class WidenChannels:
                 assert isinstance(holder, SeedSlot)
                 check_dormant(holder, slot, "its host's channels widen", operation)
                 slots[slot] = self.width
+        # validated from the root: the coupled layers may all sit in a ModuleList, not callable
+        ctx.keep("", operation=operation)
         _grow(ctx, plan, conv.out_channels, self.width, self.seed, operation)
         grown_slot_contracts(ctx, slots, slots, operation)
 

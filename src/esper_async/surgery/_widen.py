@@ -280,15 +280,9 @@ class Widen:
         assert isinstance(producer, (nn.Linear, nn.Conv2d))
 
         widen_layers(
-            ctx,
-            operation,
-            producer_path=self.target,
-            norm_paths=norm_paths,
-            consumers=[(path, 1) for path in consumer_paths],
-            width=self.width,
-            seed=self.seed,
-            init=self.init,
-            signal=self.signal,
+            ctx, operation, producer_path=self.target, norm_paths=norm_paths,
+            consumers=[(path, 1) for path in consumer_paths], width=self.width, seed=self.seed,
+            init=self.init, signal=self.signal,
         )
 
 
@@ -507,7 +501,9 @@ def widen_layers(
     swaps: list[tuple[str, nn.Module, nn.Module, torch.Tensor, torch.Tensor, bool, int]] = []
     new_producer = _widened_producer(producer, mapping)
     if fresh:
-        rows = new_fan_in(producer, width - old, init, seed=seed, signal=signal, consumers=layers)
+        rows = new_fan_in(
+            producer, width - old, init, seed=seed, signal=signal, consumers=layers
+        )
         with torch.no_grad():
             new_producer.weight[old:] = rows
             if new_producer.bias is not None:

@@ -190,23 +190,14 @@ class WidenSlot:
                 operation=operation,
             )
         norm_paths, consumers = find_slot_consumers(
-            ctx.model,
-            self.target,
-            old_width,
-            operation=operation,
+            ctx.model, self.target, old_width, operation=operation,
             unit_major=isinstance(host, nn.Conv2d),
         )
         assert isinstance(host, (nn.Linear, nn.Conv2d))
         mapping = widen_layers(
-            ctx,
-            operation,
-            producer_path=f"{self.target}.host",
-            norm_paths=norm_paths,
-            consumers=[(c.path, c.block) for c in consumers],
-            width=self.width,
-            seed=self.seed,
-            init=self.init,
-            signal=self.signal,
+            ctx, operation, producer_path=f"{self.target}.host", norm_paths=norm_paths,
+            consumers=[(c.path, c.block) for c in consumers], width=self.width, seed=self.seed,
+            init=self.init, signal=self.signal,
         )
 
         # The slot's map composes: new unit k replicates old unit g(k), itself seed unit u[g(k)].
@@ -220,3 +211,5 @@ class WidenSlot:
         unit_map.train(slot.training)
         ctx.keep(self.target, operation=operation)
         slot.unit_map = unit_map
+
+

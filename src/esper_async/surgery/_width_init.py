@@ -96,19 +96,12 @@ def _basis(producer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             "init='zero_fanout'",
             operation="gradmax",
         )
-    patches = F.unfold(
-        x, producer.kernel_size, producer.dilation, producer.padding, producer.stride
-    )
+    patches = F.unfold(x, producer.kernel_size, producer.dilation, producer.padding,
+                       producer.stride)
     n, d, _ = patches.shape
     size = [
-        (
-            x.shape[2 + i]
-            + 2 * producer.padding[i]
-            - producer.dilation[i] * (producer.kernel_size[i] - 1)
-            - 1
-        )
-        // producer.stride[i]
-        + 1
+        (x.shape[2 + i] + 2 * producer.padding[i] - producer.dilation[i]
+         * (producer.kernel_size[i] - 1) - 1) // producer.stride[i] + 1
         for i in range(2)
     ]
     return patches.reshape(n, d, *size)
@@ -122,12 +115,8 @@ def _gradient_map(
     d = basis.shape[1]
     if isinstance(consumer, nn.Conv2d):
         weight = conv2d_weight(
-            basis,
-            (consumer.out_channels, d, *consumer.kernel_size),
-            grad,
-            consumer.stride,
-            consumer.padding,
-            consumer.dilation,
+            basis, (consumer.out_channels, d, *consumer.kernel_size), grad,
+            consumer.stride, consumer.padding, consumer.dilation,
         )
         return weight.permute(0, 2, 3, 1).reshape(-1, d)
     g = grad.reshape(-1, grad.shape[-1])

@@ -37,10 +37,7 @@ def capture_width_signal(
         producer_path, producer = f"{target}.host", module.host
         width = _width_of(producer, operation)
         _, found = find_slot_consumers(
-            model,
-            target,
-            width,
-            operation=operation,
+            model, target, width, operation=operation,
             unit_major=isinstance(producer, nn.Conv2d),
         )
         paths = [c.path for c in found]
@@ -77,10 +74,7 @@ def capture_width_signal(
         for handle in handles:
             handle.remove()
     return WidthSignal(
-        target,
-        inputs[0],
-        {
-            p: torch.zeros_like(outputs[p]) if g is None else g.detach()
-            for p, g in zip(paths, grads, strict=True)
-        },
+        target, inputs[0],
+        {p: torch.zeros_like(outputs[p]) if g is None else g.detach()
+         for p, g in zip(paths, grads, strict=True)},
     )
