@@ -200,7 +200,7 @@ class InsertIdentityBlocks:
         if self.factory is None:
             for _, slot in slots_in(block):
                 check_dormant(slot, slot.slot_name, "depth growth would copy its seed", operation)
-            zero = self.zero or residual_projections(block, path, operation=operation)
+            zero = self.zero or _projections(block, path, operation)
             return copy_block(
                 ctx, block, operation=operation, zero=tuple(zero), fresh_state=self.fresh_state
             )
@@ -208,7 +208,7 @@ class InsertIdentityBlocks:
         anchor = next(iter(block.parameters()), None)
         if anchor is not None:
             made = made.to(device=anchor.device, dtype=anchor.dtype)
-        zero = self.zero or residual_projections(made, path, operation=operation)
+        zero = self.zero or _projections(made, path, operation)
         with torch.no_grad():
             for name in zero:
                 for param in made.get_submodule(name).parameters(recurse=False):
@@ -218,6 +218,20 @@ class InsertIdentityBlocks:
             source = next((p for p in sources if p.shape == param.shape), None)
             add_like(ctx, source if source is not None else param, param, None)
         return made
+
+
+_FOUND: dict[tuple[object, ...], tuple[str, ...]] = {}
+
+
+def _projections(block: nn.Module, path: str, operation: str) -> tuple[str, ...]:
+    """:func:`residual_projections`, traced once per block structure (class and submodules):
+    inserting several copies of like blocks traces one."""
+    key = tuple((name, type(m)) for name, m in block.named_modules())
+    if key not in _FOUND:
+        if len(_FOUND) > 64:
+            _FOUND.clear()
+        _FOUND[key] = tuple(residual_projections(block, path, operation=operation))
+    return _FOUND[key]
 
 
 def _index(i: int, size: int, operation: str) -> int:
