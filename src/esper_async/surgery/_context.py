@@ -121,6 +121,8 @@ class _Entry:
     children: OrderedDict[str, nn.Module | None] | None
     root: nn.Module | None
     changed: str
+    parameters: dict[str, nn.Parameter | None] | None = None  # set: a parameter table as it was
+    attribute: tuple[Any, str, Any] | None = None  # set: (object, name, old value)
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,26 @@ class SurgeryContext:
         self._journal.append(_Entry(parent, OrderedDict(parent._modules), None, path))
         return parent
 
+    def set_parameter(self, path: str, name: str, new: nn.Parameter, *, operation: str) -> None:
+        """Put ``new`` as the module at ``path``'s own parameter ``name`` (journalled: undo puts
+        the old one back). For parameters held directly by a module that cannot be swapped
+        whole, such as the root.
+        """
+        module = self.resolve(path, operation=operation)
+        self._journal.append(_Entry(module, None, None, path, dict(module._parameters)))
+        module._parameters[name] = new
+
+    def set_attribute(self, obj: Any, name: str, value: Any, *, changed: str) -> None:
+        """Set a plain (non-module, non-parameter) attribute of ``obj``, journalled: undo puts
+        the old value back. For bookkeeping a change must keep true, such as a seed slot's
+        contract or name.
+
+        :param changed: the dotted path of the module concerned (for the validated region).
+        """
+        old = obj.__dict__[name]
+        self._journal.append(_Entry(None, None, None, changed, attribute=(obj, name, old)))
+        object.__setattr__(obj, name, value)
+
     def prefer_group_of(self, module: nn.Module) -> None:
         """New parameters join with the hyper-parameters of the group holding ``module``'s
         parameters."""
@@ -302,9 +324,17 @@ class SurgeryContext:
         popped = self._journal[mark:]
         redo: list[tuple[_Entry, Any]] = []
         for entry in reversed(popped):
-            if entry.parent is None:
+            if entry.attribute is not None:
+                obj, name, old = entry.attribute
+                redo.append((entry, obj.__dict__[name]))
+                object.__setattr__(obj, name, old)
+            elif entry.parent is None:
                 redo.append((entry, self.model))
                 self.model = entry.root  # type: ignore[assignment]
+            elif entry.parameters is not None:
+                redo.append((entry, dict(entry.parent._parameters)))
+                entry.parent._parameters.clear()
+                entry.parent._parameters.update(entry.parameters)
             else:
                 redo.append((entry, OrderedDict(entry.parent._modules)))
                 entry.parent._modules.clear()
@@ -314,8 +344,13 @@ class SurgeryContext:
             yield
         finally:
             for entry, after in reversed(redo):
-                if entry.parent is None:
+                if entry.attribute is not None:
+                    object.__setattr__(entry.attribute[0], entry.attribute[1], after)
+                elif entry.parent is None:
                     self.model = after
+                elif entry.parameters is not None:
+                    entry.parent._parameters.clear()
+                    entry.parent._parameters.update(after)
                 else:
                     entry.parent._modules.clear()
                     entry.parent._modules.update(after)
@@ -326,9 +361,15 @@ class SurgeryContext:
         self._captured, self._captured_at = {}, -1
         while len(self._journal) > mark:
             entry = self._journal.pop()
-            if entry.parent is None:
+            if entry.attribute is not None:
+                obj, name, old = entry.attribute
+                object.__setattr__(obj, name, old)
+            elif entry.parent is None:
                 assert entry.root is not None
                 self.model = entry.root
+            elif entry.parameters is not None:
+                entry.parent._parameters.clear()
+                entry.parent._parameters.update(entry.parameters)
             else:
                 assert entry.children is not None
                 entry.parent._modules.clear()
