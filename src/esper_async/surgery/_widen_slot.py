@@ -28,7 +28,7 @@ from ..errors import SurgeryError
 from ..seeds import SeedSlot
 from ..seeds._slot import UnitMap
 from ._context import SurgeryContext
-from ._widen import _classify, _width_of, refuse_gate, traced_call, widen_layers
+from ._widen import _classify, _width_of, traced_call, widen_layers
 from ._width_init import WidthSignal, check_init
 
 __all__ = ("CoupledWidthError", "SlotConsumer", "WidenSlot", "find_slot_consumers")
@@ -126,7 +126,6 @@ def find_slot_consumers(
         if kind is None and _gates(node):
             raise _coupled(operation, slot_path, prefix, call, node)
         if kind is None:
-            refuse_gate(parent, prefix, slot_path, node, operation)
             raise SurgeryError(
                 f"{operation}: the output of {slot_path!r} reaches {node.format_node()}, which "
                 "cannot simply take a wider input",
@@ -191,7 +190,7 @@ def _coupled(
         f"(SwiGLU, GLU) MLP are, so both widths are coupled and widening one breaks the "
         f"product. Width growth widens one layer whose output feeds only layers: leave "
         f"{slot_path!r} out of ControllerConfig.width_slots (a plain MLP's hidden Linear can "
-        f"be widened).",
+        f"be widened), or grow both projections together with surgery.WidenGated.",
         operation=operation, slot=slot_path, coupled=coupled,
     )
 
