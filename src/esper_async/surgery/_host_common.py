@@ -21,6 +21,7 @@ __all__ = (
     "add_like",
     "carried_state",
     "container",
+    "refuse_sharded",
     "swap_parameter",
 )
 
@@ -37,6 +38,47 @@ class GrowthCouplingError(SurgeryError):
         super().__init__(f"{operation}: cannot grow {module!r}: {reason}", operation=operation)
         self.module = module
         self.reason = reason
+
+
+def _sharded(model: nn.Module) -> tuple[str, str] | None:
+    """``(module name, what shards it)`` for the first FSDP-wrapped module or DTensor parameter
+    in ``model``, or ``None`` when nothing in it is sharded."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    for name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel):
+            return name, "FullyShardedDataParallel"
+        if isinstance(module, FSDPModule):
+            return name, "fully_shard (FSDPModule)"
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            return name.rpartition(".")[0], f"a DTensor parameter ({name!r})"
+    return None
+
+
+def refuse_sharded(model: nn.Module, operation: str) -> None:
+    """Refuse surgery on a model sharded by FSDP (``FullyShardedDataParallel``, ``fully_shard``)
+    or holding DTensor parameters: each rank holds only a shard (or a flat buffer) of every
+    parameter, so no operator can read or rebuild a whole weight.
+
+    :raises GrowthCouplingError: something in ``model`` is sharded; the message names it and says
+        to grow the unwrapped module, then shard it again.
+    """
+    found = _sharded(model)
+    if found is None:
+        return
+    name, how = found
+    raise GrowthCouplingError(
+        name or "<root>",
+        f"it is sharded by {how}, so no rank holds whole parameters; surgery is refused on "
+        "sharded models. Grow the unwrapped module (before fully_shard / "
+        "FullyShardedDataParallel, or on a full state dict loaded into an unsharded copy), "
+        "rebuild the optimizer, then shard it again",
+        operation=operation,
+    )
 
 
 def container(ctx: SurgeryContext, path: str, operation: str) -> nn.ModuleList | nn.Sequential:

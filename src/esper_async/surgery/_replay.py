@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ._context import SurgeryContext
+from ._host_common import refuse_sharded
 from ._host_records import HOST_KINDS, HostOperation, host_operation, host_record
 from ._widen import Widen
 from ._widen_slot import WidenSlot
@@ -113,9 +114,12 @@ def replay_operations(
     order, without a probe or validation. Call it on a freshly built model before loading a
     state saved after the operations.
 
+    :raises GrowthCouplingError: the model is sharded (FSDP, DTensor parameters); replay on the
+        unsharded model, load its state, then shard it.
     :raises SurgeryError: a record does not fit the model (it was not built as the recorded one);
         operations before it stay applied.
     """
+    refuse_sharded(model, "replay")
     ctx = SurgeryContext(model, optimizer, probe=None)
     for record in records:
         operation = operation_from_record(record)

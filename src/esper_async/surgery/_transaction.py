@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ._context import OptimizerSnapshot, SurgeryContext, parameter_list
+from ._host_common import refuse_sharded
 from ._operations import SurgeryOperation
 from ._validation import (
     RegionCheck,
@@ -154,11 +155,14 @@ class SurgeryTransaction:
 
         :param operation: the operation.
         :return: what validation found (no problems: a failed check raises).
+        :raises GrowthCouplingError: the model is sharded (FSDP, DTensor parameters); nothing
+            was changed.
         :raises SurgeryError: the operation does not fit the model or failed validation; its changes
             are undone and the transaction stays usable (an uncaught error rolls it all back).
         """
         if not self._open:
             raise SurgeryError("the transaction is not open", operation=operation.describe())
+        refuse_sharded(self._ctx.model, operation.describe())
         mark = self._ctx.mark()
         savepoint = (
             OptimizerSnapshot(self._ctx.optimizer) if self._ctx.optimizer is not None else None
