@@ -19,6 +19,24 @@ kernel arrived and each DDP rebuild happened; rank 0 gathers them. Figures:
 
 NCCL runs keep ``NCCL_NVLS_ENABLE=0``. Results: ``benchmarks/results/distributed.json`` (NCCL);
 gloo results are printed (or written to ``--output``).
+
+**Host growth** (``--host-growth``; ``_ddp_host_growth.py``)::
+
+    python benchmarks/bench_distributed.py --host-growth      # NCCL, 1 then 2 GPUs
+    python benchmarks/bench_distributed.py --host-growth --backend gloo --quick \
+        --output benchmarks/results/distributed_host_growth_gloo_cpu.json
+
+A Shakespeare char GPT (3 blocks x 128, 2 heads of 64; ``--quick``: 1 x 32 at T=32, B=8) trains
+under DDP, then at one step boundary grows to its target (6 x 384 with 6 heads and MLP 1536, the
+state-dict shapes of nanoGPT's ``shakespeare_char``; ``--quick``: 2 x 64) by rank 0's plan —
+``WidenResidual``, a ``Widen`` of each MLP, ``StackBlocks`` — broadcast as operation records and
+applied on every rank; DDP is rebuilt and training goes on. Figures, per world size: each rank's
+step time before and after growth (median, mean, p90 of ``--steps`` timed steps after
+``--warmup``), weak-scaling efficiency against one rank for both phases, the seconds each
+operation took on each rank (and its ``check_ranks_in_sync``), the DDP rebuild, and whether the
+ranks were identical after every operation and at the end (different data per rank, so only DDP
+keeps them equal). NCCL results: ``benchmarks/results/distributed_host_growth.json``; gloo ones
+only where ``--output`` says.
 """
 
 from __future__ import annotations
@@ -26,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import RESULTS, machine, write
+from _ddp_host_growth import HOST_SIZES, host_plan, host_rank_program, host_summary, step_stats
 
 #: Per launch, seconds before the driver gives up on it.
 LAUNCH_TIMEOUT_S = 240
@@ -70,22 +88,20 @@ def _rank_program(args: argparse.Namespace) -> None:
         ctx.close()
 
 
-def _launch(world: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any] | str:
-    """Rank 0's gathered results of one launch, or the launch's error output."""
+def _torchrun(
+    world: int, args: argparse.Namespace, workdir: Path, tail: list[str]
+) -> dict[str, Any] | str:
+    """Rank 0's gathered results of one torchrun launch of this file's rank program with
+    ``tail`` as its options, or the launch's error output. NVLink multicast stays off."""
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": str(args.threads)}
     src = Path(__file__).resolve().parents[1] / "src"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(src)) if p)
     argv = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={world}", str(Path(__file__).resolve()), "--rank-program",
-        "--workdir", str(workdir), "--backend", args.backend, "--epochs", str(args.epochs),
-        "--seed", str(args.seed), "--batch-size", str(args.batch_size),
-        "--max-live", str(args.max_live), "--threads", str(args.threads),
+        "--workdir", str(workdir), "--backend", args.backend, "--seed", str(args.seed),
+        "--threads", str(args.threads), *tail,
     ]  # fmt: skip
-    if args.limit is not None:
-        argv += ["--limit", str(args.limit)]
-    if args.forms:
-        argv += ["--forms", args.forms]
     try:
         proc = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=args.launch_timeout
@@ -102,14 +118,17 @@ def _launch(world: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
     return json.loads((workdir / f"world{world}.json").read_text())  # type: ignore[no-any-return]
 
 
-def _step_stats(step_s: list[float]) -> dict[str, float]:
-    ms = sorted(1e3 * s for s in step_s)
-    return {
-        "median_ms": round(statistics.median(ms), 4),
-        "mean_ms": round(statistics.fmean(ms), 4),
-        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 4),
-        "steps": len(ms),
-    }
+def _launch(world: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any] | str:
+    """Rank 0's gathered results of one launch of the demo's growth run, or its error output."""
+    tail = [
+        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+        "--max-live", str(args.max_live),
+    ]  # fmt: skip
+    if args.limit is not None:
+        tail += ["--limit", str(args.limit)]
+    if args.forms:
+        tail += ["--forms", args.forms]
+    return _torchrun(world, args, workdir, tail)
 
 
 def _growth_latency(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -147,7 +166,7 @@ def _growth_latency(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _summarise(world: int, data: dict[str, Any], batch: int) -> dict[str, Any]:
     ranks = data["ranks"]
-    per_rank = [_step_stats(r["step_s"]) for r in ranks]
+    per_rank = [step_stats(r["step_s"]) for r in ranks]
     slowest = max(s["median_ms"] for s in per_rank)
     return {
         "world_size": world,
@@ -167,6 +186,68 @@ def _summarise(world: int, data: dict[str, Any], batch: int) -> dict[str, Any]:
     }
 
 
+def _host_growth_main(args: argparse.Namespace) -> None:
+    mode = "quick" if args.quick else "full"
+    runs: dict[int, dict[str, Any]] = {}
+    device_info: dict[str, Any] = {}
+    tail = [
+        "--host-growth",
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--lr",
+        str(args.lr),
+    ]
+    tail += ["--quick"] if args.quick else []
+    with tempfile.TemporaryDirectory(prefix="bench-ddp-host-") as tmp:
+        for world in (int(w) for w in args.worlds.split(",")):
+            data = _torchrun(world, args, Path(tmp), tail)
+            if isinstance(data, str):
+                print(f"world {world} failed: {data}", file=sys.stderr)
+                runs[world] = {"world_size": world, "error": data[-1500:]}
+                continue
+            runs[world] = host_summary(world, data)
+            device_info = data["machine"]
+    base = runs.get(1)
+    for world, run in runs.items():
+        if world > 1 and base is not None and "error" not in base and "error" not in run:
+            for when in ("before", "after"):  # weak scaling: N x the samples in the slowest step
+                run[f"scaling_efficiency_vs_1_{when}"] = round(
+                    base[f"slowest_median_ms_{when}"] / run[f"slowest_median_ms_{when}"], 4
+                )
+    sizes = HOST_SIZES[mode]
+    result = {
+        "benchmark": "distributed_host_growth",
+        "backend": args.backend,
+        "machine": device_info,
+        "nccl_nvls_enable": "0" if args.backend == "nccl" else None,
+        "baseline": "the same script at world size 1 (DDP over one rank)",
+        "config": {
+            "mode": mode,
+            "model": "Shakespeare char GPT (esper_async.apps.gpt), dropout 0, no biases",
+            "start_layers_width_heads": list(sizes["start"]),
+            "target_layers_width": list(sizes["target"]),
+            "block_size": sizes["block_size"],
+            "batch_per_rank": sizes["batch"],
+            "plan": [r["op"] for r in host_plan(mode)],
+            "warmup_steps": args.warmup,
+            "timed_steps_per_phase": args.steps,
+            "optimizer": f"AdamW lr {args.lr}, weight decay 0.1",
+            "matmul": "TF32 on CUDA",
+            "threads_per_rank": args.threads,
+        },
+        "runs": {f"world{w}": r for w, r in runs.items()},
+    }
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.output is not None:
+        Path(args.output).write_text(text + "\n")
+    elif args.backend == "nccl":
+        path = write("distributed_host_growth", result)
+        print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rank-program", action="store_true", help=argparse.SUPPRESS)
@@ -184,11 +265,26 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="results file (NCCL default: results)")
     parser.add_argument("--raw", default=None, help="copy each launch's per-rank data here")
     parser.add_argument("--launch-timeout", type=float, default=LAUNCH_TIMEOUT_S)
+    parser.add_argument(
+        "--host-growth",
+        action="store_true",
+        help="the host-growth run: a Shakespeare GPT grown to its target under DDP",
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="host growth: untimed steps")
+    parser.add_argument("--steps", type=int, default=None, help="host growth: timed steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="host growth: AdamW rate")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.limit = 6, args.limit or 600
+    if args.warmup is None:
+        args.warmup = 2 if args.quick else 10
+    if args.steps is None:
+        args.steps = 10 if args.quick else 100
     if args.rank_program:
-        _rank_program(args)
+        (host_rank_program if args.host_growth else _rank_program)(args)
+        return
+    if args.host_growth:
+        _host_growth_main(args)
         return
     runs: dict[int, dict[str, Any]] = {}
     device_info: dict[str, Any] = {}
