@@ -8,6 +8,7 @@ replay on resume puts them at the same positions, which ``Optimizer.load_state_d
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -43,19 +44,20 @@ class GrowthCouplingError(SurgeryError):
 def _sharded(model: nn.Module) -> tuple[str, str] | None:
     """``(module name, what shards it)`` for the first FSDP-wrapped module or DTensor parameter
     in ``model``, or ``None`` when nothing in it is sharded."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
-
-    for name, module in model.named_modules():
-        if isinstance(module, FullyShardedDataParallel):
-            return name, "FullyShardedDataParallel"
-        if isinstance(module, FSDPModule):
-            return name, "fully_shard (FSDPModule)"
-    for name, param in model.named_parameters():
-        if isinstance(param, DTensor):
-            return name.rpartition(".")[0], f"a DTensor parameter ({name!r})"
+    # Nothing can be sharded unless its package was imported: looking the classes up in
+    # sys.modules keeps the check free (importing FSDP takes about a second).
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    tensor = sys.modules.get("torch.distributed.tensor")
+    if fsdp is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, fsdp.FullyShardedDataParallel):
+                return name, "FullyShardedDataParallel"
+            if isinstance(module, fsdp.FSDPModule):
+                return name, "fully_shard (FSDPModule)"
+    if tensor is not None:
+        for name, param in model.named_parameters():
+            if isinstance(param, tensor.DTensor):
+                return name.rpartition(".")[0], f"a DTensor parameter ({name!r})"
     return None
 
 
