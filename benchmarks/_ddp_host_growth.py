@@ -140,6 +140,9 @@ def host_rank_program(args: argparse.Namespace) -> None:
         plan = ctx.channel.broadcast_object(host_plan(mode) if ctx.is_leader else None, src=0)
         found["broadcast_s"] = time.perf_counter() - started
         surgeon, growth, in_sync = ModelSurgeon(), [], True
+        # Surgery validates function preservation at rtol 1e-4: TF32 matmuls of the old and the
+        # new shapes round differently, so growth runs in full FP32 (training goes on in TF32).
+        torch.backends.cuda.matmul.allow_tf32 = False
         for record in plan:
             op = operation_from_record(record)
             loss_before = probe_loss()
@@ -162,6 +165,7 @@ def host_rank_program(args: argparse.Namespace) -> None:
                     "digest": digest,
                 }
             )
+        torch.backends.cuda.matmul.allow_tf32 = True
         found["growth"] = growth
         started = time.perf_counter()
         del ddp

@@ -234,7 +234,7 @@ def _host_growth_main(args: argparse.Namespace) -> None:
             "warmup_steps": args.warmup,
             "timed_steps_per_phase": args.steps,
             "optimizer": f"AdamW lr {args.lr}, weight decay 0.1",
-            "matmul": "TF32 on CUDA",
+            "matmul": "TF32 on CUDA (growth itself in FP32)",
             "threads_per_rank": args.threads,
         },
         "runs": {f"world{w}": r for w, r in runs.items()},
