@@ -29,9 +29,10 @@ def step_stats(step_s: list[float]) -> dict[str, float]:
     }
 
 
-#: (start, target) GPT shapes per mode: (n_layer, n_embd, n_head, block_size T, batch per rank).
-#: The full start is 3 blocks of width 128 (2 heads of 64); its target nanoGPT's shakespeare_char
-#: shape, 6 x 384 (6 heads of 64, MLP 1536). The quick one is a tiny GPT for a CPU.
+#: Per mode: the start GPT (n_layer, n_embd, n_head), the target (n_layer, n_embd; heads keep the
+#: start's head size), context T and batch per rank. The full start is 3 blocks of width 128
+#: (2 heads of 64); its target nanoGPT's shakespeare_char shape, 6 x 384 (6 heads of 64, MLP
+#: 1536). The quick one is a tiny GPT for a CPU.
 HOST_SIZES = {
     "full": {"start": (3, 128, 2), "target": (6, 384), "block_size": 256, "batch": 64},
     "quick": {"start": (1, 32, 1), "target": (2, 64), "block_size": 32, "batch": 8},
