@@ -266,11 +266,11 @@ async def test_widening_one_projection_of_a_gated_mlp_is_refused() -> None:
 @pytest.mark.asyncio
 async def test_widening_the_slot_of_one_gated_projection_is_refused() -> None:
     from esper_async.seeds import wrap
-    from esper_async.surgery import WidenSlot
+    from esper_async.surgery import CoupledWidthError, WidenSlot
 
     model, opt = _trained(UserLM, steps=1)
     wrap(model, ["layers.0.mlp.gate"], example_input=tokens()[0])
-    with pytest.raises(GrowthCouplingError, match="gated MLP"):
+    with pytest.raises(CoupledWidthError, match=r"gated \(SwiGLU.*WidenGated"):
         await ModelSurgeon().apply(
             model, opt, WidenSlot("layers.0.mlp.gate", 120), probe=tokens()[0]
         )
