@@ -4,7 +4,8 @@ Operations (:class:`InsertAfter`, :class:`RemoveLayer`, :class:`Widen`, :class:`
 :class:`AddSkip`, :class:`FxRewire`, :class:`WidenSlot`) are staged in a
 :class:`SurgeryTransaction` opened by :meth:`ModelSurgeon.transaction`, validated against a probe
 batch and committed, or rolled back bitwise.
-:class:`SurgeryPolicy` proposes widenings for the controller.
+:class:`SurgeryPolicy` proposes widenings for the controller; a :class:`GrowthSchedule` grows the
+host through :class:`GrowthStage` s with :class:`GrowthLR`'s learning rate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from ._operations import RemoveLayer as RemoveLayer
 from ._operations import SurgeryOperation as SurgeryOperation
 from ._policy import SurgeryPolicy as SurgeryPolicy
 from ._policy import SurgeryPolicyConfig as SurgeryPolicyConfig
+from ._schedule import GrowthEvent as GrowthEvent
+from ._schedule import GrowthLR as GrowthLR
+from ._schedule import GrowthSchedule as GrowthSchedule
+from ._schedule import GrowthStage as GrowthStage
+from ._schedule import Plateau as Plateau
 from ._transaction import ModelSurgeon as ModelSurgeon
 from ._transaction import SurgeryTransaction as SurgeryTransaction
 from ._validation import RegionCheck as RegionCheck
@@ -42,8 +48,13 @@ __all__ = (
     "FxRewire",
     "GatedResidual",
     "GatedShortcut",
+    "GrowthEvent",
+    "GrowthLR",
+    "GrowthSchedule",
+    "GrowthStage",
     "InsertAfter",
     "ModelSurgeon",
+    "Plateau",
     "RegionCheck",
     "RemoveLayer",
     "SkipAround",
