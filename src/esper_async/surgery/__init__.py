@@ -4,8 +4,27 @@ Operations (:class:`InsertAfter`, :class:`RemoveLayer`, :class:`Widen`, :class:`
 :class:`AddSkip`, :class:`FxRewire`, :class:`WidenSlot`) are staged in a
 :class:`SurgeryTransaction` opened by :meth:`ModelSurgeon.transaction`, validated against a probe
 batch and committed, or rolled back bitwise.
-:class:`SurgeryPolicy` proposes widenings for the controller; a :class:`GrowthSchedule` grows the
-host through :class:`GrowthStage` s with :class:`GrowthLR`'s learning rate.
+:class:`SurgeryPolicy` proposes widenings for the controller.
+
+Host growth (grow the host itself toward the size a user would train; each is a
+:class:`SurgeryOperation` staged in :meth:`ModelSurgeon.transaction`, carries Adam/AdamW state and
+is recorded for replay on resume by :func:`operation_record` / :func:`replay_operations`):
+
+* ``StackBlocks(blocks="blocks", factor=2, mode="whole" | "interleave", indices=None)`` — depth:
+  copy the trained blocks of a ``ModuleList``/``Sequential`` ``factor`` times (G_stack); not
+  function-preserving.
+* ``InsertIdentityBlocks(blocks="blocks", after=(-1,), factory=None, zero=None)`` — depth: insert
+  blocks whose residual output projections start at zero (function-preserving).
+* ``WidenResidual(width, seed=0, embedding=None, head_dim=None)`` — a transformer's residual
+  width ``d_model``: embeddings, position tables, LayerNorm/RMSNorm, attention (more heads of the
+  same size), GELU or gated MLPs, tied or untied head (function-preserving).
+* ``WidenChannels(target, width, seed=0)`` — a CNN's channels across a residual stage.
+
+What cannot be grown safely raises :class:`GrowthCouplingError` (a :class:`SurgeryError`) naming
+the module and the reason.
+
+A :class:`GrowthSchedule` applies host growth on a schedule (:class:`GrowthStage`: at a step,
+a token count or a loss plateau) with :class:`GrowthLR`'s learning rate after growth.
 """
 
 from __future__ import annotations
@@ -13,6 +32,7 @@ from __future__ import annotations
 from ._context import SurgeryContext as SurgeryContext
 from ._fx import AddSkip as AddSkip
 from ._fx import FxRewire as FxRewire
+from ._host_common import GrowthCouplingError as GrowthCouplingError
 from ._modules import GatedResidual as GatedResidual
 from ._modules import GatedShortcut as GatedShortcut
 from ._modules import SkipAround as SkipAround
@@ -29,6 +49,11 @@ from ._schedule import GrowthLR as GrowthLR
 from ._schedule import GrowthSchedule as GrowthSchedule
 from ._schedule import GrowthStage as GrowthStage
 from ._schedule import Plateau as Plateau
+from ._replay import operation_record as operation_record
+from ._replay import replay_operations as replay_operations
+from ._residual_width import WidenResidual as WidenResidual
+from ._stack import InsertIdentityBlocks as InsertIdentityBlocks
+from ._stack import StackBlocks as StackBlocks
 from ._transaction import ModelSurgeon as ModelSurgeon
 from ._transaction import SurgeryTransaction as SurgeryTransaction
 from ._validation import RegionCheck as RegionCheck
@@ -48,16 +73,19 @@ __all__ = (
     "FxRewire",
     "GatedResidual",
     "GatedShortcut",
+    "GrowthCouplingError",
     "GrowthEvent",
     "GrowthLR",
     "GrowthSchedule",
     "GrowthStage",
     "InsertAfter",
+    "InsertIdentityBlocks",
     "ModelSurgeon",
     "Plateau",
     "RegionCheck",
     "RemoveLayer",
     "SkipAround",
+    "StackBlocks",
     "SurgeryBudget",
     "SurgeryContext",
     "SurgeryOperation",
@@ -67,9 +95,12 @@ __all__ = (
     "SurgeryTransaction",
     "SurgeryValidationConfig",
     "Widen",
+    "WidenResidual",
     "WidenSlot",
     "WidthSignal",
     "capture_width_signal",
     "identity_conv2d",
     "identity_linear",
+    "operation_record",
+    "replay_operations",
 )

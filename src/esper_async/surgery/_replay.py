@@ -1,4 +1,5 @@
-"""Committed widenings as plain records, and their replay on a freshly built model.
+"""Committed widenings and host growths as plain records, and their replay on a freshly built
+model.
 
 A checkpoint holds tensors shaped by every surgery committed before it. Resuming builds the model
 afresh, so the trainer records each committed operation (:func:`operation_record`, JSON-ready)
@@ -18,28 +19,41 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ._context import SurgeryContext
+from ._host_records import HOST_KINDS, HostOperation, host_operation, host_record
 from ._widen import Widen
 from ._widen_slot import WidenSlot
 
 __all__ = ("operation_from_record", "operation_record", "replay_init", "replay_operations")
 
-_KINDS = {"widen": Widen, "widen_slot": WidenSlot}
+_KINDS = {"widen": Widen, "widen_slot": WidenSlot, **HOST_KINDS}
 
 
-def operation_record(operation: Widen | WidenSlot) -> dict[str, Any]:
+def operation_record(operation: Widen | WidenSlot | HostOperation) -> dict[str, Any]:
     """``operation`` as JSON-ready data (the inverse of :func:`operation_from_record`).
 
-    :raises SurgeryError: for an operation that cannot be recorded (only widenings can).
+    :raises SurgeryError: for an operation that cannot be recorded (only widenings and the
+        host-growth operators can).
     """
+    host = host_record(operation)
+    if host is not None:
+        return host
     if isinstance(operation, WidenSlot):
-        record: dict[str, Any] = {"op": "widen_slot", "target": operation.target,
-                                  "width": operation.width, "seed": operation.seed}
+        record: dict[str, Any] = {
+            "op": "widen_slot",
+            "target": operation.target,
+            "width": operation.width,
+            "seed": operation.seed,
+        }
         if operation.init != "net2wider":
             record["init"] = operation.init
         return record
     if isinstance(operation, Widen):
-        record = {"op": "widen", "target": operation.target,
-                  "width": operation.width, "seed": operation.seed}
+        record = {
+            "op": "widen",
+            "target": operation.target,
+            "width": operation.width,
+            "seed": operation.seed,
+        }
         if operation.init != "net2wider":
             record["init"] = operation.init
         if operation.consumers is not None:
@@ -47,7 +61,8 @@ def operation_record(operation: Widen | WidenSlot) -> dict[str, Any]:
             record["norms"] = list(operation.norms)
         return record
     raise SurgeryError(
-        f"{type(operation).__name__} cannot be recorded for replay; only Widen and WidenSlot can",
+        f"{type(operation).__name__} cannot be recorded for replay; only Widen, WidenSlot and the "
+        "host-growth operators can",
         operation=str(operation),
     )
 
@@ -59,13 +74,15 @@ def replay_init(init: str) -> str:
     return "zero_fanout" if init == "gradmax" else init
 
 
-def operation_from_record(record: Mapping[str, Any]) -> Widen | WidenSlot:
+def operation_from_record(record: Mapping[str, Any]) -> Widen | WidenSlot | HostOperation:
     """The operation a record describes (a ``"gradmax"`` widening comes back as
     ``"zero_fanout"``: see :func:`replay_init`).
 
     :raises SurgeryError: the record names no known operation.
     """
     kind = record.get("op")
+    if kind in HOST_KINDS:
+        return host_operation(record)
     init = replay_init(str(record.get("init", "net2wider")))
     if kind == "widen_slot":
         return WidenSlot(
@@ -74,9 +91,12 @@ def operation_from_record(record: Mapping[str, Any]) -> Widen | WidenSlot:
     if kind == "widen":
         consumers = record.get("consumers")
         return Widen(
-            str(record["target"]), int(record["width"]),
+            str(record["target"]),
+            int(record["width"]),
             consumers=None if consumers is None else tuple(consumers),
-            norms=tuple(record.get("norms", ())), seed=int(record["seed"]), init=init,
+            norms=tuple(record.get("norms", ())),
+            seed=int(record["seed"]),
+            init=init,
         )
     raise SurgeryError(
         f"unknown surgery record {dict(record)!r}; known operations: {', '.join(sorted(_KINDS))}",
