@@ -15,8 +15,10 @@ Arms, per seed (same data order, same recipe, same budget):
 Workloads: ``lm``, the Shakespeare GPT (:mod:`esper_async.apps.gpt`), start ``--start`` (layers x
 width, default 2x384) → target ``--target`` (6x384, nanoGPT's ``shakespeare_char``), AdamW with
 nanoGPT's recipe (lr 1e-3 → 1e-4 cosine, warm-up 100, beta2 0.99, weight decay 0.1, clip 1.0), bf16
-autocast on CUDA; depth grows by G_stack stacking (Du et al. 2024): the trained blocks are copied
-whole, in order, until the target depth. ``cnn``: a plain conv net on sklearn's digits, width
+autocast on CUDA; depth grows by G_stack stacking (Du et al. 2024, :class:`StackBlocks`): the
+trained blocks are copied whole (``--stack-mode``), optimizer state with them, to the target depth;
+a wider target widens the residual stream first (:class:`WidenResidual`). ``cnn``: a plain conv
+net on sklearn's digits, width
 ``--cnn-start`` → ``--cnn-target`` channels per conv, widened by :class:`~esper_async.surgery.Widen`
 (Net2Wider, function-preserving, optimizer moments carried).
 
@@ -36,7 +38,6 @@ seed, and equal-FLOPs loss no worse) checked.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -119,22 +120,20 @@ def lm_setup(args: argparse.Namespace, seed: int, shape: tuple[int, int]) -> dic
     return {"model": model, "train": train, "val": val, "tokens_per_batch": args.batch * args.block}
 
 
-def stack_blocks(model: Any, layers: int) -> list[Any]:
-    """G_stack: copies of the trained blocks, in order, appended until ``layers`` blocks.
+def lm_grow(model: Any, start: tuple[int, int], target: tuple[int, int], mode: str) -> list[Any]:
+    """The operations growing the GPT from ``start`` to ``target``: the residual width first
+    (:class:`WidenResidual`, function-preserving), then G_stack depth (:class:`StackBlocks`,
+    ``target`` layers / ``start`` layers copies of the trained stack)."""
+    from esper_async.surgery import StackBlocks, WidenResidual
 
-    Written against the surgery API as it stands (:class:`InsertAfter` of each copy after the
-    last block's ``out``), so the copies run in sequence after the original blocks.
-    """
-    from esper_async.surgery import InsertAfter
-
-    blocks = list(model.blocks)
-    last = f"blocks.{len(blocks) - 1}.out"
-    ops, count = [], len(blocks)
-    while count < layers:
-        copy_of = copy.deepcopy(blocks[(count - len(blocks)) % len(blocks)])
-        target = last if count == len(blocks) else f"{last}.{count - len(blocks)}"
-        ops.append(InsertAfter(target, copy_of, preserves_function=False))
-        count += 1
+    ops: list[Any] = []
+    if target[1] != start[1]:
+        ops.append(WidenResidual(target[1], seed=0))
+    if target[0] != start[0]:
+        if target[0] % start[0]:
+            raise SystemExit(f"--target depth {target[0]} is not a multiple of --start's "
+                             f"{start[0]}")
+        ops.append(StackBlocks("blocks", factor=target[0] // start[0], mode=mode))
     return ops
 
 
@@ -222,9 +221,9 @@ def run_arm(args: argparse.Namespace, seed: int, arm: str) -> dict[str, Any]:
     )
     val = [(x.to(args.device), y.to(args.device)) for x, y in setup["val"]]
     probe = val[0][0][:2]
-    grow_step = int(round(args.grow_at * steps))
+    grow_step = round(args.grow_at * steps)
     if arm == "growth":
-        grow = ((lambda m: stack_blocks(m, target[0])) if lm
+        grow = ((lambda m: lm_grow(m, start, target, args.stack_mode)) if lm
                 else (lambda m: cnn_widen(m, target[1])))
         stages = [GrowthStage(grow, at_step=grow_step, name=f"grow to {target}")]
         schedule = GrowthSchedule(model, optimizer, stages=stages, probe=probe, lr=lr)
@@ -393,6 +392,8 @@ def main() -> None:
     add("--grow-at", type=float, default=0.15, help="growth at this fraction of the budget")
     add("--after-growth", choices=("keep", "rewarm", "restart"), default="keep")
     add("--rewarm-steps", type=int, default=100)
+    add("--stack-mode", choices=("whole", "interleave"), default="whole",
+        help="G_stack copies: the whole stack appended, or each block followed by its copies")
     add("--note", default=None)
     add("--out", default=None, help="results name or path (default grow_host_<workload>)")
     args = parser.parse_args()

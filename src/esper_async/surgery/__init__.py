@@ -44,14 +44,14 @@ from ._operations import RemoveLayer as RemoveLayer
 from ._operations import SurgeryOperation as SurgeryOperation
 from ._policy import SurgeryPolicy as SurgeryPolicy
 from ._policy import SurgeryPolicyConfig as SurgeryPolicyConfig
+from ._replay import operation_record as operation_record
+from ._replay import replay_operations as replay_operations
+from ._residual_width import WidenResidual as WidenResidual
 from ._schedule import GrowthEvent as GrowthEvent
 from ._schedule import GrowthLR as GrowthLR
 from ._schedule import GrowthSchedule as GrowthSchedule
 from ._schedule import GrowthStage as GrowthStage
 from ._schedule import Plateau as Plateau
-from ._replay import operation_record as operation_record
-from ._replay import replay_operations as replay_operations
-from ._residual_width import WidenResidual as WidenResidual
 from ._stack import InsertIdentityBlocks as InsertIdentityBlocks
 from ._stack import StackBlocks as StackBlocks
 from ._transaction import ModelSurgeon as ModelSurgeon

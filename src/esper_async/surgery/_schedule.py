@@ -178,8 +178,9 @@ class GrowthLR:
         """The rate at ``step`` without growth."""
         if step < self.warmup_steps:
             return self.peak * (step + 1) / self.warmup_steps
-        return _cosine(self.peak, self.min_lr, step - self.warmup_steps,
-                       self.total_steps - self.warmup_steps)
+        return _cosine(
+            self.peak, self.min_lr, step - self.warmup_steps, self.total_steps - self.warmup_steps
+        )
 
     def at(self, step: int, grown_at: int | None) -> float:
         """The rate at ``step`` when the last growth happened at step ``grown_at`` (``None``:
@@ -401,12 +402,11 @@ class GrowthSchedule:
         if state.get("version") != STATE_VERSION:
             raise SurgeryError(
                 f"growth schedule state version {state.get('version')!r}; this code reads "
-                f"{STATE_VERSION}", operation="growth schedule resume",
+                f"{STATE_VERSION}",
+                operation="growth schedule resume",
             )
         events = [GrowthEvent(**e) for e in state["events"]]
-        if len(events) > len(self.stages) or any(
-            e.stage != i for i, e in enumerate(events)
-        ):
+        if len(events) > len(self.stages) or any(e.stage != i for i, e in enumerate(events)):
             raise SurgeryError(
                 f"the saved schedule fired stages {[e.stage for e in events]}, which do not fit "
                 f"this schedule's {len(self.stages)} stages; build the same schedule to resume",
@@ -432,7 +432,8 @@ class GrowthSchedule:
             return anyio.run(self.replay_async)
         raise SurgeryError(
             "GrowthSchedule.replay was called inside a running event loop; use "
-            "`await schedule.replay_async()` there", operation="growth schedule resume",
+            "`await schedule.replay_async()` there",
+            operation="growth schedule resume",
         )
 
     async def replay_async(self) -> nn.Module:
@@ -442,9 +443,7 @@ class GrowthSchedule:
         """
         for event in self.events[self._replayed :]:
             ops = self.stages[event.stage].build(self.model)
-            async with self.surgeon.transaction(
-                self.model, self.optimizer, probe=self.probe
-            ) as tx:
+            async with self.surgeon.transaction(self.model, self.optimizer, probe=self.probe) as tx:
                 for op in ops:
                     await tx.stage(op)
             self.model = tx.model
