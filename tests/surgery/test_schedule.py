@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import anyio
 import pytest
@@ -231,3 +233,17 @@ def test_a_stage_without_operations_is_refused() -> None:
     _, _, grow = make(stages=[GrowthStage(lambda m: [], at_step=0)])
     with pytest.raises(SurgeryError, match="at least one SurgeryOperation"):
         grow.maybe_grow(step=0)
+
+
+def test_the_own_loop_example_grows_and_resumes(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import grow_host_own_loop as example
+
+    ckpt = tmp_path / "ckpt.pt"
+    first = example.train(20, checkpoint=ckpt)
+    assert (first.depth, first.grown_at) == (4, 4)
+    assert sum(first.losses[-5:]) < sum(first.losses[:5])
+    # a fresh 2-block model, the recorded stacking replayed, then the checkpoint's tensors
+    again = example.train(20, checkpoint=ckpt, resume=True)
+    assert again.depth == 4 and not again.losses
+    assert again.val_loss == first.val_loss
