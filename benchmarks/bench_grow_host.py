@@ -42,7 +42,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -364,6 +364,37 @@ def _task(args: argparse.Namespace, seed: int, arm: str) -> dict[str, Any]:
     return run_arm(args, seed, arm)
 
 
+def collect(args: argparse.Namespace, seeds: list[int], path: Path) -> list[dict[str, Any]]:
+    """Run every (seed, arm), ``--jobs`` at once; each finished run is written to ``path`` at once
+    (``"partial": true``), so a run cut short keeps what it finished."""
+    tasks = [(s, a) for a in ARMS for s in seeds]
+    jobs = max(1, min(args.jobs, len(tasks)))
+    if jobs > 1 and not args.threads:
+        args.threads = max(1, (os.cpu_count() or 1) // jobs)
+    runs: list[dict[str, Any]] = []
+
+    def done(r: dict[str, Any]) -> None:
+        runs.append(r)
+        print(f"seed {r['seed']} {r['arm']:<13} val {r['val_loss']:.4f} FLOPs {r['flops']:.3e} "
+              f"wall {r['wall_s']:.1f} s params {r['params']}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "partial": True, "workload": args.workload, "device": args.device, "jobs": jobs,
+            "command": "python benchmarks/bench_grow_host.py " + " ".join(sys.argv[1:]),
+            "options": vars(args), "runs": runs, "machine": machine(),
+        }, indent=2, sort_keys=True) + "\n")
+
+    if jobs == 1:
+        for s, a in tasks:
+            done(run_arm(args, s, a))
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_task, args, s, a) for s, a in tasks]
+            for future in as_completed(futures):
+                done(future.result())
+    return sorted(runs, key=lambda r: (r["seed"], ARMS.index(r["arm"])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -395,6 +426,8 @@ def main() -> None:
     add("--stack-mode", choices=("whole", "interleave"), default="whole",
         help="G_stack copies: the whole stack appended, or each block followed by its copies")
     add("--note", default=None)
+    add("--merge", nargs="+", default=None, metavar="JSON",
+        help="summarise the runs of these result files together (seeds run by separate commands)")
     add("--out", default=None, help="results name or path (default grow_host_<workload>)")
     args = parser.parse_args()
     if args.quick:
@@ -404,30 +437,30 @@ def main() -> None:
         args.batch, args.block, args.eval_batches = 16, 64, 4
         args.warmup = min(args.warmup, 20)
         args.rewarm_steps = min(args.rewarm_steps, 20)
-    seeds = list(range(args.seed, args.seed + args.seeds))
     name = args.out or f"grow_host_{args.workload}"
     path = Path(name) if name.endswith(".json") or "/" in name else RESULTS / f"{name}.json"
-    tasks = [(s, a) for a in ARMS for s in seeds]
-    jobs = max(1, min(args.jobs, len(tasks)))
-    if jobs > 1 and not args.threads:
-        args.threads = max(1, (os.cpu_count() or 1) // jobs)
     started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    if jobs == 1:
-        runs = [run_arm(args, s, a) for s, a in tasks]
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        runs = [r for part in parts for r in part["runs"]]
+        seeds = sorted({r["seed"] for r in runs})
+        jobs = parts[0]["jobs"]
+        args.workload = parts[0]["workload"]
+        args.device = parts[0]["device"]
     else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_task, args, s, a) for s, a in tasks]
-            runs = [f.result() for f in futures]
-    for r in runs:
-        print(f"seed {r['seed']} {r['arm']:<13} val {r['val_loss']:.4f} FLOPs {r['flops']:.3e} "
-              f"wall {r['wall_s']:.1f} s params {r['params']}", flush=True)
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        runs = collect(args, seeds, path)
+        jobs = args.jobs
     result = {
         "command": "python benchmarks/bench_grow_host.py " + " ".join(sys.argv[1:]),
         "workload": args.workload, "device": args.device, "jobs": jobs,
-        "options": vars(args), "seeds": seeds, "total_wall_s": time.perf_counter() - started,
-        **summarise(seeds, runs), "runs": runs, "machine": machine(),
+        "options": parts[0]["options"] if args.merge else vars(args), "seeds": seeds,
+        "total_wall_s": time.perf_counter() - started,
+        **summarise(seeds, runs), "runs": runs,
+        "machine": parts[0]["machine"] if args.merge else machine(),
     }
+    if args.merge:
+        result["merged_commands"] = [part["command"] for part in parts]
     if args.note:
         result["note"] = args.note
     path.parent.mkdir(parents=True, exist_ok=True)
