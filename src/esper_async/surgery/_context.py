@@ -121,6 +121,7 @@ class _Entry:
     children: OrderedDict[str, nn.Module | None] | None
     root: nn.Module | None
     changed: str
+    parameters: dict[str, nn.Parameter | None] | None = None  # set: a parameter table as it was
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,15 @@ class SurgeryContext:
         self._journal.append(_Entry(parent, OrderedDict(parent._modules), None, path))
         return parent
 
+    def set_parameter(self, path: str, name: str, new: nn.Parameter, *, operation: str) -> None:
+        """Put ``new`` as the module at ``path``'s own parameter ``name`` (journalled: undo puts
+        the old one back). For parameters held directly by a module that cannot be swapped
+        whole, such as the root.
+        """
+        module = self.resolve(path, operation=operation)
+        self._journal.append(_Entry(module, None, None, path, dict(module._parameters)))
+        module._parameters[name] = new
+
     def prefer_group_of(self, module: nn.Module) -> None:
         """New parameters join with the hyper-parameters of the group holding ``module``'s
         parameters."""
@@ -305,6 +315,10 @@ class SurgeryContext:
             if entry.parent is None:
                 redo.append((entry, self.model))
                 self.model = entry.root  # type: ignore[assignment]
+            elif entry.parameters is not None:
+                redo.append((entry, dict(entry.parent._parameters)))
+                entry.parent._parameters.clear()
+                entry.parent._parameters.update(entry.parameters)
             else:
                 redo.append((entry, OrderedDict(entry.parent._modules)))
                 entry.parent._modules.clear()
@@ -316,6 +330,9 @@ class SurgeryContext:
             for entry, after in reversed(redo):
                 if entry.parent is None:
                     self.model = after
+                elif entry.parameters is not None:
+                    entry.parent._parameters.clear()
+                    entry.parent._parameters.update(after)
                 else:
                     entry.parent._modules.clear()
                     entry.parent._modules.update(after)
@@ -329,6 +346,9 @@ class SurgeryContext:
             if entry.parent is None:
                 assert entry.root is not None
                 self.model = entry.root
+            elif entry.parameters is not None:
+                entry.parent._parameters.clear()
+                entry.parent._parameters.update(entry.parameters)
             else:
                 assert entry.children is not None
                 entry.parent._modules.clear()
