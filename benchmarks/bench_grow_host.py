@@ -32,7 +32,10 @@ static: tokens, FLOPs and wall to reach static_target's final validation loss, a
 static_target's totals (``flops_to_target`` / ``wall_to_target`` per seed, ``null`` if never
 reached), the loss at equal FLOPs (static_target's curve interpolated at growth's total FLOPs),
 paired 95 % intervals, and the issue's goal (FLOPs share <= 0.70 and wall share <= 0.80 in every
-seed, and equal-FLOPs loss no worse) checked.
+seed, and equal-FLOPs loss no worse) checked. Equal FLOPs is a fourth arm,
+``static_target_eqflops``: the target from scratch for the steps that cost what growth's cost, its
+learning rate decaying fully within them (static_target's own curve at growth's FLOPs is
+mid-schedule, not yet annealed, which flatters growth; it is reported too).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, ci95, machine
 
-ARMS = ("static_target", "growth", "static")  # longest first, so a pool of jobs stays full
+# longest first, so that a pool of jobs stays full
+ARMS = ("static_target", "growth", "static_target_eqflops", "static")
 GOAL_FLOPS_SHARE = 0.70
 GOAL_WALL_SHARE = 0.80
 
@@ -101,7 +105,9 @@ def interpolate(xs: list[float], ys: list[float], at: float) -> float | None:
 # --- workloads --------------------------------------------------------------------------------
 
 
-def lm_setup(args: argparse.Namespace, seed: int, shape: tuple[int, int]) -> dict[str, Any]:
+def lm_setup(
+    args: argparse.Namespace, seed: int, shape: tuple[int, int], steps: int
+) -> dict[str, Any]:
     import torch
 
     from esper_async.apps.gpt import GPT, GPTConfig
@@ -114,7 +120,7 @@ def lm_setup(args: argparse.Namespace, seed: int, shape: tuple[int, int]) -> dic
                        n_head=max(1, width // 64), n_embd=width, dropout=args.dropout)
     model = GPT(config).to(args.device)
     train = data.train_batches(batch_size=args.batch, block_size=args.block,
-                               batches_per_epoch=args.steps, seed=seed)
+                               batches_per_epoch=steps, seed=seed)
     val = list(data.eval_batches("val", batch_size=args.batch, block_size=args.block,
                                  max_batches=args.eval_batches))
     return {"model": model, "train": train, "val": val, "tokens_per_batch": args.batch * args.block}
@@ -137,7 +143,7 @@ def lm_grow(model: Any, start: tuple[int, int], target: tuple[int, int], mode: s
     return ops
 
 
-def cnn_setup(args: argparse.Namespace, seed: int, width: int) -> dict[str, Any]:
+def cnn_setup(args: argparse.Namespace, seed: int, width: int, steps: int) -> dict[str, Any]:
     import torch
     from sklearn.datasets import load_digits
     from torch import nn
@@ -165,7 +171,7 @@ def cnn_setup(args: argparse.Namespace, seed: int, width: int) -> dict[str, Any]
 
     stream = batches()
     val = [(x[test], y[test])]
-    return {"model": model, "train": (next(stream) for _ in range(args.cnn_steps)), "val": val,
+    return {"model": model, "train": (next(stream) for _ in range(steps)), "val": val,
             "tokens_per_batch": args.cnn_batch}
 
 
@@ -179,6 +185,23 @@ def cnn_widen(model: Any, width: int) -> list[Any]:
     # consumer and norm are named (indices of cnn_setup's Sequential)
     return [Widen(name, width, seed=i) for i, name in enumerate(convs[:-1])] + [
         Widen(convs[-1], width, consumers=("11",), norms=("7",), seed=len(convs))]
+
+
+def equal_flops_steps(args: argparse.Namespace, start: tuple[int, int], target: tuple[int, int],
+                      budget: int, grow_step: int) -> int:
+    """The steps of the target shape that cost what growth's training steps cost:
+    ``grow_step`` steps at the start shape and ``budget - grow_step`` at the target."""
+    flops = FlopCache()
+    per = {}
+    for shape in (start, target):
+        if args.workload == "lm":
+            setup = lm_setup(args, 0, shape, 1)
+        else:
+            setup = cnn_setup(args, 0, shape[1], 1)
+        x, _ = next(iter(setup["train"]))
+        per[shape] = flops.train_flops(setup["model"], x.to(args.device))
+    spent = grow_step * per[start] + (budget - grow_step) * per[target]
+    return max(1, round(spent / per[target]))
 
 
 # --- one run ----------------------------------------------------------------------------------
@@ -199,15 +222,20 @@ def run_arm(args: argparse.Namespace, seed: int, arm: str) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
     if lm:
         start, target = parse_shape(args.start), parse_shape(args.target)
-        steps = args.steps
-        setup = lm_setup(args, seed, target if arm == "static_target" else start)
+        budget, make = args.steps, (lambda shape, n: lm_setup(args, seed, shape, n))
+    else:
+        start, target = (1, args.cnn_start), (1, args.cnn_target)
+        budget, make = args.cnn_steps, (lambda shape, n: cnn_setup(args, seed, shape[1], n))
+    grow_step = round(args.grow_at * budget)
+    steps = budget
+    if arm == "static_target_eqflops":
+        steps = equal_flops_steps(args, start, target, budget, grow_step)
+    setup = make(start if arm in ("static", "growth") else target, steps)
+    if lm:
         lr = GrowthLR(peak=args.lr, total_steps=steps, warmup_steps=args.warmup,
                       min_lr=args.lr / 10, after_growth=args.after_growth,
                       rewarm_steps=args.rewarm_steps)
     else:
-        start, target = (1, args.cnn_start), (1, args.cnn_target)
-        steps = args.cnn_steps
-        setup = cnn_setup(args, seed, target[1] if arm == "static_target" else start[1])
         lr = GrowthLR(peak=args.cnn_lr, total_steps=steps, warmup_steps=steps // 50,
                       min_lr=args.cnn_lr / 100, after_growth=args.after_growth,
                       rewarm_steps=max(1, steps // 50))
@@ -221,7 +249,6 @@ def run_arm(args: argparse.Namespace, seed: int, arm: str) -> dict[str, Any]:
     )
     val = [(x.to(args.device), y.to(args.device)) for x, y in setup["val"]]
     probe = val[0][0][:2]
-    grow_step = round(args.grow_at * steps)
     if arm == "growth":
         grow = ((lambda m: lm_grow(m, start, target, args.stack_mode)) if lm
                 else (lambda m: cnn_widen(m, target[1])))
@@ -290,8 +317,8 @@ def run_arm(args: argparse.Namespace, seed: int, arm: str) -> dict[str, Any]:
         "seed": seed, "arm": arm, "val_loss": curve[-1]["val_loss"], "tokens": tokens,
         "flops": spent_flops, "wall_s": wall, "curve": curve, "growth_events": events,
         "params": sum(p.numel() for p in model.parameters()),
-        "shape": list(target if arm == "static_target" else start) if not events
-        else list(target),
+        "shape": list(target if events or arm.startswith("static_target") else start),
+        "steps": steps,
     }
 
 
@@ -302,7 +329,12 @@ def per_seed(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The comparisons of one seed's arms against its static_target."""
     ref = runs["static_target"]
     goal = ref["val_loss"]
-    out: dict[str, Any] = {"target_val_loss": goal}
+    eq = runs["static_target_eqflops"]
+    out: dict[str, Any] = {
+        "target_val_loss": goal,
+        "growth_minus_static_target_eqflops": runs["growth"]["val_loss"] - eq["val_loss"],
+        "eqflops_flops_over_growth": eq["flops"] / runs["growth"]["flops"],
+    }
     for arm in ("growth", "static"):
         r = runs[arm]
         losses = [p["val_loss"] for p in r["curve"]]
@@ -331,8 +363,8 @@ def summarise(seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
     growth = [pairs[s]["growth"] for s in seeds]
     flops_to = [g["flops_to_target"] for g in growth]
     wall_to = [g["wall_to_target"] for g in growth]
-    eq = [g["equal_flops"]["diff"] for g in growth if g["equal_flops"]["diff"] is not None]
-    eq_ci = ci95(eq)
+    eq_ci = ci95([pairs[s]["growth_minus_static_target_eqflops"] for s in seeds])
+    curve_eq = [g["equal_flops"]["diff"] for g in growth if g["equal_flops"]["diff"] is not None]
     goal = {
         "flops_share_at_most": GOAL_FLOPS_SHARE, "wall_share_at_most": GOAL_WALL_SHARE,
         "flops_every_seed": all(v is not None and v <= GOAL_FLOPS_SHARE for v in flops_to),
@@ -349,8 +381,9 @@ def summarise(seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
         "paired": {
             f"{a}_minus_static_target_val_loss": ci95(
                 [by[(s, a)]["val_loss"] - by[(s, "static_target")]["val_loss"] for s in seeds])
-            for a in ("growth", "static")
-        } | {"growth_minus_static_target_at_equal_flops": eq_ci,
+            for a in ("growth", "static_target_eqflops", "static")
+        } | {"growth_minus_static_target_eqflops_val_loss": eq_ci,
+             "growth_minus_static_target_curve_at_growth_flops": ci95(curve_eq),
              "growth_flops_share_total": ci95([g["flops_share_total"] for g in growth]),
              "growth_wall_share_total": ci95([g["wall_share_total"] for g in growth])},
         "flops_to_target": {str(s): v for s, v in zip(seeds, flops_to, strict=True)},
@@ -470,8 +503,8 @@ def main() -> None:
               f"FLOPs {s['flops']['mean']:.3e} wall {s['wall_s']['mean']:.1f} s")
     print("flops_to_target", result["flops_to_target"])
     print("wall_to_target", result["wall_to_target"])
-    eq = result["paired"]["growth_minus_static_target_at_equal_flops"]
-    print(f"growth - static_target at equal FLOPs: {eq['mean']} ± {eq['ci95']}")
+    eq = result["paired"]["growth_minus_static_target_eqflops_val_loss"]
+    print(f"growth - static_target_eqflops (equal FLOPs): {eq['mean']} ± {eq['ci95']}")
     print("goal", result["goal"])
     print(f"→ {path} ({result['total_wall_s']:.0f} s)")
 
