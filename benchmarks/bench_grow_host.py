@@ -128,13 +128,18 @@ def lm_setup(
 
 def lm_grow(model: Any, start: tuple[int, int], target: tuple[int, int], mode: str) -> list[Any]:
     """The operations growing the GPT from ``start`` to ``target``: the residual width first
-    (:class:`WidenResidual`, function-preserving), then G_stack depth (:class:`StackBlocks`,
-    ``target`` layers / ``start`` layers copies of the trained stack)."""
-    from esper_async.surgery import StackBlocks, WidenResidual
+    (:class:`WidenResidual`, then each MLP's hidden layer by :class:`Widen`; function-preserving),
+    then G_stack depth (:class:`StackBlocks`, ``target`` layers / ``start`` layers copies of the
+    trained stack)."""
+    from esper_async.apps.gpt import MLP_RATIO
+    from esper_async.surgery import StackBlocks, Widen, WidenResidual
 
     ops: list[Any] = []
     if target[1] != start[1]:
         ops.append(WidenResidual(target[1], seed=0))
+        # the MLP's hidden width is the host's own (4·d), not the stream's: widen it to 4·d'
+        ops += [Widen(f"blocks.{i}.mlp.fc", MLP_RATIO * target[1], seed=1 + i)
+                for i in range(start[0])]
     if target[0] != start[0]:
         if target[0] % start[0]:
             raise SystemExit(f"--target depth {target[0]} is not a multiple of --start's "
@@ -334,6 +339,7 @@ def per_seed(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "target_val_loss": goal,
         "growth_minus_static_target_eqflops": runs["growth"]["val_loss"] - eq["val_loss"],
         "eqflops_flops_over_growth": eq["flops"] / runs["growth"]["flops"],
+        "growth_reached_target_shape": runs["growth"]["params"] == ref["params"],
     }
     for arm in ("growth", "static"):
         r = runs[arm]
