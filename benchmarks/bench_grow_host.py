@@ -239,7 +239,7 @@ def run_arm(args: argparse.Namespace, seed: int, arm: str) -> dict[str, Any]:
     if lm:
         lr = GrowthLR(peak=args.lr, total_steps=steps, warmup_steps=args.warmup,
                       min_lr=args.lr / 10, after_growth=args.after_growth,
-                      rewarm_steps=args.rewarm_steps)
+                      rewarm_steps=args.rewarm_steps or max(1, steps // 50))
     else:
         lr = GrowthLR(peak=args.cnn_lr, total_steps=steps, warmup_steps=steps // 50,
                       min_lr=args.cnn_lr / 100, after_growth=args.after_growth,
@@ -456,12 +456,14 @@ def main() -> None:
     add("--evals", type=int, default=40, help="evaluations per run")
     add("--cnn-start", type=int, default=8)
     add("--cnn-target", type=int, default=32)
-    add("--cnn-steps", type=int, default=1500)
+    add("--cnn-steps", type=int, default=800)
     add("--cnn-batch", type=int, default=64)
     add("--cnn-lr", type=float, default=3e-3)
-    add("--grow-at", type=float, default=0.15, help="growth at this fraction of the budget")
-    add("--after-growth", choices=("keep", "rewarm", "restart"), default="keep")
-    add("--rewarm-steps", type=int, default=100)
+    add("--grow-at", type=float, default=0.25,
+        help="growth at this fraction of the budget (default: the recipe chosen on the CNN pilot)")
+    add("--after-growth", choices=("keep", "rewarm", "restart"), default="restart",
+        help="the learning rate after growth (GrowthLR.after_growth)")
+    add("--rewarm-steps", type=int, default=0, help="re-warm-up steps (0: 2 %% of the budget)")
     add("--stack-mode", choices=("whole", "interleave"), default="whole",
         help="G_stack copies: the whole stack appended, or each block followed by its copies")
     add("--note", default=None)
@@ -475,7 +477,6 @@ def main() -> None:
         args.steps = args.steps if args.steps != 5000 else 300
         args.batch, args.block, args.eval_batches = 16, 64, 4
         args.warmup = min(args.warmup, 20)
-        args.rewarm_steps = min(args.rewarm_steps, 20)
     name = args.out or f"grow_host_{args.workload}"
     path = Path(name) if name.endswith(".json") or "/" in name else RESULTS / f"{name}.json"
     started = time.perf_counter()
