@@ -1,8 +1,14 @@
 """Grow the host itself (issue 27): static, growth and static_target arms over seeds.
 
-    python benchmarks/bench_grow_host.py --workload cnn --seeds 5              (CPU, digits)
+    python benchmarks/bench_grow_host.py --workload cnn --seeds 5 --seed 10    (CPU, digits)
     python benchmarks/bench_grow_host.py --workload lm --quick --seeds 2       (CPU pilot)
-    python benchmarks/bench_grow_host.py --workload lm --device cuda --seeds 5 --jobs 5
+
+On one GPU, the Shakespeare GPT, 2 seeds (8 runs at once) per command, then merged:
+
+    python benchmarks/bench_grow_host.py --workload lm --device cuda --steps 3000 --dropout 0.2 \
+        --seeds 2 --seed 0 --jobs 8 --out grow_host_lm_cuda_s0      (likewise --seed 2, --seed 4)
+    python benchmarks/bench_grow_host.py --out grow_host_lm_cuda \
+        --merge benchmarks/results/grow_host_lm_cuda_s{0,2,4}.json
 
 Arms, per seed (same data order, same recipe, same budget):
 
