@@ -1,4 +1,4 @@
-"""Grow the host itself (issue 27): static, growth and static_target arms over seeds.
+"""Grow the host itself (issue 27): growth against the target shape trained from scratch.
 
     python benchmarks/bench_grow_host.py --workload cnn --seeds 5 --seed 10    (CPU, digits)
     python benchmarks/bench_grow_host.py --workload lm --quick --seeds 2       (CPU pilot)
@@ -17,6 +17,8 @@ Arms, per seed (same data order, same recipe, same budget):
   at ``--grow-at`` (a fraction of the budget), then trained to the end of the budget.
 * ``static_target``: the target shape from scratch ("No Train No Gain": the same recipe and budget,
   its learning rate decaying fully within the budget).
+* ``static_target_eqflops``: the target shape from scratch for the steps that cost what growth's
+  cost (equal FLOPs), its learning rate decaying fully within them.
 
 Workloads: ``lm``, the Shakespeare GPT (:mod:`esper_async.apps.gpt`), start ``--start`` (layers x
 width, default 2x384) → target ``--target`` (6x384, nanoGPT's ``shakespeare_char``), AdamW with
