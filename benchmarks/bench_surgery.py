@@ -11,7 +11,14 @@ of the optimizer's state dict) that the journal avoids. ``floor`` gives, per ope
 implementation of it can skip (the probe forward up to its region, writing the tensors it creates),
 timed on its own: the distance from an operation's p50 to its floor is what surgery itself adds.
 
+Host growth (``--host``, or ``--host-only``): each host-growth operator (depth stacking, identity
+blocks, residual-width expansion) timed the same way, validation included, on nanoGPT's 6 x 384
+Shakespeare GPT (``GPTConfig.reference``, AdamW after one step, probe of 2 x 64 tokens) on
+``--device``; the target is 100 ms per operator on the GPU.
+
 Usage: ``python benchmarks/bench_surgery.py [--quick] [--threads N] [--out PATH]``
+GPU (host growth): ``python benchmarks/bench_surgery.py --host-only --device cuda
+--out benchmarks/results/surgery_host_gpu.json``
 """
 
 from __future__ import annotations
@@ -30,13 +37,17 @@ import anyio
 import torch
 from torch import nn
 
+from esper_async.apps.gpt import GPT, GPTConfig
 from esper_async.surgery import (
     AddResidual,
     AddSkip,
     InsertAfter,
+    InsertIdentityBlocks,
     ModelSurgeon,
     RemoveLayer,
+    StackBlocks,
     Widen,
+    WidenResidual,
     identity_conv2d,
 )
 
@@ -288,15 +299,83 @@ class _Reset:
 
         self._model = model
         self._children = {
-            name: (module, dict(module._modules)) for name, module in model.named_modules()
+            name: (module, dict(module._modules), dict(module._parameters))
+            for name, module in model.named_modules()
         }
         self._optimizer = OptimizerSnapshot(optimizer)
 
     def restore(self) -> None:
-        for module, children in self._children.values():
+        for module, children, parameters in self._children.values():
             module._modules.clear()
             module._modules.update(children)
+            module._parameters.clear()
+            module._parameters.update(parameters)
         self._optimizer.restore()
+
+
+def host_operations() -> dict[str, Any]:
+    """The host-growth operators timed on the 6 x 384 GPT."""
+    return {
+        "stack_blocks_x2_whole": lambda: StackBlocks("blocks", 2, "whole"),
+        "stack_blocks_x2_interleave": lambda: StackBlocks("blocks", 2, "interleave"),
+        "insert_identity_blocks_3": lambda: InsertIdentityBlocks("blocks", after=(0, 2, 4)),
+        "widen_residual_384_to_512": lambda: WidenResidual(512, seed=0),
+    }
+
+
+async def measure_host(quick: bool, device: str) -> dict[str, Any]:
+    """Latency of each host-growth operator, validation included, on the 6 x 384 GPT."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    config = GPTConfig.reference(65)
+    model = GPT(config).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randint(0, 65, (8, config.block_size), device=dev)
+    model(batch).float().square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    probe = torch.randint(0, 65, (2, 64), device=dev)
+    surgeon = ModelSurgeon()
+    repeats = 5 if quick else 21
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    results: dict[str, Any] = {}
+    for name, factory in host_operations().items():
+        samples: list[float] = []
+        for i in range(repeats + 2):  # the first two warm up (allocator, kernels, tracing)
+            state = _Reset(model, optimizer)
+            sync()
+            started = time.perf_counter()
+            async with surgeon.transaction(model, optimizer, probe=probe) as tx:
+                await tx.stage(factory())
+            sync()
+            if i >= 2:
+                samples.append((time.perf_counter() - started) * 1e3)
+            state.restore()
+        results[name] = {
+            "p50_ms": round(statistics.median(samples), 3),
+            "max_ms": round(max(samples), 3),
+        }
+    p50 = {name: r["p50_ms"] for name, r in results.items()}
+    return {
+        "benchmark": "surgery_host",
+        "quick": quick,
+        "model": "GPT 6 x 384 (esper_async.apps.gpt, GPTConfig.reference(65)), AdamW",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "probe_shape": list(probe.shape),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "repeats": repeats,
+        "op_p50_ms": p50,
+        "op_max_ms": {name: r["max_ms"] for name, r in results.items()},
+        "op_max_p50_ms": max(p50.values()),
+        "target_ms": 100,
+        "meets_target": max(p50.values()) < 100,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _cpu_name() -> str:
@@ -316,9 +395,17 @@ def main() -> None:
     # whenever another process holds a core, which inflates small-op latencies many times over.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--host", action="store_true", help="also time the host-growth operators")
+    parser.add_argument("--host-only", action="store_true", help="time only host growth")
+    parser.add_argument("--device", default="cpu", help="device of the host-growth run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = anyio.run(measure, args.quick)
+    if args.host_only:
+        result = anyio.run(measure_host, args.quick, args.device)
+    else:
+        result = anyio.run(measure, args.quick)
+        if args.host:
+            result["host"] = anyio.run(measure_host, args.quick, args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

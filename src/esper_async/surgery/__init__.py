@@ -15,10 +15,15 @@ is recorded for replay on resume by :func:`operation_record` / :func:`replay_ope
   function-preserving.
 * ``InsertIdentityBlocks(blocks="blocks", after=(-1,), factory=None, zero=None)`` — depth: insert
   blocks whose residual output projections start at zero (function-preserving).
-* ``WidenResidual(width, seed=0, embedding=None, head_dim=None)`` — a transformer's residual
-  width ``d_model``: embeddings, position tables, LayerNorm/RMSNorm, attention (more heads of the
-  same size), GELU or gated MLPs, tied or untied head (function-preserving).
-* ``WidenChannels(target, width, seed=0)`` — a CNN's channels across a residual stage.
+* ``WidenResidual(width, seed=0, embedding=None, head_dim=None, grow_heads=False)`` — a
+  transformer's residual width ``d_model``: embeddings, position tables, LayerNorm/RMSNorm,
+  attention (more heads of the same size), GELU or gated MLPs, tied or untied head
+  (function-preserving).
+* ``WidenChannels(target, width, seed=0)`` — a CNN's channels across a residual stage (every
+  conv, batch norm and consumer coupled through residual additions; function-preserving).
+
+* ``WidenGated(gate, up, width, seed=0)`` — a gated MLP's hidden width: gate and up projections
+  together, one unit map (function-preserving).
 
 What cannot be grown safely raises :class:`GrowthCouplingError` (a :class:`SurgeryError`) naming
 the module and the reason.
@@ -30,8 +35,10 @@ a token count or a loss plateau) with :class:`GrowthLR`'s learning rate after gr
 from __future__ import annotations
 
 from ._context import SurgeryContext as SurgeryContext
+from ._conv_width import WidenChannels as WidenChannels
 from ._fx import AddSkip as AddSkip
 from ._fx import FxRewire as FxRewire
+from ._gated_width import WidenGated as WidenGated
 from ._host_common import GrowthCouplingError as GrowthCouplingError
 from ._modules import GatedResidual as GatedResidual
 from ._modules import GatedShortcut as GatedShortcut
@@ -44,6 +51,7 @@ from ._operations import RemoveLayer as RemoveLayer
 from ._operations import SurgeryOperation as SurgeryOperation
 from ._policy import SurgeryPolicy as SurgeryPolicy
 from ._policy import SurgeryPolicyConfig as SurgeryPolicyConfig
+from ._replay import operation_from_record as operation_from_record
 from ._replay import operation_record as operation_record
 from ._replay import replay_operations as replay_operations
 from ._residual_width import WidenResidual as WidenResidual
@@ -95,12 +103,15 @@ __all__ = (
     "SurgeryTransaction",
     "SurgeryValidationConfig",
     "Widen",
+    "WidenChannels",
+    "WidenGated",
     "WidenResidual",
     "WidenSlot",
     "WidthSignal",
     "capture_width_signal",
     "identity_conv2d",
     "identity_linear",
+    "operation_from_record",
     "operation_record",
     "replay_operations",
 )

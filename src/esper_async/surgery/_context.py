@@ -122,6 +122,7 @@ class _Entry:
     root: nn.Module | None
     changed: str
     parameters: dict[str, nn.Parameter | None] | None = None  # set: a parameter table as it was
+    attribute: tuple[Any, str, Any] | None = None  # set: (object, name, old value)
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,17 @@ class SurgeryContext:
         self._journal.append(_Entry(module, None, None, path, dict(module._parameters)))
         module._parameters[name] = new
 
+    def set_attribute(self, obj: Any, name: str, value: Any, *, changed: str) -> None:
+        """Set a plain (non-module, non-parameter) attribute of ``obj``, journalled: undo puts
+        the old value back. For bookkeeping a change must keep true, such as a seed slot's
+        contract or name.
+
+        :param changed: the dotted path of the module concerned (for the validated region).
+        """
+        old = obj.__dict__[name]
+        self._journal.append(_Entry(None, None, None, changed, attribute=(obj, name, old)))
+        object.__setattr__(obj, name, value)
+
     def prefer_group_of(self, module: nn.Module) -> None:
         """New parameters join with the hyper-parameters of the group holding ``module``'s
         parameters."""
@@ -312,7 +324,11 @@ class SurgeryContext:
         popped = self._journal[mark:]
         redo: list[tuple[_Entry, Any]] = []
         for entry in reversed(popped):
-            if entry.parent is None:
+            if entry.attribute is not None:
+                obj, name, old = entry.attribute
+                redo.append((entry, obj.__dict__[name]))
+                object.__setattr__(obj, name, old)
+            elif entry.parent is None:
                 redo.append((entry, self.model))
                 self.model = entry.root  # type: ignore[assignment]
             elif entry.parameters is not None:
@@ -328,7 +344,9 @@ class SurgeryContext:
             yield
         finally:
             for entry, after in reversed(redo):
-                if entry.parent is None:
+                if entry.attribute is not None:
+                    object.__setattr__(entry.attribute[0], entry.attribute[1], after)
+                elif entry.parent is None:
                     self.model = after
                 elif entry.parameters is not None:
                     entry.parent._parameters.clear()
@@ -343,7 +361,10 @@ class SurgeryContext:
         self._captured, self._captured_at = {}, -1
         while len(self._journal) > mark:
             entry = self._journal.pop()
-            if entry.parent is None:
+            if entry.attribute is not None:
+                obj, name, old = entry.attribute
+                object.__setattr__(obj, name, old)
+            elif entry.parent is None:
                 assert entry.root is not None
                 self.model = entry.root
             elif entry.parameters is not None:

@@ -13,17 +13,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SurgeryError
+from ._conv_width import WidenChannels
+from ._gated_width import WidenGated
 from ._residual_width import WidenResidual
 from ._stack import InsertIdentityBlocks, StackBlocks
 
 __all__ = ("HOST_KINDS", "HostOperation", "host_operation", "host_record")
 
-HostOperation = StackBlocks | InsertIdentityBlocks | WidenResidual
+HostOperation = StackBlocks | InsertIdentityBlocks | WidenResidual | WidenChannels | WidenGated
 
 HOST_KINDS: dict[str, type] = {
     "stack_blocks": StackBlocks,
     "insert_identity_blocks": InsertIdentityBlocks,
     "widen_residual": WidenResidual,
+    "widen_channels": WidenChannels,
+    "widen_gated": WidenGated,
 }
 
 
@@ -51,6 +55,24 @@ def host_record(operation: object) -> dict[str, Any] | None:
             "seed": operation.seed,
             "embedding": operation.embedding,
             "head_dim": operation.head_dim,
+            "grow_heads": operation.grow_heads,
+            "plan": operation.found or operation.plan,
+        }
+    if isinstance(operation, WidenChannels):
+        return {
+            "op": "widen_channels",
+            "target": operation.target,
+            "width": operation.width,
+            "seed": operation.seed,
+            "plan": operation.found or operation.plan,
+        }
+    if isinstance(operation, WidenGated):
+        return {
+            "op": "widen_gated",
+            "gate": operation.gate,
+            "up": operation.up,
+            "width": operation.width,
+            "seed": operation.seed,
         }
     return None
 
@@ -84,6 +106,22 @@ def host_operation(record: Mapping[str, Any]) -> HostOperation:
                 seed=int(record["seed"]),
                 embedding=record.get("embedding"),
                 head_dim=None if head_dim is None else int(head_dim),
+                grow_heads=bool(record.get("grow_heads", False)),
+                plan=record.get("plan"),
+            )
+        if kind == "widen_channels":
+            return WidenChannels(
+                str(record["target"]),
+                int(record["width"]),
+                seed=int(record["seed"]),
+                plan=record.get("plan"),
+            )
+        if kind == "widen_gated":
+            return WidenGated(
+                str(record["gate"]),
+                str(record["up"]),
+                int(record["width"]),
+                seed=int(record["seed"]),
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise SurgeryError(

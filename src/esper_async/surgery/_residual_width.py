@@ -33,19 +33,21 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from ..seeds import SeedSlot
 from ._context import SurgeryContext
 from ._host_common import GrowthCouplingError
-from ._stream import StreamPlan, find_stream
+from ._host_slots import check_dormant, grown_slot_contracts, slot_of_host
+from ._stream import StreamPlan, find_stream, plan_from_record, plan_record
 
-__all__ = ("WidenResidual",)
+__all__ = ("WidenResidual", "expand", "new_moment")
 
 _SECOND = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
 
@@ -70,12 +72,25 @@ class WidenResidual:
         first ``nn.Embedding`` in the model).
     :param head_dim: attention's head size (default: read from its
         ``scaled_dot_product_attention`` call).
+    :param grow_heads: also grow attention whose head count is fixed in its code (a user's
+        ``self.heads``, read by ``view(b, t, self.heads, self.head_dim)``): its query/key/value
+        and output projections grow by whole heads and its head-count attribute follows; by
+        default only attention that reads ``d`` from a shape grows its heads.
+    :param plan: the coupled layers, as recorded by an earlier apply (replay on resume, which
+        has no probe batch); default: found from the graph on the transaction's probe.
     """
 
     width: int
     seed: int = 0
     embedding: str | None = None
     head_dim: int | None = None
+    grow_heads: bool = False
+    plan: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def found(self) -> dict[str, Any] | None:
+        """The coupled layers the last :meth:`apply` used (JSON-ready), or ``None``."""
+        return getattr(self, "_found", None)
 
     @property
     def preserves_function(self) -> bool:
@@ -91,8 +106,20 @@ class WidenResidual:
             raise SurgeryError(
                 f"{operation}: the new width must exceed the current {d}", operation=operation
             )
-        plan = find_stream(ctx.model, ctx.probe, width=d, operation=operation)
+        if self.plan is not None:
+            plan = plan_from_record(self.plan)
+        else:
+            plan = find_stream(
+                ctx.model, ctx.probe, width=d, operation=operation, grow_heads=self.grow_heads
+            )
+        object.__setattr__(self, "_found", plan_record(plan))  # recorded for replay
+        slots = _grown_slots(ctx, plan, operation)
         _Grower(ctx, plan, self.width, self.seed, self.head_dim, operation).run()
+        widths = {}
+        for slot, host in slots.items():
+            layer = ctx.resolve(host, operation=operation)
+            widths[slot] = layer.out_features if isinstance(layer, nn.Linear) else self.width
+        grown_slot_contracts(ctx, slots, widths, operation)
 
     def _current(self, ctx: SurgeryContext, operation: str) -> int:
         if self.embedding is not None:
@@ -114,7 +141,22 @@ class WidenResidual:
         )
 
 
-def _expand(
+def _grown_slots(ctx: SurgeryContext, plan: StreamPlan, operation: str) -> dict[str, str]:
+    """The seed slots whose host's output widens (writers, attention's inner readers, identities
+    on the stream), by slot path -> host path; each must be dormant."""
+    inner_readers = [r for i in plan.inner.values() for r in i.readers]
+    found: dict[str, str] = {}
+    for host in [*plan.writers, *inner_readers, *plan.passes]:
+        slot = slot_of_host(ctx, host, operation)
+        if slot is not None:
+            holder = ctx.resolve(slot, operation=operation)
+            assert isinstance(holder, SeedSlot)
+            check_dormant(holder, slot, "its host's output widens with the stream", operation)
+            found[slot] = host
+    return found
+
+
+def expand(
     t: torch.Tensor, dim: int, segments: int, extra: int, make: Callable[[torch.Tensor], Any]
 ) -> torch.Tensor:
     """``t`` with ``extra`` slices appended along ``dim`` to each of its ``segments`` equal
@@ -129,6 +171,11 @@ def _expand(
             new = part.new_full(shape, float(new))
         grown += [part, new.to(part.dtype).expand(shape)]
     return torch.cat(grown, dim)
+
+
+def new_moment(second: bool) -> Callable[[torch.Tensor], Any]:
+    """How a moment's new entries start: the mean of the old ones (second moments) or zero."""
+    return (lambda p: p.mean()) if second else (lambda p: 0.0)
 
 
 class _Grower:
@@ -147,7 +194,8 @@ class _Grower:
         self.d = plan.width
         self.k = width - plan.width
         self.c = math.sqrt(self.d / width)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
         self.head_dim = head_dim
         self.fill = self._fill()
         self.params: dict[int, nn.Parameter] = {}  # old parameter id -> its replacement
@@ -157,6 +205,10 @@ class _Grower:
 
     def _fill(self) -> str:
         kinds = {type(self.ctx.resolve(p, operation=self.operation)) for p in self.plan.norms}
+        kinds |= {
+            nn.LayerNorm if info["kind"] == "layer" else nn.RMSNorm
+            for info in self.plan.custom_norms.values()
+        }
         if len(kinds) > 1:
             raise self.refuse(
                 ", ".join(self.plan.norms[:3]),
@@ -168,7 +220,7 @@ class _Grower:
     # --------------------------------------------------------------- new values of a tensor
     def _fill_along(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """New slices along ``dim`` (the stream's) that keep the fill: mean or zero."""
-        return _expand(
+        return expand(
             t,
             dim,
             1,
@@ -177,14 +229,21 @@ class _Grower:
         )
 
     def _random(self, like: torch.Tensor, shape: list[int], centre_dim: int | None) -> torch.Tensor:
-        std = float(like.detach().double().std()) if like.numel() > 1 else 0.02
-        std = std if math.isfinite(std) and std > 0 else 0.02
-        noise = torch.randn(shape, generator=self.generator, dtype=torch.float64) * std
+        """Gaussian values at the scale of ``like`` (its standard deviation, 0.02 when it has
+        none), drawn on its device from a generator seeded with ``seed``; centred along
+        ``centre_dim`` under the mean fill (a reader of the raw stream then adds nothing)."""
+        device = like.device
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        ref = like.detach().float()
+        std = ref.std() if ref.numel() > 1 else ref.new_tensor(0.02)
+        std = torch.where(torch.isfinite(std) & (std > 0), std, std.new_tensor(0.02))
+        noise = torch.randn(shape, generator=self.generators[device], device=device) * std
         if centre_dim is not None and self.fill == "mean" and shape[centre_dim] > 1:
             noise -= noise.mean(centre_dim, keepdim=True)
         elif centre_dim is not None and self.fill == "mean":
             noise.zero_()
-        return noise.to(device=like.device, dtype=like.dtype)
+        return noise.to(like.dtype)
 
     # --------------------------------------------------------------- parameters and state
     def _param(
@@ -211,10 +270,6 @@ class _Grower:
         self.ctx.replace_parameter(old, new, state)
         return new
 
-    @staticmethod
-    def _new_moment(second: bool) -> Callable[[torch.Tensor], Any]:
-        return (lambda p: p.mean()) if second else (lambda p: 0.0)
-
     # --------------------------------------------------------------- the run
     def run(self) -> None:
         plan = self.plan
@@ -227,6 +282,8 @@ class _Grower:
                 self._table(name)
             for path in plan.norms:
                 self._norm(path)
+            for path, info in plan.custom_norms.items():
+                self._custom_norm(path, info)
             inner_readers = {r for i in plan.inner.values() for r in i.readers}
             inner_writers = {w for i in plan.inner.values() for w in i.writers}
             for path in plan.readers:
@@ -262,7 +319,11 @@ class _Grower:
     def _inner(self, path: str, inner: Any) -> None:
         head_dim = self.head_dim or inner.head_dim
         if head_dim is None:
-            return
+            raise self.refuse(
+                path,
+                "its inner width follows the stream's, but no scaled_dot_product_attention call "
+                "in it shows a head size to grow by whole heads; pass head_dim=",
+            )
         if self.new % head_dim:
             raise self.refuse(
                 path,
@@ -299,7 +360,7 @@ class _Grower:
         weight = self._param(
             layer.weight,
             self._fill_along(layer.weight, 1),
-            lambda v, second: _expand(v, 1, 1, self.k, self._new_moment(second)),
+            lambda v, second: expand(v, 1, 1, self.k, new_moment(second)),
         )
         new = copy.copy(layer)
         new._parameters = dict(layer._parameters)
@@ -316,7 +377,7 @@ class _Grower:
         new = self._param(
             old,
             self._fill_along(old, dim),
-            lambda v, second: _expand(v, dim, 1, self.k, self._new_moment(second)),
+            lambda v, second: expand(v, dim, 1, self.k, new_moment(second)),
         )
         self.ctx.set_parameter(owner, attr, new, operation=self.operation)
 
@@ -335,19 +396,50 @@ class _Grower:
         new.eps = eps * self.d / self.new
         new.weight = self._param(
             norm.weight,
-            _expand(norm.weight * c, 0, 1, self.k, lambda p: p.mean()),
-            lambda v, second: _expand(
-                v / (c * c if second else c), 0, 1, self.k, self._new_moment(second)
+            expand(norm.weight * c, 0, 1, self.k, lambda p: p.mean()),
+            lambda v, second: expand(
+                v / (c * c if second else c), 0, 1, self.k, new_moment(second)
             ),
         )
         bias = getattr(norm, "bias", None)
         if bias is not None:
             new.bias = self._param(
                 bias,
-                _expand(bias, 0, 1, self.k, lambda p: 0.0),
-                lambda v, second: _expand(v, 0, 1, self.k, self._new_moment(second)),
+                expand(bias, 0, 1, self.k, lambda p: 0.0),
+                lambda v, second: expand(v, 0, 1, self.k, new_moment(second)),
             )
         self.ctx.replace(path, new, operation=self.operation)
+
+    def _custom_norm(self, path: str, info: Mapping[str, Any]) -> None:
+        """The user's own norm: its gain scaled like a LayerNorm's or RMSNorm's, its bias (a
+        parameter named ``bias``) extended with zeros, its eps attribute (if found) scaled."""
+        module = self.ctx.resolve(path, operation=self.operation)
+        params = {n: p for n, p in module._parameters.items() if p is not None}
+        gains = [n for n in params if n != "bias"]
+        if len(gains) != 1:
+            raise self.refuse(path, "a custom norm needs one gain parameter (and maybe 'bias')")
+        c = self.c
+        clone = copy.copy(module)
+        clone._parameters = dict(module._parameters)
+        gain = params[gains[0]]
+        clone._parameters[gains[0]] = self._param(
+            gain,
+            expand(gain.detach() * c, 0, 1, self.k, lambda p: p.mean()),
+            lambda v, second: expand(
+                v / (c * c if second else c), 0, 1, self.k, new_moment(second)
+            ),
+        )
+        if "bias" in params:
+            bias = params["bias"]
+            clone._parameters["bias"] = self._param(
+                bias,
+                expand(bias.detach(), 0, 1, self.k, lambda p: 0.0),
+                lambda v, second: expand(v, 0, 1, self.k, new_moment(second)),
+            )
+        if info.get("eps"):
+            name = str(info["eps"])
+            object.__setattr__(clone, name, getattr(module, name) * self.d / self.new)
+        self.ctx.replace(path, clone, operation=self.operation)
 
     def _linear(
         self,
@@ -365,16 +457,16 @@ class _Grower:
         moment_rows: list[tuple[int, int, int]] = []  # (dim, segments, extra) applied in order
         if heads is not None:  # new heads: random rows in each segment
             segments, extra = heads
-            data = _expand(
+            data = expand(
                 data, 0, segments, extra, lambda p: self._random(w, [extra, p.shape[1]], None)
             )
             moment_rows.append((0, segments, extra))
         if zero_in is not None:  # the new heads' fan-out starts at zero
             segments, extra = zero_in
-            data = _expand(data, 1, segments, extra, lambda p: 0.0)
+            data = expand(data, 1, segments, extra, lambda p: 0.0)
             moment_rows.append((1, segments, extra))
         if read and not self._tied_to_source(w):
-            data = _expand(data, 1, 1, self.k, lambda p: self._random(w, [p.shape[0], self.k], 1))
+            data = expand(data, 1, 1, self.k, lambda p: self._random(w, [p.shape[0], self.k], 1))
             moment_rows.append((1, 1, self.k))
         elif read:
             data = self._fill_along(data, 1)
@@ -385,7 +477,7 @@ class _Grower:
 
         def state(v: torch.Tensor, second: bool) -> torch.Tensor:
             for dim, segments, extra in moment_rows:
-                v = _expand(v, dim, segments, extra, self._new_moment(second))
+                v = expand(v, dim, segments, extra, new_moment(second))
             return v
 
         new = copy.copy(layer)
@@ -396,7 +488,7 @@ class _Grower:
             bias = b.detach()
             steps: list[tuple[int, int]] = []
             if heads is not None:
-                bias = _expand(bias, 0, heads[0], heads[1], lambda p: 0.0)
+                bias = expand(bias, 0, heads[0], heads[1], lambda p: 0.0)
                 steps.append(heads)
             if write:
                 bias = self._fill_along(bias, 0)
@@ -404,7 +496,7 @@ class _Grower:
 
             def bias_state(v: torch.Tensor, second: bool) -> torch.Tensor:
                 for segments, extra in steps:
-                    v = _expand(v, 0, segments, extra, self._new_moment(second))
+                    v = expand(v, 0, segments, extra, new_moment(second))
                 return v
 
             new.bias = self._param(b, bias, bias_state)

@@ -30,6 +30,10 @@ class _ShadowProxy(fx.Proxy):
     def __len__(self) -> int:
         return len(self.node.meta["value"])
 
+    def __iter__(self) -> Any:
+        # The value's length is known: no need for fx's reading of the caller's bytecode.
+        return iter([self[i] for i in range(len(self.node.meta["value"]))])
+
 
 class ShadowTracer(fx.Tracer):
     """Traces ``root`` on ``probe`` (see the module docstring).

@@ -32,19 +32,28 @@ from ..errors import SurgeryError
 from ._context import SurgeryContext
 from ._coupling import residual_projections
 from ._host_common import add_like, carried_state, container
+from ._host_slots import check_dormant, rename_slots, slots_in
 
 __all__ = ("InsertIdentityBlocks", "StackBlocks", "copy_block", "set_blocks")
 
 
 def copy_block(
-    ctx: SurgeryContext, block: nn.Module, *, zero: tuple[str, ...] = (), fresh_state: bool = False
+    ctx: SurgeryContext,
+    block: nn.Module,
+    *,
+    operation: str,
+    zero: tuple[str, ...] = (),
+    fresh_state: bool = False,
 ) -> nn.Module:
     """A deep copy of ``block`` whose parameters join their source's optimizer group with a copy
     of its state; the modules named in ``zero`` (relative to ``block``) start with zero weights,
     zero biases and zero moments.
 
     :param fresh_state: give every copied parameter empty moments instead of its source's.
+    :raises GrowthCouplingError: a seed slot in ``block`` holds a seed.
     """
+    for _, slot in slots_in(block):
+        check_dormant(slot, slot.slot_name, "depth growth would copy its seed", operation)
     new = copy.deepcopy(block)
     zeroed: set[int] = set()
     with torch.no_grad():
@@ -91,6 +100,7 @@ def set_blocks(ctx: SurgeryContext, path: str, blocks: list[nn.Module], operatio
         block.train(holder.training)
     holder._modules.clear()
     holder._modules.update(items)
+    rename_slots(ctx, path, blocks, operation)
 
 
 @dataclass(frozen=True)
@@ -131,13 +141,15 @@ class StackBlocks:
         if self.mode == "whole":
             new = list(old)
             for _ in range(self.factor - 1):
-                new.extend(copy_block(ctx, old[i]) for i in chosen)
+                new.extend(copy_block(ctx, old[i], operation=operation) for i in chosen)
         else:
             new = []
             for i, block in enumerate(old):
                 new.append(block)
                 if i in chosen:
-                    new.extend(copy_block(ctx, block) for _ in range(self.factor - 1))
+                    new.extend(
+                        copy_block(ctx, block, operation=operation) for _ in range(self.factor - 1)
+                    )
         set_blocks(ctx, self.blocks, new, operation)
 
 
@@ -186,13 +198,17 @@ class InsertIdentityBlocks:
     def _make(self, ctx: SurgeryContext, index: int, block: nn.Module, operation: str) -> nn.Module:
         path = f"{self.blocks}.{index}"
         if self.factory is None:
-            zero = self.zero or residual_projections(block, path, operation=operation)
-            return copy_block(ctx, block, zero=tuple(zero), fresh_state=self.fresh_state)
+            for _, slot in slots_in(block):
+                check_dormant(slot, slot.slot_name, "depth growth would copy its seed", operation)
+            zero = self.zero or _projections(block, path, operation)
+            return copy_block(
+                ctx, block, operation=operation, zero=tuple(zero), fresh_state=self.fresh_state
+            )
         made = self.factory(index)
         anchor = next(iter(block.parameters()), None)
         if anchor is not None:
             made = made.to(device=anchor.device, dtype=anchor.dtype)
-        zero = self.zero or residual_projections(made, path, operation=operation)
+        zero = self.zero or _projections(made, path, operation)
         with torch.no_grad():
             for name in zero:
                 for param in made.get_submodule(name).parameters(recurse=False):
@@ -202,6 +218,20 @@ class InsertIdentityBlocks:
             source = next((p for p in sources if p.shape == param.shape), None)
             add_like(ctx, source if source is not None else param, param, None)
         return made
+
+
+_FOUND: dict[tuple[object, ...], tuple[str, ...]] = {}
+
+
+def _projections(block: nn.Module, path: str, operation: str) -> tuple[str, ...]:
+    """:func:`residual_projections`, traced once per block structure (class and submodules):
+    inserting several copies of like blocks traces one."""
+    key = tuple((name, type(m)) for name, m in block.named_modules())
+    if key not in _FOUND:
+        if len(_FOUND) > 64:
+            _FOUND.clear()
+        _FOUND[key] = tuple(residual_projections(block, path, operation=operation))
+    return _FOUND[key]
 
 
 def _index(i: int, size: int, operation: str) -> int:

@@ -7,7 +7,9 @@ in order, marking the nodes whose last dimension is the stream (width ``d``):
   dimension is ``d`` (a learned position table), sliced along leading dimensions only;
 * it passes through residual additions, dropout, identities, ``contiguous``/``to``, and reshapes
   that keep the last dimension;
-* **norms** (``nn.LayerNorm``, ``nn.RMSNorm`` over ``(d,)``) read it and write it;
+* **norms** (``nn.LayerNorm``, ``nn.RMSNorm`` over ``(d,)``, or the user's own leaf module holding
+  only ``(d,)`` parameters whose forward takes a mean over the last dimension: an RMSNorm, or a
+  LayerNorm when it subtracts, its ``eps`` attribute found by value) read it and write it;
 * **readers** (``nn.Linear`` with ``in_features == d``) read it: attention's projections, the
   MLP's input projections (a gated MLP's two together: both read the stream), the output head;
 * **writers** are found at each residual addition: the other operand, walked back through
@@ -25,6 +27,7 @@ activation, the model's output — is refused with :class:`GrowthCouplingError` 
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..seeds import SeedSlot
 from ._coupling import ADDS, PASS_FUNCTIONS, PASS_MODULES
 from ._host_common import GrowthCouplingError
+from ._host_slots import check_dormant
 from ._shadow import shadow_graph, value
 
-__all__ = ("Inner", "StreamPlan", "find_stream")
+__all__ = ("Inner", "StreamPlan", "find_stream", "plan_from_record", "plan_record")
 
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
 _SUBS = {operator.sub, torch.sub}
@@ -75,6 +80,9 @@ class StreamPlan:
     :ivar readers: Linear layers reading it.
     :ivar writers: Linear layers writing it.
     :ivar inner: modules whose inner width follows the stream, by path.
+    :ivar passes: dropout and identity modules on the stream (a seed slot's host may be one).
+    :ivar custom_norms: the user's own norm modules on the stream, by path: ``{"kind": "rms" |
+        "layer", "eps": name of its eps attribute or None}``.
     """
 
     width: int
@@ -84,6 +92,8 @@ class StreamPlan:
     readers: list[str] = field(default_factory=list)
     writers: list[str] = field(default_factory=list)
     inner: dict[str, Inner] = field(default_factory=dict)
+    passes: list[str] = field(default_factory=list)
+    custom_norms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _owner(node: fx.Node) -> str:
@@ -105,6 +115,17 @@ class _Walker:
         self.stream: set[fx.Node] = set()
         self.shapes: set[fx.Node] = set()  # nodes holding a stream tensor's shape
         self.width_reads: set[str] = set()  # modules whose code reads the stream's width
+        # the user's own leaf modules holding only (d,) parameters: possible norms
+        self.candidates = {
+            name: m
+            for name, m in model.named_modules()
+            if name
+            and not type(m).__module__.startswith("torch.")
+            and not any(True for _ in m.children())
+            and 0 < len([p for p in m._parameters.values() if p is not None]) <= 2
+            and all(p is None or tuple(p.shape) == (width,) for p in m._parameters.values())
+        }
+        self.norm_info: dict[str, dict[str, Any]] = {}
 
     def refuse(self, where: str, reason: str) -> GrowthCouplingError:
         return GrowthCouplingError(where or "root", reason, operation=self.operation)
@@ -118,9 +139,68 @@ class _Walker:
             self.visit(node)
         for path in sorted(self.width_reads):
             self.inner_of(path)
+        self.custom_norms()
         return self.plan
 
+    def norm_of(self, node: fx.Node) -> str | None:
+        """The candidate norm module a node was traced inside, if any."""
+        for path in node.meta.get("nn_module_stack") or {}:
+            if str(path) in self.candidates:
+                return str(path)
+        return None
+
+    def inside_norm(self, node: fx.Node, path: str) -> None:
+        """A node of the user's own norm module: noted, not checked op by op; the module's output
+        joins the stream once the stream entered it."""
+        info = self.norm_info.setdefault(
+            path, {"entered": False, "kind": "rms", "mean": False, "eps": None}
+        )
+        if any(n in self.stream and self.norm_of(n) != path for n in node.all_input_nodes):
+            info["entered"] = True
+        target = node.target
+        if target in _SUBS or target in ("sub", "var") or target is torch.var:
+            info["kind"] = "layer"
+        if target == "mean" or target is torch.mean:
+            v = value(node)
+            info["mean"] = info["mean"] or (isinstance(v, torch.Tensor) and v.shape[-1] == 1)
+        if node.op == "call_function" and target in ADDS:
+            for arg in node.args:
+                if isinstance(arg, float) and 0.0 < arg < 1e-2:
+                    info["eps"] = arg
+        if info["entered"] and any(self.norm_of(u) != path for u in node.users):
+            self.stream.add(node)
+
+    def custom_norms(self) -> None:
+        for path, info in self.norm_info.items():
+            if not info["entered"]:
+                continue
+            module = self.candidates[path]
+            if not info["mean"]:
+                raise self.refuse(
+                    path,
+                    f"a {type(module).__name__} with parameters of the stream's width acts on "
+                    "the residual stream but does not normalise it over its last dimension "
+                    "(no mean over it); a custom op there cannot grow",
+                )
+            eps = [
+                n
+                for n, v in vars(module).items()
+                if type(v) is float and info["eps"] is not None and v == info["eps"]
+            ]
+            if info["eps"] is not None and len(eps) != 1:
+                raise self.refuse(
+                    path,
+                    f"its eps ({info['eps']}) is a constant in its code, not one attribute, so a "
+                    "widening cannot scale it by d/d' to keep the norm exact; store it as an "
+                    "attribute (self.eps = ...)",
+                )
+            self.plan.custom_norms[path] = {"kind": info["kind"], "eps": eps[0] if eps else None}
+
     def visit(self, node: fx.Node) -> None:
+        norm = self.norm_of(node)
+        if norm is not None:
+            self.inside_norm(node, norm)
+            return
         if node.op == "call_module":
             self.module(node)
             return
@@ -157,6 +237,7 @@ class _Walker:
             _add(self.plan.norms, path)
             self.stream.add(node)
         elif isinstance(module, PASS_MODULES):
+            _add(self.plan.passes, path)
             self.stream.add(node)
         else:
             raise self.refuse(
@@ -237,6 +318,12 @@ class _Walker:
                 node = node.args[0]  # type: ignore[assignment]
                 continue
             where = str(node.target) if node.op == "call_module" else _owner(node)
+            for path in node.meta.get("nn_module_stack") or {}:
+                holder = self.model.get_submodule(str(path))
+                if isinstance(holder, SeedSlot):
+                    check_dormant(
+                        holder, str(path), "its host writes the residual stream", self.operation
+                    )
             raise self.refuse(
                 where,
                 f"a residual branch added by {add.format_node()} ends in {node.format_node()}, "
@@ -280,20 +367,33 @@ def _heads(graph: fx.Graph, inner: Inner) -> None:
             return
 
 
-def find_stream(model: nn.Module, probe: Any, *, width: int, operation: str) -> StreamPlan:
+def find_stream(
+    model: nn.Module, probe: Any, *, width: int, operation: str, grow_heads: bool = False
+) -> StreamPlan:
     """Trace ``model`` on ``probe`` and find the residual stream of width ``width``.
 
+    :param grow_heads: also treat every module that calls ``scaled_dot_product_attention`` as
+        following the stream (its head count is fixed in its code, not read from a shape).
     :raises GrowthCouplingError: something on the stream cannot grow (see the module docstring).
     """
     graph = shadow_graph(model, probe, operation=operation)
-    plan = _Walker(model, width, operation).walk(graph)
+    walker = _Walker(model, width, operation)
+    if grow_heads:
+        walker.width_reads |= {
+            _owner(n)
+            for n in graph.nodes
+            if n.op == "call_function" and n.target is F.scaled_dot_product_attention
+        }
+    plan = walker.walk(graph)
     for inner in plan.inner.values():
         _heads(graph, inner)
     params = dict(model.named_parameters(remove_duplicate=False))
+    norms = tuple(f"{path}." for path in plan.custom_norms)
     for node in graph.nodes:
         if (
             node.op == "get_attr"
             and str(node.target) in params
+            and not str(node.target).startswith(norms)
             and any(user.op != "output" for user in node.users)
         ):
             v = value(node)
@@ -305,4 +405,50 @@ def find_stream(model: nn.Module, probe: Any, *, width: int, operation: str) -> 
             f"no embedding or table of width {width} starts a residual stream",
             operation=operation,
         )
+    return plan
+
+
+def plan_record(plan: StreamPlan) -> dict[str, Any]:
+    """``plan`` as JSON-ready data, so that a replay needs no probe batch."""
+    return {
+        "width": plan.width,
+        "embeddings": list(plan.embeddings),
+        "tables": list(plan.tables),
+        "norms": list(plan.norms),
+        "readers": list(plan.readers),
+        "writers": list(plan.writers),
+        "inner": {
+            path: {
+                "head_dim": i.head_dim,
+                "heads": i.heads,
+                "readers": list(i.readers),
+                "writers": list(i.writers),
+            }
+            for path, i in plan.inner.items()
+        },
+        "passes": list(plan.passes),
+        "custom_norms": {path: dict(info) for path, info in plan.custom_norms.items()},
+    }
+
+
+def plan_from_record(record: Mapping[str, Any]) -> StreamPlan:
+    """The inverse of :func:`plan_record`."""
+    plan = StreamPlan(
+        int(record["width"]),
+        [str(p) for p in record["embeddings"]],
+        [str(p) for p in record["tables"]],
+        [str(p) for p in record["norms"]],
+        [str(p) for p in record["readers"]],
+        [str(p) for p in record["writers"]],
+    )
+    for path, i in record["inner"].items():
+        plan.inner[str(path)] = Inner(
+            str(path),
+            i["head_dim"],
+            i["heads"],
+            [str(r) for r in i["readers"]],
+            [str(w) for w in i["writers"]],
+        )
+    plan.passes = [str(p) for p in record.get("passes", [])]
+    plan.custom_norms = {str(p): dict(i) for p, i in record.get("custom_norms", {}).items()}
     return plan

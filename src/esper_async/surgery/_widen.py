@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import SurgeryError
 from ._context import SurgeryContext
+from ._host_common import GrowthCouplingError
 from ._width_init import (
     ZERO_FANOUT,
     WidthSignal,
@@ -40,7 +41,7 @@ from ._width_init import (
     zero_new,
 )
 
-__all__ = ("Widen", "find_consumers", "traced_call", "widen_layers")
+__all__ = ("Widen", "find_consumers", "refuse_gate", "traced_call", "widen_layers")
 
 
 # Modules and functions acting on each unit independently: a widened unit's replicas stay replicas.
@@ -161,6 +162,7 @@ def find_consumers(
         if kind == "norm":
             norms.append(prefix + str(node.target))
         if kind is None:
+            refuse_gate(parent, prefix, target, node, operation)
             raise SurgeryError(
                 f"{operation}: the output of {target!r} reaches {node.format_node()}, which cannot "
                 f"simply take a wider input; {hint}",
@@ -172,6 +174,28 @@ def find_consumers(
             f"{operation}: {target!r} feeds no consumer; {hint}", operation=operation
         )
     return sorted(set(norms)), sorted(set(consumers))
+
+
+def refuse_gate(parent: nn.Module, prefix: str, target: str, node: fx.Node, operation: str) -> None:
+    """:raises GrowthCouplingError: ``node`` multiplies ``target``'s output with another layer's
+    (a gated MLP: the two projections widen together, never one alone)."""
+    if not (node.op == "call_function" and node.target in (operator.mul, torch.mul)):
+        return
+    partners = []
+    for arg in node.args[:2]:
+        while isinstance(arg, fx.Node) and arg.op != "call_module" and arg.args:
+            arg = arg.args[0]
+        if isinstance(arg, fx.Node) and arg.op == "call_module":
+            partners.append(prefix + str(arg.target))
+    other = [p for p in partners if p != target]
+    if other:
+        raise GrowthCouplingError(
+            target,
+            f"its output is multiplied by {other[0]!r}'s ({node.format_node()}): one projection "
+            "of a gated MLP cannot widen alone; the gate and up projections widen together: "
+            "use WidenGated(gate, up, width)",
+            operation=operation,
+        )
 
 
 def _classify(parent: nn.Module, node: fx.Node, width: int) -> str | None:

@@ -27,7 +27,7 @@ from ..errors import SurgeryError
 from ..seeds import SeedSlot
 from ..seeds._slot import UnitMap
 from ._context import SurgeryContext
-from ._widen import _classify, _width_of, traced_call, widen_layers
+from ._widen import _classify, _width_of, refuse_gate, traced_call, widen_layers
 from ._width_init import WidthSignal, check_init
 
 __all__ = ("SlotConsumer", "WidenSlot", "find_slot_consumers")
@@ -99,6 +99,7 @@ def find_slot_consumers(
             continue
         kind = _classify(parent, node, width)
         if kind is None:
+            refuse_gate(parent, prefix, slot_path, node, operation)
             raise SurgeryError(
                 f"{operation}: the output of {slot_path!r} reaches {node.format_node()}, which "
                 "cannot simply take a wider input",
