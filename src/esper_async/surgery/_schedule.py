@@ -151,6 +151,9 @@ class GrowthLR:
     :param after_growth: ``"keep"``, ``"rewarm"`` or ``"restart"``.
     :param rewarm_steps: the re-warm-up's length (``"rewarm"`` only).
     :param rewarm_peak: the re-warm-up's target, a fraction of ``peak`` (``"rewarm"`` only).
+
+    The schedule sets each optimizer group's ``lr`` to this rate times the group's ``lr_scale``
+    (1 where absent), so groups can keep fixed ratios.
     """
 
     peak: float
