@@ -21,12 +21,12 @@ is recorded for replay on resume by :func:`operation_record` / :func:`replay_ope
   (function-preserving).
 * ``WidenChannels(target, width, seed=0)`` — a CNN's channels across a residual stage (every
   conv, batch norm and consumer coupled through residual additions; function-preserving).
-
 * ``WidenGated(gate, up, width, seed=0)`` — a gated MLP's hidden width: gate and up projections
   together, one unit map (function-preserving).
 
 What cannot be grown safely raises :class:`GrowthCouplingError` (a :class:`SurgeryError`) naming
-the module and the reason.
+the module and the reason. :func:`operation_from_record` rebuilds an operator from its record (rank
+0 decides and broadcasts the record under DDP). See ``docs/surgery.md``, "Host growth".
 
 A :class:`GrowthSchedule` applies host growth on a schedule (:class:`GrowthStage`: at a step,
 a token count or a loss plateau) with :class:`GrowthLR`'s learning rate after growth.
