@@ -27,6 +27,9 @@ is recorded for replay on resume by :func:`operation_record` / :func:`replay_ope
 What cannot be grown safely raises :class:`GrowthCouplingError` (a :class:`SurgeryError`) naming
 the module and the reason. :func:`operation_from_record` rebuilds an operator from its record (rank
 0 decides and broadcasts the record under DDP). See ``docs/surgery.md``, "Host growth".
+
+A :class:`GrowthSchedule` applies host growth on a schedule (:class:`GrowthStage`: at a step,
+a token count or a loss plateau) with :class:`GrowthLR`'s learning rate after growth.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ from ._replay import operation_from_record as operation_from_record
 from ._replay import operation_record as operation_record
 from ._replay import replay_operations as replay_operations
 from ._residual_width import WidenResidual as WidenResidual
+from ._schedule import GrowthEvent as GrowthEvent
+from ._schedule import GrowthLR as GrowthLR
+from ._schedule import GrowthSchedule as GrowthSchedule
+from ._schedule import GrowthStage as GrowthStage
+from ._schedule import Plateau as Plateau
 from ._stack import InsertIdentityBlocks as InsertIdentityBlocks
 from ._stack import StackBlocks as StackBlocks
 from ._transaction import ModelSurgeon as ModelSurgeon
@@ -76,9 +84,14 @@ __all__ = (
     "GatedResidual",
     "GatedShortcut",
     "GrowthCouplingError",
+    "GrowthEvent",
+    "GrowthLR",
+    "GrowthSchedule",
+    "GrowthStage",
     "InsertAfter",
     "InsertIdentityBlocks",
     "ModelSurgeon",
+    "Plateau",
     "RegionCheck",
     "RemoveLayer",
     "SkipAround",
