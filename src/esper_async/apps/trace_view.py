@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from ..errors import TelemetryConfigError
-from ..telemetry._attributes import (
+from ..telemetry import (
     ATTR_ARM_NAMES,
     ATTR_ARM_VALUES,
     ATTR_CHOSEN,
@@ -36,8 +36,9 @@ from ..telemetry._attributes import (
     ATTR_SLOT,
     GROWTH_SPAN_NAMES,
     SPAN_LIFECYCLE,
+    SpanRecord,
+    read_span_records,
 )
-from ..telemetry._exporters import SpanRecord, read_span_records
 from .dashboard import render_dashboard
 
 __all__ = (

@@ -23,17 +23,19 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..reliability import (
+    CHECKPOINT_PATTERN,
     CheckpointError,
     CheckpointMismatchError,
     CheckpointStore,
     Restored,
+    apply_state,
     capture_state,
+    unrestorable,
+    verify_state,
 )
-from ..reliability._checkpoint import apply_state, verify_state
-from ..reliability._checkpoint_store import CHECKPOINT_PATTERN, reason, unrestorable
+from ..reliability import failure_reason as reason
 from ..seeds import SeedState, find_slots
-from ..surgery import SurgeryPolicy
-from ..surgery._replay import replay_operations
+from ..surgery import SurgeryPolicy, replay_operations
 from ._context import RankContext
 from ._control import BroadcastController
 from ._kernels import RankCompiler

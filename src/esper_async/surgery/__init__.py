@@ -23,6 +23,8 @@ from ._operations import RemoveLayer as RemoveLayer
 from ._operations import SurgeryOperation as SurgeryOperation
 from ._policy import SurgeryPolicy as SurgeryPolicy
 from ._policy import SurgeryPolicyConfig as SurgeryPolicyConfig
+from ._replay import operation_record as operation_record
+from ._replay import replay_operations as replay_operations
 from ._transaction import ModelSurgeon as ModelSurgeon
 from ._transaction import SurgeryTransaction as SurgeryTransaction
 from ._validation import RegionCheck as RegionCheck
@@ -31,12 +33,16 @@ from ._validation import SurgeryReport as SurgeryReport
 from ._validation import SurgeryValidationConfig as SurgeryValidationConfig
 from ._widen import Widen as Widen
 from ._widen_slot import WidenSlot as WidenSlot
+from ._widen_slot import find_slot_consumers as find_slot_consumers
 from ._width_init import WIDTH_INITS as WIDTH_INITS
+from ._width_init import ZERO_FANOUT as ZERO_FANOUT
 from ._width_init import WidthSignal as WidthSignal
+from ._width_init import unit_shares as unit_shares
 from ._width_signal import capture_width_signal as capture_width_signal
 
 __all__ = (
     "WIDTH_INITS",
+    "ZERO_FANOUT",
     "AddResidual",
     "AddSkip",
     "FxRewire",
@@ -59,6 +65,10 @@ __all__ = (
     "WidenSlot",
     "WidthSignal",
     "capture_width_signal",
+    "find_slot_consumers",
     "identity_conv2d",
     "identity_linear",
+    "operation_record",
+    "replay_operations",
+    "unit_shares",
 )

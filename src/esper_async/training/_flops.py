@@ -25,12 +25,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..blueprints import Blueprint, SlotContract, build
-from ..compiler._optimizer import KernelOptimizer, OptimizerOptions
-from ..compiler._validator import _BATCHES as VALIDATOR_BATCHES
+from ..compiler import VALIDATOR_BATCHES, KernelOptimizer, OptimizerOptions
 from ..seeds import SeedSlot, find_slots
 
 if TYPE_CHECKING:
-    from ..control._controller import EpochReport
+    from ..control import EpochReport
 
 __all__ = ("FlopCounter", "FlopLedger", "count_flops", "kernel_compile_flops", "structure_key")
 

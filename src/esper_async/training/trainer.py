@@ -1,9 +1,13 @@
 """The trainer: a training loop that grows its model, built on :class:`Grower`.
 
 The loop is :meth:`Trainer.fit`; one step is :meth:`Trainer._step` (zero the gradients, forward,
-backward, optimizer step). Growth is the grower's; the trainer adds guarded steps (a bad loss never
-updates the model), CPU steps in a worker thread, checkpoints (:meth:`Trainer.state_dict`) and a
-run's outputs (:class:`RunOutputs`). See ``docs/training.md`` and ``docs/reliability.md``.
+judge, backward, step), whose verdict policy — the loss read on the host before the update, or
+judged on the device and read some steps later — is chosen once, when the trainer is built.
+Growth is the grower's, through its public calls only: the trainer holds no copy of its state
+(its attributes such as :attr:`Trainer.step` read the grower's). The trainer adds guarded steps (a
+bad loss never updates the model), CPU steps in a worker thread, checkpoints (which wrap
+:meth:`Grower.state_dict`) and a run's outputs (:class:`RunOutputs`). See ``docs/training.md``
+and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -21,13 +25,11 @@ import torch
 from torch import nn
 
 from ..compiler import BlueprintCompiler
-from ..control._controller import Controller, EpochReport
-from ..errors import SeedRuntimeError
+from ..control import Controller, EpochReport
+from ..errors import LossAnomaly, SeedRuntimeError, TrainingConfigError
 from ..kernels import Kernel
-from ..reliability import Restored
-from ..reliability._config import ReliabilityConfig
-from ..reliability._errors import LossAnomaly
-from ..runtime._execution import StepRunner
+from ..reliability import BreakerBoard, Governor, ReliabilityConfig, Restored
+from ..runtime import StepRunner
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
 from ._grower import Grower
@@ -37,8 +39,8 @@ from ._masked import HostUndo, MaskedStep
 from ._outputs import LOOP_LAG_INTERVAL_S, RunOutputs
 from ._prefetch import Ready, prefetched, wait_ready
 from ._results import FitResult, GrowthEvent
-from ._state import load_run_state, restore_run, run_state, save_run_checkpoint
-from ._task import ClassificationTask, Task
+from ._state import restore_run, save_run_checkpoint
+from ._task import ClassificationTask, Task, task_inputs, task_loss
 from ._verdict import LaggedVerdicts, Launched
 
 if TYPE_CHECKING:
@@ -55,10 +57,9 @@ Precision = Literal["fp32", "bf16"]
 _Queued = tuple[Any, Ready, bool]
 
 
-def _grower_attr(name: str, doc: str) -> Any:
-    """A trainer attribute that is the grower's ``name`` (read and written through)."""
-    return property(lambda self: getattr(self.grower, name),
-                    lambda self, v: setattr(self.grower, name, v), doc=doc)
+def _view(name: str, doc: str) -> Any:
+    """A read-only view of the grower's ``name`` (the trainer keeps no copy)."""
+    return property(lambda self: getattr(self.grower, name), doc=doc)
 
 
 class Trainer:
@@ -126,59 +127,99 @@ class Trainer:
         self.precision: Precision = precision
         #: What each fit writes besides the model: trace, kernel store, loggers, loop lag.
         self.outputs = outputs = RunOutputs(
-            run_dir=run_dir, telemetry_config=telemetry_config, store=store, loggers=loggers,
-            loop_lag_interval_s=loop_lag_interval_s, telemetry_given=telemetry is not None,
-            compiler_given=compiler is not None)
+            run_dir=run_dir,
+            telemetry_config=telemetry_config,
+            store=store,
+            loggers=loggers,
+            loop_lag_interval_s=loop_lag_interval_s,
+            telemetry_given=telemetry is not None,
+            compiler_given=compiler is not None,
+        )
         self.task: Task = task or ClassificationTask(loss_fn or nn.functional.cross_entropy)
         model = model.to(torch.device(device))
         # On a GPU the default Adam is fused: it masks a bad step itself (lagged verdicts).
         self.optimizer = optimizer or torch.optim.Adam(
-            model.parameters(), lr=3e-3, fused=torch.device(device).type == "cuda" or None)
+            model.parameters(), lr=3e-3, fused=torch.device(device).type == "cuda" or None
+        )
         self.grower = g = Grower(
-            model, self.optimizer, task=self.task, controller=controller, compiler=compiler,
-            grow=grow, device=device, seed=seed, graft=graft,
-            graft_deadline_epochs=graft_deadline_epochs, telemetry=telemetry,
-            wrap_model=wrap_model, scheduler=scheduler, reliability=reliability, surgery=surgery,
+            model,
+            self.optimizer,
+            task=self.task,
+            controller=controller,
+            compiler=compiler,
+            grow=grow,
+            device=device,
+            seed=seed,
+            graft=graft,
+            graft_deadline_epochs=graft_deadline_epochs,
+            telemetry=telemetry,
+            wrap_model=wrap_model,
+            scheduler=scheduler,
+            reliability=reliability,
+            surgery=surgery,
         )
         self.run_dir, self.store, self.loggers = outputs.run_dir, outputs.store, outputs.loggers
         g.compiler.store = self.store or g.compiler.store
-        self.model, self.device, self.slots = g.model, g.device, g.slots
-        self.telemetry = g.telemetry
-        self.compiler, self.governor, self.breakers = g.compiler, g.governor, g.breakers
-        self.admission, self.reliability, self.surgery = g.admission, g.reliability, g.surgery
-        self.scheduler, self.grow, self.seed, self.graft = scheduler, grow, seed, graft
-        self.loss_fn = getattr(self.task, "loss_fn", None)
         self.writes_checkpoints = writes_checkpoints
+        self.device = g.device
         # CPU: the step runs in a worker thread; CUDA: it is launched in one and its completion
         # is awaited through the stream bridge, so the event loop never waits on the device.
         self._steps = StepRunner.for_device(self.device)
-        inputs = getattr(self.task, "inputs", None)
+        inputs = task_inputs(self.task)
         self._guard = StepGuard(
-            lambda batch: self.task.forward(g.runner, batch), self.optimizer, self.slots,
-            self.governor, g.consensus,
-            run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)))
+            lambda batch: self.task.forward(g.runner, batch),
+            self.optimizer,
+            g.slots,
+            g.governor,
+            g.consensus,
+            run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)),
+        )
         rel = g.reliability
         self._masked = MaskedStep(self.optimizer)
         lagged = rel.verdict == "lagged" or (
-            rel.verdict == "auto" and self.device.type == "cuda" and self._masked.uses_found_inf)
+            rel.verdict == "auto" and self.device.type == "cuda" and self._masked.uses_found_inf
+        )
         if lagged and g.consensus is not None:
             lagged = False  # the ranks agree on every step before it updates (see StepGuard)
         #: The lagged verdicts of the steps (``None``: each loss is judged on the host first).
         self.verdicts = LaggedVerdicts(self.device, rel.verdict_lag) if lagged else None
+        # The verdict policies, chosen here once: a step judged on the host before it updates
+        # (every step of a synchronous run; a lagged run's re-judged steps), and one judged on
+        # the device and read later (a lagged run's launches).
+        self._on_host = (self._judge_on_host, self._update_on_host)
+        self._on_device = (self._judge_on_device, self._update_on_device)
         self._generator: torch.Generator | None = None
         self._stop_requested = False
         self._checkpoint_requested = False
 
-    step: int = _grower_attr("step", "The global training step.")
-    epoch: int = _grower_attr("epoch", "The current (or last) epoch.")
-    surgeries: list[dict[str, Any]] = _grower_attr("surgeries", "Committed surgeries, as records.")
-    controller: Controller = _grower_attr("controller", "Asked at every epoch boundary.")
-    kernels: dict[str, Kernel] = _grower_attr("kernels", "Every kernel loaded, by id.")
-    result: FitResult = _grower_attr("result", "The current (or last) fit's record so far.")
+    model: nn.Module = _view("model", "The model being trained.")
+    slots: dict[str, Any] = _view("slots", "The model's seed slots, by name.")
+    step: int = _view("step", "The global training step.")
+    epoch: int = _view("epoch", "The current (or last) epoch.")
+    surgeries: list[dict[str, Any]] = _view("surgeries", "Committed surgeries, as records.")
+    controller: Controller = _view("controller", "Asked at every epoch boundary.")
+    kernels: dict[str, Kernel] = _view("kernels", "Every kernel loaded, by id.")
+    result: FitResult = _view("result", "The current (or last) fit's record so far.")
+    governor: Governor = _view("governor", "Judges losses; keeps the rollback snapshot.")
+    breakers: BreakerBoard = _view("breakers", "The per-blueprint breakers.")
+    compiler: BlueprintCompiler = _view("compiler", "Turns blueprints into kernels.")
+    telemetry: Telemetry = _view("telemetry", "The run's telemetry.")
+    reliability: ReliabilityConfig = _view("reliability", "Breakers, limits, the governor.")
+    surgery: SurgeryPolicy | None = _view("surgery", "The surgery policy, if any.")
+    scheduler: Any = _view("scheduler", "The learning-rate scheduler, if any.")
+    grow: bool = _view("grow", "Whether the run grows at all.")
+    seed: int = _view("seed", "The seed of kernels' weights and the default controller.")
+    graft: str = _view("graft", "When kernels are grafted: 'epoch' or 'step'.")
+
+    @property
+    def loss_fn(self) -> Callable[..., Any] | None:
+        """The task's loss function, if it declares one."""
+        return task_loss(self.task)
 
     def param_count(self) -> int:
         """Trainable parameters of the model now, seeds included."""
         return self.grower.param_count()
+
     def request_stop(self) -> None:
         """End :meth:`fit` cleanly after the current epoch (checkpointed if checkpoints are on)."""
         self._stop_requested = True
@@ -190,11 +231,18 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
 
     async def fit(
-        self, train_loader: Iterable[Any], val_loader: Iterable[Any], *, epochs: int,
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any],
+        *,
+        epochs: int,
         on_epoch: Callable[[EpochReport, FitResult], None] | None = None,
         on_step: Callable[[int, float | None], None] | None = None,
-        checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 1,
-        resume: bool = False, settle: Settle = "keep", label: str | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
+        settle: Settle = "keep",
+        label: str | None = None,
     ) -> FitResult:
         """Train until epoch ``epochs``, growing seeds as the controller decides.
 
@@ -219,25 +267,32 @@ class Trainer:
         :raises TelemetryConfigError: the trainer's ``run_dir`` cannot be created.
         :raises StoreError: the trainer's ``store`` directory cannot be opened.
         """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise TrainingConfigError(
+                f"fit(epochs=...) must be an int >= 1 (the run's length in epochs), got "
+                f"{epochs!r} ({type(epochs).__name__})"
+            )
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir to resume from")
         if settle not in ("judge", "cull", "keep"):
             raise ValueError(f"settle must be 'judge', 'cull' or 'keep', got {settle!r}")
         self._generator = loader_generator(train_loader)
-        self.grower.result = result = FitResult()
-        self.grower.resume_at(epoch=0, step=self.step)
+        self.grower.start_run()
         if resume and checkpoint_dir is not None:
             self.restore(checkpoint_dir, generator=self._generator)
-            result = self.result
+        result = self.result
         first = self.epoch
         check_loaders({"training": train_loader, "validation": val_loader}, epochs - first)
-        self.grower.steps_per_epoch = batch_count(train_loader) or 1
+        self.grower.expect_steps_per_epoch(batch_count(train_loader) or 1)
         self._stop_requested = False
         started = time.perf_counter()
         async with AsyncExitStack() as stack:  # closed in reverse: grower, run span, outputs
             await self.outputs.open(stack, self)
-            stack.enter_context(self.telemetry.span(
-                SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow, label=label))
+            stack.enter_context(
+                self.telemetry.span(
+                    SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow, label=label
+                )
+            )
             grower = await stack.enter_async_context(self.grower)
             await self.outputs.start(grower)
             for epoch in range(first, epochs):
@@ -252,8 +307,13 @@ class Trainer:
                     self._checkpoint_requested = False
                     if self.writes_checkpoints:
                         await self.save_checkpoint(checkpoint_dir, generator=self._generator)
-                log.debug("epoch", epoch=epoch, train_loss=report.train_loss,
-                          val_loss=report.val_loss, metrics=dict(report.metrics))
+                log.debug(
+                    "epoch",
+                    epoch=epoch,
+                    train_loss=report.train_loss,
+                    val_loss=report.val_loss,
+                    metrics=dict(report.metrics),
+                )
                 self.outputs.log_epoch(report, self.step, self.param_count())
                 if on_epoch is not None:
                     on_epoch(report, result)
@@ -299,8 +359,9 @@ class Trainer:
             self.telemetry.metrics.step_finished(time.perf_counter() - started)
         self._stepped(loss, on_step)
 
-    def _stepped(self, loss: float | None, on_step: Callable[[int, float | None], None] | None
-                 ) -> None:
+    def _stepped(
+        self, loss: float | None, on_step: Callable[[int, float | None], None] | None
+    ) -> None:
         self.grower.after_step(loss, updated=loss is not None)
         if on_step is not None:
             on_step(self.step, loss)
@@ -308,7 +369,10 @@ class Trainer:
     # --- lagged verdicts -------------------------------------------------------------------------
 
     async def _pump(
-        self, queue: deque[_Queued], in_flight: deque[Launched], lag: int,
+        self,
+        queue: deque[_Queued],
+        in_flight: deque[Launched],
+        lag: int,
         on_step: Callable[[int, float | None], None] | None,
     ) -> None:
         """Launch the queued batches, reading verdicts once more than ``lag`` steps are in flight.
@@ -336,7 +400,7 @@ class Trainer:
             with self.telemetry.step_span(self.step + len(in_flight), epoch=self.epoch):
                 started = time.perf_counter()
                 try:
-                    undo, done = await self._steps.launch(self._lagged_step, batch, ready)
+                    undo, done = await self._steps.launch(self._step, batch, ready, True)
                 except (SeedRuntimeError, LossAnomaly):
                     queue.appendleft((batch, None, True))  # its copy was already waited for
                     continue
@@ -368,38 +432,20 @@ class Trainer:
         await self._sync_step(launched.batch, None, on_step)
         return again
 
-    def _lagged_step(self, batch: Any, ready: Ready) -> HostUndo:
-        """One step launched with a device-side verdict (in a worker thread; no host read).
-
-        :returns: the host-resident state to restore if the verdict is bad.
-        :raises SeedRuntimeError: a seed raised in the forward pass (nothing updated).
-        :raises LossAnomaly: the backward pass failed (nothing updated).
-        """
-        verdicts = self.verdicts
-        assert verdicts is not None
-        wait_ready(batch, ready)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            _, loss = self.task.forward(self.grower.runner, batch)
-        ok, apply = verdicts.judge(loss, self.governor.threshold())
-        self._guard.backward(loss, float("nan"))
-        undo = self._masked.step(apply)
-        verdicts.record(loss, ok)
-        return undo
-
     def _autocast(self) -> Any:
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _step(self, batch: Any, ready: Ready = None) -> float:
-        """One optimizer step on ``batch`` (in a worker thread); returns the loss.
-
-        The loss is judged on the host before the backward pass (a device sync on a GPU), so a
-        bad step never reaches the parameters.
+    def _step(self, batch: Any, ready: Ready = None, lagged: bool = False) -> Any:
+        """One optimizer step on ``batch`` (in a worker thread): zero the gradients, forward,
+        judge, backward, step. The verdict is judged on the host (the loss is read before the
+        backward pass, so a bad step never reaches the parameters; returns the loss) or, with
+        ``lagged`` (a lagged run's launches), on the device with no host read (returns the
+        host-resident state to restore if the verdict, read later, is bad).
 
         :raises SeedRuntimeError: a seed raised or produced non-finite values (nothing updated).
-        :raises LossAnomaly: the loss was bad (nothing updated).
+        :raises LossAnomaly: the loss was bad, or the backward pass failed (nothing updated).
         """
         wait_ready(batch, ready)
         self.optimizer.zero_grad(set_to_none=True)
@@ -409,13 +455,31 @@ class Trainer:
                 _, loss = self.task.forward(self.grower.runner, batch)
         except SeedRuntimeError as exc:
             self._guard.forward_failed(exc)  # re-raised, unless ranks must agree on it first
-        with self._autocast():  # the diagnosis, if any, runs the forward as the step did
-            value = self._guard.judge(loss, batch)
-        assert loss is not None  # judge() raised for a failed forward
+        judge, update = self._on_device if lagged else self._on_host
+        value, verdict = judge(loss, batch)
+        assert loss is not None  # the judge raised for a failed forward
         self._guard.backward(loss, value)
+        return update(loss, value, verdict)
+
+    def _judge_on_host(self, loss: torch.Tensor | None, batch: Any) -> tuple[float, Any]:
+        with self._autocast():  # the diagnosis, if any, runs the forward as the step did
+            return self._guard.judge(loss, batch), None
+
+    def _update_on_host(self, loss: torch.Tensor, value: float, verdict: Any) -> float:
         self.optimizer.step()
-        self.governor.accept(value)
+        self.grower.governor.accept(value)
         return value
+
+    def _judge_on_device(self, loss: torch.Tensor | None, batch: Any) -> tuple[float, Any]:
+        assert self.verdicts is not None and loss is not None
+        return float("nan"), self.verdicts.judge(loss, self.grower.governor.threshold())
+
+    def _update_on_device(self, loss: torch.Tensor, value: float, verdict: Any) -> HostUndo:
+        assert self.verdicts is not None
+        ok, apply = verdict
+        undo = self._masked.step(apply)
+        self.verdicts.record(loss, ok)
+        return undo
 
     async def _guarded_step(self, batch: Any, ready: Ready = None) -> float | None:
         """A step that survives a failing seed (culled, the step redone without it) or a bad
@@ -443,7 +507,7 @@ class Trainer:
         :param generator: the training loader's RNG (default: the last fit's loader's).
         :returns: a checkpoint payload (what :class:`CheckpointStore` writes).
         """
-        return run_state(self.grower, generator or self._generator)
+        return self.grower.state_dict(generator=generator or self._generator)
 
     def load_state_dict(
         self, state: dict[str, Any], *, generator: torch.Generator | None = None, path: str = ""
@@ -457,7 +521,7 @@ class Trainer:
         :raises CheckpointIntegrityError: the payload is malformed.
         :raises CheckpointMismatchError: the payload does not fit the model.
         """
-        return load_run_state(self.grower, state, generator, path)
+        return self.grower.load_state_dict(state, generator=generator, path=path)
 
     async def save_checkpoint(
         self, directory: str | os.PathLike[str], *, generator: torch.Generator | None = None
