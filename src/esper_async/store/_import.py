@@ -63,7 +63,7 @@ def validate_entry(entry: ManifestEntry, staged: Path, where: str) -> tuple[dict
     :raises StoreIntegrityError: if the kernel fails validation (or validating it raises).
     """
     # Imported here: the compiler package imports the store.
-    from ..compiler import KernelValidator
+    from ..compiler._validator import KernelValidator
 
     artifact = staged.read_bytes()
     if hashlib.sha256(artifact).hexdigest() != entry.kernel_id:

@@ -59,7 +59,7 @@ def structure_key(model: nn.Module) -> tuple[object, ...]:
     """
     params = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
     slots = tuple(
-        (n, s.state.value, s.kernel_id, s.seed is not None, s._ablated, s.unit_map is not None)
+        (n, s.state.value, s.kernel_id, s.seed is not None, s.is_ablated, s.unit_map is not None)
         for n, s in _slots(model)
     )
     return params, slots

@@ -32,7 +32,6 @@ applies), :meth:`~Grower.snapshot`. A hand-written loop::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Literal
@@ -47,7 +46,6 @@ from ..blueprints import Blueprint
 from ..compiler import BlueprintCompiler
 from ..control import (
     Controller,
-    Counterfactual,
     Decision,
     EpochReport,
     GrowWidth,
@@ -58,7 +56,6 @@ from ..errors import (
     LoaderError,
     LossAnomaly,
     SeedRuntimeError,
-    TrainingConfigError,
 )
 from ..reliability import (
     Governor,
@@ -70,17 +67,14 @@ from ..seeds import SeedSlot, find_slots
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import Telemetry
 from ._compile_queue import CompileQueue
-from ._evaluate import evaluate
 from ._faults import Faults
 from ._grower_state import GrowerState
 from ._grower_surgery import GrowerSurgery
 from ._guard import StepConsensus
-from ._loaders import no_batches
-from ._results import FitResult
+from ._measure import measure_epoch
 from ._run_state import RunState
 from ._seed_actions import SeedActions
 from ._task import ClassificationTask, Task, task_loss
-from ._widths import measure_widths
 
 __all__ = ("Grower",)
 
@@ -251,28 +245,6 @@ class Grower(GrowerState):
 
     # --- the loop's calls -----------------------------------------------------------------------
 
-    def start_run(self) -> None:
-        """Start a new record from epoch 0 (the step count goes on): what a new fit does."""
-        self.run.result = FitResult()
-        self.run.resume_at(epoch=0, step=self.run.step)
-
-    def continue_from(self, *, step: int, surgeries: list[dict[str, Any]]) -> None:
-        """Continue a run whose model was restored outside the grower (e.g. by
-        :func:`esper_async.distributed.load_checkpoint` before the trainer was built): its global
-        ``step``, and the ``surgeries`` its record lists (already replayed on the model)."""
-        self.run.resume_at(epoch=self.run.epoch, step=step)
-        self.surgeon.records = list(surgeries)
-
-    def expect_steps_per_epoch(self, steps: int) -> None:
-        """How many steps an epoch has (blending ramps are counted in steps); otherwise the
-        last epoch's count is used.
-
-        :raises TrainingConfigError: ``steps`` is below 1.
-        """
-        if steps < 1:
-            raise TrainingConfigError(f"steps per epoch must be at least 1, got {steps}")
-        self.run.steps_per_epoch = steps
-
     def begin_epoch(self) -> None:
         """Open the epoch (its span; the governor's per-epoch budget). Optional: the first
         :meth:`after_step` of an epoch opens it."""
@@ -321,17 +293,32 @@ class Grower(GrowerState):
             await self.graft_due()
             await self.decide(report, val_loader)
         finally:
-            self.run.epoch_figures(report, self.param_count())
-            self.run.close_epoch(loss=report.val_loss)
+            self._close_span(report)
+        self.close_epoch(report)
+        if self.governor.due(self.epoch):
+            await self.snapshot()
+        self.model.train(training)  # as the loop left it (measure switched to eval)
+        return report
+
+    def close_epoch(self, report: EpochReport) -> None:
+        """End the epoch with ``report`` (:meth:`measure`'s): record it in the history and on
+        the epoch's span, step the scheduler; the next :meth:`begin_epoch` opens the next
+        epoch. :meth:`end_epoch` calls it; a loop calling the steps one by one calls it after
+        :meth:`decide` (and :meth:`snapshot` after it, when due).
+
+        :raises GovernorError: every step was dropped for too many epochs in a row.
+        """
+        self._close_span(report)
         self.result.history.append(report)
+        self.run.ended = True
         self.faults.stop_if_stalled()
         if self.scheduler is not None:
             self.scheduler.step()
-        if self.governor.due(self.epoch):
-            await self.snapshot()
-        self.run.ended = True
-        self.model.train(training)  # as the loop left it (measure switched to eval)
-        return report
+
+    def _close_span(self, report: EpochReport) -> None:
+        if self.run.epoch_open:
+            self.run.epoch_figures(report, self.param_count())
+            self.run.close_epoch(loss=report.val_loss)
 
     async def measure(self, val_loader: Iterable[Any]) -> EpochReport:
         """Measure the epoch on ``val_loader`` (with counterfactuals for blended seeds and width
@@ -341,47 +328,7 @@ class Grower(GrowerState):
 
         :raises LoaderError: ``val_loader`` yielded no batches.
         """
-        train_loss, steps, dropped = self.run.epoch_losses()
-        for attempt in range(len(self.slots) + 1):
-            try:
-                measured = await anyio.to_thread.run_sync(
-                    evaluate, self.model, self.slots, self.task, val_loader, self.device
-                )
-                break
-            except SeedRuntimeError as exc:
-                if attempt == len(self.slots) or not self.slots[exc.slot].lifecycle.live:
-                    raise
-                self.seed_failed(exc)
-        if measured.batches == 0:
-            raise no_batches(
-                "validation", later=self.epoch > self.run.first_epoch, epoch=self.epoch
-            )
-        widths: dict[str, Counterfactual] = {}
-        if self.width_trials:
-            widths = await anyio.to_thread.run_sync(
-                measure_widths,
-                self.model,
-                self.task,
-                val_loader,
-                self.device,
-                self.width_trials,
-                measured,
-            )
-        for slot in self.slots.values():
-            slot.lifecycle.epochs_in_state += 1
-        self.run.reset_epoch()
-        return EpochReport(
-            epoch=self.epoch,
-            train_loss=train_loss,
-            val_loss=measured.loss,
-            val_acc=measured.metrics.get("accuracy", math.nan),
-            health={name: slot.health() for name, slot in self.slots.items()},
-            counterfactual=measured.counterfactual,
-            steps=steps,
-            dropped=dropped,
-            metrics=measured.metrics,
-            width_counterfactual=widths,
-        )
+        return await measure_epoch(self, val_loader)
 
     async def decide(self, report: EpochReport, val_loader: Iterable[Any]) -> list[Decision]:
         """Ask the controller on ``report`` (if growing and the epoch was sound on every rank)
@@ -497,21 +444,6 @@ class Grower(GrowerState):
 
     def _compile_retried(self, slot: str, blueprint: Blueprint, detail: str) -> None:
         self.incident(IncidentKind.COMPILE_RETRIED, self.slots[slot], detail, blueprint)
-
-    def use_telemetry(self, telemetry: Telemetry, *, compiler: bool = True) -> None:
-        """Record the run in ``telemetry`` from now on: the grower's, the compiler's (if
-        ``compiler``) and the controller's selection spans, where it recorded in the old one.
-
-        :param telemetry: the new telemetry.
-        :param compiler: whether the compiler's telemetry is replaced too.
-        """
-        previous, self.telemetry = self.telemetry, telemetry
-        if compiler:
-            self.compiles.compiler.telemetry = telemetry
-        if isinstance(self.controller, HeuristicController) and (
-            self.controller.telemetry is previous
-        ):
-            self.controller.telemetry = telemetry
 
     # --- derived state --------------------------------------------------------------------------
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..compiler import BlueprintCompiler
-from ..control import StatefulController
-from ..errors import SurgeryError
+from ..control import HeuristicController, StatefulController
+from ..errors import SurgeryError, TrainingConfigError
 from ..kernels import Kernel
 from ..reliability import (
     BreakerBoard,
@@ -34,6 +34,7 @@ from ..reliability import (
     verify_state,
 )
 from ..surgery import SurgeryPolicy, replay_operations
+from ..telemetry import Telemetry
 from ._results import FitResult
 from ._widths import WidthTrial
 
@@ -56,6 +57,43 @@ class GrowerState:
         compiles: CompileQueue
         faults: Faults
         surgeon: GrowerSurgery
+
+    def start_run(self: Grower) -> None:
+        """Start a new record from epoch 0 (the step count goes on): what a new fit does."""
+        self.run.result = FitResult()
+        self.run.resume_at(epoch=0, step=self.run.step)
+
+    def continue_from(self: Grower, *, step: int, surgeries: list[dict[str, Any]]) -> None:
+        """Continue a run whose model was restored outside the grower (e.g. by
+        :func:`esper_async.distributed.load_checkpoint` before the trainer was built): its global
+        ``step``, and the ``surgeries`` its record lists (already replayed on the model)."""
+        self.run.resume_at(epoch=self.run.epoch, step=step)
+        self.surgeon.records = list(surgeries)
+
+    def expect_steps_per_epoch(self: Grower, steps: int) -> None:
+        """How many steps an epoch has (blending ramps are counted in steps); otherwise the
+        last epoch's count is used.
+
+        :raises TrainingConfigError: ``steps`` is below 1.
+        """
+        if steps < 1:
+            raise TrainingConfigError(f"steps per epoch must be at least 1, got {steps}")
+        self.run.steps_per_epoch = steps
+
+    def use_telemetry(self: Grower, telemetry: Telemetry, *, compiler: bool = True) -> None:
+        """Record the run in ``telemetry`` from now on: the grower's, the compiler's (if
+        ``compiler``) and the controller's selection spans, where it recorded in the old one.
+
+        :param telemetry: the new telemetry.
+        :param compiler: whether the compiler's telemetry is replaced too.
+        """
+        previous, self.telemetry = self.telemetry, telemetry
+        if compiler:
+            self.compiles.compiler.telemetry = telemetry
+        if isinstance(self.controller, HeuristicController) and (
+            self.controller.telemetry is previous
+        ):
+            self.controller.telemetry = telemetry
 
     def stateful(self: Grower) -> dict[str, Any]:
         """Everything with a ``state_dict()`` the payload carries beside the model."""

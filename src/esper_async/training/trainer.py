@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -27,21 +25,21 @@ from torch import nn
 from ..compiler import BlueprintCompiler
 from ..control import Controller, EpochReport
 from ..errors import LossAnomaly, SeedRuntimeError, TrainingConfigError
-from ..kernels import Kernel
-from ..reliability import BreakerBoard, Governor, ReliabilityConfig, Restored
+from ..reliability import ReliabilityConfig
 from ..runtime import StepRunner
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
 from ._grower import Grower
 from ._guard import StepGuard
+from ._lagged import LaggedPump
 from ._loaders import batch_count, check_loaders, loader_generator, no_batches
 from ._masked import HostUndo, MaskedStep
 from ._outputs import LOOP_LAG_INTERVAL_S, RunOutputs
 from ._prefetch import Ready, prefetched, wait_ready
 from ._results import FitResult, GrowthEvent
-from ._state import restore_run, save_run_checkpoint
+from ._state import TrainerState
 from ._task import ClassificationTask, Task, task_inputs, task_loss
-from ._verdict import LaggedVerdicts, Launched
+from ._verdict import LaggedVerdicts
 
 if TYPE_CHECKING:
     from ..store import KernelStore
@@ -57,12 +55,7 @@ Precision = Literal["fp32", "bf16"]
 _Queued = tuple[Any, Ready, bool]
 
 
-def _view(name: str, doc: str) -> Any:
-    """A read-only view of the grower's ``name`` (the trainer keeps no copy)."""
-    return property(lambda self: getattr(self.grower, name), doc=doc)
-
-
-class Trainer:
+class Trainer(TrainerState):
     """Train a wrapped model and grow seeds in its slots.
 
     :param model: the host, wrapped with :func:`esper_async.wrap` (or with no slots).
@@ -192,25 +185,6 @@ class Trainer:
         self._stop_requested = False
         self._checkpoint_requested = False
 
-    model: nn.Module = _view("model", "The model being trained.")
-    slots: dict[str, Any] = _view("slots", "The model's seed slots, by name.")
-    step: int = _view("step", "The global training step.")
-    epoch: int = _view("epoch", "The current (or last) epoch.")
-    surgeries: list[dict[str, Any]] = _view("surgeries", "Committed surgeries, as records.")
-    controller: Controller = _view("controller", "Asked at every epoch boundary.")
-    kernels: dict[str, Kernel] = _view("kernels", "Every kernel loaded, by id.")
-    result: FitResult = _view("result", "The current (or last) fit's record so far.")
-    governor: Governor = _view("governor", "Judges losses; keeps the rollback snapshot.")
-    breakers: BreakerBoard = _view("breakers", "The per-blueprint breakers.")
-    compiler: BlueprintCompiler = _view("compiler", "Turns blueprints into kernels.")
-    telemetry: Telemetry = _view("telemetry", "The run's telemetry.")
-    reliability: ReliabilityConfig = _view("reliability", "Breakers, limits, the governor.")
-    surgery: SurgeryPolicy | None = _view("surgery", "The surgery policy, if any.")
-    scheduler: Any = _view("scheduler", "The learning-rate scheduler, if any.")
-    grow: bool = _view("grow", "Whether the run grows at all.")
-    seed: int = _view("seed", "The seed of kernels' weights and the default controller.")
-    graft: str = _view("graft", "When kernels are grafted: 'epoch' or 'step'.")
-
     @property
     def loss_fn(self) -> Callable[..., Any] | None:
         """The task's loss function, if it declares one."""
@@ -330,21 +304,26 @@ class Trainer:
         the device while the step runs)."""
         self.model.train()
         batches = 0
-        queue: deque[_Queued] = deque()
-        in_flight: deque[Launched] = deque()
+        pump: LaggedPump | None = None
         if self.verdicts is not None:
             # An epoch left by an exception (a loader error, cancellation) may have left the halt
             # of a bad step set with nothing in flight any more: no step would apply again.
             self.verdicts.clear()
+            pump = LaggedPump(
+                self.verdicts, self.grower.governor, telemetry=lambda: self.grower.telemetry,
+                step=lambda: self.grower.step, epoch=lambda: self.grower.epoch,
+                launch=lambda b, r: self._steps.launch(self._step, b, r, True),
+                sync_step=lambda b, r: self._sync_step(b, r, on_step),
+                stepped=lambda loss: self._stepped(loss, on_step),
+            )
         for batch, ready in prefetched(loader, self.task, self.device):
             batches += 1
-            if self.verdicts is None:
+            if pump is None:
                 await self._sync_step(batch, ready, on_step)
-                continue
-            queue.append((batch, ready, False))
-            await self._pump(queue, in_flight, self.verdicts.lag, on_step)
-        if self.verdicts is not None:
-            await self._pump(queue, in_flight, 0, on_step)
+            else:
+                await pump.push(batch, ready)
+        if pump is not None:
+            await pump.pump(0)
         if batches == 0:
             later = self.epoch > self.grower.first_epoch
             raise no_batches("training", later=later, epoch=self.epoch)
@@ -365,72 +344,6 @@ class Trainer:
         self.grower.after_step(loss, updated=loss is not None)
         if on_step is not None:
             on_step(self.step, loss)
-
-    # --- lagged verdicts -------------------------------------------------------------------------
-
-    async def _pump(
-        self,
-        queue: deque[_Queued],
-        in_flight: deque[Launched],
-        lag: int,
-        on_step: Callable[[int, float | None], None] | None,
-    ) -> None:
-        """Launch the queued batches, reading verdicts once more than ``lag`` steps are in flight.
-
-        During the governor's warm-up the lag is 0 (the first spike threshold needs every loss
-        before it). A bad verdict puts the steps launched after it (which applied nothing: the
-        device's halt) back at the front of the queue. A batch whose launch raised (a seed
-        raised, the backward failed) waits for the steps in flight to be read, then takes the
-        synchronous path, whose handling of it is the reference.
-        """
-        verdicts = self.verdicts
-        assert verdicts is not None
-        while queue or len(in_flight) > lag:
-            # During the governor's warm-up, the spike threshold of the next step depends on the
-            # losses in flight (it turns finite once enough are read): read them first.
-            now = 0 if self.governor.warming_up else lag
-            if len(in_flight) > now or (in_flight and queue and queue[0][2]):
-                queue.extendleft(reversed(await self._resolve(in_flight, on_step)))
-                continue
-            batch, ready, sync = queue.popleft()
-            if sync:  # nothing is in flight: a halt left by the failed launch is stale
-                verdicts.clear()
-                await self._sync_step(batch, ready, on_step)
-                continue
-            with self.telemetry.step_span(self.step + len(in_flight), epoch=self.epoch):
-                started = time.perf_counter()
-                try:
-                    undo, done = await self._steps.launch(self._step, batch, ready, True)
-                except (SeedRuntimeError, LossAnomaly):
-                    queue.appendleft((batch, None, True))  # its copy was already waited for
-                    continue
-                finally:
-                    self.telemetry.metrics.step_finished(time.perf_counter() - started)
-            in_flight.append(Launched(batch, verdicts.launches - 1, undo, done))
-
-    async def _resolve(
-        self, in_flight: deque[Launched], on_step: Callable[[int, float | None], None] | None
-    ) -> list[_Queued]:
-        """Read the oldest verdict in flight and act on it. :returns: the batches to run again."""
-        verdicts = self.verdicts
-        assert verdicts is not None
-        launched = in_flight.popleft()
-        value, ok = await verdicts.read(launched)
-        if ok:
-            self.governor.accept(value)
-            self._stepped(value, on_step)
-            return []
-        # Nothing since this step has applied (the halt): undo what the host holds, lift the
-        # halt, and let the synchronous path judge this batch again on the same model.
-        again: list[_Queued] = [(x.batch, None, False) for x in in_flight]
-        for later in in_flight:
-            if later.done is not None:
-                await later.done.wait()
-        in_flight.clear()
-        launched.undo.restore()
-        verdicts.clear()
-        await self._sync_step(launched.batch, None, on_step)
-        return again
 
     def _autocast(self) -> Any:
         if self.precision == "bf16":
@@ -496,53 +409,3 @@ class Trainer:
                 self.grower.roll_back(exc, exc.__cause__)
                 return None
         raise AssertionError("unreachable: every slot's seed was culled and the step still failed")
-
-    # --- state and checkpoints -------------------------------------------------------------------
-
-    def state_dict(self, *, generator: torch.Generator | None = None) -> dict[str, Any]:
-        """The whole run's state: model, optimizer, seeds and their kernels, growth state (the
-        controller's, governor's, breakers' statistics, counters, the record so far) and RNGs.
-        Blocking: copies every tensor to the CPU; call between steps.
-
-        :param generator: the training loader's RNG (default: the last fit's loader's).
-        :returns: a checkpoint payload (what :class:`CheckpointStore` writes).
-        """
-        return self.grower.state_dict(generator=generator or self._generator)
-
-    def load_state_dict(
-        self, state: dict[str, Any], *, generator: torch.Generator | None = None, path: str = ""
-    ) -> Restored:
-        """Put :meth:`state_dict`'s payload back (replaying its surgeries on the model first);
-        a payload that does not verify changes nothing.
-
-        :param state: the payload.
-        :param generator: the training loader's RNG, to resume its order.
-        :param path: where ``state`` came from, for messages.
-        :raises CheckpointIntegrityError: the payload is malformed.
-        :raises CheckpointMismatchError: the payload does not fit the model.
-        """
-        return self.grower.load_state_dict(state, generator=generator, path=path)
-
-    async def save_checkpoint(
-        self, directory: str | os.PathLike[str], *, generator: torch.Generator | None = None
-    ) -> Path | None:
-        """Write a checkpoint now (between epochs); a failed write is an incident only.
-
-        :param directory: the checkpoint directory.
-        :param generator: the training loader's RNG, to resume its order.
-        :returns: the file written, or ``None`` if the write failed.
-        """
-        return await save_run_checkpoint(self, directory, generator)
-
-    def restore(
-        self, checkpoint: str | os.PathLike[str], *, generator: torch.Generator | None = None
-    ) -> Restored:
-        """Restore the run from ``checkpoint`` (a file, or a directory: its newest checkpoint that
-        restores; damaged ones are skipped with a warning). Build and wrap the model as the
-        checkpointed one was; nothing is compiled. Then :meth:`fit` trains the epochs left.
-
-        :param checkpoint: a checkpoint file, or a checkpoint directory.
-        :param generator: the training loader's RNG, to resume its order.
-        :raises CheckpointError: there is no checkpoint, or none restores.
-        """
-        return restore_run(self, checkpoint, generator)
