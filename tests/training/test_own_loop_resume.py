@@ -15,7 +15,7 @@ import torch
 
 HERE = Path(__file__).parent
 CHILD = HERE / "_own_loop_child.py"
-EPOCHS = 6
+EPOCHS = 5
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     p for p in (str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH")) if p)}
 
@@ -49,6 +49,8 @@ def test_an_own_loop_killed_between_epochs_resumes_exactly(tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "never.pt").exists()
 
