@@ -111,3 +111,10 @@ async def test_grower_state_dict_holds_the_run_and_a_fresh_grower_resumes_it() -
     assert all(torch.equal(a, b) for a, b in zip(
         fresh.state_dict().values(), model.state_dict().values(), strict=True))
     assert all(math.isfinite(r.val_loss) for r in resumed.result.history)
+
+
+def test_width_slots_are_not_checked_when_nothing_grows() -> None:
+    """A static arm may share its growth arm's controller, width_slots and all."""
+    config = ea.ControllerConfig(width_growth=True, width_slots=("fc9",))
+    trainer = ea.Trainer(_model(), grow=False, controller=ea.HeuristicController(config))
+    assert not trainer.grow

@@ -191,7 +191,8 @@ class Grower(GrowerState):
             1 if graft == "epoch" else graft_deadline_epochs or _DEFAULT_DEADLINE
         )
         self.slots: dict[str, SeedSlot] = find_slots(model)
-        _check_width_slots(self.controller, self.slots)
+        if grow:  # a static arm may share a growth arm's controller (and its width_slots)
+            _check_width_slots(self.controller, self.slots)
         self.wrap_model = wrap_model
         self.scheduler = scheduler
         self.reliability = rel = reliability or ReliabilityConfig()
