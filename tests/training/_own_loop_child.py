@@ -52,12 +52,15 @@ async def main(args: argparse.Namespace) -> None:
             print(f"saved {epoch}", flush=True)
             if epoch == args.hang_after:
                 await anyio.sleep(3600)  # the parent kills it here
-    torch.save({
-        "model": model.state_dict(),
-        "val": [r.val_loss for r in grower.result.history],
-        "events": [(e.epoch, e.step, e.slot, e.target) for e in grower.result.events],
-        "step": grower.step,
-    }, args.out)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "val": [r.val_loss for r in grower.result.history],
+            "events": [(e.epoch, e.step, e.slot, e.target) for e in grower.result.events],
+            "step": grower.step,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":  # compiles run in spawned worker processes

@@ -16,8 +16,10 @@ from esper_async.errors import ControllerConfigError, TrainingConfigError
 
 def _data(seed: int = 0, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 6, generator=gen), torch.randint(0, 2, (8,), generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(8, 6, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def _model() -> nn.Module:
@@ -88,8 +90,9 @@ async def test_the_public_steps_one_by_one_measure_what_end_epoch_measures() -> 
         grower = ea.Grower(model, torch.optim.SGD(model.parameters(), lr=0.1), grow=False)
         async with grower:
             await _own_loop(grower, model, range(2), one_by_one)
-        reports.append([(r.epoch, r.train_loss, r.val_loss, r.steps)
-                        for r in grower.result.history])
+        reports.append(
+            [(r.epoch, r.train_loss, r.val_loss, r.steps) for r in grower.result.history]
+        )
     assert reports[0] == reports[1] and [r[0] for r in reports[0]] == [0, 1]
 
 
@@ -106,10 +109,13 @@ async def test_grower_state_dict_holds_the_run_and_a_fresh_grower_resumes_it() -
     restored = resumed.load_state_dict(payload)
     assert (restored.epoch, resumed.epoch, resumed.step) == (2, 2, grower.step)
     assert [r.val_loss for r in resumed.result.history] == [
-        r.val_loss for r in grower.result.history]
+        r.val_loss for r in grower.result.history
+    ]
     assert resumed.governor.state_dict() == grower.governor.state_dict()
-    assert all(torch.equal(a, b) for a, b in zip(
-        fresh.state_dict().values(), model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True)
+    )
     assert all(math.isfinite(r.val_loss) for r in resumed.result.history)
 
 

@@ -16,13 +16,18 @@ import torch
 HERE = Path(__file__).parent
 CHILD = HERE / "_own_loop_child.py"
 EPOCHS = 5
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    p for p in (str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH")) if p)}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH")) if p
+    ),
+}
 
 
 def _run(*args: str) -> None:
-    done = subprocess.run([sys.executable, str(CHILD), *args], env=ENV, capture_output=True,
-                          text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, str(CHILD), *args], env=ENV, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -32,9 +37,19 @@ def test_an_own_loop_killed_between_epochs_resumes_exactly(tmp_path: Path) -> No
     _run(str(tmp_path / "ref"), str(tmp_path / "ref.pt"), str(EPOCHS))
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, str(CHILD), str(killed_dir), str(tmp_path / "never.pt"), str(EPOCHS),
-         "--hang-after", "2"],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            str(CHILD),
+            str(killed_dir),
+            str(tmp_path / "never.pt"),
+            str(EPOCHS),
+            "--hang-after",
+            "2",
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert proc.stdout is not None

@@ -310,8 +310,11 @@ class Trainer(TrainerState):
             # of a bad step set with nothing in flight any more: no step would apply again.
             self.verdicts.clear()
             pump = LaggedPump(
-                self.verdicts, self.grower.governor, telemetry=lambda: self.grower.telemetry,
-                step=lambda: self.grower.step, epoch=lambda: self.grower.epoch,
+                self.verdicts,
+                self.grower.governor,
+                telemetry=lambda: self.grower.telemetry,
+                step=lambda: self.grower.step,
+                epoch=lambda: self.grower.epoch,
                 launch=lambda b, r: self._steps.launch(self._step, b, r, True),
                 sync_step=lambda b, r: self._sync_step(b, r, on_step),
                 stepped=lambda loss: self._stepped(loss, on_step),
