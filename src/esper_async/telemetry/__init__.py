@@ -233,7 +233,7 @@ from ._exporters import (
 )
 from ._loggers import MetricLogger as MetricLogger
 from ._loggers import TensorBoardLogger as TensorBoardLogger
-from ._logging import _quiet_by_default as quiet_by_default
+from ._logging import quiet_by_default as quiet_by_default
 from ._logging import add_trace_context as add_trace_context
 from ._logging import configure_logging as configure_logging
 from ._metrics import Metrics as Metrics
