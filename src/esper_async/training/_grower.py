@@ -36,7 +36,6 @@ from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Literal
 
-import anyio
 import structlog
 import torch
 from opentelemetry.sdk.trace import TracerProvider
@@ -61,7 +60,6 @@ from ..reliability import (
     Governor,
     IncidentKind,
     ReliabilityConfig,
-    Snapshot,
 )
 from ..seeds import SeedSlot, find_slots
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
@@ -356,35 +354,6 @@ class Grower(GrowerState):
         """``sound`` on every rank under data parallelism, so every rank asks its controller or
         none does (``decide`` may be a collective)."""
         return self.consensus.agree_all(sound) if self.consensus is not None else sound
-
-    async def snapshot(self, *, replace: bool = False) -> bool:
-        """Take a snapshot now (in a worker thread; the model is not changing) and keep it as
-        the rollback point if its parameters are finite; then kernels no slot or snapshot holds
-        are dropped.
-
-        :param replace: after a change of structure: a refused snapshot drops the old one (it
-            has the old shapes), and kernels are kept.
-        :returns: whether it was kept.
-        """
-        snapshot = await anyio.to_thread.run_sync(
-            Snapshot.take, self.step, self.model, self.optimizer, self.slots, self._extras()
-        )
-        kept = self.governor.offer(snapshot)
-        if replace:
-            if not kept:
-                self.governor.snapshot = None
-            return kept
-        if kept:
-            live = {s.kernel_id for s in self.slots.values() if s.kernel_id is not None}
-            self.run.kernels = {k: v for k, v in self.run.kernels.items() if k in live}
-            self.faults.snapshot_taken()
-        return kept
-
-    def restore_snapshot(self, snapshot: Snapshot) -> None:
-        """Put ``snapshot`` back (model, optimizer, slots, scheduler) and restart the compiles
-        of the germinated slots it holds (between steps)."""
-        snapshot.restore(self.model, self.optimizer, self.slots, self._extras())
-        self.compiles.resume(self.slots)
 
     async def settle(self, how: Literal["judge", "cull", "keep"]) -> None:
         """Decide the seeds still alive at the end of training.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import torch
 
 from ..compiler import BlueprintCompiler
@@ -29,6 +30,7 @@ from ..reliability import (
     CheckpointIntegrityError,
     CheckpointMismatchError,
     Restored,
+    Snapshot,
     apply_state,
     capture_state,
     verify_state,
@@ -94,6 +96,35 @@ class GrowerState:
             self.controller.telemetry is previous
         ):
             self.controller.telemetry = telemetry
+
+    async def snapshot(self: Grower, *, replace: bool = False) -> bool:
+        """Take a snapshot now (in a worker thread; the model is not changing) and keep it as
+        the rollback point if its parameters are finite; then kernels no slot or snapshot holds
+        are dropped.
+
+        :param replace: after a change of structure: a refused snapshot drops the old one (it
+            has the old shapes), and kernels are kept.
+        :returns: whether it was kept.
+        """
+        snapshot = await anyio.to_thread.run_sync(
+            Snapshot.take, self.step, self.model, self.optimizer, self.slots, self._extras()
+        )
+        kept = self.governor.offer(snapshot)
+        if replace:
+            if not kept:
+                self.governor.snapshot = None
+            return kept
+        if kept:
+            live = {s.kernel_id for s in self.slots.values() if s.kernel_id is not None}
+            self.run.kernels = {k: v for k, v in self.run.kernels.items() if k in live}
+            self.faults.snapshot_taken()
+        return kept
+
+    def restore_snapshot(self: Grower, snapshot: Snapshot) -> None:
+        """Put ``snapshot`` back (model, optimizer, slots, scheduler) and restart the compiles
+        of the germinated slots it holds (between steps)."""
+        snapshot.restore(self.model, self.optimizer, self.slots, self._extras())
+        self.compiles.resume(self.slots)
 
     def stateful(self: Grower) -> dict[str, Any]:
         """Everything with a ``state_dict()`` the payload carries beside the model."""

@@ -33,13 +33,14 @@ from ._grower import Grower
 from ._guard import StepGuard
 from ._lagged import LaggedPump
 from ._loaders import batch_count, check_loaders, loader_generator, no_batches
-from ._masked import HostUndo, MaskedStep
+from ._masked import MaskedStep
 from ._outputs import LOOP_LAG_INTERVAL_S, RunOutputs
 from ._prefetch import Ready, prefetched, wait_ready
 from ._results import FitResult, GrowthEvent
 from ._state import TrainerState
 from ._task import ClassificationTask, Task, task_inputs, task_loss
 from ._verdict import LaggedVerdicts
+from ._verdict_policy import DeviceVerdict, HostVerdict
 
 if TYPE_CHECKING:
     from ..store import KernelStore
@@ -176,11 +177,15 @@ class Trainer(TrainerState):
             lagged = False  # the ranks agree on every step before it updates (see StepGuard)
         #: The lagged verdicts of the steps (``None``: each loss is judged on the host first).
         self.verdicts = LaggedVerdicts(self.device, rel.verdict_lag) if lagged else None
-        # The verdict policies, chosen here once: a step judged on the host before it updates
+        # The verdict policies, built here once: a step judged on the host before it updates
         # (every step of a synchronous run; a lagged run's re-judged steps), and one judged on
         # the device and read later (a lagged run's launches).
-        self._on_host = (self._judge_on_host, self._update_on_host)
-        self._on_device = (self._judge_on_device, self._update_on_device)
+        self._on_host = HostVerdict(self._guard, self.optimizer, g.governor, self._autocast)
+        self._on_device = (
+            None
+            if self.verdicts is None
+            else DeviceVerdict(self.verdicts, self._masked, g.governor)
+        )
         self._generator: torch.Generator | None = None
         self._stop_requested = False
         self._checkpoint_requested = False
@@ -371,31 +376,11 @@ class Trainer(TrainerState):
                 _, loss = self.task.forward(self.grower.runner, batch)
         except SeedRuntimeError as exc:
             self._guard.forward_failed(exc)  # re-raised, unless ranks must agree on it first
-        judge, update = self._on_device if lagged else self._on_host
-        value, verdict = judge(loss, batch)
+        policy = self._on_device if lagged and self._on_device is not None else self._on_host
+        value, verdict = policy.judge(loss, batch)
         assert loss is not None  # the judge raised for a failed forward
         self._guard.backward(loss, value)
-        return update(loss, value, verdict)
-
-    def _judge_on_host(self, loss: torch.Tensor | None, batch: Any) -> tuple[float, Any]:
-        with self._autocast():  # the diagnosis, if any, runs the forward as the step did
-            return self._guard.judge(loss, batch), None
-
-    def _update_on_host(self, loss: torch.Tensor, value: float, verdict: Any) -> float:
-        self.optimizer.step()
-        self.grower.governor.accept(value)
-        return value
-
-    def _judge_on_device(self, loss: torch.Tensor | None, batch: Any) -> tuple[float, Any]:
-        assert self.verdicts is not None and loss is not None
-        return float("nan"), self.verdicts.judge(loss, self.grower.governor.threshold())
-
-    def _update_on_device(self, loss: torch.Tensor, value: float, verdict: Any) -> HostUndo:
-        assert self.verdicts is not None
-        ok, apply = verdict
-        undo = self._masked.step(apply)
-        self.verdicts.record(loss, ok)
-        return undo
+        return policy.update(loss, value, verdict)
 
     async def _guarded_step(self, batch: Any, ready: Ready = None) -> float | None:
         """A step that survives a failing seed (culled, the step redone without it) or a bad
