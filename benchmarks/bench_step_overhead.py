@@ -69,7 +69,7 @@ def make_trainer(base: torch.nn.Module, spec: dict[str, Any], dev: torch.device,
 
         runner.launch = launch
     inner: list[float] = []
-    name = "_lagged_step" if t.verdicts is not None else "_step"
+    name = "_step"  # one step for both verdict policies
     step = getattr(t, name)
 
     def timed(*args: Any) -> Any:

@@ -1,5 +1,7 @@
 """The package's layers: each imports only the layers below it, and no module imports itself
-back through others (see ``docs/architecture.md``).
+back through others; a package's private modules are imported only inside it (others import its
+``__init__``'s public names), and no module touches another object's private fields (see
+``docs/architecture.md``).
 
 Read from the source with ``ast`` (nothing is imported). Imports under ``if TYPE_CHECKING:`` are
 left out: they are annotations, not dependencies at run time.
@@ -131,3 +133,78 @@ def _cycles() -> list[list[str]]:
 
 def test_no_import_cycles() -> None:
     assert _cycles() == []
+
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from ..pkg._module import ...`` in ``path`` where ``pkg`` is not ``path``'s package."""
+    me = _module_name(path).split(".")
+    base_of = me if path.name == "__init__.py" else me[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = base_of[: len(base_of) - node.level + 1]
+                target = [*base, *(node.module.split(".") if node.module else [])]
+            else:
+                target = (node.module or "").split(".")
+            if target[0] != "esper_async" or len(target) < 3 or not target[2].startswith("_"):
+                continue
+            if len(me) < 2 or me[1] != target[1]:
+                found.append(f"{'.'.join(me)}:{node.lineno} imports {'.'.join(target)}")
+    return found
+
+
+#: The one exception, and why: the store validates an imported kernel with the compiler's
+#: validator, but the compiler package imports the store, so the store cannot import the
+#: compiler's ``__init__`` without a cycle (the validator itself needs only blueprints and
+#: kernels).
+PRIVATE_IMPORTS_ALLOWED = {"esper_async.store._import imports esper_async.compiler._validator"}
+
+
+def test_no_module_imports_another_packages_private_module() -> None:
+    violations = [
+        v for path in MODULES.values() for v in _private_imports(path)
+        if v.split(":")[0] + " " + v.split(" ", 1)[1] not in PRIVATE_IMPORTS_ALLOWED
+    ]
+    assert not violations, "import these through the package's __init__:\n" + "\n".join(
+        sorted(violations))
+
+
+def _self_fields(tree: ast.AST) -> set[str]:
+    """The private fields a module's classes set on ``self``."""
+    return {
+        node.attr for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name) and node.value.id == "self"
+        and node.attr.startswith("_") and not node.attr.startswith("__")
+    }
+
+
+def test_no_module_touches_another_objects_private_fields() -> None:
+    """A private field (``obj._x``) an esper_async class sets on itself is read or written only
+    through ``self`` (or ``cls``, ``super()``), or in the module that defines it. ``nn.Module``'s
+    own fields (``_modules``, ``_buffers``, ...) are torch's API for module surgery: not ours."""
+    import torch
+
+    trees = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
+    owners: dict[str, set[str]] = {}
+    for name, tree in trees.items():
+        for field in _self_fields(tree):
+            owners.setdefault(field, set()).add(name)
+    torch_fields = set(vars(torch.nn.Module()))
+    violations = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or node.attr not in owners:
+                continue
+            if node.attr in torch_fields or name in owners[node.attr]:
+                continue
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in ("self", "cls"):
+                continue
+            if isinstance(base, ast.Call) and ast.unparse(base.func) == "super":
+                continue
+            violations.append(f"{name}:{node.lineno} touches {ast.unparse(node)} (a field of "
+                              f"{sorted(owners[node.attr])})")
+    assert not violations, "\n".join(sorted(violations))

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -73,3 +74,28 @@ def test_leaving_the_framework_runs_and_writes_both_files(tmp_path: Path) -> Non
     # The DigitsHost alone has 798 parameters; each fossilized seed adds its own.
     params = int(exported.group(1))
     assert (params > 798) == bool(fossilized.group(1)), lines
+
+
+def own_loop_block() -> str:
+    """The README's own-loop example (the python block after "Growth in your own loop")."""
+    text = README.read_text()
+    start = text.index("**Growth in your own loop.**")
+    found = re.search(r"```python\n(.*?)```", text[start:], re.S)
+    assert found, "the own-loop paragraph has no python block"
+    return found.group(1)
+
+
+@pytest.mark.slow
+def test_the_own_loop_example_trains_in_train_mode_and_checkpoints(tmp_path: Path) -> None:
+    code = own_loop_block()
+    assert code.count("range(12)") == 1
+    # As written, but 3 epochs, and a check that every training step runs in train mode.
+    code = code.replace("range(12)", "range(3)").replace(
+        "            for x, y in data.train:\n",
+        "            for x, y in data.train:\n                assert model.training\n",
+    )
+    lines = run(code, tmp_path)
+    assert len(lines) == 3, lines
+    assert [int(line.split()[0]) for line in lines] == [0, 1, 2]
+    payload = torch.load(tmp_path / "grower.pt", weights_only=False)
+    assert payload["epoch"] == 3 and payload["step"] > 0

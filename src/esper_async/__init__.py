@@ -44,7 +44,7 @@ from .training import Trainer as Trainer
 if TYPE_CHECKING:
     from .store import KernelStore as KernelStore
 
-from .telemetry._logging import _quiet_by_default
+from .telemetry import quiet_by_default as _quiet_by_default
 
 _quiet_by_default()  # silent unless the program configures logging (see docs/training.md)
 

@@ -22,10 +22,12 @@ boundary where they occur and chained with ``raise ... from exc``.
     │   └── NoLegalArmError       every (slot, blueprint) pair is ruled out
     ├── SurgeryError              an architecture change was rejected; nothing was changed
     ├── SeedRuntimeError          a grafted kernel failed or produced non-finite values
+    ├── LossAnomaly               a training step's loss was non-finite or spiked (recoverable)
     ├── ExportError               a model cannot be exported to plain torch (a live seed, ...)
     ├── StreamError               a CUDA stream operation failed, or CUDA is needed and absent
     ├── TelemetryConfigError      telemetry was configured in a way that cannot work
     ├── ControllerConfigError     a ControllerConfig option is out of range
+    ├── TrainingConfigError       a Trainer, Grower or fit option is invalid
     ├── LoaderError               a data loader yields no batches, or cannot be iterated again
     ├── DemoConfigError           the demo's options (or a run's demo.json) are invalid
     ├── DataError                 a data set's files are corrupt, truncated, crafted or malformed
@@ -61,6 +63,7 @@ __all__ = (
     "KernelValidationError",
     "LifecycleError",
     "LoaderError",
+    "LossAnomaly",
     "NoLegalArmError",
     "SeedRuntimeError",
     "SelectionError",
@@ -70,6 +73,7 @@ __all__ = (
     "StreamError",
     "SurgeryError",
     "TelemetryConfigError",
+    "TrainingConfigError",
     "UnsafeKernelError",
 )
 
@@ -238,6 +242,23 @@ class SeedRuntimeError(EsperError):
         self.slot = slot
 
 
+class LossAnomaly(EsperError):
+    """A training step's loss was non-finite or spiked, or its backward pass failed: nothing was
+    updated. The trainer recovers from it (:meth:`esper_async.training.Grower.roll_back` takes
+    it); a hand-written loop may raise it to ask for the same recovery.
+
+    :ivar kind: ``"non_finite"``, ``"spike"`` or ``"backward"``.
+    :ivar loss: the loss value (``None``: not known).
+    :ivar culprit: the slot whose seed caused it, where a diagnosis found one.
+    """
+
+    def __init__(self, kind: str, loss: float | None = None, culprit: str | None = None) -> None:
+        super().__init__(f"{kind} loss {loss}" + (f" caused by slot {culprit}" if culprit else ""))
+        self.kind = kind
+        self.loss = loss
+        self.culprit = culprit
+
+
 class ExportError(EsperError):
     """A trained model could not be exported to plain torch (:func:`esper_async.export_model`):
     a slot holds a live seed, the model cannot be traced, or the export differs from it.
@@ -269,6 +290,11 @@ class TelemetryConfigError(EsperError, ValueError):
 class ControllerConfigError(EsperError, ValueError):
     """A :class:`~esper_async.control.ControllerConfig` option is out of range (width growth's
     factors, trial length, the FLOP rent)."""
+
+
+class TrainingConfigError(EsperError, ValueError):
+    """A :class:`~esper_async.Trainer`, :class:`~esper_async.training.Grower` or ``fit`` option
+    is invalid (the message names it, what was given and what is accepted)."""
 
 
 class LoaderError(EsperError, ValueError):

@@ -77,3 +77,29 @@ def test_no_checkpoint_is_an_error_saying_where_rank_0_looked(
     with pytest.raises(CheckpointError, match=rf"looked for ckpt-.* in {re.escape(str(tmp_path))}"):
         load_checkpoint(CheckpointStore(tmp_path), ctx=ctx, model=model,
                         optimizer=torch.optim.Adam(model.parameters()), compiler=RankCompiler(ctx))
+
+
+@pytest.mark.asyncio
+async def test_a_trainers_grower_is_the_whole_distributed_checkpoint(
+    ctx: RankContext, tmp_path: Path
+) -> None:
+    """``grower=``: the grower's one state path; the resumed trainer continues at the saved step
+    and epoch with the saved governor and record, nothing set by hand."""
+    from esper_async import Trainer
+
+    store = CheckpointStore(tmp_path)
+    model = host()
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+    trainer = Trainer(model, grow=False)
+    await trainer.fit(batches, batches[:1], epochs=2)
+    assert save_checkpoint(store, ctx=ctx, grower=trainer.grower) is not None
+
+    fresh = Trainer(host(), grow=False)
+    restored = load_checkpoint(store, ctx=ctx, grower=fresh.grower)
+    assert (restored.epoch, restored.step) == (2, trainer.step)
+    assert (fresh.step, fresh.epoch) == (trainer.step, 2)
+    assert fresh.governor.state_dict() == trainer.governor.state_dict()
+    assert [r.val_loss for r in fresh.result.history] == [
+        r.val_loss for r in trainer.result.history]
+    state, saved = fresh.model.state_dict(), model.state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)

@@ -78,3 +78,48 @@ def test_recognises_out_of_memory(make: object, expected: bool) -> None:
         assert is_out_of_memory(wrapped) is expected
     else:
         raise AssertionError("expected an error")
+
+
+def test_spikes_in_a_row_at_one_level_are_a_new_level_not_a_spike() -> None:
+    governor = Governor(GovernorConfig(warmup=4, level_steps=3, level_spread=2.0))
+    for value in (0.01, 0.012, 0.011, 0.01):
+        governor.accept(value)
+    assert [governor.judge(v) for v in (2.4, 3.1, 2.6)] == ["spike"] * 3
+    assert not governor.new_level(2.4) and not governor.new_level(3.1)
+    assert governor.new_level(2.6)  # the third in a row, all within 2x: the loss moved there
+    assert governor.judge_part.levels == 1 and governor.warming_up  # judged afresh from it
+    assert governor.judge(math.nan) == "non_finite"
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        pytest.param((20.0, 400.0, 8000.0), id="growing"),
+        pytest.param((24.0, math.inf, 25.0), id="non-finite-among-them"),
+    ],
+)
+def test_a_divergence_is_no_level(losses: tuple[float, ...]) -> None:
+    governor = Governor(GovernorConfig(warmup=4, level_steps=3))
+    for value in (1.0, 1.1, 0.9, 1.0):
+        governor.accept(value)
+    assert not any(governor.new_level(v) for v in losses)
+    assert governor.judge(losses[-1]) is not None
+
+
+def test_a_good_step_between_spikes_ends_the_run_of_spikes() -> None:
+    governor = Governor(GovernorConfig(warmup=2, level_steps=3))
+    governor.accept(0.1)
+    governor.accept(0.1)
+    assert not governor.new_level(5.0) and not governor.new_level(5.0)
+    governor.accept(0.1)  # a rollback brought back a good step: those were spikes
+    assert not governor.new_level(5.0)
+
+
+def test_the_level_run_is_checkpointed() -> None:
+    governor = Governor(GovernorConfig(warmup=2))
+    governor.accept(0.1)
+    governor.accept(0.1)
+    governor.new_level(5.0)
+    copy = Governor(GovernorConfig(warmup=2))
+    copy.load_state_dict(governor.state_dict())
+    assert copy.state_dict() == governor.state_dict() and copy.judge_part.spikes == [5.0]

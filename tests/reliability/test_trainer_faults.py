@@ -235,3 +235,60 @@ async def test_reduced_fault_drill_recovers_from_every_kind_of_fault() -> None:
     assert report.success_rate >= 0.95, report.failures
     for kind, (ok, _) in report.recovered.items():
         assert ok >= 1, (kind, report.failures)
+
+
+class _Shifting:
+    """Training batches that change for good at epoch ``at``: a deliberate data shift."""
+
+    def __init__(self, before: list, after: list) -> None:
+        self.before, self.after, self.shifted = before, after, False
+
+    def __len__(self) -> int:
+        return len(self.after if self.shifted else self.before)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.after if self.shifted else self.before)
+
+
+def _random_batches(seed: int, n: int, size: int = 8) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 10, generator=gen), torch.randint(0, 4, (size,), generator=gen))
+            for _ in range(n)]
+
+
+@pytest.mark.asyncio
+async def test_a_data_shift_is_a_new_loss_level_and_the_run_goes_on() -> None:
+    # Memorise 4 batches of random labels (the loss falls near 0), then train on new batches:
+    # their loss is far above the old one, on every batch, for good (as after a change of data).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 4))
+    train = _Shifting(_random_batches(0, 4), _random_batches(1, 16))
+    trainer = Trainer(model, grow=False,
+                      optimizer=torch.optim.Adam(model.parameters(), lr=1e-2))
+
+    def shift(report: EpochReport, _: object) -> None:
+        train.shifted = report.epoch >= 39
+
+    fit = await trainer.fit(train, train.before[:1], epochs=42, on_epoch=shift)
+    memorised = fit.history[39].train_loss
+    assert memorised is not None and memorised < 0.05
+    spikes = [i for i in fit.incidents if i.kind is IncidentKind.LOSS_SPIKE]
+    assert 1 <= len(spikes) <= 2 and all(i.epoch == 40 for i in spikes)  # then a level
+    assert trainer.governor.judge_part.levels == 1
+    assert all(r.steps > 0 for r in fit.history[40:])  # it trains on the new data
+    assert fit.history[-1].train_loss < fit.history[40].train_loss
+
+
+@pytest.mark.asyncio
+async def test_a_real_divergence_still_stops_the_run() -> None:
+    # From epoch 3 the learning rate is 10^4 times larger (and snapshots carry it): every step
+    # from a good model diverges, a rollback brings a good step back, and the rollbacks run out.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0 if e < 3 else 1e4)
+    train = _random_batches(0, 24)
+    trainer = Trainer(model, grow=False, optimizer=optimizer, scheduler=scheduler)
+    with pytest.raises(GovernorError, match="rollbacks in epoch 3 did not make training sound"):
+        await trainer.fit(train, train[:1], epochs=6)
+    assert trainer.governor.judge_part.levels == 0

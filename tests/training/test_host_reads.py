@@ -103,7 +103,6 @@ def _reads_in_fit(kind: str, verdict: str, batches: int,
                 return fn(*args)
         return step
 
-    trainer._lagged_step = counted(trainer._lagged_step)  # type: ignore[method-assign]
     trainer._step = counted(trainer._step)  # type: ignore[method-assign]
     train = _batches(batches)
     with HostReads(log, ignored, ring):
@@ -170,7 +169,7 @@ def _sync_errors_during_steps(trainer: Trainer) -> Iterator[None]:
     begin, end = grower.begin_epoch, grower.end_epoch
 
     def begin_epoch() -> None:
-        opening = grower._epoch_span is None  # end_epoch calls it too, on an open epoch
+        opening = not grower.epoch_open  # end_epoch calls it too, on an open epoch
         begin()
         if opening:
             torch.cuda.synchronize()

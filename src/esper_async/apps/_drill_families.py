@@ -14,7 +14,7 @@ import time
 from torch import nn
 
 from ..blueprints import Family, Option, SlotContract, SlotKind, register_family
-from ..blueprints._families import _LowRank
+from ..blueprints import LowRank as _LowRank
 from ..errors import BlueprintError
 
 __all__ = ("DRILL_FAMILY",)

@@ -20,11 +20,11 @@ import anyio
 import torch
 
 from .._files import read_regular, write_atomic
-from ..control._controller import EpochReport
+from ..control import EpochReport
 from ..errors import DemoConfigError, StoreError
 from ..reliability import CheckpointError
 from ..seeds import SeedState
-from ..store._cli import add_store_parser, run_store_command
+from ..store import add_store_parser, run_store_command
 from ..telemetry import (
     ATTR_STORE_HIT,
     SPAN_STORE_GET,

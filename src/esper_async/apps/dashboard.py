@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Final
 
-from ..telemetry._exporters import SpanRecord
+from ..telemetry import SpanRecord
 from .dashboard_data import dashboard_data
 
 __all__ = ("render_dashboard",)

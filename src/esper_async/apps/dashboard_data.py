@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from ..telemetry._attributes import (
+from ..telemetry import (
     ATTR_ARM_NAMES,
     ATTR_ARM_VALUES,
     ATTR_BLUEPRINT,
@@ -47,8 +47,8 @@ from ..telemetry._attributes import (
     SPAN_STEP,
     SPAN_STORE_GET,
     SPAN_SURGERY,
+    SpanRecord,
 )
-from ..telemetry._exporters import SpanRecord
 
 __all__ = ("FIGURES", "RunView", "dashboard_data")
 

@@ -19,15 +19,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..compiler import OptimizerOptions
-from ..control._controller import ControllerConfig, EpochReport, Germinate, HeuristicController
-from ..distributed import ShardSampler
-from ..distributed._checkpoint import load_checkpoint, save_checkpoint
-from ..distributed._context import RankContext
-from ..distributed._control import BroadcastController
-from ..distributed._ddp import DeferredDDP, ddp_wrapper
-from ..distributed._kernels import RankCompiler
-from ..distributed._loss import RankMeanLoss
-from ..distributed._sync import RankState, check_ranks_in_sync
+from ..control import ControllerConfig, EpochReport, Germinate, HeuristicController
+from ..distributed import (
+    BroadcastController,
+    DeferredDDP,
+    RankCompiler,
+    RankContext,
+    RankMeanLoss,
+    RankState,
+    ShardSampler,
+    check_ranks_in_sync,
+    ddp_wrapper,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ..reliability import CheckpointStore
 from ..seeds import find_slots, wrap
 from ..store import KernelStore
@@ -267,8 +272,7 @@ async def run_ddp_demo(cfg: DDPDemoConfig, ctx: RankContext) -> DDPDemoResult:
             surgery=policy,
             progress="off",  # the demo prints its own report
         )
-        trainer.step = base_step
-        trainer.surgeries = surgeries
+        trainer.grower.continue_from(step=base_step, surgeries=surgeries)
         await compiler.wait_ready()
 
         def on_epoch(report: EpochReport, fit: FitResult) -> None:

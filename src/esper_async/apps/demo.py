@@ -19,10 +19,9 @@ from torch import nn
 
 from .._files import read_regular, write_atomic
 from ..compiler import BlueprintCompiler
-from ..control._controller import ControllerConfig, EpochReport, HeuristicController
+from ..control import ControllerConfig, EpochReport, HeuristicController
 from ..errors import ControllerConfigError, DemoConfigError
-from ..reliability import CheckpointError, CheckpointStore
-from ..reliability._checkpoint_store import CHECKPOINT_PATTERN
+from ..reliability import CHECKPOINT_PATTERN, CheckpointError, CheckpointStore
 from ..seeds import SeedState, wrap
 from ..store import KernelStore
 from ..surgery import SurgeryPolicyConfig

@@ -47,14 +47,17 @@ from torch import nn
 
 from ..blueprints import Blueprint, SlotKind, library
 from ..compiler import BlueprintCompiler, OptimizerOptions
-from ..control._controller import Cull, Decision, EpochReport, Germinate, Release, StartBlending
-from ..reliability._breaker import BreakerConfig, BreakerState
-from ..reliability._checkpoint import restore_state
-from ..reliability._checkpoint_store import CheckpointStore
-from ..reliability._config import ReliabilityConfig
-from ..reliability._faults import (
+from ..control import Cull, Decision, EpochReport, Germinate, Release, StartBlending
+from ..reliability import (
+    BreakerConfig,
+    BreakerState,
+    CheckpointStore,
     FaultKind,
     FaultPlan,
+    GovernorConfig,
+    IncidentKind,
+    ReliabilityConfig,
+    ResourceLimits,
     corrupt_file,
     inject_kernel_nan,
     inject_kernel_oom,
@@ -62,10 +65,8 @@ from ..reliability._faults import (
     inject_loss_spike,
     kill_processes,
     poison_parameter,
+    restore_state,
 )
-from ..reliability._governor import GovernorConfig
-from ..reliability._incidents import IncidentKind
-from ..reliability._limits import ResourceLimits
 from ..seeds import SeedSlot, SeedState, find_slots, wrap
 from ..store import KernelStore
 from ..training.trainer import FitResult, Trainer
@@ -458,7 +459,7 @@ async def run_drill(config: DrillConfig | None = None) -> DrillReport:
                 seed=cfg.seed, rate=cfg.fault_rate, kinds=cfg.kinds, skip_first=2 * cfg.slots
             )
             controller = _DrillController(cfg, plan, trainer, compiler, store)
-            trainer.controller = controller
+            trainer.grower.controller = controller
             train, val = _data(cfg)
             fit = FitResult()
             # Generous: operations normally take two epochs per slot; refusals cost a few more.

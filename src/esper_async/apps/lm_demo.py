@@ -33,13 +33,12 @@ import structlog
 import torch
 
 from ..compiler import BlueprintCompiler, OptimizerOptions
-from ..control._controller import ControllerConfig, EpochReport, HeuristicController
+from ..control import ControllerConfig, EpochReport, HeuristicController
 from ..errors import DemoConfigError
 from ..seeds import SeedState, wrap
 from ..store import KernelStore
 from ..telemetry import Telemetry, TelemetryConfig
-from ..training._flops import FlopLedger
-from ..training._task import LanguageModelTask
+from ..training import FlopLedger, LanguageModelTask
 from ..training.trainer import FitResult, Trainer
 from .gpt import GPT, GPTConfig, count_parameters, init_like_new
 from .shakespeare import ShakespeareData, load_shakespeare

@@ -26,7 +26,7 @@ from torch import nn
 from ..blueprints import Blueprint, build
 from ..errors import DemoConfigError
 from ..seeds import SeedSlot, SeedState, find_slots
-from ..surgery._replay import replay_operations
+from ..surgery import replay_operations
 
 __all__ = ("FRESH_SEED_OFFSET", "fossils_of", "graft_fossils", "graft_widenings")
 

@@ -6,6 +6,7 @@ from ._contract import SlotContract as SlotContract
 from ._contract import SlotKind as SlotKind
 from ._families import Family as Family
 from ._families import Option as Option
+from ._families import _LowRank as LowRank
 from ._families import families as families
 from ._families import get_family as get_family
 from ._families import register_family as register_family
@@ -15,6 +16,7 @@ from ._library import library as library
 __all__ = (
     "Blueprint",
     "Family",
+    "LowRank",
     "Option",
     "SlotContract",
     "SlotKind",

@@ -10,15 +10,18 @@ from ._pool import ProcessPool as ProcessPool
 from ._pool import WorkerDiedError as WorkerDiedError
 from ._pool import WorkerError as WorkerError
 from ._pool import WorkerStartError as WorkerStartError
+from ._validator import _BATCHES as VALIDATOR_BATCHES
 from ._validator import Check as Check
 from ._validator import KernelValidator as KernelValidator
 from ._validator import ValidationReport as ValidationReport
 
 __all__ = (
+    "VALIDATOR_BATCHES",
     "BlueprintCompiler",
     "Check",
     "CompileExecutor",
     "KernelOptimizer",
+    "KernelValidator",
     "OptimizerOptions",
     "OptimizerResult",
     "ProcessPool",

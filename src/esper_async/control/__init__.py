@@ -23,6 +23,9 @@ from ._controller import HeuristicController as HeuristicController
 from ._controller import Release as Release
 from ._controller import StartBlending as StartBlending
 from ._controller import plateaued as plateaued
+from ._protocol import MarginController as MarginController
+from ._protocol import StatefulController as StatefulController
+from ._protocol import WidthController as WidthController
 from ._record import report_from_json as report_from_json
 from ._record import report_to_json as report_to_json
 
@@ -39,8 +42,11 @@ __all__ = (
     "Germinate",
     "GrowWidth",
     "HeuristicController",
+    "MarginController",
     "Release",
     "StartBlending",
+    "StatefulController",
+    "WidthController",
     "plateaued",
     "report_from_json",
     "report_to_json",

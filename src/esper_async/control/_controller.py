@@ -479,6 +479,11 @@ class HeuristicController:
             and self._target_width(slot) is not None
         ]
 
+    @property
+    def fossilize_margin(self) -> float:
+        """The validation-loss gain a seed must show to be kept (``config.fossilize_margin``)."""
+        return self.config.fossilize_margin
+
     def widened(
         self, slot: str, *, committed: bool, params_added: int = 0, flops_added: int = 0
     ) -> None:

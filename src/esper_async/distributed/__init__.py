@@ -8,6 +8,7 @@ ranks equal; checkpoints are written by rank 0 and resumed by all (:func:`save_c
 :func:`load_checkpoint`). See ``docs/distributed.md``.
 """
 
+from ._checkpoint import GrowthState as GrowthState
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
 from ._context import RankContext as RankContext
@@ -30,6 +31,7 @@ __all__ = (
     "ControllerBroadcastError",
     "DeferredDDP",
     "DistributedError",
+    "GrowthState",
     "RankCompiler",
     "RankContext",
     "RankDivergenceError",

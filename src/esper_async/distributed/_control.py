@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from ..control._controller import Controller, Decision, EpochReport
+from ..control import Controller, Decision, EpochReport
 from ..seeds import SeedSlot
 from ._context import RankContext
 from ._errors import ControllerBroadcastError, RankDivergenceError

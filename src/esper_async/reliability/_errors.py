@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import EsperError
+from ..errors import EsperError, LossAnomaly
 
 __all__ = (
     "CheckpointError",
@@ -75,21 +75,6 @@ class GovernorError(EsperError):
     def __init__(self, message: str, *, step: int) -> None:
         super().__init__(message)
         self.step = step
-
-
-class LossAnomaly(Exception):
-    """A training step's loss was non-finite or spiked (internal: the trainer recovers from it).
-
-    :ivar kind: ``"non_finite"``, ``"spike"`` or ``"backward"``.
-    :ivar loss: the loss value.
-    :ivar culprit: the slot whose seed caused it, where a diagnosis found one.
-    """
-
-    def __init__(self, kind: str, loss: float, culprit: str | None = None) -> None:
-        super().__init__(f"{kind} loss {loss}" + (f" caused by slot {culprit}" if culprit else ""))
-        self.kind = kind
-        self.loss = loss
-        self.culprit = culprit
 
 
 def is_out_of_memory(exc: BaseException | None) -> bool:

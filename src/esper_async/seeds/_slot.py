@@ -176,6 +176,11 @@ class SeedSlot(nn.Module):
         """The seed's lifecycle state."""
         return self.lifecycle.state
 
+    @property
+    def is_ablated(self) -> bool:
+        """Whether the seed is switched off now (inside :meth:`ablated`)."""
+        return self._ablated
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The host's output on the arguments (all passed through), plus the seed's contribution."""
         h = self.host(*args, **kwargs)

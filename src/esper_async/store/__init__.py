@@ -8,6 +8,8 @@ docs/store.md ("Trust model").
 
 from ._bundle import BundleEntry as BundleEntry
 from ._bundle import BundleLimits as BundleLimits
+from ._cli import add_store_parser as add_store_parser
+from ._cli import run_store_command as run_store_command
 from ._keys import STORE_ENV_VAR as STORE_ENV_VAR
 from ._keys import KernelRequest as KernelRequest
 from ._keys import default_store_path as default_store_path
@@ -38,6 +40,8 @@ __all__ = (
     "LRUStats",
     "StoreStats",
     "VerifyReport",
+    "add_store_parser",
     "default_store_path",
     "kernel_key",
+    "run_store_command",
 )

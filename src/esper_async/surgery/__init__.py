@@ -71,12 +71,16 @@ from ._validation import SurgeryValidationConfig as SurgeryValidationConfig
 from ._widen import Widen as Widen
 from ._widen_slot import CoupledWidthError as CoupledWidthError
 from ._widen_slot import WidenSlot as WidenSlot
+from ._widen_slot import find_slot_consumers as find_slot_consumers
 from ._width_init import WIDTH_INITS as WIDTH_INITS
+from ._width_init import ZERO_FANOUT as ZERO_FANOUT
 from ._width_init import WidthSignal as WidthSignal
+from ._width_init import unit_shares as unit_shares
 from ._width_signal import capture_width_signal as capture_width_signal
 
 __all__ = (
     "WIDTH_INITS",
+    "ZERO_FANOUT",
     "AddResidual",
     "AddSkip",
     "CoupledWidthError",
@@ -111,9 +115,11 @@ __all__ = (
     "WidenSlot",
     "WidthSignal",
     "capture_width_signal",
+    "find_slot_consumers",
     "identity_conv2d",
     "identity_linear",
     "operation_from_record",
     "operation_record",
     "replay_operations",
+    "unit_shares",
 )

@@ -25,8 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import SurgeryError
-from ..seeds import SeedSlot
-from ..seeds._slot import UnitMap
+from ..seeds import SeedSlot, UnitMap
 from ._context import SurgeryContext
 from ._widen import _classify, _width_of, traced_call, widen_layers
 from ._width_init import WidthSignal, check_init

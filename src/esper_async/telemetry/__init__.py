@@ -239,6 +239,7 @@ from ._loggers import TensorBoardLogger as TensorBoardLogger
 from ._loggers import WandbLogger as WandbLogger
 from ._logging import add_trace_context as add_trace_context
 from ._logging import configure_logging as configure_logging
+from ._logging import quiet_by_default as quiet_by_default
 from ._metrics import Metrics as Metrics
 from ._metrics import monitor_loop_lag as monitor_loop_lag
 from ._tracing import (
@@ -348,6 +349,7 @@ __all__ = (
     "otlp_configured",
     "otlp_metric_exporter",
     "otlp_span_exporter",
+    "quiet_by_default",
     "read_span_records",
     "selection_attributes",
     "span_file_name",

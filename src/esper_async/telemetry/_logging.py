@@ -8,7 +8,7 @@ structlog's configuration is process-wide; :func:`configure_logging` is for the 
 CLI, an example script, a worker process's initializer), never for library code.
 
 Unless the program configures structlog itself, the library is quiet: importing esper_async
-routes structlog through the standard library's ``logging`` (``_quiet_by_default``), under the
+routes structlog through the standard library's ``logging`` (``quiet_by_default``), under the
 ``esper_async`` logger, which has a ``NullHandler``. ``logging.basicConfig(level=logging.INFO)``
 (or a handler on ``logging.getLogger("esper_async")``) shows its lines; :func:`configure_logging`
 replaces the set-up with structlog's own output.
@@ -25,7 +25,7 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import format_span_id, format_trace_id
 
-__all__ = ("add_trace_context", "configure_logging")
+__all__ = ("add_trace_context", "configure_logging", "quiet_by_default")
 
 
 def add_trace_context(
@@ -109,7 +109,7 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
-def _quiet_by_default() -> None:
+def quiet_by_default() -> None:
     """Route structlog through stdlib ``logging`` and silence the ``esper_async`` logger unless
     the program gives it a handler (called when esper_async is imported).
 

@@ -7,6 +7,7 @@ batch is and what is measured (:class:`ClassificationTask`, :class:`RegressionTa
 compute their own loss, as Hugging Face's do). See ``docs/training.md``.
 """
 
+from ._flops import FlopLedger as FlopLedger
 from ._grower import Grower as Grower
 from ._results import FitResult as FitResult
 from ._results import GrowthEvent as GrowthEvent
@@ -23,6 +24,7 @@ from .trainer import Trainer as Trainer
 __all__ = (
     "ClassificationTask",
     "FitResult",
+    "FlopLedger",
     "Grower",
     "GrowthEvent",
     "HFCausalLMTask",

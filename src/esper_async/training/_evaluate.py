@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..control._controller import Counterfactual
+from ..control import Counterfactual
 from ..seeds import SeedSlot, SeedState
 from ._task import Task
 

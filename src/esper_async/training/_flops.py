@@ -25,12 +25,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..blueprints import Blueprint, SlotContract, build
-from ..compiler._optimizer import KernelOptimizer, OptimizerOptions
-from ..compiler._validator import _BATCHES as VALIDATOR_BATCHES
+from ..compiler import VALIDATOR_BATCHES, KernelOptimizer, OptimizerOptions
 from ..seeds import SeedSlot, find_slots
 
 if TYPE_CHECKING:
-    from ..control._controller import EpochReport
+    from ..control import EpochReport
 
 __all__ = ("FlopCounter", "FlopLedger", "count_flops", "kernel_compile_flops", "structure_key")
 
@@ -60,7 +59,7 @@ def structure_key(model: nn.Module) -> tuple[object, ...]:
     """
     params = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
     slots = tuple(
-        (n, s.state.value, s.kernel_id, s.seed is not None, s._ablated, s.unit_map is not None)
+        (n, s.state.value, s.kernel_id, s.seed is not None, s.is_ablated, s.unit_map is not None)
         for n, s in _slots(model)
     )
     return params, slots

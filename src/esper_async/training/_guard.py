@@ -30,9 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..errors import SeedRuntimeError
-from ..reliability._errors import LossAnomaly, is_out_of_memory
-from ..reliability._governor import Governor
+from ..errors import LossAnomaly, SeedRuntimeError
+from ..reliability import Governor, is_out_of_memory
 from ..seeds import SeedSlot
 
 #: How a seed failed, in the order the ranks' agreement prefers (the largest wins).
@@ -112,7 +111,12 @@ class StepGuard:
         value = math.nan if loss is None else float(loss.detach())
         verdict = self.governor.judge(value)
         if verdict is not None:
-            raise self._diagnose(verdict, value, batch)
+            error = self._diagnose(verdict, value, batch)
+            # A spike no seed explains may be the loss's new level (new data): not a fault.
+            if (isinstance(error, LossAnomaly) and error.culprit is None
+                    and verdict == "spike" and self.governor.new_level(value)):
+                return value
+            raise error
         return value
 
     def backward(self, loss: torch.Tensor, value: float) -> None:

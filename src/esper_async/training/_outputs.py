@@ -147,12 +147,7 @@ class RunOutputs:
         stack.push_async_callback(close)
 
     def _use(self, trainer: Any, telemetry: Telemetry) -> None:
-        previous = trainer.telemetry
-        trainer.telemetry = trainer.grower.telemetry = telemetry
-        if self.own_compiler:
-            trainer.compiler.telemetry = telemetry
-        if getattr(trainer.controller, "telemetry", None) is previous:  # its selection spans
-            trainer.controller.telemetry = telemetry
+        trainer.grower.use_telemetry(telemetry, compiler=self.own_compiler)
 
     async def start(self, grower: Grower) -> None:
         """Start the loop-lag monitor in ``grower``'s task group (cancelled when it closes);

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..control._controller import EpochReport
-from ..reliability._incidents import Incident
+from ..control import EpochReport
+from ..reliability import Incident
 from ..seeds import SeedState
 
 __all__ = ("FitResult", "GrowthEvent")

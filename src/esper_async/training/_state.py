@@ -1,133 +1,136 @@
-"""A run's state in a checkpoint: what of a grower's run goes into one, and how it comes back.
+"""The trainer's checkpoints on disk: written and read through the grower's one state path.
 
-:meth:`esper_async.Trainer.state_dict` and :meth:`~esper_async.Trainer.load_state_dict` are the
-one path; these functions do the work on a :class:`~esper_async.training.Grower` (no trainer
-internals). The format itself is :mod:`esper_async.reliability._checkpoint`.
-
-A checkpoint's tensors have the shapes of the model after every surgery committed before it, but a
-resumed run builds its model afresh: the record lists the committed operations, and
-:func:`load_run_state` replays those the model lacks before it loads any tensor.
+:meth:`esper_async.training.Grower.state_dict` and its ``load_state_dict`` make and take the
+payload; these functions write it with the reliability layer's atomic
+:class:`~esper_async.reliability.CheckpointStore` and read back a directory's newest one that
+restores.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 import torch
+from torch import nn
 
-from ..control._record import report_from_json, report_to_json
-from ..errors import SurgeryError
-from ..reliability import CheckpointError, CheckpointStore
-from ..reliability._checkpoint import Restored, apply_state, capture_state, verify_state
-from ..reliability._errors import CheckpointIntegrityError, CheckpointMismatchError
-from ..reliability._incidents import Incident, IncidentKind
-from ..surgery._replay import replay_operations
+from ..compiler import BlueprintCompiler
+from ..control import Controller
+from ..kernels import Kernel
+from ..reliability import (
+    BreakerBoard,
+    CheckpointError,
+    CheckpointStore,
+    Governor,
+    IncidentKind,
+    ReliabilityConfig,
+    Restored,
+)
+from ..surgery import SurgeryPolicy
+from ..telemetry import Telemetry
 from ._grower import Grower
-from ._results import FitResult, GrowthEvent
+from ._results import FitResult
 
-__all__ = ("load_run_state", "restore_run", "run_state", "save_run_checkpoint")
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ("TrainerState", "restore_run", "save_run_checkpoint")
 
 log = structlog.get_logger(__name__)
 
 
-def run_state(grower: Grower, generator: torch.Generator | None) -> dict[str, Any]:
-    """The checkpoint payload of ``grower``'s run now (blocking: copies tensors to the CPU).
-
-    :param grower: the run's grower (model, optimizer, slots, kernels, record, counters).
-    :param generator: the training loader's RNG, saved to resume its order.
-    """
-    result = grower.result
-    record = {
-        "history": [report_to_json(r) for r in result.history],
-        "events": [dataclasses.asdict(e) for e in result.events],
-        "incidents": [i.to_json() for i in result.incidents],
-        **grower.state_dict(),
-    }
-    return capture_state(
-        epoch=len(result.history), step=grower.step, model=grower.model,
-        optimizer=grower.optimizer, slots=grower.slots, kernels=grower.kernels,
-        stateful=grower.stateful(), record=record, generator=generator,
-    )
+def _view(name: str, doc: str) -> Any:
+    """A read-only view of the grower's ``name`` (the trainer keeps no copy)."""
+    return property(lambda self: getattr(self.grower, name), doc=doc)
 
 
-def load_run_state(
-    grower: Grower, payload: dict[str, Any], generator: torch.Generator | None, path: str = ""
-) -> Restored:
-    """Put ``payload`` back into ``grower`` (model, seeds, optimizer, statistics, counters and
-    the run's record so far), replaying first the surgeries the model lacks.
+class TrainerState:
+    """:class:`~esper_async.Trainer`'s checkpoints, which wrap the grower's one state path, and
+    read-only views of the grower's state (a mixin)."""
 
-    Everything that can be checked without touching the run is checked first, so a malformed
-    checkpoint changes nothing.
+    grower: Grower
+    _generator: torch.Generator | None
 
-    :param grower: the run's grower.
-    :param payload: what :func:`run_state` returned (read back from a file).
-    :param generator: the training loader's RNG, to resume its order.
-    :param path: the file ``payload`` came from, for messages.
-    :raises CheckpointIntegrityError: if the payload or its record is malformed.
-    :raises CheckpointMismatchError: the model has surgeries the checkpoint lacks, a recorded
-        surgery does not fit it, or its tensors do not.
-    """
-    verified = verify_state(payload, slots=grower.slots, device=grower.device, path=path)
-    record = verified.restored.record
-    try:
-        history = [report_from_json(r) for r in record["history"]]
-        events = [GrowthEvent(**e) for e in record["events"]]
-        incidents = [Incident.from_json(i) for i in record["incidents"]]
-        counters = {
-            "growth_paused_until": int(record["growth_paused_until"]),
-            "oom_pause": int(record["oom_pause"]),
-        }
-        surgeries = list(record.get("surgery", []))
-    except Exception as exc:
-        raise CheckpointIntegrityError(
-            f"checkpoint {path} holds a malformed run record ({type(exc).__name__}: "
-            f"{str(exc)[:120]})", path=path,
-        ) from exc
-    _replay_surgeries(grower, surgeries, path)
-    restored = apply_state(
-        verified, model=grower.model, optimizer=grower.optimizer, slots=grower.slots,
-        stateful=grower.stateful(), generator=generator,
-    )
-    grower.load_state_dict({**counters, "surgery": surgeries})
-    grower.resume_at(epoch=restored.epoch, step=restored.step)
-    grower.kernels = dict(restored.kernels)
-    grower.result = FitResult(
-        history=history, events=events, incidents=incidents, steps=restored.step
-    )
-    grower.restored()
-    return restored
+    model: nn.Module = _view("model", "The model being trained.")
+    slots: dict[str, Any] = _view("slots", "The model's seed slots, by name.")
+    step: int = _view("step", "The global training step.")
+    epoch: int = _view("epoch", "The current (or last) epoch.")
+    surgeries: list[dict[str, Any]] = _view("surgeries", "Committed surgeries, as records.")
+    controller: Controller = _view("controller", "Asked at every epoch boundary.")
+    kernels: dict[str, Kernel] = _view("kernels", "Every kernel loaded, by id.")
+    result: FitResult = _view("result", "The current (or last) fit's record so far.")
+    governor: Governor = _view("governor", "Judges losses; keeps the rollback snapshot.")
+    breakers: BreakerBoard = _view("breakers", "The per-blueprint breakers.")
+    compiler: BlueprintCompiler = _view("compiler", "Turns blueprints into kernels.")
+    telemetry: Telemetry = _view("telemetry", "The run's telemetry.")
+    reliability: ReliabilityConfig = _view("reliability", "Breakers, limits, the governor.")
+    surgery: SurgeryPolicy | None = _view("surgery", "The surgery policy, if any.")
+    scheduler: Any = _view("scheduler", "The learning-rate scheduler, if any.")
+    grow: bool = _view("grow", "Whether the run grows at all.")
+    seed: int = _view("seed", "The seed of kernels' weights and the default controller.")
+    graft: str = _view("graft", "When kernels are grafted: 'epoch' or 'step'.")
 
+    # --- state and checkpoints -------------------------------------------------------------------
 
-def _replay_surgeries(grower: Grower, recorded: list[dict[str, Any]], path: str) -> None:
-    """Bring ``grower``'s model to the structure of a checkpoint that recorded ``recorded``."""
-    done = grower.surgeries
-    if recorded[: len(done)] != done:
-        raise CheckpointMismatchError(
-            f"the model has had surgery ({done}) that checkpoint {path} does not start with "
-            f"({recorded}); build the model afresh before restoring", path=path,
-        )
-    try:
-        replay_operations(grower.model, grower.optimizer, recorded[len(done) :])
-    except SurgeryError as exc:
-        raise CheckpointMismatchError(
-            f"the surgery of checkpoint {path} does not fit the model ({exc}); build and wrap "
-            "the model as the checkpointed run did", path=path,
-        ) from exc
-    grower.surgeries = list(recorded)
+    def state_dict(self, *, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """The whole run's state: model, optimizer, seeds and their kernels, growth state (the
+        controller's, governor's, breakers' statistics, counters, the record so far) and RNGs.
+        Blocking: copies every tensor to the CPU; call between steps.
+
+        :param generator: the training loader's RNG (default: the last fit's loader's).
+        :returns: a checkpoint payload (what :class:`CheckpointStore` writes).
+        """
+        return self.grower.state_dict(generator=generator or self._generator)
+
+    def load_state_dict(
+        self, state: dict[str, Any], *, generator: torch.Generator | None = None, path: str = ""
+    ) -> Restored:
+        """Put :meth:`state_dict`'s payload back (replaying its surgeries on the model first);
+        a payload that does not verify changes nothing.
+
+        :param state: the payload.
+        :param generator: the training loader's RNG, to resume its order.
+        :param path: where ``state`` came from, for messages.
+        :raises CheckpointIntegrityError: the payload is malformed.
+        :raises CheckpointMismatchError: the payload does not fit the model.
+        """
+        return self.grower.load_state_dict(state, generator=generator, path=path)
+
+    async def save_checkpoint(
+        self, directory: str | os.PathLike[str], *, generator: torch.Generator | None = None
+    ) -> Path | None:
+        """Write a checkpoint now (between epochs); a failed write is an incident only.
+
+        :param directory: the checkpoint directory.
+        :param generator: the training loader's RNG, to resume its order.
+        :returns: the file written, or ``None`` if the write failed.
+        """
+        return await save_run_checkpoint(self, directory, generator)
+
+    def restore(
+        self, checkpoint: str | os.PathLike[str], *, generator: torch.Generator | None = None
+    ) -> Restored:
+        """Restore the run from ``checkpoint`` (a file, or a directory: its newest checkpoint that
+        restores; damaged ones are skipped with a warning). Build and wrap the model as the
+        checkpointed one was; nothing is compiled. Then :meth:`fit` trains the epochs left.
+
+        :param checkpoint: a checkpoint file, or a checkpoint directory.
+        :param generator: the training loader's RNG, to resume its order.
+        :raises CheckpointError: there is no checkpoint, or none restores.
+        """
+        return restore_run(self, checkpoint, generator)
 
 
 async def save_run_checkpoint(
-    trainer: Any, directory: str | os.PathLike[str], generator: torch.Generator | None
+    trainer: Trainer, directory: str | os.PathLike[str], generator: torch.Generator | None
 ) -> Path | None:
     """:meth:`Trainer.save_checkpoint`: the payload is made and written in worker threads; a
     failed write is recorded as an incident and the previous checkpoint stands."""
     payload = await anyio.to_thread.run_sync(lambda: trainer.state_dict(generator=generator))
-    store = CheckpointStore(directory, keep=trainer.reliability.checkpoint_keep)
+    store = CheckpointStore(directory, keep=trainer.grower.reliability.checkpoint_keep)
     try:
         return await anyio.to_thread.run_sync(store.save, payload)
     except CheckpointError as exc:
@@ -136,7 +139,7 @@ async def save_run_checkpoint(
 
 
 def restore_run(
-    trainer: Any, checkpoint: str | os.PathLike[str], generator: torch.Generator | None
+    trainer: Trainer, checkpoint: str | os.PathLike[str], generator: torch.Generator | None
 ) -> Restored:
     """:meth:`Trainer.restore`: a file, or a directory's newest checkpoint that restores."""
     path = Path(checkpoint)

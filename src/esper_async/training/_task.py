@@ -45,6 +45,8 @@ __all__ = (
     "Task",
     "TaskError",
     "move_to_device",
+    "task_inputs",
+    "task_loss",
 )
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -87,6 +89,26 @@ class Task(Protocol):
     def batch_size(self, batch: Any) -> int:
         """The weight of ``batch``'s means in an epoch's mean (its examples, or its tokens)."""
         ...
+
+    #: ``inputs(batch)``: the model's input alone (surgery and width growth probe the model
+    #: with it; the diagnosis of a bad loss runs the model on it), or ``None`` for a task whose
+    #: batches have no separable input (then surgery and width growth are skipped). A task that
+    #: does not define it is read as ``None`` (see :func:`task_inputs`).
+    inputs: Callable[[Any], Any] | None
+
+    #: The loss, when it is a callable of its own (a collective over ranks is recognised by it:
+    #: :class:`esper_async.training.StepConsensus`), or ``None``; undefined is read as ``None``.
+    loss_fn: Callable[..., Any] | None
+
+
+def task_inputs(task: Task) -> Callable[[Any], Any] | None:
+    """``task.inputs`` as the :class:`Task` protocol declares it (``None`` when undefined)."""
+    return getattr(task, "inputs", None)
+
+
+def task_loss(task: Task) -> Callable[..., Any] | None:
+    """``task.loss_fn`` as the :class:`Task` protocol declares it (``None`` when undefined)."""
+    return getattr(task, "loss_fn", None)
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

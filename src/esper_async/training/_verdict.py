@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..runtime._bridge import Completion
+from ..runtime import Completion
 from ._masked import HostUndo
 
 __all__ = ("LaggedVerdicts", "Launched")

@@ -20,10 +20,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..control._controller import Counterfactual
-from ..surgery import WidenSlot, capture_width_signal
-from ..surgery._widen_slot import find_slot_consumers
-from ..surgery._width_init import ZERO_FANOUT, unit_shares
+from ..control import Counterfactual
+from ..surgery import ZERO_FANOUT, WidenSlot, capture_width_signal, find_slot_consumers, unit_shares
 from ._evaluate import Measured, evaluate
 from ._task import Task
 

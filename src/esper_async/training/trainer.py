@@ -1,19 +1,21 @@
 """The trainer: a training loop that grows its model, built on :class:`Grower`.
 
 The loop is :meth:`Trainer.fit`; one step is :meth:`Trainer._step` (zero the gradients, forward,
-backward, optimizer step). Growth is the grower's; the trainer adds guarded steps (a bad loss never
-updates the model), CPU steps in a worker thread, checkpoints (:meth:`Trainer.state_dict`) and a
-run's outputs (:class:`RunOutputs`). See ``docs/training.md`` and ``docs/reliability.md``.
+judge, backward, step), whose verdict policy — the loss read on the host before the update, or
+judged on the device and read some steps later — is chosen once, when the trainer is built.
+Growth is the grower's, through its public calls only: the trainer holds no copy of its state
+(its attributes such as :attr:`Trainer.step` read the grower's). The trainer adds guarded steps (a
+bad loss never updates the model), CPU steps in a worker thread, checkpoints (which wrap
+:meth:`Grower.state_dict`) and a run's outputs (:class:`RunOutputs`). See ``docs/training.md``
+and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -21,26 +23,25 @@ import torch
 from torch import nn
 
 from ..compiler import BlueprintCompiler
-from ..control._controller import Controller, EpochReport
-from ..errors import SeedRuntimeError
-from ..kernels import Kernel
-from ..reliability import Restored
-from ..reliability._config import ReliabilityConfig
-from ..reliability._errors import LossAnomaly
-from ..runtime._execution import StepRunner
+from ..control import Controller, EpochReport
+from ..errors import LossAnomaly, SeedRuntimeError, TrainingConfigError
+from ..reliability import ReliabilityConfig
+from ..runtime import StepRunner
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
 from ._grower import Grower
 from ._guard import StepGuard
+from ._lagged import LaggedPump
 from ._loaders import batch_count, check_loaders, loader_generator, no_batches
-from ._masked import HostUndo, MaskedStep
+from ._masked import MaskedStep
 from ._outputs import LOOP_LAG_INTERVAL_S, RunOutputs
 from ._prefetch import Ready, prefetched, wait_ready
 from ._progress import FitProgress, ProgressMode, check_progress
 from ._results import FitResult, GrowthEvent
-from ._state import load_run_state, restore_run, run_state, save_run_checkpoint
-from ._task import ClassificationTask, Task
-from ._verdict import LaggedVerdicts, Launched
+from ._state import TrainerState
+from ._task import ClassificationTask, Task, task_inputs, task_loss
+from ._verdict import LaggedVerdicts
+from ._verdict_policy import DeviceVerdict, HostVerdict
 
 if TYPE_CHECKING:
     from ..store import KernelStore
@@ -56,13 +57,7 @@ Precision = Literal["fp32", "bf16"]
 _Queued = tuple[Any, Ready, bool]
 
 
-def _grower_attr(name: str, doc: str) -> Any:
-    """A trainer attribute that is the grower's ``name`` (read and written through)."""
-    return property(lambda self: getattr(self.grower, name),
-                    lambda self, v: setattr(self.grower, name, v), doc=doc)
-
-
-class Trainer:
+class Trainer(TrainerState):
     """Train a wrapped model and grow seeds in its slots.
 
     :param model: the host, wrapped with :func:`esper_async.wrap` (or with no slots).
@@ -135,59 +130,84 @@ class Trainer:
         self._progress = FitProgress("off")
         #: What each fit writes besides the model: trace, kernel store, loggers, loop lag.
         self.outputs = outputs = RunOutputs(
-            run_dir=run_dir, telemetry_config=telemetry_config, store=store, loggers=loggers,
-            loop_lag_interval_s=loop_lag_interval_s, telemetry_given=telemetry is not None,
-            compiler_given=compiler is not None)
+            run_dir=run_dir,
+            telemetry_config=telemetry_config,
+            store=store,
+            loggers=loggers,
+            loop_lag_interval_s=loop_lag_interval_s,
+            telemetry_given=telemetry is not None,
+            compiler_given=compiler is not None,
+        )
         self.task: Task = task or ClassificationTask(loss_fn or nn.functional.cross_entropy)
         model = model.to(torch.device(device))
         # On a GPU the default Adam is fused: it masks a bad step itself (lagged verdicts).
         self.optimizer = optimizer or torch.optim.Adam(
-            model.parameters(), lr=3e-3, fused=torch.device(device).type == "cuda" or None)
+            model.parameters(), lr=3e-3, fused=torch.device(device).type == "cuda" or None
+        )
         self.grower = g = Grower(
-            model, self.optimizer, task=self.task, controller=controller, compiler=compiler,
-            grow=grow, device=device, seed=seed, graft=graft,
-            graft_deadline_epochs=graft_deadline_epochs, telemetry=telemetry,
-            wrap_model=wrap_model, scheduler=scheduler, reliability=reliability, surgery=surgery,
+            model,
+            self.optimizer,
+            task=self.task,
+            controller=controller,
+            compiler=compiler,
+            grow=grow,
+            device=device,
+            seed=seed,
+            graft=graft,
+            graft_deadline_epochs=graft_deadline_epochs,
+            telemetry=telemetry,
+            wrap_model=wrap_model,
+            scheduler=scheduler,
+            reliability=reliability,
+            surgery=surgery,
         )
         self.run_dir, self.store, self.loggers = outputs.run_dir, outputs.store, outputs.loggers
         g.compiler.store = self.store or g.compiler.store
-        self.model, self.device, self.slots = g.model, g.device, g.slots
-        self.telemetry = g.telemetry
-        self.compiler, self.governor, self.breakers = g.compiler, g.governor, g.breakers
-        self.admission, self.reliability, self.surgery = g.admission, g.reliability, g.surgery
-        self.scheduler, self.grow, self.seed, self.graft = scheduler, grow, seed, graft
-        self.loss_fn = getattr(self.task, "loss_fn", None)
         self.writes_checkpoints = writes_checkpoints
+        self.device = g.device
         # CPU: the step runs in a worker thread; CUDA: it is launched in one and its completion
         # is awaited through the stream bridge, so the event loop never waits on the device.
         self._steps = StepRunner.for_device(self.device)
-        inputs = getattr(self.task, "inputs", None)
+        inputs = task_inputs(self.task)
         self._guard = StepGuard(
-            lambda batch: self.task.forward(g.runner, batch), self.optimizer, self.slots,
-            self.governor, g.consensus,
-            run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)))
+            lambda batch: self.task.forward(g.runner, batch),
+            self.optimizer,
+            g.slots,
+            g.governor,
+            g.consensus,
+            run_model=None if inputs is None else lambda batch: g.runner(inputs(batch)),
+        )
         rel = g.reliability
         self._masked = MaskedStep(self.optimizer)
         lagged = rel.verdict == "lagged" or (
-            rel.verdict == "auto" and self.device.type == "cuda" and self._masked.uses_found_inf)
+            rel.verdict == "auto" and self.device.type == "cuda" and self._masked.uses_found_inf
+        )
         if lagged and g.consensus is not None:
             lagged = False  # the ranks agree on every step before it updates (see StepGuard)
         #: The lagged verdicts of the steps (``None``: each loss is judged on the host first).
         self.verdicts = LaggedVerdicts(self.device, rel.verdict_lag) if lagged else None
+        # The verdict policies, built here once: a step judged on the host before it updates
+        # (every step of a synchronous run; a lagged run's re-judged steps), and one judged on
+        # the device and read later (a lagged run's launches).
+        self._on_host = HostVerdict(self._guard, self.optimizer, g.governor, self._autocast)
+        self._on_device = (
+            None
+            if self.verdicts is None
+            else DeviceVerdict(self.verdicts, self._masked, g.governor)
+        )
         self._generator: torch.Generator | None = None
         self._stop_requested = False
         self._checkpoint_requested = False
 
-    step: int = _grower_attr("step", "The global training step.")
-    epoch: int = _grower_attr("epoch", "The current (or last) epoch.")
-    surgeries: list[dict[str, Any]] = _grower_attr("surgeries", "Committed surgeries, as records.")
-    controller: Controller = _grower_attr("controller", "Asked at every epoch boundary.")
-    kernels: dict[str, Kernel] = _grower_attr("kernels", "Every kernel loaded, by id.")
-    result: FitResult = _grower_attr("result", "The current (or last) fit's record so far.")
+    @property
+    def loss_fn(self) -> Callable[..., Any] | None:
+        """The task's loss function, if it declares one."""
+        return task_loss(self.task)
 
     def param_count(self) -> int:
         """Trainable parameters of the model now, seeds included."""
         return self.grower.param_count()
+
     def request_stop(self) -> None:
         """End :meth:`fit` cleanly after the current epoch (checkpointed if checkpoints are on)."""
         self._stop_requested = True
@@ -199,11 +219,18 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
 
     async def fit(
-        self, train_loader: Iterable[Any], val_loader: Iterable[Any], *, epochs: int,
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any],
+        *,
+        epochs: int,
         on_epoch: Callable[[EpochReport, FitResult], None] | None = None,
         on_step: Callable[[int, float | None], None] | None = None,
-        checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 1,
-        resume: bool = False, settle: Settle = "keep", label: str | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
+        settle: Settle = "keep",
+        label: str | None = None,
     ) -> FitResult:
         """Train until epoch ``epochs``, growing seeds as the controller decides.
 
@@ -228,25 +255,32 @@ class Trainer:
         :raises TelemetryConfigError: the trainer's ``run_dir`` cannot be created.
         :raises StoreError: the trainer's ``store`` directory cannot be opened.
         """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise TrainingConfigError(
+                f"fit(epochs=...) must be an int >= 1 (the run's length in epochs), got "
+                f"{epochs!r} ({type(epochs).__name__})"
+            )
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir to resume from")
         if settle not in ("judge", "cull", "keep"):
             raise ValueError(f"settle must be 'judge', 'cull' or 'keep', got {settle!r}")
         self._generator = loader_generator(train_loader)
-        self.grower.result = result = FitResult()
-        self.grower.resume_at(epoch=0, step=self.step)
+        self.grower.start_run()
         if resume and checkpoint_dir is not None:
             self.restore(checkpoint_dir, generator=self._generator)
-            result = self.result
+        result = self.result
         first = self.epoch
         check_loaders({"training": train_loader, "validation": val_loader}, epochs - first)
-        self.grower.steps_per_epoch = batch_count(train_loader) or 1
+        self.grower.expect_steps_per_epoch(batch_count(train_loader) or 1)
         self._stop_requested = False
         started = time.perf_counter()
         async with AsyncExitStack() as stack:  # closed in reverse: grower, run span, outputs
             await self.outputs.open(stack, self)
-            stack.enter_context(self.telemetry.span(
-                SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow, label=label))
+            stack.enter_context(
+                self.telemetry.span(
+                    SPAN_RUN, epochs=epochs, slots=len(self.slots), grow=self.grow, label=label
+                )
+            )
             grower = await stack.enter_async_context(self.grower)
             await self.outputs.start(grower)
             # [progress hook 2/5] construct this fit's display; the stack closes it (hook 5/5).
@@ -265,8 +299,13 @@ class Trainer:
                     self._checkpoint_requested = False
                     if self.writes_checkpoints:
                         await self.save_checkpoint(checkpoint_dir, generator=self._generator)
-                log.debug("epoch", epoch=epoch, train_loss=report.train_loss,
-                          val_loss=report.val_loss, metrics=dict(report.metrics))
+                log.debug(
+                    "epoch",
+                    epoch=epoch,
+                    train_loss=report.train_loss,
+                    val_loss=report.val_loss,
+                    metrics=dict(report.metrics),
+                )
                 self.outputs.log_epoch(report, self.step, self.param_count())
                 # [progress hook 4/5] the epoch's line (and the bar's figures).
                 self._progress.epoch(report, result.events, self.param_count())
@@ -285,21 +324,29 @@ class Trainer:
         the device while the step runs)."""
         self.model.train()
         batches = 0
-        queue: deque[_Queued] = deque()
-        in_flight: deque[Launched] = deque()
+        pump: LaggedPump | None = None
         if self.verdicts is not None:
             # An epoch left by an exception (a loader error, cancellation) may have left the halt
             # of a bad step set with nothing in flight any more: no step would apply again.
             self.verdicts.clear()
+            pump = LaggedPump(
+                self.verdicts,
+                self.grower.governor,
+                telemetry=lambda: self.grower.telemetry,
+                step=lambda: self.grower.step,
+                epoch=lambda: self.grower.epoch,
+                launch=lambda b, r: self._steps.launch(self._step, b, r, True),
+                sync_step=lambda b, r: self._sync_step(b, r, on_step),
+                stepped=lambda loss: self._stepped(loss, on_step),
+            )
         for batch, ready in prefetched(loader, self.task, self.device):
             batches += 1
-            if self.verdicts is None:
+            if pump is None:
                 await self._sync_step(batch, ready, on_step)
-                continue
-            queue.append((batch, ready, False))
-            await self._pump(queue, in_flight, self.verdicts.lag, on_step)
-        if self.verdicts is not None:
-            await self._pump(queue, in_flight, 0, on_step)
+            else:
+                await pump.push(batch, ready)
+        if pump is not None:
+            await pump.pump(0)
         if batches == 0:
             later = self.epoch > self.grower.first_epoch
             raise no_batches("training", later=later, epoch=self.epoch)
@@ -314,108 +361,28 @@ class Trainer:
             self.telemetry.metrics.step_finished(time.perf_counter() - started)
         self._stepped(loss, on_step)
 
-    def _stepped(self, loss: float | None, on_step: Callable[[int, float | None], None] | None
-                 ) -> None:
+    def _stepped(
+        self, loss: float | None, on_step: Callable[[int, float | None], None] | None
+    ) -> None:
         self.grower.after_step(loss, updated=loss is not None)
         self._progress.step(loss)  # [progress hook 3/5] per step: a counter, a rare redraw
         if on_step is not None:
             on_step(self.step, loss)
-
-    # --- lagged verdicts -------------------------------------------------------------------------
-
-    async def _pump(
-        self, queue: deque[_Queued], in_flight: deque[Launched], lag: int,
-        on_step: Callable[[int, float | None], None] | None,
-    ) -> None:
-        """Launch the queued batches, reading verdicts once more than ``lag`` steps are in flight.
-
-        During the governor's warm-up the lag is 0 (the first spike threshold needs every loss
-        before it). A bad verdict puts the steps launched after it (which applied nothing: the
-        device's halt) back at the front of the queue. A batch whose launch raised (a seed
-        raised, the backward failed) waits for the steps in flight to be read, then takes the
-        synchronous path, whose handling of it is the reference.
-        """
-        verdicts = self.verdicts
-        assert verdicts is not None
-        while queue or len(in_flight) > lag:
-            # During the governor's warm-up, the spike threshold of the next step depends on the
-            # losses in flight (it turns finite once enough are read): read them first.
-            now = 0 if self.governor.warming_up else lag
-            if len(in_flight) > now or (in_flight and queue and queue[0][2]):
-                queue.extendleft(reversed(await self._resolve(in_flight, on_step)))
-                continue
-            batch, ready, sync = queue.popleft()
-            if sync:  # nothing is in flight: a halt left by the failed launch is stale
-                verdicts.clear()
-                await self._sync_step(batch, ready, on_step)
-                continue
-            with self.telemetry.step_span(self.step + len(in_flight), epoch=self.epoch):
-                started = time.perf_counter()
-                try:
-                    undo, done = await self._steps.launch(self._lagged_step, batch, ready)
-                except (SeedRuntimeError, LossAnomaly):
-                    queue.appendleft((batch, None, True))  # its copy was already waited for
-                    continue
-                finally:
-                    self.telemetry.metrics.step_finished(time.perf_counter() - started)
-            in_flight.append(Launched(batch, verdicts.launches - 1, undo, done))
-
-    async def _resolve(
-        self, in_flight: deque[Launched], on_step: Callable[[int, float | None], None] | None
-    ) -> list[_Queued]:
-        """Read the oldest verdict in flight and act on it. :returns: the batches to run again."""
-        verdicts = self.verdicts
-        assert verdicts is not None
-        launched = in_flight.popleft()
-        value, ok = await verdicts.read(launched)
-        if ok:
-            self.governor.accept(value)
-            self._stepped(value, on_step)
-            return []
-        # Nothing since this step has applied (the halt): undo what the host holds, lift the
-        # halt, and let the synchronous path judge this batch again on the same model.
-        again: list[_Queued] = [(x.batch, None, False) for x in in_flight]
-        for later in in_flight:
-            if later.done is not None:
-                await later.done.wait()
-        in_flight.clear()
-        launched.undo.restore()
-        verdicts.clear()
-        await self._sync_step(launched.batch, None, on_step)
-        return again
-
-    def _lagged_step(self, batch: Any, ready: Ready) -> HostUndo:
-        """One step launched with a device-side verdict (in a worker thread; no host read).
-
-        :returns: the host-resident state to restore if the verdict is bad.
-        :raises SeedRuntimeError: a seed raised in the forward pass (nothing updated).
-        :raises LossAnomaly: the backward pass failed (nothing updated).
-        """
-        verdicts = self.verdicts
-        assert verdicts is not None
-        wait_ready(batch, ready)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            _, loss = self.task.forward(self.grower.runner, batch)
-        ok, apply = verdicts.judge(loss, self.governor.threshold())
-        self._guard.backward(loss, float("nan"))
-        undo = self._masked.step(apply)
-        verdicts.record(loss, ok)
-        return undo
 
     def _autocast(self) -> Any:
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _step(self, batch: Any, ready: Ready = None) -> float:
-        """One optimizer step on ``batch`` (in a worker thread); returns the loss.
-
-        The loss is judged on the host before the backward pass (a device sync on a GPU), so a
-        bad step never reaches the parameters.
+    def _step(self, batch: Any, ready: Ready = None, lagged: bool = False) -> Any:
+        """One optimizer step on ``batch`` (in a worker thread): zero the gradients, forward,
+        judge, backward, step. The verdict is judged on the host (the loss is read before the
+        backward pass, so a bad step never reaches the parameters; returns the loss) or, with
+        ``lagged`` (a lagged run's launches), on the device with no host read (returns the
+        host-resident state to restore if the verdict, read later, is bad).
 
         :raises SeedRuntimeError: a seed raised or produced non-finite values (nothing updated).
-        :raises LossAnomaly: the loss was bad (nothing updated).
+        :raises LossAnomaly: the loss was bad, or the backward pass failed (nothing updated).
         """
         wait_ready(batch, ready)
         self.optimizer.zero_grad(set_to_none=True)
@@ -425,13 +392,11 @@ class Trainer:
                 _, loss = self.task.forward(self.grower.runner, batch)
         except SeedRuntimeError as exc:
             self._guard.forward_failed(exc)  # re-raised, unless ranks must agree on it first
-        with self._autocast():  # the diagnosis, if any, runs the forward as the step did
-            value = self._guard.judge(loss, batch)
-        assert loss is not None  # judge() raised for a failed forward
+        policy = self._on_device if lagged and self._on_device is not None else self._on_host
+        value, verdict = policy.judge(loss, batch)
+        assert loss is not None  # the judge raised for a failed forward
         self._guard.backward(loss, value)
-        self.optimizer.step()
-        self.governor.accept(value)
-        return value
+        return policy.update(loss, value, verdict)
 
     async def _guarded_step(self, batch: Any, ready: Ready = None) -> float | None:
         """A step that survives a failing seed (culled, the step redone without it) or a bad
@@ -448,53 +413,3 @@ class Trainer:
                 self.grower.roll_back(exc, exc.__cause__)
                 return None
         raise AssertionError("unreachable: every slot's seed was culled and the step still failed")
-
-    # --- state and checkpoints -------------------------------------------------------------------
-
-    def state_dict(self, *, generator: torch.Generator | None = None) -> dict[str, Any]:
-        """The whole run's state: model, optimizer, seeds and their kernels, growth state (the
-        controller's, governor's, breakers' statistics, counters, the record so far) and RNGs.
-        Blocking: copies every tensor to the CPU; call between steps.
-
-        :param generator: the training loader's RNG (default: the last fit's loader's).
-        :returns: a checkpoint payload (what :class:`CheckpointStore` writes).
-        """
-        return run_state(self.grower, generator or self._generator)
-
-    def load_state_dict(
-        self, state: dict[str, Any], *, generator: torch.Generator | None = None, path: str = ""
-    ) -> Restored:
-        """Put :meth:`state_dict`'s payload back (replaying its surgeries on the model first);
-        a payload that does not verify changes nothing.
-
-        :param state: the payload.
-        :param generator: the training loader's RNG, to resume its order.
-        :param path: where ``state`` came from, for messages.
-        :raises CheckpointIntegrityError: the payload is malformed.
-        :raises CheckpointMismatchError: the payload does not fit the model.
-        """
-        return load_run_state(self.grower, state, generator, path)
-
-    async def save_checkpoint(
-        self, directory: str | os.PathLike[str], *, generator: torch.Generator | None = None
-    ) -> Path | None:
-        """Write a checkpoint now (between epochs); a failed write is an incident only.
-
-        :param directory: the checkpoint directory.
-        :param generator: the training loader's RNG, to resume its order.
-        :returns: the file written, or ``None`` if the write failed.
-        """
-        return await save_run_checkpoint(self, directory, generator)
-
-    def restore(
-        self, checkpoint: str | os.PathLike[str], *, generator: torch.Generator | None = None
-    ) -> Restored:
-        """Restore the run from ``checkpoint`` (a file, or a directory: its newest checkpoint that
-        restores; damaged ones are skipped with a warning). Build and wrap the model as the
-        checkpointed one was; nothing is compiled. Then :meth:`fit` trains the epochs left.
-
-        :param checkpoint: a checkpoint file, or a checkpoint directory.
-        :param generator: the training loader's RNG, to resume its order.
-        :raises CheckpointError: there is no checkpoint, or none restores.
-        """
-        return restore_run(self, checkpoint, generator)

@@ -1,0 +1,126 @@
+"""The Grower's public steps and state path, and the options fit and the grower refuse (fast:
+nothing grows, so no compile worker starts)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import esper_async as ea
+from esper_async.errors import ControllerConfigError, TrainingConfigError
+
+
+def _data(seed: int = 0, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, 6, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.1), nn.Linear(8, 2))
+    ea.wrap(model, ["0"], example_input=torch.zeros(2, 6))
+    return model
+
+
+@pytest.mark.parametrize("epochs", [-3, 0, True, "3", 2.5])
+@pytest.mark.asyncio
+async def test_fit_refuses_epochs_that_are_not_an_int_of_at_least_one(epochs: Any) -> None:
+    trainer = ea.Trainer(_model(), grow=False)
+    with pytest.raises(TrainingConfigError, match=r"fit\(epochs=...\) must be an int >= 1"):
+        await trainer.fit(_data(), _data(1, 1), epochs=epochs)
+    assert trainer.step == 0
+
+
+def test_width_slots_that_name_no_slot_are_refused_with_the_slots_there_are() -> None:
+    config = ea.ControllerConfig(width_growth=True, width_slots=("0", "fc9"))
+    with pytest.raises(ControllerConfigError, match=r"\['fc9'\].*its slots are \['0'\]"):
+        ea.Trainer(_model(), controller=ea.HeuristicController(config))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.asyncio
+async def test_end_epoch_leaves_the_model_in_the_mode_it_found(training: bool) -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    async with ea.Grower(model, optimizer, grow=False) as grower:
+        model.train(training)
+        for x, y in _data():
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            grower.after_step(loss)
+        await grower.end_epoch(_data(1, 1))
+        assert model.training is training
+
+
+async def _own_loop(grower: ea.Grower, model: nn.Module, epochs: range, one_by_one: bool) -> None:
+    optimizer = grower.optimizer
+    for _ in epochs:
+        model.train()
+        for x, y in _data():
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            grower.after_step(loss)
+        if not one_by_one:
+            await grower.end_epoch(_data(1, 1))
+            continue
+        # end_epoch's steps, called one by one (what a loop that wants its own order does).
+        report = await grower.measure(_data(1, 1))
+        await grower.graft_due()
+        assert await grower.decide(report, _data(1, 1)) == []  # grow=False: nothing decided
+        grower.close_epoch(report)
+        assert await grower.snapshot()
+
+
+@pytest.mark.asyncio
+async def test_the_public_steps_one_by_one_measure_what_end_epoch_measures() -> None:
+    reports = []
+    for one_by_one in (False, True):
+        model = _model()
+        grower = ea.Grower(model, torch.optim.SGD(model.parameters(), lr=0.1), grow=False)
+        async with grower:
+            await _own_loop(grower, model, range(2), one_by_one)
+        reports.append(
+            [(r.epoch, r.train_loss, r.val_loss, r.steps) for r in grower.result.history]
+        )
+    assert reports[0] == reports[1] and [r[0] for r in reports[0]] == [0, 1]
+
+
+@pytest.mark.asyncio
+async def test_grower_state_dict_holds_the_run_and_a_fresh_grower_resumes_it() -> None:
+    model = _model()
+    grower = ea.Grower(model, torch.optim.Adam(model.parameters(), lr=1e-2), grow=False)
+    async with grower:
+        await _own_loop(grower, model, range(2), one_by_one=False)
+    payload = grower.state_dict()
+    assert set(payload["stateful"]) >= {"controller", "governor", "breakers"}
+    fresh = _model()
+    resumed = ea.Grower(fresh, torch.optim.Adam(fresh.parameters(), lr=1e-2), grow=False)
+    restored = resumed.load_state_dict(payload)
+    assert (restored.epoch, resumed.epoch, resumed.step) == (2, 2, grower.step)
+    assert [r.val_loss for r in resumed.result.history] == [
+        r.val_loss for r in grower.result.history
+    ]
+    assert resumed.governor.state_dict() == grower.governor.state_dict()
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    assert all(math.isfinite(r.val_loss) for r in resumed.result.history)
+
+
+def test_width_slots_are_not_checked_when_nothing_grows() -> None:
+    """A static arm may share its growth arm's controller, width_slots and all."""
+    config = ea.ControllerConfig(width_growth=True, width_slots=("fc9",))
+    trainer = ea.Trainer(_model(), grow=False, controller=ea.HeuristicController(config))
+    assert not trainer.grow
