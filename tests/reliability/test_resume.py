@@ -113,9 +113,11 @@ def test_sigkill_mid_epoch_then_resume_restores_structure_and_statistics(tmp_pat
 
     anyio.run(resume)
 
-    # The command line resumes it too, to the end of the run.
+    # The command line resumes it too, to the end of the run (a store outside the run directory
+    # is named again on the command line: demo.json may only name one inside it).
     done = subprocess.run(
-        [sys.executable, "-m", "esper_async.apps.cli", "demo", "--resume", str(run_dir)],
+        [sys.executable, "-m", "esper_async.apps.cli", "demo", "--resume", str(run_dir),
+         "--store", str(store_dir)],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr[-2000:]
