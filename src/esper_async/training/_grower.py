@@ -80,6 +80,9 @@ from ..seeds import SeedSlot, SeedState, find_slots
 from ..surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig, WidenSlot
 from ..surgery._replay import operation_record
 from ..telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_ROLLBACK, SPAN_SURGERY, Telemetry
+from ._eager_graft import (  # issue 28: graft="eager"
+    awaits_kernel, eager_for, start_eager, swap_in_kernel,
+)
 from ._evaluate import evaluate
 from ._guard import StepConsensus
 from ._loaders import no_batches
@@ -163,7 +166,7 @@ class Grower:
         grow: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
-        graft: Literal["epoch", "step"] = "epoch",
+        graft: Literal["epoch", "step", "eager"] = "epoch",  # issue 28: "eager"
         graft_deadline_epochs: int | None = None,
         telemetry: Telemetry | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
@@ -171,8 +174,8 @@ class Grower:
         reliability: ReliabilityConfig | None = None,
         surgery: SurgeryPolicyConfig | SurgeryPolicy | None = None,
     ) -> None:
-        if graft not in ("epoch", "step"):
-            raise ValueError(f"graft must be 'epoch' or 'step', got {graft!r}")
+        if graft not in ("epoch", "step", "eager"):  # issue 28: "eager"
+            raise ValueError(f"graft must be 'epoch', 'step' or 'eager', got {graft!r}")
         if graft == "epoch" and graft_deadline_epochs is not None:
             raise ValueError(
                 "graft_deadline_epochs applies to graft='step' only: graft='epoch' always grafts "
@@ -348,7 +351,7 @@ class Grower:
         self.step += 1
         for slot in self.slots.values():
             self._tracked(slot, slot.on_step)
-        if self.graft == "step":
+        if self.graft in ("step", "eager"):  # issue 28: "eager" swaps kernels in here
             self.graft_ready()
 
     async def end_epoch(self, val_loader: Iterable[Any]) -> EpochReport:
@@ -595,6 +598,10 @@ class Grower:
                     self.incident(IncidentKind.GERMINATION_REFUSED, slot, refusal, blueprint)
                     return
                 self._tracked(slot, slot.germinate, blueprint, reason)
+                if self.graft == "eager":  # issue 28: train at once as the eager module
+                    start_eager(slot, seed=self.seed, device=self.device,
+                                optimizer=self.optimizer, tracked=self._tracked)
+                    self.rewrap()
                 self._start_compile(slot.slot_name, blueprint)
             case StartBlending(epochs=epochs, reason=reason):
                 self._tracked(slot, slot.start_blending, epochs * self.steps_per_epoch, reason)
@@ -706,6 +713,7 @@ class Grower:
         deadline = self.graft_deadline_epochs
         while self._ready is not None and any(
             s.state is SeedState.GERMINATED and s.lifecycle.epochs_in_state >= deadline
+            or awaits_kernel(s, self._pending)  # issue 28: no eager module is fossilized
             for s in self.slots.values()
         ):
             # Every compile task sends exactly one message (kernel or error), so this ends.
@@ -716,7 +724,10 @@ class Grower:
         if self._pending.get(done.slot) == done.blueprint:
             del self._pending[done.slot]
         slot = self.slots[done.slot]
-        if slot.state is not SeedState.GERMINATED or slot.blueprint != done.blueprint:
+        eager = eager_for(slot, done.blueprint)  # issue 28: the slot runs its eager module
+        if eager is None and (
+            slot.state is not SeedState.GERMINATED or slot.blueprint != done.blueprint
+        ):
             return  # the slot moved on (e.g. culled) while the kernel compiled
         breaker = self.breakers[done.blueprint.id]
         if done.module is None or done.kernel is None:
@@ -729,8 +740,11 @@ class Grower:
                 self._cull(slot, f"compile failed: {done.error}")
             return
         try:
-            self._tracked(slot, slot.graft, done.module, done.kernel.kernel_id)
-            add_module_params(self.optimizer, done.module)
+            if eager is not None:  # issue 28: the kernel takes over the eager module's params
+                swap_in_kernel(slot, eager, done.module, done.kernel.kernel_id)
+            else:
+                self._tracked(slot, slot.graft, done.module, done.kernel.kernel_id)
+                add_module_params(self.optimizer, done.module)
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
