@@ -38,7 +38,10 @@ async def _grown(delay: float) -> tuple[ea.FitResult, list[torch.Tensor], ea.Tra
     # Only the export form is bit-for-bit the eager module (see seeds/_eager.py).
     compiler = SlowCompiler(delay, options=OptimizerOptions(forms=("export",)))
     trainer = ea.Trainer(
-        model, seed=7, compiler=compiler, graft="eager",
+        model,
+        seed=7,
+        compiler=compiler,
+        graft="eager",
         controller=ea.HeuristicController(ea.ControllerConfig.eager(), seed=7),
     )
     result = await trainer.fit(data.train, data.val, epochs=5)
@@ -57,5 +60,7 @@ def test_same_seed_grows_the_same_weights_whatever_the_compile_latency() -> None
     # The fast run's kernels did replace their eager modules; the slow one's came later or not.
     kinds = {type(s.seed).__name__ for s in trainer_fast.slots.values() if s.seed is not None}
     assert kinds and "KernelModule" in kinds
-    assert all(not isinstance(s.seed, EagerSeed) or s.state.value != "fossilized"
-               for s in trainer_slow.slots.values())
+    assert all(
+        not isinstance(s.seed, EagerSeed) or s.state.value != "fossilized"
+        for s in trainer_slow.slots.values()
+    )

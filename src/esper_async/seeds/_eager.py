@@ -98,7 +98,7 @@ def adopt_parameters(kernel: nn.Module, eager: EagerSeed, *, slot: str = "") -> 
         )
     for (name, _), param in zip(mine, theirs, strict=True):
         owner, _, leaf = name.rpartition(".")
-        program.get_submodule(owner)._parameters[leaf] = param  # noqa: SLF001
+        program.get_submodule(owner)._parameters[leaf] = param
     with torch.no_grad():
         for (_, buffer), value in zip(buffers, their_buffers, strict=True):
             buffer.copy_(value)

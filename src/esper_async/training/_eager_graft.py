@@ -27,7 +27,11 @@ EAGER_REASON = "started as its blueprint's eager module; kernel compiling"
 
 
 def start_eager(
-    slot: SeedSlot, *, seed: int, device: torch.device, optimizer: torch.optim.Optimizer,
+    slot: SeedSlot,
+    *,
+    seed: int,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer,
     tracked: Callable[..., Any],
 ) -> None:
     """Graft ``slot``'s germinated blueprint as its eager module (GERMINATED → TRAINING) and
@@ -59,7 +63,8 @@ def awaits_kernel(slot: SeedSlot, compiling: Mapping[str, Blueprint]) -> bool:
     kept for good) and its compile is in flight. The wait is the same in every run, whatever
     the compile latency, and it is rare: a seed trains and blends for epochs first."""
     return (
-        isinstance(slot.seed, EagerSeed) and slot.state is SeedState.PROBATION
+        isinstance(slot.seed, EagerSeed)
+        and slot.state is SeedState.PROBATION
         and slot.slot_name in compiling
     )
 

@@ -80,9 +80,7 @@ from ..seeds import SeedSlot, SeedState, find_slots
 from ..surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig, WidenSlot
 from ..surgery._replay import operation_record
 from ..telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_ROLLBACK, SPAN_SURGERY, Telemetry
-from ._eager_graft import (  # issue 28: graft="eager"
-    awaits_kernel, eager_for, start_eager, swap_in_kernel,
-)
+from ._eager_graft import awaits_kernel, eager_for, start_eager, swap_in_kernel  # issue 28
 from ._evaluate import evaluate
 from ._guard import StepConsensus
 from ._loaders import no_batches
@@ -712,7 +710,7 @@ class Grower:
         """Wait for kernels whose seeds germinated ``graft_deadline_epochs`` or more epochs ago."""
         deadline = self.graft_deadline_epochs
         while self._ready is not None and any(
-            s.state is SeedState.GERMINATED and s.lifecycle.epochs_in_state >= deadline
+            (s.state is SeedState.GERMINATED and s.lifecycle.epochs_in_state >= deadline)
             or awaits_kernel(s, self._pending)  # issue 28: no eager module is fossilized
             for s in self.slots.values()
         ):
