@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -130,7 +131,11 @@ class ProcessPool:
     :param imports: modules each worker imports before its first call (e.g. modules that register
         user blueprint families).
     :param start_timeout: seconds a worker may take to start and import torch.
-    :param prestart: start ``size`` workers as soon as the pool opens, in the background.
+    :param prestart: start ``size`` workers as soon as the pool opens, in the background;
+        ``False``: at the first :meth:`run` (or :meth:`start_workers`, :meth:`wait_ready`), so a
+        run that never compiles never starts one.
+    :ivar start_seconds: wall seconds each worker took to start (spawn, import torch, report
+        ready), in order: what the pool's start-up costs, spent off the event loop.
     """
 
     def __init__(
@@ -155,6 +160,8 @@ class ProcessPool:
         self._busy: set[_Worker] = set()
         self._tg: anyio.abc.TaskGroup | None = None
         self._started = anyio.Event()
+        self._starting = False
+        self.start_seconds: list[float] = []
 
     @property
     def pids(self) -> list[int]:
@@ -165,14 +172,26 @@ class ProcessPool:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._started = anyio.Event()
+        self._starting = False
         if self.prestart:
-            self._tg.start_soon(self._prestart_all)
-        else:
-            self._started.set()
+            self.start_workers()
         return self
 
+    def start_workers(self) -> None:
+        """Start ``size`` workers in the background now, unless they were started already.
+
+        :raises RuntimeError: the pool is not open.
+        """
+        if self._tg is None:
+            raise RuntimeError("the pool is not open; use `async with ProcessPool(...)` first")
+        if not self._starting:
+            self._starting = True
+            self._tg.start_soon(self._prestart_all)
+
     async def wait_ready(self) -> None:
-        """Wait until the workers started when the pool opened are ready (or failed to start)."""
+        """Start the workers if they are not started yet, and wait until they are ready (or
+        failed to start)."""
+        self.start_workers()
         await self._started.wait()
 
     async def _prestart_all(self) -> None:
@@ -219,9 +238,15 @@ class ProcessPool:
             if len(self._idle) + len(self._busy) >= self.size:
                 return  # a call already started the worker this task was meant to start
             try:
-                self._idle.append(await self._start())
+                self._idle.append(await self._start_timed())
             except WorkerDiedError as exc:
                 log.warning("worker failed to start", error=str(exc))
+
+    async def _start_timed(self) -> _Worker:
+        started = time.perf_counter()
+        worker = await self._start()
+        self.start_seconds.append(time.perf_counter() - started)
+        return worker
 
     async def _start(self) -> _Worker:
         parent, child = self._context.Pipe()
@@ -256,10 +281,9 @@ class ProcessPool:
         :raises WorkerError: if ``fn`` raised in the worker.
         :raises TimeoutError: if the call ran past ``timeout``.
         """
-        if self._tg is None:
-            raise RuntimeError("the pool is not open; use `async with ProcessPool(...)` first")
+        self.start_workers()  # a lazy pool starts its workers at its first call
         async with self._limiter:
-            worker = self._idle.pop() if self._idle else await self._start()
+            worker = self._idle.pop() if self._idle else await self._start_timed()
             self._busy.add(worker)
             healthy = False
             try:
