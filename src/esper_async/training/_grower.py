@@ -25,6 +25,7 @@ A hand-written loop::
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
@@ -80,8 +81,8 @@ from ..seeds import SeedSlot, SeedState, find_slots
 from ..surgery import ModelSurgeon, SurgeryPolicy, SurgeryPolicyConfig, WidenSlot
 from ..surgery._replay import operation_record
 from ..telemetry import SPAN_EPOCH, SPAN_LIFECYCLE, SPAN_ROLLBACK, SPAN_SURGERY, Telemetry
+from ._bounded_eval import bounded_evaluate, strided  # issue 28: bounded evaluation
 from ._eager_graft import awaits_kernel, eager_for, start_eager, swap_in_kernel  # issue 28
-from ._evaluate import evaluate
 from ._guard import StepConsensus
 from ._loaders import no_batches
 from ._optim import add_module_params, remove_module_params
@@ -761,10 +762,13 @@ class Grower:
         self, loader: Iterable[Any], train_loss: float | None, steps: int, dropped: int
     ) -> EpochReport:
         """The validation measurements; a seed that fails in them is culled and they are redone."""
+        config = getattr(self.controller, "config", None)  # issue 28: bounded evaluation
+        fraction = getattr(config, "counterfactual_fraction", 1.0)
         for attempt in range(len(self.slots) + 1):
             try:
-                measured = await anyio.to_thread.run_sync(
-                    evaluate, self.model, self.slots, self.task, loader, self.device
+                measured, cost = await anyio.to_thread.run_sync(  # issue 28: bounded_evaluate
+                    bounded_evaluate, self.model, self.slots, self.task, loader, self.device,
+                    fraction,
                 )
                 break
             except SeedRuntimeError as exc:
@@ -775,16 +779,19 @@ class Grower:
             raise no_batches("validation", later=self.epoch > self.first_epoch, epoch=self.epoch)
         widths: dict[str, Counterfactual] = {}
         if self.width_trials:
+            started = time.perf_counter()  # issue 28: the trials on the counterfactual batches
             widths = await anyio.to_thread.run_sync(
-                measure_widths, self.model, self.task, loader, self.device, self.width_trials,
-                measured,
+                measure_widths, self.model, self.task, strided(loader, fraction), self.device,
+                self.width_trials, cost.subset,
             )
+            cost.width_trials_s = time.perf_counter() - started
         return EpochReport(
             epoch=self.epoch, train_loss=train_loss, val_loss=measured.loss,
             val_acc=measured.metrics.get("accuracy", math.nan),
             health={name: slot.health() for name, slot in self.slots.items()},
             counterfactual=measured.counterfactual, steps=steps, dropped=dropped,
             metrics=measured.metrics, width_counterfactual=widths,
+            eval_cost=cost.figures(),  # issue 28
         )
 
     def _judge_epoch(self, report: EpochReport) -> bool:
