@@ -13,7 +13,6 @@ import esper_async as ea
 from esper_async.apps.data import digits_loaders
 from esper_async.apps.demo import DigitsHost
 from esper_async.compiler import OptimizerOptions
-from esper_async.seeds import EagerSeed
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +56,7 @@ def test_same_seed_grows_the_same_weights_whatever_the_compile_latency() -> None
     assert fast.events == slow.events
     assert len(weights_fast) == len(weights_slow)
     assert all(torch.equal(a, b) for a, b in zip(weights_fast, weights_slow, strict=True))
-    # The fast run's kernels did replace their eager modules; the slow one's came later or not.
-    kinds = {type(s.seed).__name__ for s in trainer_fast.slots.values() if s.seed is not None}
-    assert kinds and "KernelModule" in kinds
-    assert all(
-        not isinstance(s.seed, EagerSeed) or s.state.value != "fossilized"
-        for s in trainer_slow.slots.values()
-    )
+    # Every run ends on validated kernels: the slow run waited for its own at the end only.
+    for trainer in (trainer_fast, trainer_slow):
+        seeds = [s.seed for s in trainer.slots.values() if s.seed is not None]
+        assert seeds and all(type(seed).__name__ == "KernelModule" for seed in seeds)

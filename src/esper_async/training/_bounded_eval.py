@@ -6,8 +6,8 @@ ablated) costs one more forward over the batches it reads; with several seeds li
 passes cost more than validation itself. :attr:`ControllerConfig.counterfactual_fraction`
 bounds them: they read only the selected batches, spread evenly over validation (batch ``i``
 is selected when ``ceil((i + 1) f) > ceil(i f)``: every batch at ``f = 1``, every fourth at
-``f = 0.25``, the first one whatever ``f``, ``ceil(n f)`` of ``n``), and each compares with the whole model measured on
-*those same* batches. At ``f = 1`` the figures are exactly those of
+``f = 0.25``, the first one whatever ``f``, ``ceil(n f)`` of ``n``), and each compares with
+the whole model measured on *those same* batches. At ``f = 1`` the figures are exactly those of
 :func:`~esper_async.training._evaluate.evaluate`.
 
 The cost lands in :attr:`EpochReport.eval_cost`: seconds of validation, counterfactual and

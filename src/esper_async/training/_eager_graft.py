@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..blueprints import Blueprint
-from ..seeds import EagerSeed, SeedSlot, SeedState, adopt_parameters, eager_seed
+from ..seeds import EagerSeed, SeedSlot, adopt_parameters, eager_seed
 from ._optim import add_module_params
 
 __all__ = ("awaits_kernel", "eager_for", "start_eager", "swap_in_kernel")
@@ -50,23 +50,19 @@ def start_eager(
 
 
 def eager_for(slot: SeedSlot, blueprint: Blueprint) -> EagerSeed | None:
-    """``slot``'s eager module if it runs ``blueprint``'s (in a live state), else ``None``."""
+    """``slot``'s eager module if it runs ``blueprint``'s (live or fossilized), else ``None``."""
     seed = slot.seed
-    if isinstance(seed, EagerSeed) and seed.blueprint == blueprint and slot.lifecycle.live:
+    if isinstance(seed, EagerSeed) and seed.blueprint == blueprint:
         return seed
     return None
 
 
 def awaits_kernel(slot: SeedSlot, compiling: Mapping[str, Blueprint]) -> bool:
-    """Whether the epoch boundary must wait for ``slot``'s kernel: it still runs its eager
-    module in PROBATION (the controller may fossilize it now, and only a validated kernel is
-    kept for good) and its compile is in flight. The wait is the same in every run, whatever
-    the compile latency, and it is rare: a seed trains and blends for epochs first."""
-    return (
-        isinstance(slot.seed, EagerSeed)
-        and slot.state is SeedState.PROBATION
-        and slot.slot_name in compiling
-    )
+    """Whether ``slot`` still runs its eager module while its kernel compiles: what the grower
+    waits for when the run ends (``Grower.await_eager_kernels``), so that every seed ends as
+    its validated kernel. Waiting there, and never at an epoch boundary, keeps the run's
+    decisions the same whatever the compile latency."""
+    return isinstance(slot.seed, EagerSeed) and slot.slot_name in compiling
 
 
 def swap_in_kernel(slot: SeedSlot, eager: EagerSeed, kernel: nn.Module, kernel_id: str) -> None:

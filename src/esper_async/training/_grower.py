@@ -281,6 +281,8 @@ class Grower:
         tb: TracebackType | None,
     ) -> bool | None:
         """Cancel the compiles still running (they are not needed any more) and close."""
+        if kind is None:  # issue 28: seeds still running eagerly get their kernels first
+            await self.await_eager_kernels()
         self._close_epoch_span()
         stack, self._stack = self._stack, None
         if self._tg is not None:
@@ -427,6 +429,7 @@ class Grower:
         """
         if how not in ("judge", "cull", "keep"):
             raise ValueError(f"settle must be 'judge', 'cull' or 'keep', got {how!r}")
+        await self.await_eager_kernels()  # issue 28: the run ends on validated kernels
         if how == "keep":
             return
         last = self.result.history[-1] if self.result.history else None
@@ -697,6 +700,14 @@ class Grower:
             log.warning("compile failed", slot=slot, blueprint=blueprint.name, error=str(error))
             await send.send(_Compiled(slot, blueprint, None, None, error))
 
+    async def await_eager_kernels(self) -> None:
+        """Wait for the kernels of seeds still running as their eager module (``graft="eager"``)
+        and swap them in (issue 28: called by :meth:`settle` and on leaving the context)."""
+        while self._ready is not None and any(
+            awaits_kernel(s, self._pending) for s in self.slots.values()
+        ):
+            self._graft(await self._ready.receive())  # every compile sends exactly one message
+
     def graft_ready(self) -> None:
         """Graft every kernel that finished compiling (between steps only)."""
         if self._ready is None:
@@ -711,8 +722,7 @@ class Grower:
         """Wait for kernels whose seeds germinated ``graft_deadline_epochs`` or more epochs ago."""
         deadline = self.graft_deadline_epochs
         while self._ready is not None and any(
-            (s.state is SeedState.GERMINATED and s.lifecycle.epochs_in_state >= deadline)
-            or awaits_kernel(s, self._pending)  # issue 28: no eager module is fossilized
+            s.state is SeedState.GERMINATED and s.lifecycle.epochs_in_state >= deadline
             for s in self.slots.values()
         ):
             # Every compile task sends exactly one message (kernel or error), so this ends.
@@ -731,6 +741,10 @@ class Grower:
         breaker = self.breakers[done.blueprint.id]
         if done.module is None or done.kernel is None:
             breaker.record_failure(str(done.error))
+            if eager is not None and not slot.lifecycle.live:  # issue 28: a fossil can't be culled
+                self.incident(IncidentKind.COMPILE_FAILED, slot, f"{done.error}; the fossil keeps "
+                              "its eager module, the validator's reference", done.blueprint)
+                return
             if isinstance(done.error, CompileTimeoutError):
                 self.incident(IncidentKind.COMPILE_TIMEOUT, slot, str(done.error), done.blueprint)
                 self._cull(slot, f"compile timed out: {done.error}", release=True)
