@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import json
 import math
 import statistics
 import sys
@@ -70,12 +71,28 @@ GOALS = {"lm": 1.15, "digits": 1.5}
 #: ``ControllerConfig.eager()``'s options (the LM demo's controller; the digits' quick run):
 #: growth starts at the first plateau check, one epoch per stage.
 EAGER = {
-    "plateau_patience": 1, "plateau_tolerance": 1.0, "max_live_seeds": 3, "training_epochs": 1,
-    "blend_epochs": 1, "probation_epochs": 1, "embargo_epochs": 1,
+    "plateau_patience": 1,
+    "plateau_tolerance": 1.0,
+    "max_live_seeds": 3,
+    "training_epochs": 1,
+    "blend_epochs": 1,
+    "probation_epochs": 1,
+    "embargo_epochs": 1,
 }
 PARTS = (
-    "steps", "step_grafts", "kernel_waits", "validation", "counterfactual", "width_trials",
-    "snapshots", "surgery", "checkpoints", "pool_startup", "telemetry", "decisions", "shutdown",
+    "steps",
+    "step_grafts",
+    "kernel_waits",
+    "validation",
+    "counterfactual",
+    "width_trials",
+    "snapshots",
+    "surgery",
+    "checkpoints",
+    "pool_startup",
+    "telemetry",
+    "decisions",
+    "shutdown",
     "other",
 )
 
@@ -111,6 +128,7 @@ class WallSplit:
         original = getattr(cls, attr)
         split = self
         if inspect.iscoroutinefunction(original):
+
             @functools.wraps(original)
             async def timed_async(*args: Any, **kwargs: Any) -> Any:
                 split._enter()
@@ -118,8 +136,10 @@ class WallSplit:
                     return await original(*args, **kwargs)
                 finally:
                     split._exit(name)
+
             setattr(cls, attr, timed_async)
         else:
+
             @functools.wraps(original)
             def timed(*args: Any, **kwargs: Any) -> Any:
                 split._enter()
@@ -127,6 +147,7 @@ class WallSplit:
                     return original(*args, **kwargs)
                 finally:
                     split._exit(name)
+
             setattr(cls, attr, timed)
 
     def wrap_compiles(self, cls: type) -> None:
@@ -159,15 +180,22 @@ def _split() -> WallSplit:
 
         split = WallSplit()
         for cls, attr, name in (
-            (Trainer, "_train_epoch", "steps"), (Grower, "graft_ready", "step_grafts"),
+            (Trainer, "_train_epoch", "steps"),
+            (Grower, "graft_ready", "step_grafts"),
             (Grower, "_await_late_kernels", "kernel_waits"),
-            (Grower, "await_eager_kernels", "kernel_waits"), (Grower, "_measure", "measure"),
-            (Grower, "apply", "decisions"), (Grower, "__aexit__", "shutdown"),
-            (Grower, "_snapshot", "snapshots"), (Grower, "_grow_width", "surgery"),
-            (Grower, "_operate", "surgery"), (Trainer, "save_checkpoint", "checkpoints"),
+            (Grower, "await_eager_kernels", "kernel_waits"),
+            (Grower, "_measure", "measure"),
+            (Grower, "apply", "decisions"),
+            (Grower, "__aexit__", "shutdown"),
+            (Grower, "_snapshot", "snapshots"),
+            (Grower, "_grow_width", "surgery"),
+            (Grower, "_operate", "surgery"),
+            (Trainer, "save_checkpoint", "checkpoints"),
             (BlueprintCompiler, "__aenter__", "pool_startup"),
-            (RunOutputs, "open", "telemetry"), (RunOutputs, "start", "telemetry"),
-            (RunOutputs, "log_epoch", "telemetry"), (Telemetry, "epoch_figures", "telemetry"),
+            (RunOutputs, "open", "telemetry"),
+            (RunOutputs, "start", "telemetry"),
+            (RunOutputs, "log_epoch", "telemetry"),
+            (Telemetry, "epoch_figures", "telemetry"),
         ):
             split.wrap(cls, attr, name)
         split.wrap_compiles(BlueprintCompiler)
@@ -203,8 +231,12 @@ def _digits(cfg: dict[str, Any], seed: int) -> tuple[Any, Any, Any, Any, Any]:
 
     torch.manual_seed(seed)
     data = digits_loaders(batch_size=64, seed=seed, limit=cfg.get("limit"))
-    return DigitsHost(), torch.zeros(2, 1, 8, 8), DemoConfig().slots, data.train, (
-        data.val, ClassificationTask(), None, torch.optim.Adam, 3e-3
+    return (
+        DigitsHost(),
+        torch.zeros(2, 1, 8, 8),
+        DemoConfig().slots,
+        data.train,
+        (data.val, ClassificationTask(), None, torch.optim.Adam, 3e-3),
     )
 
 
@@ -220,21 +252,37 @@ def _lm(cfg: dict[str, Any], seed: int) -> tuple[Any, Any, Any, Any, Any]:
 
     data = cfg.get("_data") or load_shakespeare()
     cfg["_data"] = data
-    shape = GPTConfig(vocab_size=data.vocab.size, block_size=256, n_layer=cfg["n_layer"],
-                      n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)
+    shape = GPTConfig(
+        vocab_size=data.vocab.size,
+        block_size=256,
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        n_embd=cfg["n_embd"],
+        dropout=0.0,
+    )
     torch.manual_seed(seed)
-    train = data.train_batches(batch_size=cfg["batch"], block_size=cfg["block"],
-                               batches_per_epoch=cfg["steps_per_epoch"], seed=seed)
-    val = data.eval_batches("val", batch_size=cfg["batch"], block_size=cfg["block"],
-                            max_batches=cfg["eval_batches"])
+    train = data.train_batches(
+        batch_size=cfg["batch"],
+        block_size=cfg["block"],
+        batches_per_epoch=cfg["steps_per_epoch"],
+        seed=seed,
+    )
+    val = data.eval_batches(
+        "val", batch_size=cfg["batch"], block_size=cfg["block"], max_batches=cfg["eval_batches"]
+    )
     example = torch.zeros(2, cfg["block"], dtype=torch.long)
-    return GPT(shape), example, lm_slots(cfg["n_layer"]), train, (
-        val, LanguageModelTask(), partial(init_like_new, shape), torch.optim.AdamW, 1e-3
+    return (
+        GPT(shape),
+        example,
+        lm_slots(cfg["n_layer"]),
+        train,
+        (val, LanguageModelTask(), partial(init_like_new, shape), torch.optim.AdamW, 1e-3),
     )
 
 
-async def _arm(arm: str, workload: str, cfg: dict[str, Any], seed: int,
-               grown: dict[str, Any] | None) -> dict[str, Any]:
+async def _arm(
+    arm: str, workload: str, cfg: dict[str, Any], seed: int, grown: dict[str, Any] | None
+) -> dict[str, Any]:
     import torch
 
     from esper_async import BlueprintCompiler, ControllerConfig, HeuristicController, Trainer
@@ -255,37 +303,53 @@ async def _arm(arm: str, workload: str, cfg: dict[str, Any], seed: int,
     cuda = device.type == "cuda"
     optimizer = opt_cls(model.parameters(), lr=lr, fused=True if cuda else None)
     controller = ControllerConfig(**cfg["controller"])
-    compiler = BlueprintCompiler(device=str(device)) if arm == "growth" else None
+    compiler = (
+        BlueprintCompiler(device=str(device), workers=cfg["workers"]) if arm == "growth" else None
+    )
     trainer = Trainer(
-        model, optimizer=optimizer, task=task, grow=arm == "growth", seed=seed, device=device,
-        compiler=compiler, graft=cfg["graft"] if arm == "growth" else "epoch",
-        controller=HeuristicController(controller, seed=seed), precision=cfg["precision"],
+        model,
+        optimizer=optimizer,
+        task=task,
+        grow=arm == "growth",
+        seed=seed,
+        device=device,
+        compiler=compiler,
+        graft=cfg["graft"] if arm == "growth" else "epoch",
+        controller=HeuristicController(controller, seed=seed),
+        precision=cfg["precision"],
         writes_checkpoints=cfg["checkpoint_every"] > 0,
     )
     with tempfile.TemporaryDirectory() as ckpt:
         every = cfg["checkpoint_every"]
         fit = await trainer.fit(
-            train, val, epochs=cfg["epochs"], settle="judge",
-            checkpoint_dir=ckpt if every > 0 else None, checkpoint_every=max(1, every),
+            train,
+            val,
+            epochs=cfg["epochs"],
+            settle="judge",
+            checkpoint_dir=ckpt if every > 0 else None,
+            checkpoint_every=max(1, every),
         )
     if cuda:
         torch.cuda.synchronize()
     last = fit.history[-1]
     out: dict[str, Any] = {
-        "arm": arm, "wall_s": round(fit.wall_s, 4), "steps": fit.steps,
+        "arm": arm,
+        "wall_s": round(fit.wall_s, 4),
+        "steps": fit.steps,
         "split_s": _parts(split, fit.wall_s, fit.history),
-        "val_loss": last.val_loss, "val_acc": last.val_acc, "params": trainer.param_count(),
+        "val_loss": last.val_loss,
+        "val_acc": last.val_acc,
+        "params": trainer.param_count(),
         "fossils": [list(f) for f in fossils_of(trainer.slots)],
         "surgeries": list(trainer.surgeries),
-        "germinated": fit.count(SeedState.GERMINATED), "culled": fit.count(SeedState.CULLED),
+        "germinated": fit.count(SeedState.GERMINATED),
+        "culled": fit.count(SeedState.CULLED),
     }
     if compiler is not None:
         pool = compiler.executor
         out["compile_wall_s"] = [round(s, 3) for s in split.compile_s]
         out["pool_start_background_s"] = [round(s, 3) for s in getattr(pool, "start_seconds", [])]
-        out["kernel_forms"] = sorted(
-            {k.metadata.execution_form for k in trainer.kernels.values()}
-        )
+        out["kernel_forms"] = sorted({k.metadata.execution_form for k in trainer.kernels.values()})
     return out
 
 
@@ -300,7 +364,9 @@ def run_seed(workload: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     growth = anyio.run(_arm, "growth", workload, cfg, seed, None)
     static = anyio.run(_arm, "static_final", workload, cfg, seed, growth)
     return {
-        "seed": seed, "growth": growth, "static_final": static,
+        "seed": seed,
+        "growth": growth,
+        "static_final": static,
         "wall_over_static_final": growth["wall_s"] / static["wall_s"],
     }
 
@@ -345,9 +411,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--graft", choices=("eager", "epoch", "step"), default="eager")
-    parser.add_argument("--fraction", type=float, default=1.0,
-                        help="ControllerConfig.counterfactual_fraction")
+    parser.add_argument(
+        "--fraction", type=float, default=1.0, help="ControllerConfig.counterfactual_fraction"
+    )
     parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="compile workers per growth run")
     parser.add_argument("--controller", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="a short run (digits: 12 epochs)")
     parser.add_argument("--out", default=None, help="results name (default growth_wall_<workload>)")
@@ -358,40 +426,74 @@ def main() -> None:
     lm = args.workload == "lm"
     epochs = args.epochs or (15 if lm else (12 if args.quick else 40))
     cfg: dict[str, Any] = {
-        "device": args.device, "precision": args.precision, "epochs": epochs,
-        "graft": args.graft, "checkpoint_every": args.checkpoint_every,
+        "device": args.device,
+        "precision": args.precision,
+        "epochs": epochs,
+        "graft": args.graft,
+        "checkpoint_every": args.checkpoint_every,
+        "workers": args.workers,
         "threads": 1 if not lm else max(1, (torch.get_num_threads() or 2) // args.jobs),
-        "controller": controller_options(args.controller, {
-            **(EAGER if lm or args.quick else {}),
-            "horizon_epochs": epochs, "counterfactual_fraction": args.fraction,
-        }),
+        "controller": controller_options(
+            args.controller,
+            {
+                **(EAGER if lm or args.quick else {}),
+                "horizon_epochs": epochs,
+                "counterfactual_fraction": args.fraction,
+            },
+        ),
     }
     if lm:
-        cfg.update(n_layer=4, n_head=4, n_embd=128, batch=64, block=256, steps_per_epoch=100,
-                   eval_batches=20)
+        cfg.update(
+            n_layer=4,
+            n_head=4,
+            n_embd=128,
+            batch=64,
+            block=256,
+            steps_per_epoch=100,
+            eval_batches=20,
+        )
         if args.quick:
             cfg.update(steps_per_epoch=20, eval_batches=4, batch=16, block=64)
     seeds = list(range(args.seeds))
     started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+
+    def save() -> Path:
+        """Write the seeds done so far (a run cut short keeps them)."""
+        config = {k: v for k, v in cfg.items() if k != "_data"}
+        return write(
+            args.out or f"growth_wall_{args.workload}",
+            {
+                "workload": args.workload,
+                "config": config,
+                "seeds": [r["seed"] for r in runs],
+                "machine": machine(),
+                "torch": torch.__version__,
+                "total_wall_s": round(time.perf_counter() - started, 1),
+                "summary": summarise(args.workload, runs),
+                "runs": runs,
+            },
+        )
+
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            runs = list(pool.map(run_seed, [args.workload] * len(seeds), [cfg] * len(seeds),
-                                 seeds))
+            for run in pool.map(run_seed, [args.workload] * len(seeds), [cfg] * len(seeds), seeds):
+                runs.append(run)
+                path = save()
     else:
-        runs = [run_seed(args.workload, cfg, s) for s in seeds]
-    cfg.pop("_data", None)
-    result = {
-        "workload": args.workload, "config": cfg, "seeds": seeds, "machine": machine(),
-        "torch": torch.__version__, "total_wall_s": round(time.perf_counter() - started, 1),
-        "summary": summarise(args.workload, runs), "runs": runs,
-    }
-    path = write(args.out or f"growth_wall_{args.workload}", result)
+        for seed in seeds:
+            runs.append(run_seed(args.workload, cfg, seed))
+            path = save()
+    result = json.loads(path.read_text())
     summary = result["summary"]
-    print(f"{args.workload}: wall_over_static_final {summary['wall_over_static_final']} "
-          f"(goal ≤ {summary['goal']}); compile p95 {summary['compile_p95_s']} s → {path}")
+    print(
+        f"{args.workload}: wall_over_static_final {summary['wall_over_static_final']} "
+        f"(goal ≤ {summary['goal']}); compile p95 {summary['compile_p95_s']} s → {path}"
+    )
     for part in PARTS:
-        g, s = summary["mean_split_s"]["growth"][part], summary["mean_split_s"]["static_final"][part]
-        print(f"  {part:15s} growth {g:8.3f} s   static_final {s:8.3f} s")
+        mean = summary["mean_split_s"]
+        grown, static = mean["growth"][part], mean["static_final"][part]
+        print(f"  {part:15s} growth {grown:8.3f} s   static_final {static:8.3f} s")
 
 
 if __name__ == "__main__":
