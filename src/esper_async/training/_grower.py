@@ -139,7 +139,9 @@ class Grower:
     :param seed: RNG seed of the kernels' initial weights and of the default controller.
     :param graft: ``"epoch"`` (default): finished kernels enter their slots at the first epoch
         boundary after germination (reproducible whatever the compile latency); ``"step"``: at
-        the first step boundary after they are ready.
+        the first step boundary after they are ready; ``"eager"`` (issue 28): a seed trains at
+        once as its blueprint's eager module and its validated kernel takes over its parameters
+        when ready (reproducible whatever the latency; see ``docs/async.md``).
     :param graft_deadline_epochs: with ``graft="step"``, a kernel still compiling this many epochs
         after germination is waited for (default 2).
     :param telemetry: the run's telemetry; default: recorded nowhere.
