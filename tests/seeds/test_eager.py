@@ -23,17 +23,28 @@ def _train(module: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor)
     opt.step()
 
 
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("blueprint", library(), ids=lambda bp: bp.name)
-def test_the_kernel_takes_over_mid_training_bit_for_bit(blueprint: Blueprint) -> None:
+def test_the_kernel_takes_over_mid_training_bit_for_bit(blueprint: Blueprint, device: str) -> None:
     contract = CONTRACTS[blueprint.slot_kind.value]
-    kernel = load_kernel(export_kernel(blueprint, contract, seed=5))
-    alone = eager_seed(blueprint, contract, seed=5, device="cpu")
-    swapped = eager_seed(blueprint, contract, seed=5, device="cpu")
+    kernel = load_kernel(export_kernel(blueprint, contract, seed=5), device=device)
+    alone = eager_seed(blueprint, contract, seed=5, device=device)
+    swapped = eager_seed(blueprint, contract, seed=5, device=device)
     opt_alone = torch.optim.Adam(alone.parameters(), lr=1e-2)
     opt_swapped = torch.optim.Adam(swapped.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     for step in range(6):
-        x = torch.randn(contract.batch_shape(3, 4), generator=gen)
+        x = torch.randn(contract.batch_shape(3, 4), generator=gen).to(device)
         if step == 3:  # the kernel arrives: it runs on the eager module's parameters from here
             adopt_parameters(kernel, swapped)
         _train(alone, opt_alone, x)
