@@ -408,6 +408,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run: first..first+n-1")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--graft", choices=("eager", "epoch", "step"), default="eager")
@@ -454,7 +455,7 @@ def main() -> None:
         )
         if args.quick:
             cfg.update(steps_per_epoch=20, eval_batches=4, batch=16, block=64)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
 
