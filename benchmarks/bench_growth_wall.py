@@ -3,7 +3,8 @@
     python benchmarks/bench_growth_wall.py --workload digits --quick --seeds 2
         → benchmarks/results/growth_wall_digits.json
     python benchmarks/bench_growth_wall.py --workload lm --device cuda --precision fp32 \\
-        --seeds 5 --jobs 5 --out growth_wall_lm_fp32      (and --precision bf16)
+        --seeds 5 --out growth_wall_lm_fp32      (and --precision bf16; seeds one after another,
+        the JSON rewritten after each, so a run cut short keeps the seeds it finished)
 
 Per seed, two arms with the same data, order, recipe and budget: ``growth`` (the Trainer
 growing seeds) and ``static_final`` (the architecture growth ended with, its fossils freshly

@@ -153,6 +153,7 @@ class Grower:
     :param surgery: architecture changes at epoch boundaries (see ``docs/surgery.md``).
     :raises ValueError: ``graft`` is neither ``"epoch"`` nor ``"step"``; ``graft_deadline_epochs``
         is given with ``graft="epoch"`` (which always waits at the first boundary) or is below 1;
+        ``graft="eager"`` under data parallelism (a task whose loss is a ``StepConsensus``);
         or the surgery policy's ``fossil_threshold`` exceeds 1.
     """
 
@@ -201,6 +202,11 @@ class Grower:
         loss_fn = getattr(self.task, "loss_fn", None)
         #: The task's loss when it is a collective over ranks (then decisions are agreed on).
         self.consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
+        if graft == "eager" and self.consensus is not None:  # issue 28
+            raise ValueError(
+                "graft='eager' swaps each kernel in when it arrives, at a different step on each "
+                "rank (DDP is rebuilt then); under data parallelism use graft='epoch'"
+            )
         self.telemetry = telemetry or Telemetry(tracer_provider=TracerProvider())
         self.controller: Controller = controller or HeuristicController(
             seed=seed, telemetry=self.telemetry
