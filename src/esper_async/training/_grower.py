@@ -151,8 +151,9 @@ class Grower:
         rollbacks restore.
     :param reliability: breakers, compile retries, resource limits, the governor.
     :param surgery: architecture changes at epoch boundaries (see ``docs/surgery.md``).
-    :raises ValueError: ``graft`` is neither ``"epoch"`` nor ``"step"``; ``graft_deadline_epochs``
-        is given with ``graft="epoch"`` (which always waits at the first boundary) or is below 1;
+    :raises ValueError: ``graft`` is not ``"epoch"``, ``"step"`` or ``"eager"``;
+        ``graft_deadline_epochs`` is given with ``graft="epoch"`` (which always waits at the
+        first boundary) or is below 1;
         ``graft="eager"`` under data parallelism (a task whose loss is a ``StepConsensus``);
         or the surgery policy's ``fossil_threshold`` exceeds 1.
     """
