@@ -35,7 +35,7 @@ log = structlog.get_logger(__name__)
 #: Niceness of worker processes where SCHED_IDLE is not allowed: when training and a compile
 #: compete for a core, the kernel scheduler then still favours training.
 WORKER_NICENESS = 10
-#: Seconds a closing pool gives each idle worker to exit on its own before killing it. Short: a
+#: Seconds a closing pool gives its idle workers to exit on their own before killing them. Short: a
 #: worker holds nothing that needs a clean exit, and a run's end must not wait on a slow
 #: interpreter teardown (measured: 2 s per worker on a loaded 2-core machine, the old grace).
 CLOSE_GRACE_S = 0.2
@@ -232,8 +232,11 @@ class ProcessPool:
                 worker.conn.send(None)
             except OSError:
                 pass
+        deadline = time.monotonic() + CLOSE_GRACE_S  # one grace for all, not one each
         for worker in workers:
-            await anyio.to_thread.run_sync(worker.process.join, CLOSE_GRACE_S)
+            await anyio.to_thread.run_sync(
+                worker.process.join, max(0.0, deadline - time.monotonic())
+            )
             worker.kill()
             await anyio.to_thread.run_sync(worker.process.join, 2.0)
 
