@@ -61,7 +61,7 @@ from ..reliability import (
     IncidentKind,
     ReliabilityConfig,
 )
-from ..seeds import SeedSlot, find_slots
+from ..seeds import SeedSlot, SeedState, find_slots
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import Telemetry
 from ._compile_queue import CompileQueue
@@ -275,7 +275,10 @@ class Grower(GrowerState):
         self.begin_epoch()
         self.run.count_step(loss, updated=updated)
         for slot in self.slots.values():
-            self.run.transition(slot, slot.on_step)
+            if slot.state is SeedState.BLENDING:  # the one state a step can end (ramp done)
+                self.run.transition(slot, slot.on_step)
+            else:
+                slot.on_step()  # a step counter: no transition to record
         if self.graft != "epoch":  # "step", "eager": kernels enter at step boundaries
             self.graft_ready()
 
