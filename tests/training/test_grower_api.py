@@ -61,6 +61,29 @@ async def test_end_epoch_leaves_the_model_in_the_mode_it_found(training: bool) -
         assert model.training is training
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.asyncio
+async def test_tensor_losses_give_the_mean_of_the_values_and_stay_as_they_were(
+    dtype: torch.dtype,
+) -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(3)
+    losses = [(torch.rand((), generator=generator) * 10).to(dtype) for _ in range(37)]
+    kept = [loss.clone() for loss in losses]
+    async with ea.Grower(model, optimizer, grow=False) as grower:
+        for loss in losses:
+            grower.after_step(loss)
+        report = await grower.end_epoch(_data(1, 1))
+    # The mean of the values read one by one, summed in float64 in step order: bit for bit.
+    total = 0.0
+    for loss in kept:
+        total += float(loss.double())
+    assert report.train_loss == total / len(kept) and report.steps == len(kept)
+    # The bookkeeping never writes into the loop's tensors (a float64 loss is not aliased).
+    assert all(torch.equal(a, b) for a, b in zip(losses, kept, strict=True))
+
+
 async def _own_loop(grower: ea.Grower, model: nn.Module, epochs: range, one_by_one: bool) -> None:
     optimizer = grower.optimizer
     for _ in epochs:

@@ -1,7 +1,8 @@
 """``BlueprintCompiler``: blueprints become validated kernels in worker processes.
 
 Resource handling: open it with ``async with`` (the trainer does this for you); it owns a
-:class:`~esper_async.compiler.ProcessPool` whose workers start in the background as it opens.
+:class:`~esper_async.compiler.ProcessPool` whose workers start at the first compile (a run's
+first germination), in the background of training, or as it opens with ``lazy=False``.
 Leaving the block cancels compiles in flight and stops the workers.
 
 Error handling: every failure maps to one typed error carrying the blueprint:
@@ -73,6 +74,9 @@ class BlueprintCompiler:
         is returned without compiling; a new kernel is put there once validated.
     :param telemetry: the run's telemetry: compiles and store lookups are traced, and workers
         continue the trace.
+    :param lazy: start the default pool's workers at the first compile (default), not as the
+        compiler opens: a run that never germinates never starts one, and none competes with
+        the first steps. :meth:`wait_ready` starts them at once. Ignored with ``executor``.
     """
 
     def __init__(
@@ -88,13 +92,17 @@ class BlueprintCompiler:
         executor: CompileExecutor | None = None,
         store: KernelStore | None = None,
         telemetry: Telemetry | None = None,
+        lazy: bool = True,
     ) -> None:
         self.device = device
         self.timeout = timeout
         self.retries = retries
         self.options = options or OptimizerOptions()
         self.executor: CompileExecutor = executor or ProcessPool(
-            workers or default_workers(), threads=threads_per_worker, imports=imports
+            workers or default_workers(),
+            threads=threads_per_worker,
+            imports=imports,
+            prestart=not lazy,
         )
         self.store = store
         self.telemetry = telemetry
@@ -126,7 +134,8 @@ class BlueprintCompiler:
             await self.executor.__aexit__(exc_type, exc, tb)
 
     async def wait_ready(self) -> None:
-        """Wait until the worker processes started at opening are ready to compile."""
+        """Start the worker processes if they are not started yet (a lazy compiler's), and wait
+        until they are ready to compile."""
         wait = getattr(self.executor, "wait_ready", None)
         if wait is not None:
             await wait()

@@ -12,7 +12,7 @@ import torch
 from ..blueprints import SlotKind
 from ..kernels import Kernel, load_kernel
 
-__all__ = ("KernelOptimizer", "OptimizerOptions", "default_forms")
+__all__ = ("SLOW_FORMS", "KernelOptimizer", "OptimizerOptions", "default_forms")
 
 #: A form must beat the plain exported graph by this fraction to be kept: timing noise must not
 #: flip the choice to a form that is really no faster.
@@ -34,6 +34,11 @@ def default_forms(device_kind: str) -> tuple[str, ...]:
 #: Sequence length token-slot kernels are timed at (their batch is ``OptimizerOptions.batch``).
 _TIMING_TOKENS = 16
 
+#: Forms whose preparation is itself a compile that costs far more than timing: Inductor took
+#: 3–59 s per kernel on an H100/H200 (``benchmarks/results/compile_cuda*.json``), the whole of a
+#: compile's p95, where the export form's timing takes milliseconds.
+SLOW_FORMS = frozenset({"inductor"})
+
 
 @dataclass(frozen=True)
 class OptimizerOptions:
@@ -43,12 +48,18 @@ class OptimizerOptions:
     :ivar allow_bf16: whether reduced precision is acceptable to the caller.
     :ivar batch: batch size the forms are timed at.
     :ivar repeats: timed forward+backward runs per form (the median is kept).
+    :ivar slow_forms_min_ms: a slow form (:data:`SLOW_FORMS`: Inductor) is compiled and timed
+        only when the export form's forward+backward at the timing batch takes at least this
+        long: only there can its seconds of compile pay back. Below it (every library blueprint
+        measured on an H200 took 0.8–2.0 ms, and Inductor beat none of them) the kernel is
+        served in its export form at once. ``0``: always time them.
     """
 
     forms: tuple[str, ...] | None = None
     allow_bf16: bool = False
     batch: int = 32
     repeats: int = 10
+    slow_forms_min_ms: float = 5.0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -56,6 +67,7 @@ class OptimizerOptions:
             "allow_bf16": self.allow_bf16,
             "batch": self.batch,
             "repeats": self.repeats,
+            "slow_forms_min_ms": self.slow_forms_min_ms,
         }
 
 
@@ -71,9 +83,11 @@ class OptimizerResult:
 class KernelOptimizer:
     """Time each candidate form of a kernel on the target device; keep the fastest.
 
-    The plain exported graph (``export``) is always measured and is the baseline: another form is
-    kept only if its median is at least 3 % faster. A form that fails to run is recorded with its
-    error and skipped.
+    The plain exported graph (``export``) is always measured first and is the baseline: another
+    form is kept only if its median is at least 3 % faster. A slow form (Inductor) is measured
+    only where the export form is slow enough for it to pay
+    (:attr:`OptimizerOptions.slow_forms_min_ms`); a form skipped so is recorded in ``errors``
+    with the reason. A form that fails to run is recorded with its error and skipped.
 
     :param options: what to try.
     :param device: the device to time on.
@@ -123,7 +137,14 @@ class KernelOptimizer:
         """Measure every candidate form of ``kernel`` and return the choice with the figures."""
         timings: dict[str, float] = {}
         errors: dict[str, str] = {}
-        for form in self.candidates(kernel.contract.kind):
+        floor = self.options.slow_forms_min_ms
+        for form in self.candidates(kernel.contract.kind):  # "export" comes first
+            base = timings.get("export")
+            if form in SLOW_FORMS and base is not None and base < floor:
+                errors[form] = (
+                    f"skipped: export takes {base:.3f} ms < {floor} ms, too little to pay"
+                )
+                continue
             try:
                 timings[form] = round(self._time(kernel, form), 4)
             except Exception as exc:  # a form that cannot run is simply not chosen

@@ -85,6 +85,11 @@ class EpochReport:
     :ivar width_counterfactual: per slot whose host was widened by width growth and is still on
         trial, the figures with the new units and with them ablated (their fan-out folded back
         or zeroed), same batches.
+    :ivar eval_cost: what the epoch's measurements cost: ``validation_s``,
+        ``counterfactual_s`` and ``width_trials_s`` (wall seconds), ``batches`` and
+        ``counterfactual_batches`` (validation batches read by the whole model and by the
+        ablated passes), ``counterfactual_share`` and ``fraction`` (see
+        :attr:`ControllerConfig.counterfactual_fraction`); empty when not measured.
     """
 
     epoch: int
@@ -97,6 +102,7 @@ class EpochReport:
     dropped: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
     width_counterfactual: Mapping[str, Counterfactual] = field(default_factory=dict)
+    eval_cost: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def val_finite(self) -> bool:
@@ -236,6 +242,10 @@ class ControllerConfig:
     :ivar width_slots: the slots width growth may widen (``None``: every slot whose host is a
         Linear or Conv2d). Slots named here are for widening only: they are offered no seed
         (e.g. a transformer MLP's hidden layer, while its residual-stream slots take the seeds).
+    :ivar counterfactual_fraction: the share of validation batches, in ``(0, 1]``, that the
+        counterfactual and width-trial passes read (spread evenly; each compares with the whole
+        model on the same batches): bounds their cost, one forward pass per live seed or trial
+        (see ``esper_async.training._bounded_eval``). ``1``: all of them.
     """
 
     plateau_patience: int = 2
@@ -255,6 +265,7 @@ class ControllerConfig:
     width_max_growth: float = 2.0
     width_trial_epochs: int = 2
     width_slots: tuple[str, ...] | None = None
+    counterfactual_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
@@ -280,6 +291,12 @@ class ControllerConfig:
             raise ControllerConfigError(
                 f"ControllerConfig needs width_growth true or false and width_init one of "
                 f"{', '.join(WIDTH_INITS)}; got {self.width_growth!r}, {self.width_init!r}"
+            )
+        share = self.counterfactual_fraction
+        if not (number(share) and 0.0 < share <= 1.0):
+            raise ControllerConfigError(
+                f"ControllerConfig needs counterfactual_fraction in (0, 1], got {share!r}: "
+                "the share of validation batches the counterfactual passes read"
             )
         named = self.width_slots
         if named is not None and not (

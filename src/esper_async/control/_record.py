@@ -22,12 +22,13 @@ def report_to_json(report: EpochReport) -> dict[str, Any]:
         "width_counterfactual": {
             k: dataclasses.asdict(v) for k, v in report.width_counterfactual.items()
         },
+        "eval_cost": dict(report.eval_cost),
     }
 
 
 def report_from_json(data: dict[str, Any]) -> EpochReport:
-    """The inverse of :func:`report_to_json` (a report written before ``steps``, ``dropped`` and
-    ``metrics`` were recorded reads back with 0, 0 and ``{}``)."""
+    """The inverse of :func:`report_to_json` (a report written before ``steps``, ``dropped``,
+    ``metrics`` and ``eval_cost`` were recorded reads back with 0, 0, ``{}`` and ``{}``)."""
     train_loss = data["train_loss"]
     return EpochReport(
         epoch=int(data["epoch"]), train_loss=None if train_loss is None else float(train_loss),
@@ -39,4 +40,5 @@ def report_from_json(data: dict[str, Any]) -> EpochReport:
         width_counterfactual={
             k: Counterfactual(**v) for k, v in data.get("width_counterfactual", {}).items()
         },
+        eval_cost={str(k): float(v) for k, v in data.get("eval_cost", {}).items()},
     )

@@ -308,6 +308,21 @@ class SeedSlot(nn.Module):
         self.kernel_id = kernel_id
         self.alpha = 0.0
 
+    def replace_seed(self, kernel: nn.Module, kernel_id: str) -> None:
+        """Put ``kernel`` in place of the seed now running, in the same state, α and counters
+        (``graft="eager"``: the validated kernel replaces the blueprint's eager module, whose
+        parameters it runs on; see :mod:`esper_async.seeds._eager`). Not a lifecycle transition.
+
+        :raises LifecycleError: the slot holds no seed.
+        """
+        if self.seed is None:
+            raise LifecycleError(
+                f"slot {self.slot_name!r} holds no seed for kernel {kernel_id[:12]} to replace",
+                slot=self.slot_name, source=self.state, target=self.state,
+            )
+        self.seed = kernel
+        self.kernel_id = kernel_id
+
     def start_blending(self, steps: int, reason: str = "") -> None:
         """Begin ramping α from 0 to 1 over ``steps`` training steps (TRAINING → BLENDING)."""
         self.lifecycle.to(SeedState.BLENDING, reason)

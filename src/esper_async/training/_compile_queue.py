@@ -9,10 +9,10 @@ boundaries (:meth:`CompileQueue.ready`, :meth:`CompileQueue.receive`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import anyio
@@ -91,6 +91,11 @@ class CompileQueue:
     def open(self) -> bool:
         """Whether the queue's task group is running (inside ``async with grower:``)."""
         return self._tg is not None
+
+    @property
+    def pending(self) -> Mapping[str, Blueprint]:
+        """The blueprint compiling for each slot that has a compile in flight (read-only)."""
+        return MappingProxyType(self._pending)
 
     async def start(self, *, compiler: bool) -> None:
         """Open the task group (and the compiler, if ``compiler``); nothing is pending."""

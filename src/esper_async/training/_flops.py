@@ -335,10 +335,11 @@ class FlopLedger:
         ablated forward over the epoch's *full* validation pass: the largest of the epoch's passes
         (others, such as a widening's one-batch draw or a width trial's pass, add their own
         forwards to ``eval`` as they run, and must not stand in for it)."""
+        share = report.eval_cost.get("counterfactual_share", 1.0)  # bounded evaluation
         for name in report.counterfactual:
-            self.totals["counterfactual"] += max(
+            self.totals["counterfactual"] += round(share * max(
                 (ablation.get(name, 0) for ablation in self._passes), default=0
-            )
+            ))
         self._passes.clear()
 
     def add_kernel(self, blueprint: Blueprint, contract: SlotContract) -> None:

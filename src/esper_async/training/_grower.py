@@ -61,7 +61,7 @@ from ..reliability import (
     IncidentKind,
     ReliabilityConfig,
 )
-from ..seeds import SeedSlot, find_slots
+from ..seeds import SeedSlot, SeedState, find_slots
 from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import Telemetry
 from ._compile_queue import CompileQueue
@@ -88,8 +88,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _check_options(graft: str, deadline: int | None, surgery: Any) -> None:
-    if graft not in ("epoch", "step"):
-        raise ValueError(f"graft must be 'epoch' or 'step', got {graft!r}")
+    if graft not in ("epoch", "step", "eager"):
+        raise ValueError(f"graft must be 'epoch', 'step' or 'eager', got {graft!r}")
     if graft == "epoch" and deadline is not None:
         raise ValueError(
             "graft_deadline_epochs applies to graft='step' only: graft='epoch' always grafts "
@@ -134,7 +134,9 @@ class Grower(GrowerState):
     :param seed: RNG seed of the kernels' initial weights and of the default controller.
     :param graft: ``"epoch"`` (default): finished kernels enter their slots at the first epoch
         boundary after germination (reproducible whatever the compile latency); ``"step"``: at
-        the first step boundary after they are ready.
+        the first step boundary after they are ready; ``"eager"``: a seed trains at once as its
+        blueprint's eager module and its validated kernel takes over its parameters when ready
+        (reproducible whatever the latency; see ``docs/async.md``).
     :param graft_deadline_epochs: with ``graft="step"``, a kernel still compiling this many epochs
         after germination is waited for (default 2).
     :param telemetry: the run's telemetry; default: recorded nowhere.
@@ -144,9 +146,10 @@ class Grower(GrowerState):
         rollbacks restore.
     :param reliability: breakers, compile retries, resource limits, the governor.
     :param surgery: architecture changes at epoch boundaries (see ``docs/surgery.md``).
-    :raises ValueError: ``graft`` is neither ``"epoch"`` nor ``"step"``; ``graft_deadline_epochs``
-        is given with ``graft="epoch"`` (which always waits at the first boundary) or is below 1;
-        or the surgery policy's ``fossil_threshold`` exceeds 1.
+    :raises ValueError: ``graft`` is not ``"epoch"``, ``"step"`` or ``"eager"``;
+        ``graft_deadline_epochs`` is given with ``graft="epoch"`` (which always waits at the
+        first boundary) or is below 1; ``graft="eager"`` under data parallelism (a task whose
+        loss is a ``StepConsensus``); or the surgery policy's ``fossil_threshold`` exceeds 1.
     """
 
     def __init__(
@@ -160,7 +163,7 @@ class Grower(GrowerState):
         grow: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
-        graft: Literal["epoch", "step"] = "epoch",
+        graft: Literal["epoch", "step", "eager"] = "epoch",
         graft_deadline_epochs: int | None = None,
         telemetry: Telemetry | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
@@ -178,6 +181,11 @@ class Grower(GrowerState):
         loss_fn = task_loss(self.task)
         #: The task's loss when it is a collective over ranks (then decisions are agreed on).
         self.consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
+        if graft == "eager" and self.consensus is not None:
+            raise ValueError(
+                "graft='eager' swaps each kernel in when it arrives, at a different step on each "
+                "rank (DDP is rebuilt then); under data parallelism use graft='epoch'"
+            )
         self.telemetry = telemetry or Telemetry(tracer_provider=TracerProvider())
         self.controller: Controller = controller or HeuristicController(
             seed=seed, telemetry=self.telemetry
@@ -228,7 +236,10 @@ class Grower(GrowerState):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        """Cancel the compiles still running (they are not needed any more) and close."""
+        """Cancel the compiles still running (they are not needed any more) and close; after a
+        clean exit, seeds still running as their eager module get their kernels first."""
+        if kind is None:
+            await self.actions.await_eager_kernels()
         self.run.close_epoch()
         return await self.compiles.stop(kind, exc, tb)
 
@@ -253,8 +264,8 @@ class Grower(GrowerState):
     def after_step(self, loss: float | torch.Tensor | None = None, *, updated: bool = True) -> None:
         """Call after every optimizer step (between steps: the model is not changing).
 
-        Advances the seeds' blending ramps and, with ``graft="step"``, grafts kernels that
-        finished compiling.
+        Advances the seeds' blending ramps and, with ``graft="step"`` or ``"eager"``, grafts
+        kernels that finished compiling.
 
         :param loss: the step's training loss (for the epoch's ``train_loss``), if known; a
             tensor is summed where it lives and read once, at the end of the epoch (no host
@@ -264,8 +275,11 @@ class Grower(GrowerState):
         self.begin_epoch()
         self.run.count_step(loss, updated=updated)
         for slot in self.slots.values():
-            self.run.transition(slot, slot.on_step)
-        if self.graft == "step":
+            if slot.state is SeedState.BLENDING:  # the one state a step can end (ramp done)
+                self.run.transition(slot, slot.on_step)
+            else:
+                slot.on_step()  # a step counter: no transition to record
+        if self.graft != "epoch":  # "step", "eager": kernels enter at step boundaries
             self.graft_ready()
 
     async def end_epoch(self, val_loader: Iterable[Any]) -> EpochReport:
@@ -361,10 +375,11 @@ class Grower(GrowerState):
         :param how: ``"judge"``: a blended seed is kept if its counterfactual gain (last report)
             exceeds the controller's margin (:class:`~esper_async.control.MarginController`;
             otherwise any gain), culled otherwise, and an unblended one is culled; ``"cull"``:
-            every live seed is culled; ``"keep"``: nothing changes.
+            every live seed is culled; ``"keep"``: nothing changes. With ``graft="eager"``, the
+            kernels of seeds still running as their eager module are waited for first.
         :raises ValueError: ``how`` is none of these.
         """
-        self.actions.settle(how)
+        await self.actions.settle(how)
 
     def graft_ready(self) -> None:
         """Graft every kernel that finished compiling (between steps only)."""

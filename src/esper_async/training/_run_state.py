@@ -82,9 +82,13 @@ class RunState:
         self.epoch_steps += 1
         if updated:
             if isinstance(loss, torch.Tensor):  # summed on its device, read at the epoch's end
-                value = loss.detach().double()  # the same sum as of the values read one by one
+                # One device op a step: a float64 copy first, then an in-place add that casts as
+                # it reads. The same sum as of the values read one by one, in float64.
                 total = self._loss_sum
-                self._loss_sum = value if total is None else total + value
+                if total is None:
+                    self._loss_sum = loss.detach().to(torch.float64, copy=True)
+                else:
+                    total.add_(loss.detach())
                 self._loss_count += 1
             elif loss is not None:
                 self._losses.append(float(loss))

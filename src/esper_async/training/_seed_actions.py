@@ -1,8 +1,10 @@
 """``SeedActions``: the lifecycle steps the grower takes on slots, between steps.
 
 Decisions applied (germinate, blend, fossilize, cull, release, end a width trial), kernels grafted
-when their compiles finish (at a step or an epoch boundary), and the seeds still alive settled at
-the end of training. Every transition is recorded through
+when their compiles finish (at a step or an epoch boundary; with ``graft="eager"``, swapped in for
+the eager module the seed trained as since its germination, see
+:mod:`~esper_async.training._eager_graft`), and the seeds still alive settled at the end of
+training. Every transition is recorded through
 :meth:`~esper_async.training.RunState.transition`. It keeps no state of its own: it acts on the
 :class:`~esper_async.training.Grower`'s parts.
 """
@@ -29,6 +31,7 @@ from ..errors import CompileTimeoutError, SeedRuntimeError
 from ..reliability import BreakerState, IncidentKind, is_out_of_memory
 from ..seeds import SeedSlot, SeedState
 from ._compile_queue import Compiled
+from ._eager_graft import awaits_kernel, eager_for, start_eager, swap_in_kernel
 from ._optim import add_module_params, remove_module_params
 
 if TYPE_CHECKING:
@@ -48,8 +51,9 @@ class SeedActions:
     def __init__(self, grower: Grower) -> None:
         self.grower = grower
 
-    def settle(self, how: Literal["judge", "cull", "keep"]) -> None:
-        """Decide the seeds still alive at the end of training.
+    async def settle(self, how: Literal["judge", "cull", "keep"]) -> None:
+        """Decide the seeds still alive at the end of training (with ``graft="eager"``, after
+        :meth:`await_eager_kernels`: the run ends on validated kernels).
 
         :param how: ``"judge"``: a blended seed is kept if its counterfactual gain (last report)
             exceeds the controller's margin (:class:`~esper_async.control.MarginController`;
@@ -60,6 +64,7 @@ class SeedActions:
         g = self.grower
         if how not in ("judge", "cull", "keep"):
             raise ValueError(f"settle must be 'judge', 'cull' or 'keep', got {how!r}")
+        await self.await_eager_kernels()
         if how == "keep":
             return
         last = g.result.history[-1] if g.result.history else None
@@ -101,14 +106,36 @@ class SeedActions:
             if done is not None:
                 self._graft(done)
 
+    async def await_eager_kernels(self) -> None:
+        """Wait for the kernels of seeds still running as their eager module (``graft="eager"``)
+        and swap them in: called by :meth:`settle` and on leaving the grower's context (never
+        at an epoch boundary, so decisions do not depend on the compile latency)."""
+        g = self.grower
+        while g.compiles.open and any(
+            awaits_kernel(s, g.compiles.pending) for s in g.slots.values()
+        ):
+            # Every compile task sends exactly one message (kernel or error), so this ends.
+            done = await g.compiles.receive()
+            if done is not None:
+                self._graft(done)
+
     def _graft(self, done: Compiled) -> None:
         g = self.grower
         slot = g.slots[done.slot]
-        if slot.state is not SeedState.GERMINATED or slot.blueprint != done.blueprint:
+        eager = eager_for(slot, done.blueprint)  # graft="eager": the slot runs its eager module
+        if eager is None and (
+            slot.state is not SeedState.GERMINATED or slot.blueprint != done.blueprint
+        ):
             return  # the slot moved on (e.g. culled) while the kernel compiled
         breaker = g.breakers[done.blueprint.id]
         if done.module is None or done.kernel is None:
             breaker.record_failure(str(done.error))
+            if eager is not None and not slot.lifecycle.live:  # a fossil cannot be culled
+                detail = (
+                    f"{done.error}; the fossil keeps its eager module (the validator's reference)"
+                )
+                g.incident(IncidentKind.COMPILE_FAILED, slot, detail, done.blueprint)
+                return
             if isinstance(done.error, CompileTimeoutError):
                 g.incident(IncidentKind.COMPILE_TIMEOUT, slot, str(done.error), done.blueprint)
                 self.cull(slot, f"compile timed out: {done.error}", release=True)
@@ -117,8 +144,11 @@ class SeedActions:
                 self.cull(slot, f"compile failed: {done.error}")
             return
         try:
-            g.run.transition(slot, slot.graft, done.module, done.kernel.kernel_id)
-            add_module_params(g.optimizer, done.module)
+            if eager is not None:  # the kernel takes over the eager module's parameters
+                swap_in_kernel(slot, eager, done.module, done.kernel.kernel_id)
+            else:
+                g.run.transition(slot, slot.graft, done.module, done.kernel.kernel_id)
+                add_module_params(g.optimizer, done.module)
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -146,6 +176,15 @@ class SeedActions:
                     g.incident(IncidentKind.GERMINATION_REFUSED, slot, refusal, blueprint)
                     return
                 g.run.transition(slot, slot.germinate, blueprint, reason)
+                if g.graft == "eager":  # train at once as the blueprint's eager module
+                    start_eager(
+                        slot,
+                        seed=g.seed,
+                        device=g.device,
+                        optimizer=g.optimizer,
+                        tracked=g.run.transition,
+                    )
+                    g.rewrap()
                 g.compiles.submit(slot)
             case StartBlending(epochs=epochs, reason=reason):
                 g.run.transition(slot, slot.start_blending, epochs * g.run.steps_per_epoch, reason)

@@ -104,7 +104,7 @@ class Trainer(TrainerState):
         grow: bool = True,
         device: torch.device | str = "cpu",
         seed: int = 0,
-        graft: Literal["epoch", "step"] = "epoch",
+        graft: Literal["epoch", "step", "eager"] = "epoch",
         graft_deadline_epochs: int | None = None,
         telemetry: Telemetry | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
