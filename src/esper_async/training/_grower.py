@@ -62,13 +62,14 @@ from ..reliability import (
     ReliabilityConfig,
 )
 from ..seeds import SeedSlot, SeedState, find_slots
-from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
+from ..surgery import GrowthEvent, GrowthSchedule, SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import Telemetry
 from ._compile_queue import CompileQueue
 from ._faults import Faults
 from ._grower_state import GrowerState
 from ._grower_surgery import GrowerSurgery
 from ._guard import StepConsensus
+from ._host_growth import HostGrowth
 from ._measure import measure_epoch
 from ._run_state import RunState
 from ._seed_actions import SeedActions
@@ -146,6 +147,9 @@ class Grower(GrowerState):
         rollbacks restore.
     :param reliability: breakers, compile retries, resource limits, the governor.
     :param surgery: architecture changes at epoch boundaries (see ``docs/surgery.md``).
+    :param host_schedule: grows the host itself toward a target shape (a
+        :class:`~esper_async.surgery.GrowthSchedule` built on ``model`` and ``optimizer``),
+        applied by :meth:`grow_host`; its progress is in :meth:`state_dict`.
     :raises ValueError: ``graft`` is not ``"epoch"``, ``"step"`` or ``"eager"``;
         ``graft_deadline_epochs`` is given with ``graft="epoch"`` (which always waits at the
         first boundary) or is below 1; ``graft="eager"`` under data parallelism (a task whose
@@ -170,6 +174,7 @@ class Grower(GrowerState):
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         reliability: ReliabilityConfig | None = None,
         surgery: SurgeryPolicyConfig | SurgeryPolicy | None = None,
+        host_schedule: GrowthSchedule | None = None,
     ) -> None:
         if isinstance(surgery, SurgeryPolicyConfig):
             surgery = SurgeryPolicy(surgery, step=lambda: self.step)
@@ -219,6 +224,8 @@ class Grower(GrowerState):
         self.surgeon = GrowerSurgery(self, surgery)
         #: Decisions, grafts, settlement.
         self.actions = SeedActions(self)
+        #: The host's own growth (a GrowthSchedule toward a target shape), if any.
+        self.host = HostGrowth(self, host_schedule)
         self.rewrap()
 
     # --- the context: compiles in flight --------------------------------------------------------
@@ -380,6 +387,18 @@ class Grower(GrowerState):
         :raises ValueError: ``how`` is none of these.
         """
         await self.actions.settle(how)
+
+    async def grow_host(self, *, tokens: int = 0, loss: float | None = None) -> list[GrowthEvent]:
+        """Grow the host by its ``host_schedule``'s stages due now (a step boundary: call it
+        between optimizer steps; the Trainer calls it after each epoch). Seeds in the grown
+        blocks come along; a new rollback snapshot is taken.
+
+        :param tokens: training tokens (or samples) seen so far, for token triggers.
+        :param loss: the latest training loss, for plateau triggers.
+        :returns: the growth events (none without a schedule or when nothing is due).
+        :raises SurgeryError: a stage failed; the model and optimizer are as before it.
+        """
+        return await self.host.grow(tokens=tokens, loss=loss)
 
     def graft_ready(self) -> None:
         """Graft every kernel that finished compiling (between steps only)."""

@@ -16,6 +16,7 @@ resumed run builds its model afresh: the record lists the committed operations, 
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -150,6 +151,7 @@ class GrowerState:
             **self.faults.state_dict(),
             **self.surgeon.state_dict(),
             "steps_per_epoch": self.run.steps_per_epoch,
+            "host_growth": self.host.state_dict(),
         }
         return capture_state(
             epoch=len(self.run.result.history),
@@ -184,6 +186,9 @@ class GrowerState:
         :raises CheckpointMismatchError: the model has surgeries the payload lacks, a recorded
             surgery does not fit it, or its tensors do not.
         """
+        # Host growth first: the grown structure (and the slots copied with it) is what the
+        # payload's tensors and slots fit.
+        self.host.load_state_dict(_host_record(state), path)
         verified = verify_state(state, slots=self.slots, device=self.device, path=path)
         record = verified.restored.record
         try:
@@ -299,3 +304,14 @@ class GrowerState:
     def surgery(self) -> SurgeryPolicy | None:
         """The surgery policy, if any."""
         return self.surgeon.policy
+
+
+def _host_record(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The host-growth record of a payload (``None``: none, or a payload too malformed to hold
+    one: :func:`verify_state` then says what is wrong)."""
+    try:
+        record = json.loads(state["record"])
+        host = record.get("host_growth")
+    except Exception:
+        return None
+    return host if isinstance(host, dict) else None

@@ -27,7 +27,7 @@ from ..control import Controller, EpochReport
 from ..errors import LossAnomaly, SeedRuntimeError, TrainingConfigError
 from ..reliability import ReliabilityConfig
 from ..runtime import StepRunner
-from ..surgery import SurgeryPolicy, SurgeryPolicyConfig
+from ..surgery import GrowthSchedule, SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
 from ._grower import Grower
 from ._guard import StepGuard
@@ -75,6 +75,8 @@ class Trainer(TrainerState):
         runs from the same model, data and seed grow the same seeds into the same weights.
     :param graft, graft_deadline_epochs, telemetry, wrap_model, scheduler, reliability, surgery:
         as :class:`Grower` (the scheduler is stepped once per epoch and checkpointed).
+    :param host_schedule: as :class:`Grower` (built on ``model`` and the ``optimizer`` given
+        here); the Trainer grows the host at epoch boundaries, after each epoch's decisions.
     :param writes_checkpoints: whether this process writes ``fit(checkpoint_dir=...)``'s
         checkpoints (under DDP pass ``ctx.is_leader``).
     :param run_dir, telemetry_config, store, loggers, loop_lag_interval_s: what each fit writes
@@ -111,6 +113,7 @@ class Trainer(TrainerState):
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         reliability: ReliabilityConfig | None = None,
         surgery: SurgeryPolicyConfig | SurgeryPolicy | None = None,
+        host_schedule: GrowthSchedule | None = None,
         writes_checkpoints: bool = True,
         run_dir: str | os.PathLike[str] | None = None,
         telemetry_config: TelemetryConfig | None = None,
@@ -160,6 +163,7 @@ class Trainer(TrainerState):
             scheduler=scheduler,
             reliability=reliability,
             surgery=surgery,
+            host_schedule=host_schedule,
         )
         self.run_dir, self.store, self.loggers = outputs.run_dir, outputs.store, outputs.loggers
         g.compiler.store = self.store or g.compiler.store
@@ -291,6 +295,7 @@ class Trainer(TrainerState):
                 grower.begin_epoch()
                 await self._train_epoch(train_loader, on_step)
                 report = await grower.end_epoch(val_loader)
+                await grower.grow_host(loss=report.train_loss)  # the host's own growth, if due
                 last = epoch + 1 == epochs or self._stop_requested
                 if last:
                     await grower.settle(settle)
