@@ -124,3 +124,53 @@ async def test_the_trainer_grows_the_host_at_an_epoch_boundary() -> None:
     assert len(model.blocks) == 2  # grown after epoch 0 (4 steps), trained in epoch 1
     assert schedule.events[0].step == 4 and len(result.history) == 2
     assert trainer.param_count() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.asyncio
+async def test_seeds_in_stacked_blocks_come_along_in_the_same_slot_mapping() -> None:
+    torch.manual_seed(0)
+    model = Host()
+    ea.wrap(model, ["blocks.0.fc"], example_input=torch.zeros(2, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    schedule = GrowthSchedule(
+        model, opt, probe=torch.zeros(2, 8),
+        stages=[GrowthStage([StackBlocks("blocks", factor=2)], at_step=1, name="x2")],
+    )
+    async with Grower(model, opt, grow=False, host_schedule=schedule) as grower:
+        slots = grower.slots  # what the Trainer's step guard holds
+        await _own_loop(model, opt, grower, 2)
+        assert grower.slots is slots  # updated in place, never rebound
+        assert sorted(slots) == ["blocks.0.fc", "blocks.1.fc"]
+        assert all(s is m for s, m in zip(
+            (slots["blocks.0.fc"], slots["blocks.1.fc"]),
+            (model.blocks[0].fc, model.blocks[1].fc), strict=True))
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_with_less_growth_than_the_model_is_refused() -> None:
+    model, opt, schedule = _build(at_step=2)
+    async with Grower(model, opt, grow=False, host_schedule=schedule) as grower:
+        await _own_loop(model, opt, grower, 1)
+        before = grower.state_dict()  # no growth yet
+        await _own_loop(model, opt, grower, 2)
+        assert len(model.blocks) == 2
+    with pytest.raises(CheckpointMismatchError, match="afresh"):
+        grower.load_state_dict(before)
+
+
+def test_the_trainer_refuses_a_schedule_it_cannot_drive() -> None:
+    from esper_async.surgery import GrowthLR
+
+    model, opt, _ = _build()
+    per_step_lr = GrowthSchedule(
+        model, opt, probe=torch.zeros(2, 8), lr=GrowthLR(peak=1e-2, total_steps=10),
+        stages=[GrowthStage([StackBlocks("blocks")], at_step=2)],
+    )
+    with pytest.raises(TrainingConfigError, match="lr=None"):
+        ea.Trainer(model, optimizer=opt, grow=False, host_schedule=per_step_lr)
+    tokens_only = GrowthSchedule(
+        model, opt, probe=torch.zeros(2, 8),
+        stages=[GrowthStage([StackBlocks("blocks")], at_tokens=1000, name="t")],
+    )
+    with pytest.raises(TrainingConfigError, match="tokens only"):
+        ea.Trainer(model, optimizer=opt, grow=False, host_schedule=tokens_only)

@@ -92,8 +92,8 @@ def adopt_parameters(kernel: nn.Module, eager: EagerSeed, *, slot: str = "") -> 
         raise SeedRuntimeError(
             f"the kernel for slot {slot!r} ({eager.blueprint.name}) does not lay out its "
             f"parameters as the eager module it replaces ({len(mine)} parameters and "
-            f"{len(buffers)} buffers against {len(theirs)} and {len(their_buffers)}); the seed "
-            "keeps its eager module; recompile the blueprint",
+            f"{len(buffers)} buffers against {len(theirs)} and {len(their_buffers)}); the seed is "
+            "culled and its blueprint's breaker records a failure",
             slot=slot,
         )
     for (name, _), param in zip(mine, theirs, strict=True):

@@ -55,10 +55,10 @@ from ._replay import operation_from_record as operation_from_record
 from ._replay import operation_record as operation_record
 from ._replay import replay_operations as replay_operations
 from ._residual_width import WidenResidual as WidenResidual
-from ._schedule import GrowthEvent as GrowthEvent
 from ._schedule import GrowthLR as GrowthLR
 from ._schedule import GrowthSchedule as GrowthSchedule
 from ._schedule import GrowthStage as GrowthStage
+from ._schedule import HostGrowthEvent as HostGrowthEvent
 from ._schedule import Plateau as Plateau
 from ._stack import InsertIdentityBlocks as InsertIdentityBlocks
 from ._stack import StackBlocks as StackBlocks
@@ -88,10 +88,10 @@ __all__ = (
     "GatedResidual",
     "GatedShortcut",
     "GrowthCouplingError",
-    "GrowthEvent",
     "GrowthLR",
     "GrowthSchedule",
     "GrowthStage",
+    "HostGrowthEvent",
     "InsertAfter",
     "InsertIdentityBlocks",
     "ModelSurgeon",

@@ -17,7 +17,7 @@ loss plateau; whichever comes first). :meth:`GrowthSchedule.maybe_grow`, called 
 optimizer step, fires the stages that are due, in order, each in one
 :meth:`ModelSurgeon.transaction <esper_async.surgery.ModelSurgeon.transaction>` (validated, and
 rolled back bitwise if anything fails), then sets the learning rate of every parameter group for
-the coming step from :class:`GrowthLR`. Each growth is recorded as a :class:`GrowthEvent`;
+the coming step from :class:`GrowthLR`. Each growth is recorded as a :class:`HostGrowthEvent`;
 :meth:`GrowthSchedule.state_dict` holds them, and on resume :meth:`GrowthSchedule.load_state_dict`
 followed by :meth:`GrowthSchedule.replay` rebuilds the grown structure on a freshly built start
 model before its checkpointed tensors are loaded.
@@ -51,7 +51,7 @@ from ..errors import SurgeryError
 from ._operations import SurgeryOperation
 from ._transaction import ModelSurgeon
 
-__all__ = ("GrowthEvent", "GrowthLR", "GrowthSchedule", "GrowthStage", "Plateau")
+__all__ = ("GrowthLR", "GrowthSchedule", "GrowthStage", "HostGrowthEvent", "Plateau")
 
 _log = structlog.get_logger(__name__)
 
@@ -207,7 +207,7 @@ def _cosine(high: float, low: float, done: int, length: int) -> float:
 
 
 @dataclass(frozen=True)
-class GrowthEvent:
+class HostGrowthEvent:
     """A stage that fired (JSON-ready via :func:`dataclasses.asdict`).
 
     :ivar stage: its index in the schedule.
@@ -262,7 +262,7 @@ class GrowthSchedule:
         self.probe = probe
         self.lr = lr
         self.surgeon = surgeon or ModelSurgeon()
-        self.events: list[GrowthEvent] = []
+        self.events: list[HostGrowthEvent] = []
         self._ema: float | None = None
         self._best: float | None = None
         self._stale = 0
@@ -309,7 +309,7 @@ class GrowthSchedule:
 
     def maybe_grow(
         self, *, step: int, tokens: int = 0, loss: float | None = None
-    ) -> list[GrowthEvent]:
+    ) -> list[HostGrowthEvent]:
         """Fire the stages due before optimizer step ``step``, then set the rates for it.
 
         Call it before each step, outside any event loop (from async code use
@@ -336,7 +336,7 @@ class GrowthSchedule:
 
     async def maybe_grow_async(
         self, *, step: int, tokens: int = 0, loss: float | None = None
-    ) -> list[GrowthEvent]:
+    ) -> list[HostGrowthEvent]:
         """:meth:`maybe_grow` for async code (a trainer's step hook).
 
         :raises SurgeryError: a stage failed; the model and optimizer are as before it.
@@ -346,14 +346,14 @@ class GrowthSchedule:
             return []
         return await self._grow_due(step, tokens, loss)
 
-    async def _grow_due(self, step: int, tokens: int, loss: float | None) -> list[GrowthEvent]:
+    async def _grow_due(self, step: int, tokens: int, loss: float | None) -> list[HostGrowthEvent]:
         fired = [await self._fire(step, tokens, loss)]
         while self.due(step=step, tokens=tokens):
             fired.append(await self._fire(step, tokens, loss))
         self._set_lr(step)
         return fired
 
-    async def _fire(self, step: int, tokens: int, loss: float | None) -> GrowthEvent:
+    async def _fire(self, step: int, tokens: int, loss: float | None) -> HostGrowthEvent:
         index = len(self.events)
         stage = self.stages[index]
         started = time.perf_counter()
@@ -363,7 +363,7 @@ class GrowthSchedule:
             for op in ops:
                 await tx.stage(op)
         self.model = tx.model
-        event = GrowthEvent(
+        event = HostGrowthEvent(
             stage=index,
             name=stage.name or f"stage {index}",
             step=step,
@@ -408,18 +408,26 @@ class GrowthSchedule:
                 f"{STATE_VERSION}",
                 operation="growth schedule resume",
             )
-        events = [GrowthEvent(**e) for e in state["events"]]
+        events = [HostGrowthEvent(**e) for e in state["events"]]
         if len(events) > len(self.stages) or any(e.stage != i for i, e in enumerate(events)):
             raise SurgeryError(
                 f"the saved schedule fired stages {[e.stage for e in events]}, which do not fit "
                 f"this schedule's {len(self.stages)} stages; build the same schedule to resume",
                 operation="growth schedule resume",
             )
+        held = self.events[: self._replayed]  # growth the live model holds already
+        if [e.stage for e in events[: len(held)]] != [e.stage for e in held]:
+            raise SurgeryError(
+                f"the model already holds stages {[e.stage for e in held]}, which the saved "
+                f"schedule ({[e.stage for e in events]}) does not start with; build the model "
+                "afresh before loading",
+                operation="growth schedule resume",
+            )
         self.events = events
         plateau = state.get("plateau", {})
         self._ema, self._best = plateau.get("ema"), plateau.get("best")
         self._stale = int(plateau.get("stale", 0))
-        self._replayed = 0
+        self._replayed = len(held)  # replay() applies only the stages after these
 
     def replay(self) -> nn.Module:
         """Re-apply the recorded stages to the (freshly built, start-shape) model, in order, so

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..control import Counterfactual
 from ..seeds import SeedSlot, SeedState
-from ._evaluate import Measured
+from ._evaluate import Measured, _Mean
 from ._task import Task
 
 __all__ = ("EvalCost", "bounded_evaluate", "selected", "strided")
@@ -78,20 +78,6 @@ class EvalCost:
             "counterfactual_share": self.counterfactual_batches / max(1, self.batches),
             "fraction": self.fraction,
         }
-
-
-class _Mean:
-    def __init__(self) -> None:
-        self.weight = 0
-        self.sums: dict[str, float] = {}
-
-    def add(self, loss: float, metrics: Mapping[str, float], weight: int) -> None:
-        self.weight += weight
-        for name, value in {"loss": loss, **metrics}.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value * weight
-
-    def means(self) -> dict[str, float]:
-        return {k: v / max(1, self.weight) for k, v in self.sums.items()}
 
 
 @torch.no_grad()

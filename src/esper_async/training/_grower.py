@@ -62,7 +62,7 @@ from ..reliability import (
     ReliabilityConfig,
 )
 from ..seeds import SeedSlot, SeedState, find_slots
-from ..surgery import GrowthEvent, GrowthSchedule, SurgeryPolicy, SurgeryPolicyConfig
+from ..surgery import GrowthSchedule, HostGrowthEvent, SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import Telemetry
 from ._compile_queue import CompileQueue
 from ._faults import Faults
@@ -388,7 +388,9 @@ class Grower(GrowerState):
         """
         await self.actions.settle(how)
 
-    async def grow_host(self, *, tokens: int = 0, loss: float | None = None) -> list[GrowthEvent]:
+    async def grow_host(
+        self, *, tokens: int = 0, loss: float | None = None
+    ) -> list[HostGrowthEvent]:
         """Grow the host by its ``host_schedule``'s stages due now (a step boundary: call it
         between optimizer steps; the Trainer calls it after each epoch). Seeds in the grown
         blocks come along; a new rollback snapshot is taken.

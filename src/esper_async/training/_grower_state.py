@@ -176,7 +176,10 @@ class GrowerState:
         the next epoch is the one after the payload's last. Call before ``async with grower:``
         on a grower built as the saved one was (a fresh model, wrapped with the same slots).
         Everything that can be checked without touching the run is checked first, so a payload
-        that does not verify changes nothing.
+        that does not verify changes nothing, with one exception: a ``host_schedule``'s growth
+        is replayed first (the payload's tensors fit the grown host), and stays if the payload
+        then fails; a later load of a checkpoint with less growth is refused
+        (:class:`CheckpointMismatchError`), so build the model afresh for it.
 
         :param state: the payload.
         :param generator: the training loader's RNG, to resume its order.

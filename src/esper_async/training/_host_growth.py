@@ -20,7 +20,7 @@ import structlog
 from ..errors import SurgeryError, TrainingConfigError
 from ..reliability import CheckpointMismatchError
 from ..seeds import find_slots
-from ..surgery import GrowthEvent, GrowthSchedule
+from ..surgery import GrowthSchedule, HostGrowthEvent
 
 if TYPE_CHECKING:
     from ._grower import Grower
@@ -49,7 +49,7 @@ class HostGrowth:
         self.grower = grower
         self.schedule = schedule
 
-    async def grow(self, *, tokens: int, loss: float | None) -> list[GrowthEvent]:
+    async def grow(self, *, tokens: int, loss: float | None) -> list[HostGrowthEvent]:
         """Fire the stages due at this step boundary; bring the Grower up to date after each.
 
         :raises SurgeryError: a stage failed (the model and optimizer are as before it).
@@ -78,7 +78,9 @@ class HostGrowth:
         assert self.schedule is not None
         g = self.grower
         g.model = self.schedule.model
-        g.slots = find_slots(g.model)
+        # In place: the step guard and the Grower's parts hold this very dict.
+        g.slots.clear()
+        g.slots.update(find_slots(g.model))
         g.restored()
 
     def state_dict(self) -> dict[str, Any] | None:
@@ -92,7 +94,15 @@ class HostGrowth:
         :raises CheckpointMismatchError: the checkpoint recorded host growth and the Grower has
             no schedule, or its stages do not fit this schedule or model.
         """
-        if not state or not state.get("events"):
+        saved = len(state.get("events", [])) if state else 0
+        if self.schedule is not None and saved < len(self.schedule.events):
+            raise CheckpointMismatchError(
+                f"the model has grown by {len(self.schedule.events)} host-growth stages and "
+                f"checkpoint {path} records {saved}; build the model and the schedule afresh "
+                "to restore it",
+                path=path,
+            )
+        if not state or not saved:
             return
         if self.schedule is None:
             raise CheckpointMismatchError(
@@ -134,3 +144,24 @@ def _run_outside_loop(fn: Any) -> Any:
     if "error" in out:
         raise out["error"]
     return out.get("value")
+
+
+def check_for_trainer(schedule: GrowthSchedule) -> None:
+    """Refuse what the Trainer cannot drive: it calls the schedule once per epoch boundary with
+    the step count, and steps learning rates through its own ``scheduler``.
+
+    :raises TrainingConfigError: a stage whose only trigger is ``at_tokens`` (it would never
+        fire), or a schedule that sets learning rates (``lr``; they would move once per epoch).
+    """
+    if schedule.lr is not None:
+        raise TrainingConfigError(
+            "the Trainer calls a host_schedule once per epoch, so its GrowthLR would set the "
+            "learning rate once per epoch: build the schedule with lr=None and give the Trainer "
+            "a scheduler=, or drive the schedule per step from your own loop with a Grower"
+        )
+    for stage in schedule.stages:
+        if stage.at_step is None and stage.plateau is None:
+            raise TrainingConfigError(
+                f"host_schedule stage {stage.name!r} triggers on tokens only, which the Trainer "
+                "does not count: give it at_step= (steps) or plateau= (counted in epochs here)"
+            )

@@ -147,6 +147,7 @@ class FitProgress:
         label: str | None = None,
         console: Console | None = None,
         clock: Callable[[], float] = time.monotonic,
+        events_seen: int = 0,
     ) -> None:
         mode = check_progress(mode)
         if mode == "auto":
@@ -162,7 +163,7 @@ class FitProgress:
         #: The mode in use (``"auto"`` resolved).
         self.mode: ProgressMode = mode
         self.epochs, self.label, self._clock = epochs, label, clock
-        self._events_seen = 0
+        self._events_seen = events_seen  # a resumed fit's earlier events are not new
         self._steps = 0
         self._loss_sum, self._loss_count = 0.0, 0
         self._last_val = ""

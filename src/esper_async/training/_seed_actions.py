@@ -149,6 +149,10 @@ class SeedActions:
             else:
                 g.run.transition(slot, slot.graft, done.module, done.kernel.kernel_id)
                 add_module_params(g.optimizer, done.module)
+        except SeedRuntimeError as exc:  # a kernel that does not fit its eager module
+            breaker.record_failure(str(exc))
+            g.seed_failed(exc)  # culled, with its incident
+            return
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise

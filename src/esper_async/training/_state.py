@@ -89,7 +89,8 @@ class TrainerState:
         self, state: dict[str, Any], *, generator: torch.Generator | None = None, path: str = ""
     ) -> Restored:
         """Put :meth:`state_dict`'s payload back (replaying its surgeries on the model first);
-        a payload that does not verify changes nothing.
+        a payload that does not verify changes nothing (host growth aside: see
+        :meth:`Grower.load_state_dict`).
 
         :param state: the payload.
         :param generator: the training loader's RNG, to resume its order.

@@ -31,6 +31,7 @@ from ..surgery import GrowthSchedule, SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
 from ._grower import Grower
 from ._guard import StepGuard
+from ._host_growth import check_for_trainer
 from ._lagged import LaggedPump
 from ._loaders import batch_count, check_loaders, loader_generator, no_batches
 from ._masked import MaskedStep
@@ -92,6 +93,8 @@ class Trainer(TrainerState):
         and ``compiler`` are given; ``loop_lag_interval_s`` is not positive; an unknown
         ``precision``; or as :class:`Grower`.
     :raises TelemetryConfigError: an unknown ``progress`` mode.
+    :raises TrainingConfigError: a ``host_schedule`` the Trainer cannot drive (token-only
+        triggers, or learning rates of its own).
     """
 
     def __init__(
@@ -123,6 +126,8 @@ class Trainer(TrainerState):
         precision: Precision = "fp32",
         progress: ProgressMode | bool = "auto",
     ) -> None:
+        if host_schedule is not None:
+            check_for_trainer(host_schedule)
         if task is not None and loss_fn is not None:
             raise ValueError("give Trainer a task or a loss_fn, not both (the task has its loss)")
         if precision not in ("fp32", "bf16"):
@@ -290,7 +295,7 @@ class Trainer(TrainerState):
             # [progress hook 2/5] construct this fit's display; the stack closes it (hook 5/5).
             self._progress = stack.enter_context(FitProgress(
                 self.progress, epochs=epochs, first_epoch=first, label=label,
-                steps_per_epoch=batch_count(train_loader) or 0))
+                steps_per_epoch=batch_count(train_loader) or 0, events_seen=len(result.events)))
             for epoch in range(first, epochs):
                 grower.begin_epoch()
                 await self._train_epoch(train_loader, on_step)
