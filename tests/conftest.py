@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import structlog
@@ -26,3 +26,20 @@ def _restore_structlog() -> Iterator[None]:
     saved = structlog.get_config()
     yield
     structlog.configure(**saved)
+
+
+@pytest.fixture
+def tiny_gpt2() -> Callable[[], torch.nn.Module]:
+    """Builds a Hugging Face ``GPT2LMHeadModel`` from a tiny config (seeded; nothing is
+    downloaded); skips where ``transformers`` is not installed."""
+    transformers = pytest.importorskip("transformers")
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(
+            vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+            bos_token_id=0, eos_token_id=0,
+        )
+        return transformers.GPT2LMHeadModel(config)
+
+    return build

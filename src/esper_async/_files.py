@@ -35,6 +35,7 @@ __all__ = (
     "FileTooLarge",
     "NotARegularFile",
     "atomic_writer",
+    "file_kind",
     "open_append",
     "open_regular",
     "read_regular",
@@ -57,9 +58,12 @@ class FileTooLarge(OSError):
     """A file holds more bytes than its reader's cap."""
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, for messages (``"a FIFO"``, ``"a device"`` ...)."""
     if stat.S_ISDIR(mode):
         return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
     if stat.S_ISFIFO(mode):
         return "a FIFO"
     if stat.S_ISSOCK(mode):
@@ -75,7 +79,7 @@ def _open_checked(path: str | os.PathLike[str]) -> tuple[int, int]:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = _kind(info.st_mode)
+            kind = file_kind(info.st_mode)
             raise NotARegularFile(
                 errno.EINVAL, f"{kind}, not a regular file; refused unread", os.fspath(path)
             )
@@ -216,7 +220,7 @@ def open_append(path: str | os.PathLike[str]) -> IO[str]:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise NotARegularFile(
-                errno.EINVAL, f"{_kind(info.st_mode)}, not a regular file", os.fspath(path)
+                errno.EINVAL, f"{file_kind(info.st_mode)}, not a regular file", os.fspath(path)
             )
         os.set_blocking(fd, True)
     except BaseException:

@@ -17,18 +17,7 @@ transformers = pytest.importorskip("transformers")
 NO_CACHE = {"use_cache": False}  # a DynamicCache is no output torch.export can carry
 
 
-def _grown_gpt2() -> tuple[torch.nn.Module, SeedSlot]:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=32,
-        n_positions=16,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config)
+def _grown_gpt2(model: torch.nn.Module) -> tuple[torch.nn.Module, SeedSlot]:
     ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(1))
     slot = ea.wrap(model, ["transformer.h.0.mlp"], example_input=ids)["transformer.h.0.mlp"]
     assert slot.contract is not None and slot.contract.kind is ea.SlotKind.TOKEN
@@ -45,8 +34,8 @@ def _grown_gpt2() -> tuple[torch.nn.Module, SeedSlot]:
     return model.eval(), slot
 
 
-def test_a_gpt2_fx_cannot_trace_exports_through_torch_export(tmp_path: Path) -> None:
-    model, slot = _grown_gpt2()
+def test_a_gpt2_fx_cannot_trace_exports_through_torch_export(tmp_path: Path, tiny_gpt2) -> None:
+    model, slot = _grown_gpt2(tiny_gpt2())
     ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(2))
     with pytest.raises(ExportError, match=r"pass example_input= .* through torch.export"):
         ea.export_model(model)  # no example: torch.export has nothing to trace with
@@ -67,8 +56,8 @@ def test_a_gpt2_fx_cannot_trace_exports_through_torch_export(tmp_path: Path) -> 
         torch.testing.assert_close(loaded(three, use_cache=False).logits, want, atol=1e-6, rtol=0)
 
 
-def test_when_both_tracers_fail_the_error_names_both_and_the_way_out() -> None:
-    model, _ = _grown_gpt2()
+def test_when_both_tracers_fail_the_error_names_both_and_the_way_out(tiny_gpt2) -> None:
+    model, _ = _grown_gpt2(tiny_gpt2())
     ids = torch.randint(0, 32, (2, 12))
     with pytest.raises(
         ExportError,

@@ -19,18 +19,7 @@ transformers = pytest.importorskip("transformers")
 SLOTS = ["transformer.h.0.mlp", "transformer.h.1.mlp"]
 
 
-def _gpt2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=32,
-        n_positions=16,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config)
+def _gpt2(model: torch.nn.Module) -> torch.nn.Module:
     ea.wrap(model, SLOTS, example_input=torch.zeros(2, 12, dtype=torch.long))
     return model
 
@@ -50,8 +39,8 @@ def _eager() -> ea.HeuristicController:
 
 
 @pytest.mark.slow
-def test_gpt2_grows_under_the_grower_in_a_hand_written_loop() -> None:
-    model = _gpt2()
+def test_gpt2_grows_under_the_grower_in_a_hand_written_loop(tiny_gpt2) -> None:
+    model = _gpt2(tiny_gpt2())
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     train, val = _batches(8, 0), _batches(2, 1)
 
@@ -81,8 +70,8 @@ def test_gpt2_grows_under_the_grower_in_a_hand_written_loop() -> None:
 
 
 @pytest.mark.slow
-def test_gpt2_grows_under_the_trainer() -> None:
-    model = _gpt2()
+def test_gpt2_grows_under_the_trainer(tiny_gpt2) -> None:
+    model = _gpt2(tiny_gpt2())
     trainer = ea.Trainer(model, task=HFCausalLMTask(), controller=_eager(), seed=0)
     result = anyio.run(lambda: trainer.fit(_batches(8, 0), _batches(2, 1), epochs=3))
     assert result.history[-1].val_loss < result.history[0].val_loss
@@ -91,8 +80,8 @@ def test_gpt2_grows_under_the_trainer() -> None:
     assert ("germinated", "training") in moves  # a kernel was grafted
 
 
-def test_self_loss_task_refuses_what_cannot_give_a_loss() -> None:
-    model = _gpt2()
+def test_self_loss_task_refuses_what_cannot_give_a_loss(tiny_gpt2) -> None:
+    model = _gpt2(tiny_gpt2())
     ids = torch.randint(0, 32, (2, 12))
     task = SelfLossTask()
     with pytest.raises(TaskError, match="must be a mapping"):

@@ -31,6 +31,7 @@ import aiofiles.os
 import anyio
 import structlog
 
+from .._files import file_kind
 from ..errors import StoreError, StoreIntegrityError
 
 __all__ = ("BlobStore", "sha256_hex")
@@ -65,18 +66,6 @@ def _check_digest(digest: str) -> None:
         raise StoreError(f"{digest!r} is not a hex sha256 digest")
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a device or special file"
-
-
 def _read_regular(path: Path, digest: str) -> bytes:
     """Read the regular file ``path`` whole (blocking); anything else is an integrity error."""
     try:
@@ -87,7 +76,8 @@ def _read_regular(path: Path, digest: str) -> bytes:
         raise StoreError(f"cannot stat blob {digest[:12]} ({path}): {exc}") from exc
     if not stat.S_ISREG(info.st_mode):
         raise StoreIntegrityError(
-            f"blob {digest[:12]} is {_kind(info.st_mode)}, not a regular file ({path})", key=digest
+            f"blob {digest[:12]} is {file_kind(info.st_mode)}, not a regular file ({path})",
+            key=digest,
         )
     try:
         fd = os.open(path, _OPEN_FLAGS)
@@ -101,7 +91,7 @@ def _read_regular(path: Path, digest: str) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise StoreIntegrityError(
-                f"blob {digest[:12]} is {_kind(info.st_mode)}, not a regular file", key=digest
+                f"blob {digest[:12]} is {file_kind(info.st_mode)}, not a regular file", key=digest
             )
         chunks: list[bytes] = []
         remaining = info.st_size
@@ -234,7 +224,7 @@ class BlobStore:
             _log.warning(
                 "store.irregular_blob_quarantined",
                 kernel_id=digest,
-                kind=_kind(info.st_mode),
+                kind=file_kind(info.st_mode),
                 moved_to=str(moved),
             )
 
