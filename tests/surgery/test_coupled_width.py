@@ -7,22 +7,11 @@ import anyio
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import esper_async as ea
-from esper_async.surgery import CoupledWidthError
-from esper_async.surgery._widen_slot import find_slot_consumers
+from esper_async.surgery import CoupledWidthError, find_slot_consumers
 
-
-class SwiGLU(nn.Module):
-    def __init__(self, d: int, hidden: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d, hidden, bias=False)
-        self.up = nn.Linear(d, hidden, bias=False)
-        self.down = nn.Linear(hidden, d, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+from ._host_models import SwiGLU
 
 
 class Block(nn.Module):
