@@ -139,3 +139,13 @@ def resumed(
 def new_grads(model: nn.Module, known: set[int]) -> dict[str, torch.Tensor]:
     """Gradients of the parameters that are not in ``known`` (ids), by name."""
     return {n: p.grad for n, p in model.named_parameters() if id(p) not in known}
+
+
+def trained(build: Any, steps: int = 3) -> tuple[nn.Module, torch.optim.AdamW]:
+    """``build()`` seeded, then ``steps`` AdamW steps on token batches (moments not zero)."""
+    torch.manual_seed(0)
+    model = build()
+    opt = adamw(model)
+    for i in range(steps):
+        lm_step(model, opt, tokens(seed=i))
+    return model, opt

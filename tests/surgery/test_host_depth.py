@@ -17,16 +17,8 @@ from esper_async.surgery import (
 )
 
 from ._helpers import assert_same, evaluate, fingerprint
-from ._host_models import UserLM, adamw, lm_step, resumed, tiny_gpt, tokens
-
-
-def _trained(build, steps: int = 3):
-    torch.manual_seed(0)
-    model = build()
-    opt = adamw(model)
-    for i in range(steps):
-        lm_step(model, opt, tokens(seed=i))
-    return model, opt
+from ._host_models import UserLM, lm_step, resumed, tiny_gpt, tokens
+from ._host_models import trained as _trained
 
 
 @pytest.mark.asyncio

@@ -18,21 +18,13 @@ from esper_async.surgery import (
 
 from ._helpers import assert_same, evaluate, fingerprint
 from ._host_models import VOCAB, UserBlock, UserLM, adamw, lm_step, resumed, tiny_gpt, tokens
+from ._host_models import trained as _trained
 
 BUILDS = {
     "gpt": (tiny_gpt, 48),
     "gpt_bias": (lambda: tiny_gpt(bias=True), 64),
     "user": (UserLM, 40),
 }
-
-
-def _trained(build, steps: int = 3):
-    torch.manual_seed(0)
-    model = build()
-    opt = adamw(model)
-    for i in range(steps):
-        lm_step(model, opt, tokens(seed=i))
-    return model, opt
 
 
 @pytest.mark.asyncio
