@@ -12,24 +12,25 @@ the machine's load affects them alike):
 * ``dormant``: the same with a slot on every candidate layer, all dormant;
 * ``seeds``: the same with two seeds in TRAINING.
 
-A block of the plain loop is ``steps`` steps; a block of a trainer is one ``fit(epochs=1)`` over
-the same ``steps`` batches, timed from its first step's report to its last (``on_step``), so the
-epoch boundary (validation, snapshot) is left out; the plain loop's time per step is measured over
-the same ``steps - 1`` intervals. After the timed blocks, each trainer runs ``LAG_BLOCKS`` more
-with a loop-lag monitor (a 5 ms heartbeat) beside it; their lateness percentiles are
-``loop_lag_ms``. Those blocks are not timed, so that the heartbeat's wake-ups (each takes the GIL
-from the thread that launches the step) cannot slow the timed steps. A fifth loop, ``plain_seeds``,
-is the plain loop over a copy of the model with the same two seeds grafted (its optimizer holds
-their parameters too): ``seeds_over_plain_seeds`` is what the trainer costs beyond the seeds' own
-compute. Every trainer uses its defaults (on a GPU: lagged verdicts, fused Adam;
-``--verdict sync|lagged`` forces one kind); the plain loop uses the same optimizer. Figures: the
-median seconds per step of each loop, ``ratio`` = loop / plain, and the GPU's utilisation sampled
-after each block (``torch.cuda.utilization``, when pynvml is installed).
+A block of the plain loop is ``steps`` steps; a block of a trainer is one ``fit(epochs=1)`` over the
+same ``steps`` batches, timed from its first step's report to its last (``on_step``), so the epoch
+boundary (validation, snapshot) is left out; the plain loop's time per step is measured over the
+same ``steps - 1`` intervals. After the timed blocks, each trainer runs ``LAG_BLOCKS`` more with a
+loop-lag monitor (a 5 ms heartbeat) beside it; their lateness percentiles are ``loop_lag_ms``. Those
+blocks are not timed, so that the heartbeat's wake-ups (each takes the GIL from the thread that
+launches the step) cannot slow the timed steps. A fifth loop, ``plain_seeds``, is the plain loop
+over a copy of the model with the same two seeds grafted (its optimizer holds their parameters too):
+``seeds_over_plain_seeds`` is what the trainer costs beyond the seeds' own compute. A sixth,
+``plain_after_step``, is the plain loop over the dormant-slot model with ``Grower.after_step(loss)``
+after each step (a user's own loop with growth). Every trainer uses its defaults (on a GPU: lagged
+verdicts, fused Adam; ``--verdict sync|lagged`` forces one kind); the plain loop uses the same
+optimizer. Figures: the median seconds per step of each loop, ``ratio`` = loop / plain, and the
+GPU's utilisation sampled after each block (``torch.cuda.utilization``, when pynvml is installed).
 
 Workloads: the demo host (``DigitsHost``, batch 64 of 1×8×8); a CIFAR-shaped ResNet-18 (batch 256 of
-synthetic 3×32×32); the GPT of ``esper_async.apps.gpt`` (6 × 384, 64 × 256 tokens). ``--quick``
-shrinks batches, models and repeats so that a CPU run takes a few minutes.
-"""
+synthetic 3×32×32) and the small ResNet (one block a stage, 4.9M parameters, same batch); the GPT of
+``esper_async.apps.gpt`` (6 × 384, 64 × 256 tokens). ``--quick`` shrinks batches, models and repeats
+so that a CPU run takes a few minutes."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, machine
 
-from esper_async import Trainer, library
+from esper_async import Grower, Trainer, library
 from esper_async.apps.demo import DigitsHost
 from esper_async.apps.gpt import GPT, GPTConfig
 from esper_async.errors import BlueprintError
@@ -78,8 +79,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.short = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.short = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                       nn.BatchNorm2d(c_out))
+            self.short = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -87,18 +89,21 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """The CIFAR-10 ResNet-18 (3×3 stem, no max-pool; 11.2M parameters at ``width=64``)."""
+    """The CIFAR-10 ResNet-18 (3×3 stem, no max-pool; 11.2M parameters at ``width=64``).
+    ``blocks=1``: one basic block a stage, the small ResNet (4.9M parameters at ``width=64``)."""
 
-    def __init__(self, width: int = 64, classes: int = 10) -> None:
+    def __init__(self, width: int = 64, classes: int = 10, blocks: int = 2) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         layers: list[nn.Module] = []
         c = width
         for i, mult in enumerate((1, 2, 4, 8)):
             out = width * mult
             stride = 1 if i == 0 else 2
-            layers.append(nn.Sequential(BasicBlock(c, out, stride), BasicBlock(out, out, 1)))
+            rest = [BasicBlock(out, out, 1) for _ in range(blocks - 1)]
+            layers.append(nn.Sequential(BasicBlock(c, out, stride), *rest))
             c = out
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.fc = nn.Linear(c, classes)
@@ -113,27 +118,50 @@ def _workloads(quick: bool) -> dict[str, dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     demo_n = 64
     res_n, res_w = (16, 16) if quick else (256, 64)
-    gpt_cfg = (GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=64) if quick
-               else GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384))
+    gpt_cfg = (
+        GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=64)
+        if quick
+        else GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
+    )
     gpt_n, gpt_t = (8, 64) if quick else (64, 256)
     return {
         "demo": {
-            "model": DigitsHost, "task": ClassificationTask(),
-            "batch": lambda: (torch.randn(demo_n, 1, 8, 8, generator=gen),
-                              torch.randint(0, 10, (demo_n,), generator=gen)),
-            "slots": ["conv1", "conv2", "fc1"], "example": torch.zeros(2, 1, 8, 8),
+            "model": DigitsHost,
+            "task": ClassificationTask(),
+            "batch": lambda: (
+                torch.randn(demo_n, 1, 8, 8, generator=gen),
+                torch.randint(0, 10, (demo_n,), generator=gen),
+            ),
+            "slots": ["conv1", "conv2", "fc1"],
+            "example": torch.zeros(2, 1, 8, 8),
         },
         "resnet18": {
-            "model": lambda: ResNet18(res_w), "task": ClassificationTask(),
-            "batch": lambda: (torch.randn(res_n, 3, 32, 32, generator=gen),
-                              torch.randint(0, 10, (res_n,), generator=gen)),
+            "model": lambda: ResNet18(res_w),
+            "task": ClassificationTask(),
+            "batch": lambda: (
+                torch.randn(res_n, 3, 32, 32, generator=gen),
+                torch.randint(0, 10, (res_n,), generator=gen),
+            ),
+            "slots": ["layer1", "layer2", "layer3", "layer4"],
+            "example": torch.zeros(2, 3, 32, 32),
+        },
+        "resnet_small": {
+            "model": lambda: ResNet18(res_w, blocks=1),
+            "task": ClassificationTask(),
+            "batch": lambda: (
+                torch.randn(res_n, 3, 32, 32, generator=gen),
+                torch.randint(0, 10, (res_n,), generator=gen),
+            ),
             "slots": ["layer1", "layer2", "layer3", "layer4"],
             "example": torch.zeros(2, 3, 32, 32),
         },
         "gpt": {
-            "model": lambda: GPT(gpt_cfg), "task": LanguageModelTask(),
-            "batch": lambda: (torch.randint(0, 65, (gpt_n, gpt_t), generator=gen),
-                              torch.randint(0, 65, (gpt_n, gpt_t), generator=gen)),
+            "model": lambda: GPT(gpt_cfg),
+            "task": LanguageModelTask(),
+            "batch": lambda: (
+                torch.randint(0, 65, (gpt_n, gpt_t), generator=gen),
+                torch.randint(0, 65, (gpt_n, gpt_t), generator=gen),
+            ),
             "slots": [f"blocks.{i}.mlp" for i in range(gpt_cfg.n_layer)],
             "example": torch.zeros(2, gpt_t, dtype=torch.long),
         },
@@ -182,7 +210,12 @@ VERDICT: str | None = None
 
 
 def _trainer_kwargs(device: torch.device, precision: str) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"grow": False, "device": device, "loop_lag_interval_s": None}
+    kwargs: dict[str, Any] = {
+        "grow": False,
+        "device": device,
+        "loop_lag_interval_s": None,
+        "progress": "off",
+    }
     if VERDICT is not None:
         from esper_async.reliability import ReliabilityConfig
 
@@ -197,8 +230,14 @@ def _trainer_kwargs(device: torch.device, precision: str) -> dict[str, Any]:
 class Plain:
     """The plain loop over ``batches`` (already on the device)."""
 
-    def __init__(self, model: nn.Module, task: Any, batches: list[Batch],
-                 device: torch.device, precision: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        batches: list[Batch],
+        device: torch.device,
+        precision: str,
+    ) -> None:
         self.model, self.task, self.batches, self.device = model, task, batches, device
         self.opt = _optimizer(model, device)
         self.dtype = torch.bfloat16 if precision == "bf16" else None
@@ -211,8 +250,9 @@ class Plain:
                 _sync(self.device)
                 start = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                enabled=self.dtype is not None):
+            with torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.dtype is not None
+            ):
                 _, loss = self.task.forward(self.model, batch)
             loss.backward()
             self.opt.step()
@@ -220,15 +260,53 @@ class Plain:
         return (time.perf_counter() - start) / (len(self.batches) - 1)
 
 
+class PlainAfterStep(Plain):
+    """The plain loop plus ``Grower.after_step(loss)`` after every optimizer step (a user's own
+    loop with growth, here with every slot dormant and ``grow=False``: the per-step cost of the
+    grower itself)."""
+
+    def block(self) -> float:
+        times: list[float] = []
+
+        async def run() -> None:
+            async with Grower(self.model, self.opt, task=self.task, grow=False) as grower:
+                self.model.train()
+                for i, batch in enumerate(self.batches):
+                    if i == 1:
+                        _sync(self.device)
+                        times.append(time.perf_counter())
+                    self.opt.zero_grad(set_to_none=True)
+                    with torch.autocast(
+                        self.device.type, dtype=torch.bfloat16, enabled=self.dtype is not None
+                    ):
+                        _, loss = self.task.forward(self.model, batch)
+                    loss.backward()
+                    self.opt.step()
+                    grower.after_step(loss)
+                _sync(self.device)
+                times.append(time.perf_counter())
+
+        anyio.run(run)
+        return (times[1] - times[0]) / (len(self.batches) - 1)
+
+
 class InTrainer:
     """``Trainer.fit(epochs=1)`` over ``batches``, timed between its first and last step."""
 
-    def __init__(self, model: nn.Module, task: Any, batches: list[Batch],
-                 device: torch.device, precision: str, grow_two: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        batches: list[Batch],
+        device: torch.device,
+        precision: str,
+        grow_two: bool,
+    ) -> None:
         opt = _optimizer(model, device)
         self.grown = _grow_two(model, opt, device) if grow_two else []
-        self.trainer = Trainer(model, optimizer=opt, task=task,
-                               **_trainer_kwargs(device, precision))
+        self.trainer = Trainer(
+            model, optimizer=opt, task=task, **_trainer_kwargs(device, precision)
+        )
         self.batches, self.val = batches, batches[:1]
         self.lag_s: list[float] = []  # the event loop's lateness over the monitored blocks
 
@@ -238,11 +316,17 @@ class InTrainer:
 
         async def fit() -> None:
             async with AsyncExitStack() as stack:
-                lag = (await stack.enter_async_context(LoopLagMonitor(interval=LAG_INTERVAL_S))
-                       if monitor else None)
+                lag = (
+                    await stack.enter_async_context(LoopLagMonitor(interval=LAG_INTERVAL_S))
+                    if monitor
+                    else None
+                )
                 await self.trainer.fit(
-                    self.batches, self.val, epochs=1,
-                    on_step=lambda _s, _l: marks.append(time.perf_counter()))
+                    self.batches,
+                    self.val,
+                    epochs=1,
+                    on_step=lambda _s, _l: marks.append(time.perf_counter()),
+                )
             if lag is not None:
                 self.lag_s.extend(lag.samples)
 
@@ -260,8 +344,9 @@ def _utilisation(device: torch.device) -> float | None:
         return None
 
 
-def bench_workload(name: str, spec: dict[str, Any], device: torch.device, precision: str,
-                   steps: int, repeats: int) -> dict[str, Any]:
+def bench_workload(
+    name: str, spec: dict[str, Any], device: torch.device, precision: str, steps: int, repeats: int
+) -> dict[str, Any]:
     """The four loops on one workload, alternating, ``repeats`` blocks each after a warm-up."""
     torch.manual_seed(0)
     base = spec["model"]()
@@ -281,6 +366,7 @@ def bench_workload(name: str, spec: dict[str, Any], device: torch.device, precis
     seeded = wrapped()
     _grow_two(seeded, _optimizer(seeded, device), device)
     loops["plain_seeds"] = Plain(seeded, spec["task"], batches, device, precision)
+    loops["plain_after_step"] = PlainAfterStep(wrapped(), spec["task"], batches, device, precision)
     samples: dict[str, list[float]] = {k: [] for k in loops}
     util: dict[str, list[float]] = {k: [] for k in loops}
     for loop in loops.values():  # warm-up: allocator, cuDNN's choices, autocast caches
@@ -298,31 +384,46 @@ def bench_workload(name: str, spec: dict[str, Any], device: torch.device, precis
     medians = {k: statistics.median(v) for k, v in samples.items()}
     out: dict[str, Any] = {
         "params": sum(p.numel() for p in base.parameters()),
-        "batch": list(batches[0][0].shape), "steps_per_block": steps, "blocks": repeats,
+        "batch": list(batches[0][0].shape),
+        "steps_per_block": steps,
+        "blocks": repeats,
         "median_ms": {k: round(v * 1e3, 4) for k, v in medians.items()},
         "ratio": {k: round(v / medians["plain"], 4) for k, v in medians.items() if k != "plain"},
         "seeds_over_plain_seeds": round(medians["seeds"] / medians["plain_seeds"], 4),
         "seeds": loops["seeds"].grown,
-        "loop_lag_ms": {k: _lag(loop.lag_s) for k, loop in loops.items()
-                        if isinstance(loop, InTrainer)},
+        "loop_lag_ms": {
+            k: _lag(loop.lag_s) for k, loop in loops.items() if isinstance(loop, InTrainer)
+        },
     }
     if any(util.values()):
         out["gpu_utilisation_pct"] = {k: statistics.median(v) for k, v in util.items() if v}
-    print(f"{name} {precision}: {json.dumps(out['median_ms'])} ratio {json.dumps(out['ratio'])} "
-          f"seeds/plain_seeds {out['seeds_over_plain_seeds']}", file=sys.stderr)
+    print(
+        f"{name} {precision}: {json.dumps(out['median_ms'])} ratio {json.dumps(out['ratio'])} "
+        f"seeds/plain_seeds {out['seeds_over_plain_seeds']}",
+        file=sys.stderr,
+    )
     return out
 
 
 def _lag(samples: list[float]) -> dict[str, float | int]:
     stats = LagStats.from_seconds(samples)
-    return {"samples": stats.samples, "p50": round(stats.p50_ms, 3),
-            "p99": round(stats.p99_ms, 3), "max": round(stats.max_ms, 3)}
+    return {
+        "samples": stats.samples,
+        "p50": round(stats.p50_ms, 3),
+        "p99": round(stats.p99_ms, 3),
+        "max": round(stats.max_ms, 3),
+    }
 
 
 def _commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -332,10 +433,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--precision", default="fp32,bf16")
-    parser.add_argument("--workloads", default="demo,resnet18,gpt")
-    parser.add_argument("--verdict", choices=("auto", "sync", "lagged"), default=None,
-                        help="ReliabilityConfig(verdict=) of the trainers (default: theirs)")
+    parser.add_argument("--workloads", default="demo,resnet_small,resnet18,gpt")
+    parser.add_argument(
+        "--verdict",
+        choices=("auto", "sync", "lagged"),
+        default=None,
+        help="ReliabilityConfig(verdict=) of the trainers (default: theirs)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="the JSON file to write")
+    parser.add_argument("--steps", type=int, default=None, help="steps a block (default 50)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed blocks (default 11)")
     args = parser.parse_args()
     global VERDICT
     VERDICT = args.verdict
@@ -343,18 +450,26 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # steady figures on a shared machine
     steps, repeats = (16, 7) if args.quick else (50, 11)
+    steps, repeats = args.steps or steps, args.repeats or repeats
     specs = _workloads(args.quick)
     results: dict[str, Any] = {}
     out = args.out or RESULTS / ("gpu.json" if device.type == "cuda" else "gpu_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "device": str(device), "quick": args.quick,
-               "verdict": args.verdict or "default", "loop_lag_interval_s": LAG_INTERVAL_S,
-               "command": " ".join(["python", *sys.argv]),
-               "commit": _commit(), "results": results}
+    payload = {
+        "machine": machine(),
+        "device": str(device),
+        "quick": args.quick,
+        "verdict": args.verdict or "default",
+        "loop_lag_interval_s": LAG_INTERVAL_S,
+        "command": " ".join(["python", *sys.argv]),
+        "commit": _commit(),
+        "results": results,
+    }
     for name in args.workloads.split(","):
         for precision in args.precision.split(","):
             results[f"{name}/{precision}"] = bench_workload(
-                name, specs[name], device, precision, steps, repeats)
+                name, specs[name], device, precision, steps, repeats
+            )
             # written after every workload, so that a run cut short keeps what it measured
             out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(out, file=sys.stderr)

@@ -25,15 +25,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import anyio
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, write
-from bench_gpu import InTrainer, Plain, _grow_two, _optimizer, _workloads
+from bench_gpu import InTrainer, Plain, PlainAfterStep, _grow_two, _optimizer, _workloads
 
-from esper_async import Grower
 from esper_async.seeds import wrap
 
 _LAUNCH_NAMES = (
@@ -67,26 +65,6 @@ def _count(fn: Any, device: torch.device) -> dict[str, int]:
         and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
     )
     return {"aten_ops": top}
-
-
-class PlainAfterStep(Plain):
-    """The plain loop plus ``Grower.after_step(loss)`` after every optimizer step."""
-
-    def block(self) -> float:
-        async def run() -> None:
-            async with Grower(self.model, self.opt, task=self.task, grow=False) as grower:
-                for batch in self.batches:
-                    self.opt.zero_grad(set_to_none=True)
-                    with torch.autocast(
-                        self.device.type, dtype=torch.bfloat16, enabled=self.dtype is not None
-                    ):
-                        _, loss = self.task.forward(self.model, batch)
-                    loss.backward()
-                    self.opt.step()
-                    grower.after_step(loss)
-
-        anyio.run(run)
-        return 0.0
 
 
 def per_step(
@@ -144,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16")
-    parser.add_argument("--workloads", default="resnet18,gpt")
+    parser.add_argument("--workloads", default="resnet_small,gpt")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)

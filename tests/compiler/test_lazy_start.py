@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import anyio
 import pytest
+import torch
 
 from esper_async import Blueprint, SlotContract, SlotKind
-from esper_async.compiler import BlueprintCompiler, KernelOptimizer, OptimizerOptions
-from esper_async.kernels import export_kernel
+from esper_async.compiler import BlueprintCompiler, KernelOptimizer, OptimizerOptions, ProcessPool
+from esper_async.kernels import export_kernel, load_kernel
 
 LINEAR = SlotContract(SlotKind.LINEAR, (8,))
 FAST = OptimizerOptions(repeats=3, batch=8)
@@ -40,3 +41,46 @@ def test_inductor_is_not_compiled_where_it_cannot_pay() -> None:
     assert result.form == "export"
     assert "inductor" not in result.timings_ms
     assert result.errors["inductor"].startswith("skipped: export takes")
+
+
+def _mark(path: str) -> None:
+    """A warm-up job: leave a file named for the worker's pid."""
+    import os
+    from pathlib import Path
+
+    Path(path, str(os.getpid())).touch()
+
+
+def _fail() -> None:
+    raise RuntimeError("a warm-up that fails")
+
+
+@pytest.mark.asyncio
+async def test_each_worker_runs_the_warm_up_once_before_it_is_ready(tmp_path) -> None:
+    async with ProcessPool(2, warm_up=(_mark, (str(tmp_path),))) as pool:
+        await pool.wait_ready()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(map(str, pool.pids))
+
+
+@pytest.mark.asyncio
+async def test_a_failing_warm_up_leaves_the_worker_ready_to_work() -> None:
+    async with ProcessPool(1, warm_up=(_fail, ())) as pool:
+        assert await pool.run(abs, -3) == 3
+
+
+@pytest.mark.asyncio
+async def test_a_warmed_compiler_compiles_as_a_cold_one_does() -> None:
+    bp = Blueprint("low_rank", {"rank": 2})
+    async with BlueprintCompiler(workers=1, options=FAST, warm_up=True) as warm:
+        warmed = await warm.compile(bp, LINEAR, seed=3)
+    async with BlueprintCompiler(workers=1, options=FAST) as cold:
+        plain = await cold.compile(bp, LINEAR, seed=3)
+    # Artifacts differ byte for byte (torch.export writes a serialization id); the kernels do not.
+    a, b = load_kernel(warmed), load_kernel(plain)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    x = torch.randn(4, 8)
+    assert torch.equal(a(x), b(x))
+    assert (
+        warmed.metadata.extra["validation"]["checks"]
+        == plain.metadata.extra["validation"]["checks"]
+    )

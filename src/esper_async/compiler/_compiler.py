@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..kernels import Kernel, KernelMetadata
 from ..telemetry import SPAN_COMPILE, SPAN_STORE_GET, Telemetry, inject_context
-from ._job import CompileOutcome, CompileRequest, compile_job
+from ._job import CompileOutcome, CompileRequest, compile_job, warm_up_worker
 from ._optimizer import OptimizerOptions
 from ._pool import CompileExecutor, ProcessPool, WorkerDiedError, WorkerError
 
@@ -77,6 +77,10 @@ class BlueprintCompiler:
     :param lazy: start the default pool's workers at the first compile (default), not as the
         compiler opens: a run that never germinates never starts one, and none competes with
         the first steps. :meth:`wait_ready` starts them at once. Ignored with ``executor``.
+    :param warm_up: each worker compiles a tiny blueprint while the pool starts, so that its
+        one-time costs (torch.export's first trace; on a GPU the CUDA context) are paid in the
+        background rather than by the first kernel. ``None`` (default): on for a CUDA device,
+        where they made the first compile the slowest, off on CPU. Ignored with ``executor``.
     """
 
     def __init__(
@@ -93,16 +97,20 @@ class BlueprintCompiler:
         store: KernelStore | None = None,
         telemetry: Telemetry | None = None,
         lazy: bool = True,
+        warm_up: bool | None = None,
     ) -> None:
         self.device = device
         self.timeout = timeout
         self.retries = retries
         self.options = options or OptimizerOptions()
+        if warm_up is None:
+            warm_up = self.device_kind == "cuda"
         self.executor: CompileExecutor = executor or ProcessPool(
             workers or default_workers(),
             threads=threads_per_worker,
             imports=imports,
             prestart=not lazy,
+            warm_up=(warm_up_worker, (device, self.options)) if warm_up else None,
         )
         self.store = store
         self.telemetry = telemetry

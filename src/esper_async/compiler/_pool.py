@@ -96,13 +96,25 @@ class CompileExecutor(Protocol):
     ) -> None: ...
 
 
-def _worker_main(conn: Connection, threads: int, imports: Sequence[str], niceness: int) -> None:
+def _worker_main(
+    conn: Connection,
+    threads: int,
+    imports: Sequence[str],
+    niceness: int,
+    warm_up: WarmUp | None = None,
+) -> None:
     """The loop of one worker process: receive ``(fn, args)``, send back the outcome."""
     try:
         _set_up_worker(threads, imports, niceness)
     except BaseException as exc:  # tell the parent why, rather than only dying
         conn.send(("failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         return
+    if warm_up is not None:
+        fn, args = warm_up
+        try:
+            fn(*args)
+        except Exception:  # a warm-up only saves time: the first real job reports any fault
+            pass
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -118,6 +130,12 @@ def _worker_main(conn: Connection, threads: int, imports: Sequence[str], nicenes
             conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         else:
             conn.send(("ok", result))
+
+
+#: A job each worker runs once after its imports and before it reports ready: ``(fn, args)``,
+#: picklable (a module-level function). It pays a worker's one-time costs (lazy imports, a
+#: device's context, first-call caches) during the pool's start-up instead of in the first job.
+WarmUp = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
 def _set_up_worker(threads: int, imports: Sequence[str], niceness: int) -> None:
@@ -219,12 +237,14 @@ class ProcessPool:
     :param threads: torch (and Inductor compile) threads in each worker.
     :param imports: modules each worker imports before its first call (e.g. modules that register
         user blueprint families).
-    :param start_timeout: seconds a worker may take to start and import torch.
+    :param start_timeout: seconds a worker may take to start, import torch and warm up.
     :param prestart: start ``size`` workers as soon as the pool opens, in the background;
         ``False``: at the first :meth:`run` (or :meth:`start_workers`, :meth:`wait_ready`), so a
         run that never compiles never starts one.
-    :ivar start_seconds: wall seconds each worker took to start (spawn, import torch, report
-        ready), in order: what the pool's start-up costs, spent off the event loop.
+    :param warm_up: a job (:data:`WarmUp`) each worker runs once before it reports ready; its
+        failure is ignored (the first real job meets the same fault and reports it).
+    :ivar start_seconds: wall seconds each worker took to start (spawn, import torch, warm up,
+        report ready), in order: what the pool's start-up costs, spent off the event loop.
     """
 
     def __init__(
@@ -235,6 +255,7 @@ class ProcessPool:
         imports: Sequence[str] = (),
         start_timeout: float = 60.0,
         prestart: bool = True,
+        warm_up: WarmUp | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one worker, got size={size}")
@@ -243,6 +264,7 @@ class ProcessPool:
         self.imports = tuple(imports)
         self.start_timeout = start_timeout
         self.prestart = prestart
+        self.warm_up = warm_up
         self._context = multiprocessing.get_context("spawn")
         self._limiter = anyio.CapacityLimiter(size)
         self._idle: list[_Worker] = []
@@ -344,7 +366,7 @@ class ProcessPool:
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
-            args=(child, self.threads, self.imports, WORKER_NICENESS),
+            args=(child, self.threads, self.imports, WORKER_NICENESS, self.warm_up),
             daemon=True,
             name="esper-compile-worker",
         )
