@@ -22,7 +22,8 @@ launches the step) cannot slow the timed steps. A fifth loop, ``plain_seeds``, i
 over a copy of the model with the same two seeds grafted (its optimizer holds their parameters too):
 ``seeds_over_plain_seeds`` is what the trainer costs beyond the seeds' own compute. A sixth,
 ``plain_after_step``, is the plain loop over the dormant-slot model with ``Grower.after_step(loss)``
-after each step (a user's own loop with growth). Every trainer uses its defaults (on a GPU: lagged
+after each step (a user's own loop with growth). On a GPU, ``static_loop`` is ``static`` with
+``ReliabilityConfig(launch="loop")`` (lagged steps launched on the event loop's thread). Every trainer uses its defaults (on a GPU: lagged
 verdicts, fused Adam; ``--verdict sync|lagged`` forces one kind); the plain loop uses the same
 optimizer. Figures: the median seconds per step of each loop, ``ratio`` = loop / plain, and the
 GPU's utilisation sampled after each block (``torch.cuda.utilization``, when pynvml is installed).
@@ -301,11 +302,12 @@ class InTrainer:
         device: torch.device,
         precision: str,
         grow_two: bool,
+        **extra: Any,
     ) -> None:
         opt = _optimizer(model, device)
         self.grown = _grow_two(model, opt, device) if grow_two else []
         self.trainer = Trainer(
-            model, optimizer=opt, task=task, **_trainer_kwargs(device, precision)
+            model, optimizer=opt, task=task, **{**_trainer_kwargs(device, precision), **extra}
         )
         self.batches, self.val = batches, batches[:1]
         self.lag_s: list[float] = []  # the event loop's lateness over the monitored blocks
@@ -363,6 +365,19 @@ def bench_workload(
         "dormant": InTrainer(wrapped(), spec["task"], batches, device, precision, False),
         "seeds": InTrainer(wrapped(), spec["task"], batches, device, precision, True),
     }
+    if device.type == "cuda":  # the lagged steps launched on the loop's own thread
+        from esper_async.reliability import ReliabilityConfig
+
+        launch = ReliabilityConfig(launch="loop", verdict=VERDICT or "auto")  # type: ignore[arg-type]
+        loops["static_loop"] = InTrainer(
+            copy.deepcopy(base),
+            spec["task"],
+            batches,
+            device,
+            precision,
+            False,
+            reliability=launch,
+        )
     seeded = wrapped()
     _grow_two(seeded, _optimizer(seeded, device), device)
     loops["plain_seeds"] = Plain(seeded, spec["task"], batches, device, precision)

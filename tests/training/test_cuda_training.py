@@ -10,6 +10,7 @@ import anyio
 import pytest
 import torch
 
+from esper_async.reliability import ReliabilityConfig
 from esper_async.apps.demo import DemoConfig, DigitsHost, run_demo
 from esper_async.control._controller import ControllerConfig
 from esper_async.runtime import BridgeKind, CompletionBridge
@@ -62,14 +63,18 @@ def test_trainer_awaits_every_cuda_step_through_the_bridge(
 
 
 @pytest.mark.usefixtures("deterministic_cudnn")
-def test_bridged_trainer_matches_a_plain_synchronous_loop() -> None:
+@pytest.mark.parametrize("launch", ["thread", "loop"])
+def test_bridged_trainer_matches_a_plain_synchronous_loop(launch: str) -> None:
     """Same model, same batches, same optimizer: the awaited CUDA steps give the same parameters
-    as a plain ``for`` loop of synchronous steps (bitwise, cuDNN deterministic)."""
+    as a plain ``for`` loop of synchronous steps (bitwise, cuDNN deterministic), whether the
+    lagged steps are launched from a worker thread or from the loop's own thread."""
     train, val = _batches(5, 32, 3), _batches(1, 32, 4)
     torch.manual_seed(0)
     plain = DigitsHost().cuda()
     torch.manual_seed(0)
-    trainer = Trainer(DigitsHost(), grow=False, device="cuda", seed=0)
+    reliability = ReliabilityConfig(launch=launch)  # type: ignore[arg-type]
+    trainer = Trainer(DigitsHost(), grow=False, device="cuda", seed=0, reliability=reliability)
+    assert trainer._steps.launch_on_loop == (launch == "loop")
     opt = type(trainer.optimizer)(plain.parameters(), **trainer.optimizer.defaults)
     for _ in range(2):
         for x, y in train:

@@ -213,3 +213,17 @@ def test_a_fit_left_by_an_error_behind_a_bad_step_does_not_halt_the_next_one() -
     anyio.run(lambda: trainer.fit(good, val, epochs=1))
     assert trainer.step == steps + len(good) and not trainer.result.incidents
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"launch": "inline"}, {"verdict_lag": 0}, {"verdict": "later"}]
+)
+def test_bad_verdict_settings_are_refused_with_the_choices(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        ReliabilityConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_cpu_trainer_never_launches_on_the_loop_even_when_asked() -> None:
+    # CPU steps are judged on the host: they block, so they always run in a worker thread.
+    trainer = Trainer(nn.Linear(4, 2), grow=False, reliability=ReliabilityConfig(launch="loop"))
+    assert trainer.verdicts is None and not trainer._steps.launch_on_loop

@@ -40,6 +40,14 @@ class ReliabilityConfig:
         costs nothing), under data parallelism (the ranks agree on each step), and with other
         optimizers (whose masked step copies their state, and may keep some on the host).
     :ivar verdict_lag: with lagged verdicts, the steps launched before a step's verdict is read.
+    :ivar launch: where a lagged GPU step is launched. ``"thread"`` (default): in a worker
+        thread, so the event loop stays free during the launch (its loop lag stays within a few
+        milliseconds); ``"loop"``: on the event loop's own thread, between its other tasks: no
+        thread hop and no contention for the GIL, for steps whose host time to launch is what
+        bounds them (small models, bf16), at the price of a loop busy for each launch (its
+        loop-lag figure shows it). A lagged step never waits on the device, so the loop is held
+        for the launch only. Steps judged on the host (``verdict="sync"``, a CPU) always run in
+        a worker thread. Measured: ``docs/async.md``.
     """
 
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
@@ -54,6 +62,7 @@ class ReliabilityConfig:
     clock: Callable[[], float] = time.monotonic
     verdict: Literal["auto", "sync", "lagged"] = "auto"
     verdict_lag: int = 1
+    launch: Literal["thread", "loop"] = "thread"
 
     def __post_init__(self) -> None:
         if (
@@ -66,5 +75,7 @@ class ReliabilityConfig:
             )
         if self.verdict not in ("auto", "sync", "lagged"):
             raise ValueError(f"verdict must be 'auto', 'sync' or 'lagged', got {self.verdict!r}")
+        if self.launch not in ("thread", "loop"):
+            raise ValueError(f"launch must be 'thread' or 'loop', got {self.launch!r}")
         if self.verdict_lag < 1:
             raise ValueError(f"verdict_lag must be at least 1 step, got {self.verdict_lag}")

@@ -58,6 +58,9 @@ class StepRunner:
         self.device = device
         # One step at a time: the training task is the model's only writer.
         self._limiter = anyio.CapacityLimiter(1)
+        #: :meth:`launch` runs ``fn`` on the event loop's thread, not a worker thread (a GPU
+        #: only: ``fn`` must queue device work and never wait for it).
+        self.launch_on_loop = False
 
     @staticmethod
     def for_device(
@@ -88,8 +91,9 @@ class StepRunner:
         raise NotImplementedError
 
     async def launch(self, fn: Callable[..., T], *args: Any) -> tuple[T, Completion | None]:
-        """Run ``fn(*args)`` off the loop and return as soon as its work is *queued*: the next
-        step can be launched while this one runs on the device (lagged verdicts).
+        """Run ``fn(*args)`` off the loop (on it with :attr:`launch_on_loop`) and return as soon
+        as its work is *queued*: the next step can be launched while this one runs on the
+        device (lagged verdicts).
 
         :returns: ``fn``'s result and the completion of its work, to await (or close) later;
             ``None`` where the work is done when ``fn`` returns (a CPU).
@@ -161,9 +165,15 @@ class CudaStepRunner(StepRunner):
     async def launch(self, fn: Callable[..., T], *args: Any) -> tuple[T, Completion | None]:
         armed: list[Completion] = []
         try:
-            result = await anyio.to_thread.run_sync(
-                self._launch, fn, args, armed, limiter=self._limiter
-            )
+            if self.launch_on_loop:
+                # Grad mode is per thread: a worker thread starts with it on, so does this.
+                with torch.enable_grad():
+                    result = self._launch(fn, args, armed)
+                await anyio.lowlevel.checkpoint()  # the loop's other tasks run between launches
+            else:
+                result = await anyio.to_thread.run_sync(
+                    self._launch, fn, args, armed, limiter=self._limiter
+                )
         except BaseException:
             for completion in armed:
                 completion.close()

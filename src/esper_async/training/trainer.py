@@ -195,6 +195,8 @@ class Trainer(TrainerState):
             lagged = False  # the ranks agree on every step before it updates (see StepGuard)
         #: The lagged verdicts of the steps (``None``: each loss is judged on the host first).
         self.verdicts = LaggedVerdicts(self.device, rel.verdict_lag) if lagged else None
+        # A lagged step only queues device work: it may be launched on the loop's own thread.
+        self._steps.launch_on_loop = lagged and rel.launch == "loop"
         # The verdict policies, built here once: a step judged on the host before it updates
         # (every step of a synchronous run; a lagged run's re-judged steps), and one judged on
         # the device and read later (a lagged run's launches).
