@@ -23,10 +23,11 @@ over a copy of the model with the same two seeds grafted (its optimizer holds th
 ``seeds_over_plain_seeds`` is what the trainer costs beyond the seeds' own compute. A sixth,
 ``plain_after_step``, is the plain loop over the dormant-slot model with ``Grower.after_step(loss)``
 after each step (a user's own loop with growth). On a GPU, ``static_loop`` is ``static`` with
-``ReliabilityConfig(launch="loop")`` (lagged steps launched on the event loop's thread). Every trainer uses its defaults (on a GPU: lagged
-verdicts, fused Adam; ``--verdict sync|lagged`` forces one kind); the plain loop uses the same
-optimizer. Figures: the median seconds per step of each loop, ``ratio`` = loop / plain, and the
-GPU's utilisation sampled after each block (``torch.cuda.utilization``, when pynvml is installed).
+``ReliabilityConfig(launch="loop")`` (lagged steps launched on the event loop's thread). Every
+trainer uses its defaults (on a GPU: lagged verdicts, fused Adam; ``--verdict sync|lagged`` forces
+one kind); the plain loop uses the same optimizer. Figures: the median seconds per step of each
+loop, ``ratio`` = loop / plain, and the GPU's utilisation sampled after each block
+(``torch.cuda.utilization``, when pynvml is installed).
 
 Workloads: the demo host (``DigitsHost``, batch 64 of 1×8×8); a CIFAR-shaped ResNet-18 (batch 256 of
 synthetic 3×32×32) and the small ResNet (one block a stage, 4.9M parameters, same batch); the GPT of
