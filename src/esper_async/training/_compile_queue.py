@@ -27,7 +27,7 @@ from ..compiler import BlueprintCompiler, WorkerDiedError, WorkerStartError
 from ..errors import CompileError, EsperError
 from ..kernels import Kernel, load_kernel
 from ..reliability import Admission, BreakerBoard, ReliabilityConfig, retry
-from ..seeds import SeedSlot, SeedState
+from ..seeds import EagerSeed, SeedSlot, SeedState
 
 __all__ = ("CompileQueue", "Compiled")
 
@@ -168,9 +168,12 @@ class CompileQueue:
         self._tg.start_soon(self._compile, slot, slot.blueprint, self._send.clone())
 
     def resume(self, slots: dict[str, SeedSlot]) -> None:
-        """Start the compile of every germinated slot that has none in flight."""
+        """Start the compile of every slot that waits for a kernel and has none in flight: a
+        germinated slot, or one running its blueprint's eager module (``graft="eager"``: after a
+        resume from a checkpoint or a rollback to a snapshot taken before its kernel arrived)."""
         for name, slot in slots.items():
-            if slot.state is SeedState.GERMINATED and name not in self._pending:
+            waiting = slot.state is SeedState.GERMINATED or isinstance(slot.seed, EagerSeed)
+            if waiting and self._pending.get(name) != slot.blueprint:
                 self.admission.reserve()
                 self.submit(slot)
 
