@@ -86,6 +86,7 @@ class CompileQueue:
         self._send: MemoryObjectSendStream[Compiled] | None = None
         self._ready: MemoryObjectReceiveStream[Compiled] | None = None
         self._stack: AsyncExitStack | None = None
+        self._compiling = False  # whether the compiler was opened (a grower that grows)
 
     @property
     def open(self) -> bool:
@@ -112,6 +113,7 @@ class CompileQueue:
             await stack.aclose()
             raise
         self._stack = stack
+        self._compiling = compiler
         self._pending.clear()
         self.admission.in_flight = 0
 
@@ -170,7 +172,10 @@ class CompileQueue:
     def resume(self, slots: dict[str, SeedSlot]) -> None:
         """Start the compile of every slot that waits for a kernel and has none in flight: a
         germinated slot, or one running its blueprint's eager module (``graft="eager"``: after a
-        resume from a checkpoint or a rollback to a snapshot taken before its kernel arrived)."""
+        resume from a checkpoint or a rollback to a snapshot taken before its kernel arrived).
+        Nothing starts in a queue opened without its compiler (a grower that does not grow)."""
+        if not self._compiling:
+            return
         for name, slot in slots.items():
             waiting = slot.state is SeedState.GERMINATED or isinstance(slot.seed, EagerSeed)
             if waiting and self._pending.get(name) != slot.blueprint:
