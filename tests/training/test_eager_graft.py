@@ -16,6 +16,7 @@ import torch
 import esper_async as ea
 from esper_async.apps.data import digits_loaders
 from esper_async.apps.demo import DigitsHost
+from esper_async.apps.static_final import fossils_of
 from esper_async.compiler import OptimizerOptions
 from esper_async.control import Germinate
 from esper_async.reliability import CheckpointIntegrityError, IncidentKind
@@ -90,6 +91,12 @@ def test_same_seed_grows_the_same_weights_whatever_the_compile_latency() -> None
     eager_incidents = [i for i in ended.incidents if i.kind is IncidentKind.ENDED_EAGER]
     assert [i.slot for i in eager_incidents] == live
     assert not any(i.kind is IncidentKind.ENDED_EAGER for i in waited.incidents)
+    # A model whose seeds ended eager leaves the framework as one whose seeds ended as kernels,
+    # and names the same fossils for static_final.
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    exported = [ea.export_model(t.model, example_input=x) for t in (trainer_waited, trainer_ended)]
+    assert torch.allclose(exported[0](x), exported[1](x), atol=1e-6)
+    assert fossils_of(trainer_ended.slots) == fossils_of(trainer_waited.slots) != ()
 
 
 @pytest.mark.slow
