@@ -5,7 +5,10 @@ itself), lifecycle record, blueprint, kernel id and blend position; copies of th
 optimizer's state; and which parameters (by name) form each optimizer group. Restoring puts the
 seeds back first — so the model has the structure it had — then loads the tensors, then rebuilds
 the optimizer's groups around the restored parameters. Seeds grafted since the snapshot leave the
-model; seeds culled since come back.
+model; seeds culled since come back. A seed that ran its blueprint's eager module then
+(``graft="eager"``) comes back as that module, even if its kernel replaced it since (the grower
+then compiles the kernel again); :attr:`SlotState.eager_seed` marks it, so that a checkpoint can
+rebuild it from its blueprint.
 
 Copies are taken on the CPU, so a snapshot costs host memory, not device memory. GPU tensors are
 copied into pinned host buffers without waiting for each copy, then the copying streams are

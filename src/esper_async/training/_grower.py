@@ -412,7 +412,7 @@ class Grower(GrowerState):
         (:attr:`FitResult.ended_eager <esper_async.FitResult.ended_eager>`). Returns at once
         outside the context or when no seed waits.
         """
-        await self.actions.await_kernels()
+        await self.actions.await_eager_kernels()
 
     async def grow_host(
         self, *, tokens: int = 0, loss: float | None = None

@@ -54,7 +54,7 @@ class SeedActions:
     async def settle(self, how: Literal["judge", "cull", "keep"]) -> None:
         """Decide the seeds still alive at the end of training (without waiting for kernels:
         with ``graft="eager"`` a seed whose kernel has not arrived is judged as its eager
-        module; see :meth:`await_kernels`).
+        module; see :meth:`await_eager_kernels`).
 
         :param how: ``"judge"``: a blended seed is kept if its counterfactual gain (last report)
             exceeds the controller's margin (:class:`~esper_async.control.MarginController`;
@@ -106,11 +106,11 @@ class SeedActions:
             if done is not None:
                 self._graft(done)
 
-    async def await_kernels(self) -> None:
+    async def await_eager_kernels(self) -> None:
         """Wait for the kernels of seeds still running as their eager module (``graft="eager"``)
-        and swap them in (or cull the seeds whose compile fails): only when asked (the run's
-        end does not wait), never at an epoch boundary, so decisions do not depend on the
-        compile latency."""
+        and swap them in (or cull the seeds whose compile fails): :meth:`Grower.await_kernels`,
+        only when asked (the run's end does not wait), never at an epoch boundary, so decisions
+        do not depend on the compile latency."""
         g = self.grower
         while g.compiles.open and any(
             awaits_kernel(s, g.compiles.pending) for s in g.slots.values()
