@@ -289,7 +289,8 @@ def _decode_slot(data: Any) -> SlotState:
         Blueprint.from_json(state.blueprint_json)
     if data["has_seed"] and not isinstance(state.kernel_id, str):
         raise TypeError("a slot with a seed names no kernel")
-    eager_id = data["has_seed"] and state.kernel_id.startswith(EAGER_PREFIX)
+    kid = state.kernel_id
+    eager_id = data["has_seed"] and isinstance(kid, str) and kid.startswith(EAGER_PREFIX)
     if eager_id != (state.eager_seed is not None):
         raise TypeError(
             "an eager slot's kernel id and init seed do not go together (an 'eager:' id needs "
