@@ -125,6 +125,7 @@ class CompileQueue:
     ) -> bool | None:
         """Cancel the compiles still running and close the task group."""
         stack, self._stack = self._stack, None
+        self._compiling = False
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
         self._tg = self._send = self._ready = None
