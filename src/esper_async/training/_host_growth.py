@@ -82,7 +82,6 @@ class HostGrowth:
         g.slots.clear()
         g.slots.update(find_slots(g.model))
         g.restored()
-        g.compiles.resume(g.slots)  # seeds copied into grown blocks wait for kernels of their own
 
     def state_dict(self) -> dict[str, Any] | None:
         """The schedule's progress (JSON-ready), or ``None`` without a schedule."""
