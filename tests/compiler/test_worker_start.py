@@ -32,7 +32,10 @@ model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
 ea.wrap(model, ["0"], example_input=torch.zeros(2, 4))
 x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
 trainer = ea.Trainer(model, controller=ea.HeuristicController(ea.ControllerConfig.eager()))
-result = anyio.run(lambda: trainer.fit([(x, y)] * 2, [(x, y)], epochs=3))
+# Waits for its kernels at the end: this run is shorter than a worker's start (by default it
+# would end on its seeds' eager modules before the worker failed).
+fit = trainer.fit([(x, y)] * 2, [(x, y)], epochs=3, wait_for_kernels=True)
+result = anyio.run(lambda: fit)
 print("trained", len(result.events), "events")
 """
 

@@ -36,9 +36,9 @@ def test_the_own_loop_example_grows_seeds() -> None:
     assert all(r.steps > 0 and r.train_loss is not None for r in result.history)
 
 
-async def _grown(seed: int, settle: ea.training.trainer.Settle = "keep") -> tuple[
-    ea.FitResult, dict[str, torch.Tensor]
-]:
+async def _grown(
+    seed: int, settle: ea.training.trainer.Settle = "keep", graft: str = "auto", epochs: int = 5
+) -> tuple[ea.FitResult, dict[str, torch.Tensor]]:
     torch.manual_seed(123)  # the host's init: the same in both runs
     data = digits_loaders(seed=0, limit=300)
     model = DigitsHost()
@@ -48,25 +48,35 @@ async def _grown(seed: int, settle: ea.training.trainer.Settle = "keep") -> tupl
     # last bits of a gradient. A bitwise-reproducible run fixes the form.
     compiler = ea.BlueprintCompiler(options=OptimizerOptions(forms=("export",)))
     trainer = ea.Trainer(
-        model, seed=seed, compiler=compiler,
+        model, seed=seed, compiler=compiler, graft=graft,  # type: ignore[arg-type]
         controller=ea.HeuristicController(ea.ControllerConfig.eager(), seed=seed),
     )
-    result = await trainer.fit(data.train, data.val, epochs=5, settle=settle)
+    result = await trainer.fit(data.train, data.val, epochs=epochs, settle=settle)
     return result, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_a_growth_run_is_reproducible_from_its_seed() -> None:
-    a, weights_a = anyio.run(_grown, 7)
-    b, weights_b = anyio.run(_grown, 7)
+@pytest.mark.parametrize(
+    ("graft", "grafted"),
+    [
+        # the default: seeds train at once as their blueprint's eager module
+        pytest.param(
+            "auto", "started as its blueprint's eager module; kernel compiling", id="auto"
+        ),
+        pytest.param("epoch", "kernel ready", id="epoch"),  # kernels waited for at the boundary
+    ],
+)
+def test_a_growth_run_is_reproducible_from_its_seed(graft: str, grafted: str) -> None:
+    a, weights_a = anyio.run(_grown, 7, "keep", graft)
+    b, weights_b = anyio.run(_grown, 7, "keep", graft)
     assert a.events and [e.target for e in a.events].count("training") >= 1
     assert a.events == b.events
-    assert {e.reason for e in a.events} >= {"kernel ready"}
+    assert {e.reason for e in a.events} >= {grafted}
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
 def test_settle_cull_leaves_no_live_seed() -> None:
-    result, _ = anyio.run(_grown, 0, "cull")
+    result, _ = anyio.run(_grown, 0, "cull", "auto", 4)  # ends with a seed blending
     settled = [e for e in result.events if e.reason.startswith("settled at the end")]
     assert settled, "no seed was alive at the end: the run is too short to test settling"
     last_state = {e.slot: e.target for e in result.events}

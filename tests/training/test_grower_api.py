@@ -147,3 +147,40 @@ def test_width_slots_are_not_checked_when_nothing_grows() -> None:
     config = ea.ControllerConfig(width_growth=True, width_slots=("fc9",))
     trainer = ea.Trainer(_model(), grow=False, controller=ea.HeuristicController(config))
     assert not trainer.grow
+
+
+class _Agreed:
+    """A ``StepConsensus`` loss over one rank (every rank agrees with itself): what a
+    data-parallel task's loss is to the grower."""
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, targets)
+
+    def failed_forward(self) -> float:
+        return math.nan
+
+    def agree_culprit(self, index: int) -> int:
+        return index
+
+    def agree_all(self, ok: bool) -> bool:
+        return ok
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "graft"),
+    [
+        pytest.param(None, "eager", id="one-process"),
+        pytest.param(_Agreed(), "epoch", id="data-parallel"),
+    ],
+)
+def test_the_default_graft_is_eager_except_under_data_parallelism(loss_fn: Any, graft: str) -> None:
+    trainer = ea.Trainer(_model(), loss_fn=loss_fn)
+    assert trainer.graft == graft
+    if loss_fn is not None:
+        with pytest.raises(ValueError, match="under data parallelism use graft='epoch'"):
+            ea.Trainer(_model(), loss_fn=loss_fn, graft="eager")
+
+
+def test_an_unknown_graft_mode_is_refused_with_the_modes_there_are() -> None:
+    with pytest.raises(ValueError, match="'auto', 'epoch', 'step' or 'eager'"):
+        ea.Trainer(_model(), graft="later")  # type: ignore[arg-type]

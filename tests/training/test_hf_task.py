@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import esper_async as ea
-from esper_async.seeds import SeedState
 from esper_async.training import HFCausalLMTask, SelfLossTask, TaskError
 
 transformers = pytest.importorskip("transformers")
@@ -66,7 +65,8 @@ def test_gpt2_grows_under_the_grower_in_a_hand_written_loop(tiny_gpt2) -> None:
     assert bits == pytest.approx(reports[-1].val_loss / math.log(2), rel=1e-6)
     grafted = [s for s in SLOTS if model.get_submodule(s).seed is not None]
     assert grafted, "no seed was grafted into the GPT-2"
-    assert all(model.get_submodule(s).state is SeedState.TRAINING for s in grafted)
+    # graft="auto" is eager: seeds train from their germination on, and are still live.
+    assert all(model.get_submodule(s).lifecycle.live for s in grafted)
 
 
 @pytest.mark.slow

@@ -187,7 +187,10 @@ def test_a_store_named_by_path_serves_the_next_run(tmp_path: Path) -> None:
         model = _model()
         ea.wrap(model, ["0"], example_input=torch.zeros(2, 4))
         controller = ea.HeuristicController(ea.ControllerConfig.eager())
-        return ea.Trainer(model, controller=controller, store=tmp_path / "kernels")
+        # graft="epoch": the first run waits for its kernel, so the store holds it
+        return ea.Trainer(
+            model, controller=controller, store=tmp_path / "kernels", graft="epoch"
+        )
 
     first = grown()
     _fit(first, epochs=3)  # germinated after epoch 1, grafted (waited for) after epoch 2

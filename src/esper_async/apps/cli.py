@@ -220,6 +220,8 @@ def _lm_demo(args: argparse.Namespace) -> int:
             print(f"  epoch {event.epoch:>3}  {event.slot:<18} {event.target:<10} {event.reason}")
     final = [name for name, _ in result.arms["growth"].fossils]
     print(f"final architecture: host + seeds in {', '.join(final) or 'no slot'}")
+    if result.arms["growth"].fit.ended_eager:
+        print(_ended_eager(result.arms["growth"].fit.ended_eager))
     gain = result.arms["growth"].val_loss - result.arms["static_final"].val_loss
     print(f"growth - static_final: {gain:+.4f} val loss (nats/char)")
     print(f"\nsample from the grown model (seed {cfg.seed}):\n{result.sample}")
@@ -332,6 +334,8 @@ def _demo(args: argparse.Namespace) -> int:
                 f"  epoch {event.epoch:>3}  {event.slot:<6} {event.target:<10} {event.reason}"
             )
     lines += [f"  surgery: {format_surgery(op)}" for op in result.growth.surgeries]
+    if result.growth.fit.ended_eager:
+        lines.append(f"  {_ended_eager(result.growth.fit.ended_eager)}")
     if cfg.resume:
         for label in ("static", "growth"):
             if label not in progress.first_epoch:
@@ -354,6 +358,14 @@ def _demo(args: argparse.Namespace) -> int:
     print(report)
     _write_result(Path(run_dir), cfg.epochs, report)
     return 0
+
+
+def _ended_eager(slots: list[str]) -> str:
+    """The summary's line for seeds that ended the run as their blueprint's eager module."""
+    return (
+        f"ended as their blueprint's eager module (the run ended before their kernel compiled; "
+        f"the validator's reference): {', '.join(slots)}"
+    )
 
 
 def _version() -> str:

@@ -448,6 +448,7 @@ async def run_drill(config: DrillConfig | None = None) -> DrillReport:
             trainer = Trainer(
                 model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
                 seed=cfg.seed, compiler=compiler,
+                graft="epoch",  # each operation is grafted at the boundary after it germinates
                 reliability=ReliabilityConfig(
                     breaker=BreakerConfig(threshold=4, window_s=20.0, cooldown_s=2.0),
                     limits=ResourceLimits(max_compiles_in_flight=cfg.slots),

@@ -59,15 +59,19 @@ SAMPLE_PROMPT = "\n"
 
 def architecture(model: torch.nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """``(parameter name, shape)`` of every parameter of ``model``, in order; a compiled kernel's
-    wrapper segment (``seed.program.``) reads as the eager module it runs (``seed.``), so a grown
+    wrapper segment (``seed.program.``) and an eager seed's (``seed.module.``, ``graft="eager"``:
+    a run that ended before its kernel) read as the module they run (``seed.``), so a grown
     model and a fresh build of the same blueprints compare equal.
 
     :param model: any module.
     """
     return tuple(
-        (name.replace(".seed.program.", ".seed."), tuple(p.shape))
-        for name, p in model.named_parameters()
+        (_as_built(name), tuple(p.shape)) for name, p in model.named_parameters()
     )
+
+
+def _as_built(name: str) -> str:
+    return name.replace(".seed.program.", ".seed.").replace(".seed.module.", ".seed.")
 
 
 def first_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:

@@ -8,6 +8,12 @@ statistics, scheduler, governor, breakers), the RNG states (Python, NumPy, torch
 training loader's generator), the step and epoch, and a JSON record the trainer adds (history and
 events).
 
+A slot whose seed still runs as its blueprint's eager module (``graft="eager"``, its kernel not
+compiled yet) has no kernel to store: it is recorded by its blueprint (JSON) and the init seed it
+was built with (``eager_seed``; its ``kernel_id`` is ``"eager:<blueprint id>"``), and a restore
+rebuilds the module with :func:`~esper_async.seeds.eager_seed` before loading its trained weights
+and optimizer state. Nothing of it is unpickled; the grower then compiles its kernel again.
+
 Restoring is two steps. :func:`verify_state` checks and decodes everything that can be checked
 without touching the run — the fields and their types, the JSON parts, every kernel's bytes
 against its id (and loads the seeds), the RNG states on scratch generators — so a malformed
@@ -29,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..blueprints import Blueprint
+from ..blueprints import Blueprint, SlotContract
 from ..kernels import Kernel, KernelMetadata, load_kernel
-from ..seeds import SeedSlot, SeedState
+from ..seeds import EAGER_PREFIX, EagerSeed, SeedSlot, SeedState, eager_seed
 from ._errors import CheckpointError, CheckpointIntegrityError, CheckpointMismatchError
 from ._snapshot import (
     SlotState,
@@ -150,13 +156,17 @@ def capture_state(
     :param stateful: objects with ``state_dict()`` (``None`` entries are skipped).
     :param record: JSON-ready data the trainer keeps (history, events).
     :param generator: the training loader's RNG, if it has one.
-    :raises CheckpointError: if a slot holds a seed whose kernel is not in ``kernels``.
+    :raises CheckpointError: if a slot holds a seed whose kernel is not in ``kernels`` (a slot
+        running its blueprint's eager module needs none: it is recorded by its blueprint and init
+        seed, see :func:`verify_state`).
     """
     slot_states = {}
     needed: dict[str, Kernel] = {}
     for name, slot in slots.items():
         kid = slot.kernel_id
-        if slot.seed is not None:
+        if isinstance(slot.seed, EagerSeed):
+            pass  # rebuilt from its blueprint and init seed on restore (no kernel yet)
+        elif slot.seed is not None:
             if kid is None or kid not in kernels:
                 raise CheckpointError(
                     f"slot {name!r} holds a seed whose kernel {kid} is unknown; the trainer "
@@ -279,7 +289,37 @@ def _decode_slot(data: Any) -> SlotState:
         Blueprint.from_json(state.blueprint_json)
     if data["has_seed"] and not isinstance(state.kernel_id, str):
         raise TypeError("a slot with a seed names no kernel")
+    kid = state.kernel_id
+    eager_id = data["has_seed"] and isinstance(kid, str) and kid.startswith(EAGER_PREFIX)
+    if eager_id != (state.eager_seed is not None):
+        raise TypeError(
+            "an eager slot's kernel id and init seed do not go together (an 'eager:' id needs "
+            "'eager_seed', and only it)"
+        )
+    if state.eager_seed is not None and state.blueprint_json is None:
+        raise TypeError("an eager slot names no blueprint")
     return state
+
+
+def _rebuild_eager(
+    state: SlotState, contract: SlotContract | None, device: torch.device | str
+) -> EagerSeed:
+    """The eager module of a slot that ran it when the checkpoint was written, rebuilt from its
+    blueprint (JSON, checked by :func:`_decode_slot`) and init seed, never unpickled; its trained
+    weights come from the model's state.
+
+    :raises ValueError: the rebuilt module is not the one recorded.
+    :raises BlueprintError: the blueprint does not fit the slot's contract.
+    """
+    assert state.blueprint_json is not None and state.eager_seed is not None  # _decode_slot
+    if contract is None:
+        raise ValueError("the model's slot has no shape contract")
+    module = eager_seed(
+        Blueprint.from_json(state.blueprint_json), contract, seed=state.eager_seed, device=device
+    )
+    if module.stand_in_id != state.kernel_id:
+        raise ValueError(f"its id {state.kernel_id} is not its blueprint's")
+    return module
 
 
 def verify_state(
@@ -296,7 +336,8 @@ def verify_state(
     :param device: where the seeds are loaded.
     :param path: the file it came from, for messages.
     :raises CheckpointIntegrityError: if a field is missing or of the wrong type, a JSON part or
-        an RNG state is malformed, or a kernel's bytes do not match its id or do not load.
+        an RNG state is malformed, a kernel's bytes do not match its id or do not load, or a
+        slot that ran its blueprint's eager module lacks its init seed or does not rebuild.
     :raises CheckpointMismatchError: if the model has other slots than the checkpoint.
     :raises CheckpointError: if the payload has another format version.
     """
@@ -318,6 +359,16 @@ def verify_state(
     kernels = _decode_kernels(payload, path)
     for name, state in states.items():
         if not slot_data[name]["has_seed"]:
+            continue
+        if state.eager_seed is not None:
+            try:
+                state.seed = _rebuild_eager(state, slots[name].contract, device)
+            except Exception as exc:
+                raise CheckpointIntegrityError(
+                    f"{_where(path)}: the eager module of slot {name!r} does not rebuild from its "
+                    f"blueprint ({type(exc).__name__}: {str(exc)[:160]})",
+                    path=path,
+                ) from exc
             continue
         kid = state.kernel_id
         if kid not in kernels:

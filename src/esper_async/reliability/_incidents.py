@@ -40,6 +40,10 @@ class IncidentKind(StrEnum):
     NON_FINITE_VALIDATION = "non_finite_validation"
     """The validation loss was NaN or infinite: the report keeps it, and the controller is not
     asked that epoch (no seed is judged, no germination starts on it)."""
+    ENDED_EAGER = "ended_eager"
+    """The run ended (``graft="eager"``) before a seed's kernel compiled: the seed ends as its
+    blueprint's eager module (the validator's reference, the kernel's numerics in the export
+    form), its compile was cancelled with the pool, and the kernel was never validated."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@ itself), lifecycle record, blueprint, kernel id and blend position; copies of th
 optimizer's state; and which parameters (by name) form each optimizer group. Restoring puts the
 seeds back first — so the model has the structure it had — then loads the tensors, then rebuilds
 the optimizer's groups around the restored parameters. Seeds grafted since the snapshot leave the
-model; seeds culled since come back.
+model; seeds culled since come back. A seed that ran its blueprint's eager module then
+(``graft="eager"``) comes back as that module, even if its kernel replaced it since (the grower
+then compiles the kernel again); :attr:`SlotState.eager_seed` marks it, so that a checkpoint can
+rebuild it from its blueprint.
 
 Copies are taken on the CPU, so a snapshot costs host memory, not device memory. GPU tensors are
 copied into pinned host buffers without waiting for each copy, then the copying streams are
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from ..blueprints import Blueprint
-from ..seeds import Lifecycle, SeedSlot, SeedState
+from ..seeds import EagerSeed, Lifecycle, SeedSlot, SeedState
 
 __all__ = (
     "SlotState",
@@ -49,6 +52,9 @@ class SlotState:
     :ivar kernel_id: the loaded kernel's id, or ``None``.
     :ivar alpha: blend factor.
     :ivar blend_steps: length of the blend ramp.
+    :ivar eager_seed: where the seed is its blueprint's eager module (``graft="eager"``, its
+        kernel still compiling; ``kernel_id`` is then ``"eager:<blueprint id>"``), the init seed
+        it was built with, so that a checkpoint rebuilds it from the blueprint; else ``None``.
     """
 
     seed: nn.Module | None
@@ -60,6 +66,7 @@ class SlotState:
     kernel_id: str | None
     alpha: float
     blend_steps: int
+    eager_seed: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the seed module, JSON-ready."""
@@ -67,30 +74,38 @@ class SlotState:
             "state": self.state, "epochs_in_state": self.epochs_in_state,
             "steps_in_state": self.steps_in_state, "history": [list(h) for h in self.history],
             "blueprint_json": self.blueprint_json, "kernel_id": self.kernel_id,
-            "alpha": self.alpha, "blend_steps": self.blend_steps,
+            "alpha": self.alpha, "blend_steps": self.blend_steps, "eager_seed": self.eager_seed,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], seed: nn.Module | None) -> SlotState:
-        """The inverse of :meth:`to_json`, given the seed module to put back."""
+        """The inverse of :meth:`to_json`, given the seed module to put back.
+
+        :raises KeyError, TypeError, ValueError: ``data`` is malformed.
+        """
+        eager = data.get("eager_seed")  # absent from checkpoints written before eager slots
+        if eager is not None and (not isinstance(eager, int) or isinstance(eager, bool)):
+            raise TypeError(f"an eager slot's init seed is a {type(eager).__name__}, not an int")
         return cls(
             seed=seed, state=str(data["state"]), epochs_in_state=int(data["epochs_in_state"]),
             steps_in_state=int(data["steps_in_state"]),
             history=[(str(a), str(b), str(c)) for a, b, c in data["history"]],
             blueprint_json=data["blueprint_json"], kernel_id=data["kernel_id"],
-            alpha=float(data["alpha"]), blend_steps=int(data["blend_steps"]),
+            alpha=float(data["alpha"]), blend_steps=int(data["blend_steps"]), eager_seed=eager,
         )
 
 
 def capture_slot(slot: SeedSlot) -> SlotState:
     """``slot``'s state now (the seed by reference; its tensors live in the model's state)."""
     life = slot.lifecycle
+    seed = slot.seed
     return SlotState(
         seed=slot.seed, state=life.state.value, epochs_in_state=life.epochs_in_state,
         steps_in_state=life.steps_in_state,
         history=[(a.value, b.value, r) for a, b, r in life.history],
         blueprint_json=None if slot.blueprint is None else slot.blueprint.to_json(),
         kernel_id=slot.kernel_id, alpha=slot.alpha, blend_steps=slot.blend_steps,
+        eager_seed=seed.seed if isinstance(seed, EagerSeed) else None,
     )
 
 

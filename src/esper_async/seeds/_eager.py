@@ -35,13 +35,16 @@ class EagerSeed(nn.Module):
 
     :param module: ``build(blueprint, contract, seed=seed)``, on the slot's device.
     :param blueprint: the blueprint it was built from.
+    :param seed: the init seed it was built with (a checkpoint records it, so that a resumed
+        run rebuilds the same module from the blueprint before loading the trained weights).
     :ivar module: the eager module (its parameters are the ones the kernel will run on).
     """
 
-    def __init__(self, module: nn.Module, blueprint: Blueprint) -> None:
+    def __init__(self, module: nn.Module, blueprint: Blueprint, seed: int) -> None:
         super().__init__()
         self.module = module
         self.blueprint = blueprint
+        self.seed = seed
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Map host outputs ``(N, *shape)`` to a contribution of the same shape."""
@@ -64,7 +67,7 @@ def eager_seed(
     :param device: the slot's device.
     :raises BlueprintError: the blueprint does not fit ``contract``, or its family fails.
     """
-    return EagerSeed(build(blueprint, contract, seed=seed).to(device), blueprint)
+    return EagerSeed(build(blueprint, contract, seed=seed).to(device), blueprint, seed)
 
 
 def adopt_parameters(kernel: nn.Module, eager: EagerSeed, *, slot: str = "") -> None:

@@ -27,7 +27,7 @@ from ..compiler import BlueprintCompiler, WorkerDiedError, WorkerStartError
 from ..errors import CompileError, EsperError
 from ..kernels import Kernel, load_kernel
 from ..reliability import Admission, BreakerBoard, ReliabilityConfig, retry
-from ..seeds import SeedSlot, SeedState
+from ..seeds import EagerSeed, SeedSlot, SeedState
 
 __all__ = ("CompileQueue", "Compiled")
 
@@ -86,6 +86,7 @@ class CompileQueue:
         self._send: MemoryObjectSendStream[Compiled] | None = None
         self._ready: MemoryObjectReceiveStream[Compiled] | None = None
         self._stack: AsyncExitStack | None = None
+        self._compiling = False  # whether the compiler was opened (a grower that grows)
 
     @property
     def open(self) -> bool:
@@ -112,6 +113,7 @@ class CompileQueue:
             await stack.aclose()
             raise
         self._stack = stack
+        self._compiling = compiler
         self._pending.clear()
         self.admission.in_flight = 0
 
@@ -123,6 +125,7 @@ class CompileQueue:
     ) -> bool | None:
         """Cancel the compiles still running and close the task group."""
         stack, self._stack = self._stack, None
+        self._compiling = False
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
         self._tg = self._send = self._ready = None
@@ -168,9 +171,15 @@ class CompileQueue:
         self._tg.start_soon(self._compile, slot, slot.blueprint, self._send.clone())
 
     def resume(self, slots: dict[str, SeedSlot]) -> None:
-        """Start the compile of every germinated slot that has none in flight."""
+        """Start the compile of every slot that waits for a kernel and has none in flight: a
+        germinated slot, or one running its blueprint's eager module (``graft="eager"``: after a
+        resume from a checkpoint or a rollback to a snapshot taken before its kernel arrived).
+        Nothing starts in a queue opened without its compiler (a grower that does not grow)."""
+        if not self._compiling:
+            return
         for name, slot in slots.items():
-            if slot.state is SeedState.GERMINATED and name not in self._pending:
+            waiting = slot.state is SeedState.GERMINATED or isinstance(slot.seed, EagerSeed)
+            if waiting and self._pending.get(name) != slot.blueprint:
                 self.admission.reserve()
                 self.submit(slot)
 

@@ -5,7 +5,10 @@ the compile (see :mod:`esper_async.seeds._eager` for why this keeps runs reprodu
 The grower calls :func:`start_eager` right after a germination and :func:`eager_for` /
 :func:`swap_in_kernel` when a compile finishes; nothing else changes: a failed or refused
 compile culls the seed as it would have culled a germinated one, so nothing that was not
-validated stays in a slot past its compile.
+validated stays in a slot past its compile. A run that ends before a kernel arrives does not
+wait for it: the seed ends as its eager module (the validator's reference), its compile is
+cancelled with the pool, and the record says so (an ``ended_eager`` incident,
+``FitResult.ended_eager``). A compile that would have failed after the run ended never reports.
 """
 
 from __future__ import annotations
@@ -59,10 +62,10 @@ def eager_for(slot: SeedSlot, blueprint: Blueprint) -> EagerSeed | None:
 
 
 def awaits_kernel(slot: SeedSlot, compiling: Mapping[str, Blueprint]) -> bool:
-    """Whether ``slot`` still runs its eager module while its kernel compiles: what the grower
-    waits for when the run ends (``SeedActions.await_eager_kernels``), so that every seed ends as
-    its validated kernel. Waiting there, and never at an epoch boundary, keeps the run's
-    decisions the same whatever the compile latency."""
+    """Whether ``slot`` still runs its eager module while its kernel compiles: what
+    :meth:`Grower.await_kernels <esper_async.training.Grower.await_kernels>` waits for, when
+    asked (the run's end does not wait). Waiting only there, never at an epoch boundary, keeps
+    the run's decisions the same whatever the compile latency."""
     return isinstance(slot.seed, EagerSeed) and slot.slot_name in compiling
 
 

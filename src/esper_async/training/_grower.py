@@ -81,6 +81,9 @@ log = structlog.get_logger(__name__)
 
 #: ``graft_deadline_epochs`` with ``graft="step"`` when none is given.
 _DEFAULT_DEADLINE = 2
+#: The graft modes a grower takes (``"auto"`` resolves to ``"eager"`` or ``"epoch"``).
+_GRAFTS = ("auto", "epoch", "step", "eager")
+Graft = Literal["auto", "epoch", "step", "eager"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -89,8 +92,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _check_options(graft: str, deadline: int | None, surgery: Any) -> None:
-    if graft not in ("epoch", "step", "eager"):
-        raise ValueError(f"graft must be 'epoch', 'step' or 'eager', got {graft!r}")
+    if graft not in _GRAFTS:
+        raise ValueError(f"graft must be 'auto', 'epoch', 'step' or 'eager', got {graft!r}")
     if graft == "epoch" and deadline is not None:
         raise ValueError(
             "graft_deadline_epochs applies to graft='step' only: graft='epoch' always grafts "
@@ -133,11 +136,16 @@ class Grower(GrowerState):
     :param grow: whether to grow at all (``False``: epochs are measured, nothing grows).
     :param device: where the model and batches live (default: the model's parameters' device).
     :param seed: RNG seed of the kernels' initial weights and of the default controller.
-    :param graft: ``"epoch"`` (default): finished kernels enter their slots at the first epoch
-        boundary after germination (reproducible whatever the compile latency); ``"step"``: at
-        the first step boundary after they are ready; ``"eager"``: a seed trains at once as its
-        blueprint's eager module and its validated kernel takes over its parameters when ready
-        (reproducible whatever the latency; see ``docs/async.md``).
+    :param graft: ``"auto"`` (default): ``"eager"``, or ``"epoch"`` under data parallelism
+        (a task whose loss is a ``StepConsensus``), where eager is refused. ``"eager"``: a seed
+        trains at once as its blueprint's eager module (the validator's reference, built in
+        this process) and its validated kernel takes over its parameters when ready, at a step
+        boundary; the run never waits for a compile, and a seed whose kernel has not arrived when
+        the run ends ends as its eager module (:meth:`await_kernels` waits; see
+        ``docs/async.md``). ``"epoch"``: finished kernels enter their slots at the first epoch
+        boundary after germination, waiting there for the compile; ``"step"``: at the first step
+        boundary after they are ready. ``"eager"`` and ``"epoch"`` are reproducible whatever the
+        compile latency.
     :param graft_deadline_epochs: with ``graft="step"``, a kernel still compiling this many epochs
         after germination is waited for (default 2).
     :param telemetry: the run's telemetry; default: recorded nowhere.
@@ -150,7 +158,7 @@ class Grower(GrowerState):
     :param host_schedule: grows the host itself toward a target shape (a
         :class:`~esper_async.surgery.GrowthSchedule` built on ``model`` and ``optimizer``),
         applied by :meth:`grow_host`; its progress is in :meth:`state_dict`.
-    :raises ValueError: ``graft`` is not ``"epoch"``, ``"step"`` or ``"eager"``;
+    :raises ValueError: ``graft`` is not ``"auto"``, ``"epoch"``, ``"step"`` or ``"eager"``;
         ``graft_deadline_epochs`` is given with ``graft="epoch"`` (which always waits at the
         first boundary) or is below 1; ``graft="eager"`` under data parallelism (a task whose
         loss is a ``StepConsensus``); or the surgery policy's ``fossil_threshold`` exceeds 1.
@@ -167,7 +175,7 @@ class Grower(GrowerState):
         grow: bool = True,
         device: torch.device | str | None = None,
         seed: int = 0,
-        graft: Literal["epoch", "step", "eager"] = "epoch",
+        graft: Graft = "auto",
         graft_deadline_epochs: int | None = None,
         telemetry: Telemetry | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
@@ -186,6 +194,8 @@ class Grower(GrowerState):
         loss_fn = task_loss(self.task)
         #: The task's loss when it is a collective over ranks (then decisions are agreed on).
         self.consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
+        if graft == "auto":  # eager, except where kernels must land at the same step everywhere
+            graft = "epoch" if self.consensus is not None else "eager"
         if graft == "eager" and self.consensus is not None:
             raise ValueError(
                 "graft='eager' swaps each kernel in when it arrives, at a different step on each "
@@ -197,7 +207,8 @@ class Grower(GrowerState):
         )
         self.grow = grow
         self.seed = seed
-        self.graft = graft
+        #: The graft mode in use (``"auto"`` resolved): ``"eager"``, ``"epoch"`` or ``"step"``.
+        self.graft: Literal["epoch", "step", "eager"] = graft
         self.graft_deadline_epochs = (
             1 if graft == "epoch" else graft_deadline_epochs or _DEFAULT_DEADLINE
         )
@@ -243,10 +254,13 @@ class Grower(GrowerState):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        """Cancel the compiles still running (they are not needed any more) and close; after a
-        clean exit, seeds still running as their eager module get their kernels first."""
+        """Cancel the compiles still running (they are not needed any more) and close, without
+        waiting for them: after a clean exit, a seed still running as its eager module
+        (``graft="eager"``) ends as it, recorded in :attr:`FitResult.ended_eager
+        <esper_async.FitResult.ended_eager>` with an ``ended_eager`` incident (call
+        :meth:`await_kernels` first to end on kernels)."""
         if kind is None:
-            await self.actions.await_eager_kernels()
+            self.actions.end_eager()
         self.run.close_epoch()
         return await self.compiles.stop(kind, exc, tb)
 
@@ -382,11 +396,23 @@ class Grower(GrowerState):
         :param how: ``"judge"``: a blended seed is kept if its counterfactual gain (last report)
             exceeds the controller's margin (:class:`~esper_async.control.MarginController`;
             otherwise any gain), culled otherwise, and an unblended one is culled; ``"cull"``:
-            every live seed is culled; ``"keep"``: nothing changes. With ``graft="eager"``, the
-            kernels of seeds still running as their eager module are waited for first.
+            every live seed is culled; ``"keep"``: nothing changes. Kernels still compiling are
+            not waited for (see :meth:`await_kernels`).
         :raises ValueError: ``how`` is none of these.
         """
         await self.actions.settle(how)
+
+    async def await_kernels(self) -> None:
+        """Wait for the kernels of seeds still running as their blueprint's eager module
+        (``graft="eager"``) and swap each in as it arrives (a compile that fails culls its seed,
+        as at any step). Nothing else changes: the weights are the same with or without the
+        wait in the ``export`` form. Call it between steps, inside ``async with grower:``, before
+        the run ends if it must end on validated kernels (``Trainer.fit(wait_for_kernels=True)``
+        does); by default a run ends without waiting, and such seeds end as their eager module
+        (:attr:`FitResult.ended_eager <esper_async.FitResult.ended_eager>`). Returns at once
+        outside the context or when no seed waits.
+        """
+        await self.actions.await_eager_kernels()
 
     async def grow_host(
         self, *, tokens: int = 0, loss: float | None = None

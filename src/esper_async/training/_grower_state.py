@@ -123,7 +123,9 @@ class GrowerState:
 
     def restore_snapshot(self: Grower, snapshot: Snapshot) -> None:
         """Put ``snapshot`` back (model, optimizer, slots, scheduler) and restart the compiles
-        of the germinated slots it holds (between steps)."""
+        of the slots it holds that wait for a kernel (between steps): germinated ones, and those
+        running their blueprint's eager module (``graft="eager"``; a snapshot taken before a
+        kernel swap puts the eager module back, and its kernel is compiled again)."""
         snapshot.restore(self.model, self.optimizer, self.slots, self._extras())
         self.compiles.resume(self.slots)
 
@@ -179,7 +181,10 @@ class GrowerState:
         that does not verify changes nothing, with one exception: a ``host_schedule``'s growth
         is replayed first (the payload's tensors fit the grown host), and stays if the payload
         then fails; a later load of a checkpoint with less growth is refused
-        (:class:`CheckpointMismatchError`), so build the model afresh for it.
+        (:class:`CheckpointMismatchError`), so build the model afresh for it. A slot that ran
+        its blueprint's eager module when the payload was taken is rebuilt from the blueprint
+        and its init seed (never unpickled) and its trained weights loaded; entering
+        ``async with grower:`` compiles its kernel again.
 
         :param state: the payload.
         :param generator: the training loader's RNG, to resume its order.

@@ -40,6 +40,10 @@ class FitResult:
     :ivar wall_s: wall-clock seconds of the whole fit.
     :ivar steps: training steps taken.
     :ivar incidents: every fault met and what was done about it, in order.
+    :ivar ended_eager: the slots whose seed ended the run as its blueprint's eager module
+        (``graft="eager"``: the run ended before its kernel arrived; an ``ended_eager``
+        incident each). ``len(result.ended_eager)`` counts them; empty when the run waited
+        for its kernels (``Trainer.fit(wait_for_kernels=True)``, ``Grower.await_kernels``).
     """
 
     history: list[EpochReport] = field(default_factory=list)
@@ -47,6 +51,7 @@ class FitResult:
     wall_s: float = 0.0
     steps: int = 0
     incidents: list[Incident] = field(default_factory=list)
+    ended_eager: list[str] = field(default_factory=list)
 
     def count(self, target: SeedState) -> int:
         """How many transitions into ``target`` happened."""

@@ -3,10 +3,10 @@
 Decisions applied (germinate, blend, fossilize, cull, release, end a width trial), kernels grafted
 when their compiles finish (at a step or an epoch boundary; with ``graft="eager"``, swapped in for
 the eager module the seed trained as since its germination, see
-:mod:`~esper_async.training._eager_graft`), and the seeds still alive settled at the end of
-training. Every transition is recorded through
-:meth:`~esper_async.training.RunState.transition`. It keeps no state of its own: it acts on the
-:class:`~esper_async.training.Grower`'s parts.
+:mod:`~esper_async.training._eager_graft`), the seeds still alive settled at the end of
+training, and those still eager then recorded (:meth:`SeedActions.end_eager`). Every transition
+is recorded through :meth:`~esper_async.training.RunState.transition`. It keeps no state of its
+own: it acts on the :class:`~esper_async.training.Grower`'s parts.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..control import (
 )
 from ..errors import CompileTimeoutError, SeedRuntimeError
 from ..reliability import BreakerState, IncidentKind, is_out_of_memory
-from ..seeds import SeedSlot, SeedState
+from ..seeds import EagerSeed, SeedSlot, SeedState
 from ._compile_queue import Compiled
 from ._eager_graft import awaits_kernel, eager_for, start_eager, swap_in_kernel
 from ._optim import add_module_params, remove_module_params
@@ -52,8 +52,9 @@ class SeedActions:
         self.grower = grower
 
     async def settle(self, how: Literal["judge", "cull", "keep"]) -> None:
-        """Decide the seeds still alive at the end of training (with ``graft="eager"``, after
-        :meth:`await_eager_kernels`: the run ends on validated kernels).
+        """Decide the seeds still alive at the end of training (without waiting for kernels:
+        with ``graft="eager"`` a seed whose kernel has not arrived is judged as its eager
+        module; see :meth:`await_eager_kernels`).
 
         :param how: ``"judge"``: a blended seed is kept if its counterfactual gain (last report)
             exceeds the controller's margin (:class:`~esper_async.control.MarginController`;
@@ -64,7 +65,6 @@ class SeedActions:
         g = self.grower
         if how not in ("judge", "cull", "keep"):
             raise ValueError(f"settle must be 'judge', 'cull' or 'keep', got {how!r}")
-        await self.await_eager_kernels()
         if how == "keep":
             return
         last = g.result.history[-1] if g.result.history else None
@@ -108,8 +108,9 @@ class SeedActions:
 
     async def await_eager_kernels(self) -> None:
         """Wait for the kernels of seeds still running as their eager module (``graft="eager"``)
-        and swap them in: called by :meth:`settle` and on leaving the grower's context (never
-        at an epoch boundary, so decisions do not depend on the compile latency)."""
+        and swap them in (or cull the seeds whose compile fails): :meth:`Grower.await_kernels`,
+        only when asked (the run's end does not wait), never at an epoch boundary, so decisions
+        do not depend on the compile latency."""
         g = self.grower
         while g.compiles.open and any(
             awaits_kernel(s, g.compiles.pending) for s in g.slots.values()
@@ -118,6 +119,31 @@ class SeedActions:
             done = await g.compiles.receive()
             if done is not None:
                 self._graft(done)
+
+    def end_eager(self) -> list[str]:
+        """Record the seeds that end the run as their eager module (their kernel had not
+        arrived; its compile is cancelled with the pool): an ``ended_eager`` incident each and
+        their slots in :attr:`FitResult.ended_eager <esper_async.FitResult.ended_eager>`.
+
+        :returns: the slots' names.
+        """
+        g = self.grower
+        ended = [name for name, slot in g.slots.items() if isinstance(slot.seed, EagerSeed)]
+        for name in ended:
+            slot = g.slots[name]
+            why = (
+                "the run ended before its kernel compiled (the compile is cancelled)"
+                if name in g.compiles.pending
+                else "its kernel never came (see its compile_failed incident)"
+            )
+            g.incident(
+                IncidentKind.ENDED_EAGER,
+                slot,
+                f"{why}: the seed ({slot.state.value}) ends as its blueprint's eager module, the "
+                "validator's reference",
+            )
+        g.result.ended_eager = ended
+        return ended
 
     def _graft(self, done: Compiled) -> None:
         g = self.grower

@@ -71,7 +71,7 @@ class TrainerState:
     scheduler: Any = _view("scheduler", "The learning-rate scheduler, if any.")
     grow: bool = _view("grow", "Whether the run grows at all.")
     seed: int = _view("seed", "The seed of kernels' weights and the default controller.")
-    graft: str = _view("graft", "When kernels are grafted: 'epoch' or 'step'.")
+    graft: str = _view("graft", "When kernels are grafted: 'eager', 'epoch' or 'step'.")
 
     # --- state and checkpoints -------------------------------------------------------------------
 

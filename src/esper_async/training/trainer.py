@@ -29,7 +29,7 @@ from ..reliability import ReliabilityConfig
 from ..runtime import StepRunner
 from ..surgery import GrowthSchedule, SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
-from ._grower import Grower
+from ._grower import Graft, Grower
 from ._guard import StepGuard
 from ._host_growth import check_for_trainer
 from ._lagged import LaggedPump
@@ -74,7 +74,10 @@ class Trainer(TrainerState):
     :param device: where the model and batches live.
     :param seed: seeds the kernels' initial weights and the default controller's choices: two
         runs from the same model, data and seed grow the same seeds into the same weights.
-    :param graft, graft_deadline_epochs, telemetry, wrap_model, scheduler, reliability, surgery:
+    :param graft: when kernels enter their slots, as :class:`Grower`: ``"auto"`` (default) is
+        ``"eager"`` (seeds train at once as their blueprint's eager module; no step or epoch
+        waits for a compile), or ``"epoch"`` under data parallelism.
+    :param graft_deadline_epochs, telemetry, wrap_model, scheduler, reliability, surgery:
         as :class:`Grower` (the scheduler is stepped once per epoch and checkpointed).
     :param host_schedule: as :class:`Grower` (built on ``model`` and the ``optimizer`` given
         here); the Trainer grows the host at epoch boundaries, after each epoch's decisions.
@@ -109,7 +112,7 @@ class Trainer(TrainerState):
         grow: bool = True,
         device: torch.device | str = "cpu",
         seed: int = 0,
-        graft: Literal["epoch", "step", "eager"] = "epoch",
+        graft: Graft = "auto",
         graft_deadline_epochs: int | None = None,
         telemetry: Telemetry | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
@@ -242,6 +245,7 @@ class Trainer(TrainerState):
         resume: bool = False,
         settle: Settle = "keep",
         label: str | None = None,
+        wait_for_kernels: bool = False,
     ) -> FitResult:
         """Train until epoch ``epochs``, growing seeds as the controller decides.
 
@@ -257,6 +261,12 @@ class Trainer(TrainerState):
         :param resume: continue from the newest checkpoint in ``checkpoint_dir`` that restores.
         :param settle: seeds still alive at the end: ``"keep"`` (default), ``"judge"`` (kept if
             their last counterfactual shows a gain) or ``"cull"``; before the final checkpoint.
+        :param wait_for_kernels: with ``graft="eager"``, wait at the end of the last epoch for the
+            kernels of seeds still running as their eager module and swap them in, before
+            ``settle`` and the final checkpoint (:meth:`Grower.await_kernels`). Default
+            ``False``: the run ends without waiting; such seeds end as their eager module (the
+            validator's reference; the same weights in the ``export`` form), listed in
+            :attr:`FitResult.ended_eager`, and their compiles are cancelled.
         :returns: the run's history, growth events and incidents.
         :raises GovernorError: rolling back could not make training sound.
         :raises LoaderError: a loader yields no batches, or is one-shot for several epochs.
@@ -305,6 +315,8 @@ class Trainer(TrainerState):
                 await grower.grow_host(loss=report.train_loss)  # the host's own growth, if due
                 last = epoch + 1 == epochs or self._stop_requested
                 if last:
+                    if wait_for_kernels:
+                        await grower.await_kernels()
                     await grower.settle(settle)
                 due = (epoch + 1) % max(1, checkpoint_every) == 0 or last
                 if checkpoint_dir is not None and (due or self._checkpoint_requested):
