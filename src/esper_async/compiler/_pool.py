@@ -62,13 +62,16 @@ class WorkerError(RuntimeError):
 
 
 class WorkerStartError(EsperError):
-    """A compile worker process exited on its own before it was ready to take a call.
+    """Compile workers cannot start: one exited on its own before it was ready to take a call,
+    or the main script has no ``if __name__ == "__main__":`` guard (found before any worker is
+    spawned, when the first one is about to be).
 
     A worker is a fresh interpreter (spawn) that first re-imports the script that started it;
-    a script without an ``if __name__ == "__main__":`` guard runs its training again there and
-    dies when that tries to start workers of its own. Retrying cannot help, so this ends the run.
+    a script without the guard would run its training again there. Retrying cannot help, so
+    this ends the run, at the first compile, however short the run.
 
-    :ivar exit_code: the worker's exit code (``None`` when it reported a failure and exited).
+    :ivar exit_code: the worker's exit code (``None`` when it reported a failure and exited, or
+        was never spawned).
     :ivar main_path: the main script that spawn re-imported (``None`` when there is none).
     """
 
@@ -178,31 +181,48 @@ def _main_path() -> str | None:
     return path if isinstance(path, str) else None
 
 
-def _start_failure(pid: int | None, code: int | None) -> WorkerStartError:
-    """The error for a worker that exited on its own before it was ready: say why and the fix."""
+def _unguarded_main() -> str | None:
+    """The main script's path if it has no ``__name__ == "__main__"`` test (``None``: it has
+    one, there is no script, or it cannot be read: then nothing is claimed about it)."""
     path = _main_path()
+    if path is None:
+        return None
     try:
-        with open(path or "", encoding="utf-8", errors="replace") as file:
+        with open(path, encoding="utf-8", errors="replace") as file:
             guarded = bool(_GUARD.search(file.read(1 << 20)))
     except OSError:
-        guarded = True  # no readable script: say nothing about its guard
-    what = f"compile worker process {pid} {_exit_text(code)} while starting"
-    if path is not None and not guarded:
-        message = (
-            f'{what}: {path} has no `if __name__ == "__main__":` guard. Each worker is a spawned '
-            f"interpreter that first re-imports that script, so the script's training ran again in "
-            f"the worker and died starting workers of its own (its traceback is on stderr). Put "
-            f"the code that trains under the guard, e.g.\n\n"
-            f'    if __name__ == "__main__":\n        anyio.run(main)\n'
-        )
-    else:
-        where = "the main script" if path is None else path
-        message = (
-            f"{what}, before it ran any esper_async code: spawn re-imports {where} in each "
-            f"worker, and its top-level code failed there (its traceback is on stderr). Keep the "
-            f'code that trains under `if __name__ == "__main__":`, and the script\'s top level '
-            f"free of anything that cannot run twice."
-        )
+        return None
+    return None if guarded else path
+
+
+def _guard_fix(path: str) -> str:
+    return (
+        f'{path} has no `if __name__ == "__main__":` guard. Each compile worker is a spawned '
+        f"interpreter that first re-imports that script, so the script's training would run "
+        f"again in every worker. Put the code that trains under the guard, e.g.\n\n"
+        f'    if __name__ == "__main__":\n        anyio.run(main)\n'
+    )
+
+
+def _unguarded_error(path: str) -> WorkerStartError:
+    """The error raised before any worker is spawned for a main script without the guard."""
+    return WorkerStartError(
+        f"compile workers not started: {_guard_fix(path)}", exit_code=None, main_path=path
+    )
+
+
+def _start_failure(pid: int | None, code: int | None) -> WorkerStartError:
+    """The error for a worker that exited on its own before it was ready: say why and the fix.
+    (A script without the guard never gets here: :meth:`ProcessPool._start` refuses it first.)"""
+    path = _main_path()
+    where = "the main script" if path is None else path
+    message = (
+        f"compile worker process {pid} {_exit_text(code)} while starting, before it ran any "
+        f"esper_async code: spawn re-imports {where} in each worker, and its top-level code "
+        f"failed there (its traceback is on stderr). Keep the code that trains under "
+        f'`if __name__ == "__main__":`, and the script\'s top level free of anything that '
+        f"cannot run twice."
+    )
     return WorkerStartError(message, exit_code=code, main_path=path)
 
 
@@ -363,6 +383,9 @@ class ProcessPool:
         return worker
 
     async def _start(self) -> _Worker:
+        unguarded = _unguarded_main()
+        if unguarded is not None:  # known before spawning: say so at once, start nothing
+            raise _unguarded_error(unguarded)
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
