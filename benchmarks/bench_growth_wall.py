@@ -18,8 +18,9 @@ part                what it times
 ``steps``           ``Trainer._train_epoch``: the guarded steps, batches, ``Grower.after_step``
 ``step_grafts``     ``Grower.graft_ready`` at step boundaries (grafts and kernel swaps)
 ``kernel_waits``    ``Grower.graft_due`` (an epoch boundary waiting for a compile) and
-                    ``SeedActions.await_eager_kernels`` (``graft="eager"``: the run's end
-                    waiting for the kernels of seeds still running eagerly)
+                    ``SeedActions.await_eager_kernels`` (``--wait-for-kernels``: the run's
+                    end waiting for the kernels of seeds still running eagerly; by default
+                    the run ends without them, ``ended_eager`` counts those seeds)
 ``validation``      the whole model's validation pass (``EpochReport.eval_cost``)
 ``counterfactual``  the seeds' ablated passes (``eval_cost``)
 ``width_trials``    the width trials' ablated passes (``eval_cost``)
@@ -332,6 +333,7 @@ async def _arm(
             val,
             epochs=cfg["epochs"],
             settle="judge",
+            wait_for_kernels=cfg["wait_for_kernels"],
             checkpoint_dir=ckpt if every > 0 else None,
             checkpoint_every=max(1, every),
         )
@@ -350,6 +352,7 @@ async def _arm(
         "surgeries": list(trainer.surgeries),
         "germinated": fit.count(SeedState.GERMINATED),
         "culled": fit.count(SeedState.CULLED),
+        "ended_eager": len(fit.ended_eager),
     }
     if compiler is not None:
         pool = compiler.executor
@@ -402,6 +405,7 @@ def summarise(workload: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "compile_p50_s": _percentile(compiles, 0.5),
         "compile_p95_s": _percentile(compiles, 0.95),
         "germinated_mean": statistics.fmean(r["growth"]["germinated"] for r in runs),
+        "ended_eager_mean": statistics.fmean(r["growth"].get("ended_eager", 0) for r in runs),
         "val_loss_growth_minus_static_final": ci95(
             [r["growth"]["val_loss"] - r["static_final"]["val_loss"] for r in runs]
         ),
@@ -422,6 +426,11 @@ def main() -> None:
         "--fraction", type=float, default=1.0, help="ControllerConfig.counterfactual_fraction"
     )
     parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument(
+        "--wait-for-kernels",
+        action="store_true",
+        help="fit(wait_for_kernels=True): the run's end waits for the kernels still compiling",
+    )
     parser.add_argument("--workers", type=int, default=2, help="compile workers per growth run")
     parser.add_argument("--controller", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="a short run (digits: 12 epochs)")
@@ -438,6 +447,7 @@ def main() -> None:
         "epochs": epochs,
         "graft": args.graft,
         "checkpoint_every": args.checkpoint_every,
+        "wait_for_kernels": args.wait_for_kernels,
         "workers": args.workers,
         "threads": 1 if not lm else max(1, (torch.get_num_threads() or 2) // args.jobs),
         "controller": controller_options(
