@@ -23,7 +23,8 @@ over a copy of the model with the same two seeds grafted (its optimizer holds th
 ``seeds_over_plain_seeds`` is what the trainer costs beyond the seeds' own compute. A sixth,
 ``plain_after_step``, is the plain loop over the dormant-slot model with ``Grower.after_step(loss)``
 after each step (a user's own loop with growth). On a GPU, ``static_loop`` is ``static`` with
-``ReliabilityConfig(launch="loop")`` (lagged steps launched on the event loop's thread). Every
+``ReliabilityConfig(launch="loop")`` (lagged steps launched on the event loop's thread), and
+``plain_graphed`` the plain loop with its whole step captured as one CUDA graph and replayed. Every
 trainer uses its defaults (on a GPU: lagged verdicts, fused Adam; ``--verdict sync|lagged`` forces
 one kind); the plain loop uses the same optimizer. Figures: the median seconds per step of each
 loop, ``ratio`` = loop / plain, and the GPU's utilisation sampled after each block
@@ -262,6 +263,50 @@ class Plain:
         return (time.perf_counter() - start) / (len(self.batches) - 1)
 
 
+class PlainGraphed(Plain):
+    """The plain loop with its whole step (forward, backward, fused capturable Adam) captured
+    once as a CUDA graph and replayed: what CUDA graphs of the step could save where the host's
+    launches bound it. Each step copies its batch into the graph's static inputs first."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True, capturable=True)
+        x, y = self.batches[0]
+        self.x, self.y = x.clone(), y.clone()
+        self.model.train()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def _step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=self.dtype is not None, cache_enabled=False
+        ):
+            _, loss = self.task.forward(self.model, (self.x, self.y))
+        loss.backward()
+        self.opt.step()
+
+    def block(self) -> float:
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(self.batches):
+            if i == 1:
+                _sync(self.device)
+                start = time.perf_counter()
+            self.x.copy_(x, non_blocking=True)
+            self.y.copy_(y, non_blocking=True)
+            self.graph.replay()
+        _sync(self.device)
+        return (time.perf_counter() - start) / (len(self.batches) - 1)
+
+
 class PlainAfterStep(Plain):
     """The plain loop plus ``Grower.after_step(loss)`` after every optimizer step (a user's own
     loop with growth, here with every slot dormant and ``grow=False``: the per-step cost of the
@@ -366,6 +411,15 @@ def bench_workload(
         "dormant": InTrainer(wrapped(), spec["task"], batches, device, precision, False),
         "seeds": InTrainer(wrapped(), spec["task"], batches, device, precision, True),
     }
+    if device.type == "cuda":
+        try:
+            loops["plain_graphed"] = PlainGraphed(
+                copy.deepcopy(base).to(device), spec["task"], batches, device, precision
+            )
+        except Exception as exc:  # a model that cannot be captured: say so, measure the rest
+            print(
+                f"{name} {precision}: no CUDA graph ({type(exc).__name__}: {exc})", file=sys.stderr
+            )
     if device.type == "cuda":  # the lagged steps launched on the loop's own thread
         from esper_async.reliability import ReliabilityConfig
 
