@@ -47,7 +47,7 @@ def contract_for(bp: Blueprint, size: str) -> SlotContract:
     }[size]
     if bp.slot_kind is SlotKind.CONV:
         return SlotContract(SlotKind.CONV, conv)
-    return SlotContract(SlotKind.LINEAR, linear)
+    return SlotContract(bp.slot_kind, linear)  # linear or token slots: the feature width
 
 
 def exec_ratio(
@@ -55,7 +55,7 @@ def exec_ratio(
 ) -> tuple[float, dict[str, float]]:
     grafted = load_kernel(kernel, device=device)
     eager = build(bp, contract, seed=kernel.metadata.init_seed).to(device)
-    x = torch.randn(batch, *contract.shape, device=device, requires_grad=True)
+    x = torch.randn(contract.batch_shape(batch, tokens=16), device=device, requires_grad=True)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step(module: nn.Module) -> None:

@@ -184,3 +184,25 @@ def test_the_default_graft_is_eager_except_under_data_parallelism(loss_fn: Any, 
 def test_an_unknown_graft_mode_is_refused_with_the_modes_there_are() -> None:
     with pytest.raises(ValueError, match="'auto', 'epoch', 'step' or 'eager'"):
         ea.Trainer(_model(), graft="later")  # type: ignore[arg-type]
+
+
+class _SnapshotFails(ea.Grower):
+    """A grower whose first snapshot fails (a full disk, a cancelled run), as it enters."""
+
+    async def snapshot(self, *, replace: bool = False) -> bool:
+        raise OSError("no space left for the snapshot")
+
+
+@pytest.mark.asyncio
+async def test_a_grower_that_fails_entering_closes_what_it_opened() -> None:
+    # Entered inside an open compiler, as the demo does: the compiler's own exit must still
+    # find its task group on top (before the fix: "Attempted to exit a cancel scope that isn't
+    # the current task's current cancel scope", which hid the first error).
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    async with ea.BlueprintCompiler(workers=1) as compiler:
+        grower = _SnapshotFails(model, opt, compiler=compiler)
+        with pytest.raises(OSError, match="no space left"):
+            async with grower:
+                pass
+        assert not grower.compiles.open

@@ -485,7 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     with _sigterm_as_interrupt() as terminated:
         try:
-            return int(args.func(args))
+            status = int(args.func(args))
+            if terminated[0]:  # the cancellation came too late to stop the command's work
+                raise KeyboardInterrupt
+            return status
         except KeyboardInterrupt:
             what = "SIGTERM" if terminated[0] else "interrupt"
             print(f"\nesper-async: stopped by {what}", file=sys.stderr)

@@ -244,8 +244,12 @@ class Grower(GrowerState):
     async def __aenter__(self) -> Grower:
         """Start the compiler and the task group compiles run in; take the first snapshot."""
         await self.compiles.start(compiler=self.grow)
-        self.compiles.resume(self.slots)
-        await self.snapshot()
+        try:
+            self.compiles.resume(self.slots)
+            await self.snapshot()
+        except BaseException as exc:  # cancelled (SIGTERM, Ctrl-C) or failed: close what opened
+            await self.compiles.stop(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     async def __aexit__(
