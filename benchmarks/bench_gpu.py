@@ -127,6 +127,19 @@ def _workloads(quick: bool) -> dict[str, dict[str, Any]]:
         else GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
     )
     gpt_n, gpt_t = (8, 64) if quick else (64, 256)
+
+    def resnet(blocks: int) -> dict[str, Any]:  # blocks a stage: 2 is ResNet-18, 1 the small one
+        return {
+            "model": lambda: ResNet18(res_w, blocks=blocks),
+            "task": ClassificationTask(),
+            "batch": lambda: (
+                torch.randn(res_n, 3, 32, 32, generator=gen),
+                torch.randint(0, 10, (res_n,), generator=gen),
+            ),
+            "slots": ["layer1", "layer2", "layer3", "layer4"],
+            "example": torch.zeros(2, 3, 32, 32),
+        }
+
     return {
         "demo": {
             "model": DigitsHost,
@@ -138,26 +151,8 @@ def _workloads(quick: bool) -> dict[str, dict[str, Any]]:
             "slots": ["conv1", "conv2", "fc1"],
             "example": torch.zeros(2, 1, 8, 8),
         },
-        "resnet18": {
-            "model": lambda: ResNet18(res_w),
-            "task": ClassificationTask(),
-            "batch": lambda: (
-                torch.randn(res_n, 3, 32, 32, generator=gen),
-                torch.randint(0, 10, (res_n,), generator=gen),
-            ),
-            "slots": ["layer1", "layer2", "layer3", "layer4"],
-            "example": torch.zeros(2, 3, 32, 32),
-        },
-        "resnet_small": {
-            "model": lambda: ResNet18(res_w, blocks=1),
-            "task": ClassificationTask(),
-            "batch": lambda: (
-                torch.randn(res_n, 3, 32, 32, generator=gen),
-                torch.randint(0, 10, (res_n,), generator=gen),
-            ),
-            "slots": ["layer1", "layer2", "layer3", "layer4"],
-            "example": torch.zeros(2, 3, 32, 32),
-        },
+        "resnet18": resnet(2),
+        "resnet_small": resnet(1),
         "gpt": {
             "model": lambda: GPT(gpt_cfg),
             "task": LanguageModelTask(),
