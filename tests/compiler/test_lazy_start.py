@@ -51,7 +51,9 @@ def _mark(path: str) -> None:
     Path(path, str(os.getpid())).touch()
 
 
-def _fail() -> None:
+def _fail(path: str) -> None:
+    """A warm-up that runs (it leaves its file) and then fails."""
+    _mark(path)
     raise RuntimeError("a warm-up that fails")
 
 
@@ -63,9 +65,10 @@ async def test_each_worker_runs_the_warm_up_once_before_it_is_ready(tmp_path) ->
 
 
 @pytest.mark.asyncio
-async def test_a_failing_warm_up_leaves_the_worker_ready_to_work() -> None:
-    async with ProcessPool(1, warm_up=(_fail, ())) as pool:
+async def test_a_failing_warm_up_leaves_the_worker_ready_to_work(tmp_path) -> None:
+    async with ProcessPool(1, warm_up=(_fail, (str(tmp_path),))) as pool:
         assert await pool.run(abs, -3) == 3
+        assert [p.name for p in tmp_path.iterdir()] == [str(pool.pids[0])]  # it did run
 
 
 @pytest.mark.asyncio

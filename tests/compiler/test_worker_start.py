@@ -87,3 +87,48 @@ async def test_a_killed_worker_is_reported_with_its_signal_not_code_none() -> No
             await c.compile(Blueprint("test_kills_worker"), SlotContract(SlotKind.LINEAR, (8,)))
     assert "was killed by signal SIGKILL" in str(caught.value)
     assert "None" not in str(caught.value)
+
+
+def _main_module(monkeypatch: pytest.MonkeyPatch, path: Path, spec_name: str | None) -> None:
+    """Make ``path`` the ``__main__`` module, as ``python path`` (or ``-m spec_name``) would."""
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__file__ = str(path)
+    main.__spec__ = None if spec_name is None else types.SimpleNamespace(name=spec_name)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "spec_name", "refused"),
+    [
+        ("train.py", "import anyio\nanyio.run(main)\n", None, True),
+        ("train.py", 'if __name__ == "__main__":\n    anyio.run(main)\n', None, False),
+        ("train.py", "if '__main__' == __name__:\n    anyio.run(main)\n", None, False),
+        (
+            "train.py",
+            "import multiprocessing as mp\nif mp.parent_process() is None:\n    go()\n",
+            None,
+            False,
+        ),
+        ("train.py", "anyio.run(main)\n", "train", True),  # python -m train: re-imported
+        ("__main__.py", "anyio.run(main)\n", "pkg.__main__", False),  # python -m pkg: not
+        ("__main__.py", "anyio.run(main)\n", "__main__", False),  # python dir/: not re-run
+        ("train.py", "def broken(:\n", None, False),  # cannot parse: no claim
+        ("train.pyc", "", None, False),  # not a source file: no claim
+    ],
+)
+def test_the_guard_check_refuses_only_scripts_spawn_would_rerun_unguarded(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    source: str,
+    spec_name: str | None,
+    refused: bool,
+) -> None:
+    from esper_async.compiler._pool import _unguarded_main
+
+    script = tmp_path / name
+    script.write_text(source)
+    _main_module(monkeypatch, script, spec_name)
+    assert _unguarded_main() == (str(script) if refused else None)

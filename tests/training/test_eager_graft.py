@@ -170,6 +170,14 @@ def _float_seed(slot: dict[str, Any]) -> None:
     slot["eager_seed"] = 7.5
 
 
+def _dormant_with_seed(slot: dict[str, Any]) -> None:
+    slot["state"] = "dormant"  # a dormant slot would take the rebuilt seed, and compile it
+
+
+def _nan_alpha(slot: dict[str, Any]) -> None:
+    slot["alpha"] = float("nan")
+
+
 @pytest.mark.parametrize(
     ("craft", "why"),
     [
@@ -177,6 +185,8 @@ def _float_seed(slot: dict[str, Any]) -> None:
         pytest.param(_bad_json, "blueprint JSON does not parse", id="malformed-blueprint"),
         pytest.param(_other_blueprint, "is not its blueprint's", id="another-blueprint"),
         pytest.param(_float_seed, "init seed is a float", id="seed-not-an-int"),
+        pytest.param(_dormant_with_seed, "cannot hold a seed", id="dormant-with-a-seed"),
+        pytest.param(_nan_alpha, "not a number in", id="alpha-nan"),
     ],
 )
 def test_a_crafted_eager_slot_is_refused_before_anything_changes(

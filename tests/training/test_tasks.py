@@ -149,8 +149,10 @@ def test_on_step_sees_every_step_and_its_loss() -> None:
 
 
 def test_graft_deadline_with_epoch_grafts_is_rejected() -> None:
-    with pytest.raises(ValueError, match="graft='step' only"):
-        ea.Trainer(_classifier(), graft="epoch", graft_deadline_epochs=3)
+    for graft in ("epoch", "eager", "auto"):
+        with pytest.raises(ValueError, match="graft='step' only"):
+            ea.Trainer(_classifier(), graft=graft, graft_deadline_epochs=3)  # type: ignore[arg-type]
+    ea.Trainer(_classifier(), graft="step", graft_deadline_epochs=3)
     with pytest.raises(ValueError, match="not both"):
         ea.Trainer(_classifier(), loss_fn=nn.functional.cross_entropy, task=ea.RegressionTask())
     with pytest.raises(ValueError, match="settle"):

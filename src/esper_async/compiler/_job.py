@@ -126,8 +126,12 @@ def warm_up_worker(device: str, options: OptimizerOptions) -> None:
     A worker's first compile pays one-time costs: torch.export's lazy imports and first-trace
     caches, and on a GPU the CUDA context and the first kernels' loading. Measured on an H100,
     they made a worker's first compile the slowest. Paying them while the pool starts (in the
-    background, beside training) keeps them out of every kernel's latency. Nothing is kept:
+    background, beside training) keeps them out of every later kernel's latency (with a lazy
+    pool, the first compile waits for the worker's start, warm-up included). Nothing is kept:
     the kernel is thrown away.
+
+    :param device: the device kernels are compiled for (``"cuda"``, ``"cpu"``).
+    :param options: the compiler's optimizer options (the forms it will time).
     """
     request = CompileRequest(
         blueprint_json=Blueprint("mlp", {"hidden_mult": 2}).to_json(),

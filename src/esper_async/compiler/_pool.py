@@ -16,10 +16,10 @@ raises :class:`WorkerStartError`: trying again would fail the same way.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -46,7 +46,10 @@ WORKER_NICENESS = 10
 #: exits, a moment before its exit code can be read.
 _REAP_TIMEOUT = 5.0
 #: The guard spawn needs in the main module.
-_GUARD = re.compile(r"""__name__\s*==\s*['"]__main__['"]""")
+#: Names whose use in the main script counts as a ``__main__`` guard (see
+#: :func:`_unguarded_main`), and the most of a script read to look for them.
+_GUARD_NAMES = frozenset({"__name__", "parent_process", "current_process"})
+_GUARD_READ_MAX = 16 << 20
 #: Seconds a closing pool gives its idle workers to exit on their own before killing them. Short: a
 #: worker holds nothing that needs a clean exit, and a run's end must not wait on a slow
 #: interpreter teardown (measured: 2 s per worker on a loaded 2-core machine, the old grace).
@@ -182,17 +185,36 @@ def _main_path() -> str | None:
 
 
 def _unguarded_main() -> str | None:
-    """The main script's path if it has no ``__name__ == "__main__"`` test (``None``: it has
-    one, there is no script, or it cannot be read: then nothing is claimed about it)."""
+    """The main script's path when spawn will re-run it in every worker and nothing in it tests
+    ``__name__`` (``None``: it has a guard, there is no script, spawn does not re-run it, or it
+    cannot be read or parsed: then nothing is claimed about it).
+
+    Spawn re-imports the main module in a worker unless it was run as ``python -m pkg`` (a
+    package's ``__main__``) or ``python dir/`` (:mod:`multiprocessing.spawn` skips those).
+    Any mention of ``__name__`` (either order, any comparison) or of
+    ``multiprocessing.parent_process``/``current_process`` counts as a guard.
+    """
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if isinstance(name, str) and (name == "__main__" or name.endswith(".__main__")):
+        return None
     path = _main_path()
-    if path is None:
+    if path is None or not path.endswith(".py"):
         return None
     try:
-        with open(path, encoding="utf-8", errors="replace") as file:
-            guarded = bool(_GUARD.search(file.read(1 << 20)))
-    except OSError:
+        with open(path, "rb") as file:
+            source = file.read(_GUARD_READ_MAX + 1)
+        if len(source) > _GUARD_READ_MAX:
+            return None
+        tree = ast.parse(source, filename=path)
+    except (OSError, SyntaxError, ValueError):
         return None
-    return None if guarded else path
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in _GUARD_NAMES:
+            return None
+        if isinstance(node, ast.Attribute) and node.attr in _GUARD_NAMES:
+            return None
+    return path
 
 
 def _guard_fix(path: str) -> str:
@@ -285,6 +307,7 @@ class ProcessPool:
         self.start_timeout = start_timeout
         self.prestart = prestart
         self.warm_up = warm_up
+        self._unguarded: list[str | None] | None = None  # [the unguarded main script], once read
         self._context = multiprocessing.get_context("spawn")
         self._limiter = anyio.CapacityLimiter(size)
         self._idle: list[_Worker] = []
@@ -383,7 +406,9 @@ class ProcessPool:
         return worker
 
     async def _start(self) -> _Worker:
-        unguarded = _unguarded_main()
+        if self._unguarded is None:  # read the main script once per pool, off the loop
+            self._unguarded = [await anyio.to_thread.run_sync(_unguarded_main)]
+        [unguarded] = self._unguarded
         if unguarded is not None:  # known before spawning: say so at once, start nothing
             raise _unguarded_error(unguarded)
         parent, child = self._context.Pipe()

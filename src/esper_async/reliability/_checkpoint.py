@@ -275,6 +275,10 @@ def _decode_kernels(payload: Mapping[str, Any], path: str) -> dict[str, Kernel]:
     return kernels
 
 
+#: Lifecycle states in which a slot holds no seed (a payload that says otherwise is malformed).
+_SEEDLESS = frozenset({SeedState.DORMANT, SeedState.CULLED, SeedState.EMBARGOED})
+
+
 def _decode_slot(data: Any) -> SlotState:
     """One slot's state without its seed, every value checked (the lifecycle states, the
     blueprint) so that :func:`restore_slot` cannot fail on it."""
@@ -298,6 +302,12 @@ def _decode_slot(data: Any) -> SlotState:
         )
     if state.eager_seed is not None and state.blueprint_json is None:
         raise TypeError("an eager slot names no blueprint")
+    if data["has_seed"] and SeedState(state.state) in _SEEDLESS:
+        raise TypeError(f"a slot in state {state.state!r} cannot hold a seed")
+    if not data["has_seed"] and state.kernel_id is not None:
+        raise TypeError("a slot without a seed names a kernel")
+    if not (isinstance(state.alpha, int | float) and 0.0 <= state.alpha <= 1.0):
+        raise TypeError(f"a slot's blend alpha {state.alpha!r} is not a number in [0, 1]")
     return state
 
 

@@ -167,9 +167,11 @@ class CudaStepRunner(StepRunner):
         try:
             if self.launch_on_loop:
                 # Grad mode is per thread: a worker thread starts with it on, so does this.
-                with torch.enable_grad():
+                with torch.inference_mode(False), torch.enable_grad():
                     result = self._launch(fn, args, armed)
-                await anyio.lowlevel.checkpoint()  # the loop's other tasks run between launches
+                # The loop's other tasks run between launches; the step is queued, so a
+                # cancellation must not drop it (the thread path's wait is shielded too).
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             else:
                 result = await anyio.to_thread.run_sync(
                     self._launch, fn, args, armed, limiter=self._limiter

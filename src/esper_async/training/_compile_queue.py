@@ -173,12 +173,16 @@ class CompileQueue:
     def resume(self, slots: dict[str, SeedSlot]) -> None:
         """Start the compile of every slot that waits for a kernel and has none in flight: a
         germinated slot, or one running its blueprint's eager module (``graft="eager"``: after a
-        resume from a checkpoint or a rollback to a snapshot taken before its kernel arrived).
-        Nothing starts in a queue opened without its compiler (a grower that does not grow)."""
+        resume from a checkpoint or a rollback to a snapshot taken before its kernel arrived),
+        unless its blueprint's breaker is open (its compiles failed again and again). Nothing
+        starts in a queue opened without its compiler (a grower that does not grow)."""
         if not self._compiling:
             return
         for name, slot in slots.items():
-            waiting = slot.state is SeedState.GERMINATED or isinstance(slot.seed, EagerSeed)
+            eager = isinstance(slot.seed, EagerSeed)
+            waiting = slot.state is SeedState.GERMINATED or eager
+            if eager and slot.blueprint is not None and not self.breakers.allow(slot.blueprint.id):
+                continue  # its compiles keep failing: the slot keeps its eager module
             if waiting and self._pending.get(name) != slot.blueprint:
                 self.admission.reserve()
                 self.submit(slot)

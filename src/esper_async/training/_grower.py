@@ -86,6 +86,13 @@ _GRAFTS = ("auto", "epoch", "step", "eager")
 Graft = Literal["auto", "epoch", "step", "eager"]
 
 
+def _several_ranks() -> bool:
+    """Whether this process is one rank of several (``torch.distributed`` initialised): ranks
+    whose kernels land at different steps would rebuild DDP out of step."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return torch.device("cpu") if param is None else param.device
@@ -94,10 +101,11 @@ def _model_device(model: nn.Module) -> torch.device:
 def _check_options(graft: str, deadline: int | None, surgery: Any) -> None:
     if graft not in _GRAFTS:
         raise ValueError(f"graft must be 'auto', 'epoch', 'step' or 'eager', got {graft!r}")
-    if graft == "epoch" and deadline is not None:
+    if graft != "step" and deadline is not None:
         raise ValueError(
-            "graft_deadline_epochs applies to graft='step' only: graft='epoch' always grafts "
-            "at the first epoch boundary after germination; drop it or use graft='step'"
+            f"graft_deadline_epochs applies to graft='step' only (graft={graft!r}: 'epoch' "
+            "grafts at the first epoch boundary after germination, 'eager' and 'auto' never "
+            "wait for a kernel); drop it or use graft='step'"
         )
     if deadline is not None and deadline < 1:
         raise ValueError(f"graft_deadline_epochs must be at least 1, got {deadline}")
@@ -137,15 +145,17 @@ class Grower(GrowerState):
     :param device: where the model and batches live (default: the model's parameters' device).
     :param seed: RNG seed of the kernels' initial weights and of the default controller.
     :param graft: ``"auto"`` (default): ``"eager"``, or ``"epoch"`` under data parallelism
-        (a task whose loss is a ``StepConsensus``), where eager is refused. ``"eager"``: a seed
+        (a task whose loss is a ``StepConsensus``, where eager is refused, or any process of
+        several ``torch.distributed`` ranks). ``"eager"``: a seed
         trains at once as its blueprint's eager module (the validator's reference, built in
         this process) and its validated kernel takes over its parameters when ready, at a step
         boundary; the run never waits for a compile, and a seed whose kernel has not arrived when
         the run ends ends as its eager module (:meth:`await_kernels` waits; see
         ``docs/async.md``). ``"epoch"``: finished kernels enter their slots at the first epoch
         boundary after germination, waiting there for the compile; ``"step"``: at the first step
-        boundary after they are ready. ``"eager"`` and ``"epoch"`` are reproducible whatever the
-        compile latency.
+        boundary after they are ready. ``"eager"`` and ``"epoch"`` grow the same weights whatever
+        the compile latency (with ``"eager"``, which seeds end as their eager module, recorded
+        in :attr:`FitResult.ended_eager`, does depend on it).
     :param graft_deadline_epochs: with ``graft="step"``, a kernel still compiling this many epochs
         after germination is waited for (default 2).
     :param telemetry: the run's telemetry; default: recorded nowhere.
@@ -195,7 +205,7 @@ class Grower(GrowerState):
         #: The task's loss when it is a collective over ranks (then decisions are agreed on).
         self.consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
         if graft == "auto":  # eager, except where kernels must land at the same step everywhere
-            graft = "epoch" if self.consensus is not None else "eager"
+            graft = "epoch" if self.consensus is not None or _several_ranks() else "eager"
         if graft == "eager" and self.consensus is not None:
             raise ValueError(
                 "graft='eager' swaps each kernel in when it arrives, at a different step on each "
@@ -263,10 +273,13 @@ class Grower(GrowerState):
         (``graft="eager"``) ends as it, recorded in :attr:`FitResult.ended_eager
         <esper_async.FitResult.ended_eager>` with an ``ended_eager`` incident (call
         :meth:`await_kernels` first to end on kernels)."""
-        if kind is None:
-            self.actions.end_eager()
-        self.run.close_epoch()
-        return await self.compiles.stop(kind, exc, tb)
+        try:
+            if kind is None:
+                self.actions.end_eager()
+            self.run.close_epoch()
+        finally:  # the compile queue closes whatever happened above
+            return_value = await self.compiles.stop(kind, exc, tb)
+        return return_value
 
     async def start_background(self, fn: Callable[..., Coroutine[Any, Any, Any]]) -> None:
         """Start ``fn`` in the grower's task group, beside the compiles: it runs until the

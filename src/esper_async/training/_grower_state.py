@@ -230,6 +230,7 @@ class GrowerState:
         self.run.kernels = dict(restored.kernels)
         self.run.result = probe.result
         self.restored()
+        self.compiles.resume(self.slots)  # loaded inside `async with grower:` (else a no-op)
         return restored
 
     def _replay_surgeries(self: Grower, recorded: list[dict[str, Any]], path: str) -> None:

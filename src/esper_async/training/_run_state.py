@@ -136,7 +136,8 @@ class RunState:
         detail: str,
         blueprint: Blueprint | None = None,
     ) -> None:
-        """Record a fault met and what was done about it (logged as a warning)."""
+        """Record a fault met and what was done about it (logged as a warning; an
+        ``ended_eager`` seed, the normal end of a short run, at info level)."""
         bp = blueprint or (None if slot is None else slot.blueprint)
         incident = Incident(
             self.epoch,
@@ -147,7 +148,8 @@ class RunState:
             detail,
         )
         self.result.incidents.append(incident)
-        log.warning("incident", **incident.to_json())
+        level = log.info if kind is IncidentKind.ENDED_EAGER else log.warning
+        level("incident", **incident.to_json())
 
     def transition(self, slot: SeedSlot, action: Callable[..., Any], *args: Any) -> Any:
         """Run a lifecycle action on ``slot`` and record the transitions it made.

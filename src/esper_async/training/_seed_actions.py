@@ -134,7 +134,7 @@ class SeedActions:
             why = (
                 "the run ended before its kernel compiled (the compile is cancelled)"
                 if name in g.compiles.pending
-                else "its kernel never came (see its compile_failed incident)"
+                else "no kernel came for it (a failed compile has its compile_failed incident)"
             )
             g.incident(
                 IncidentKind.ENDED_EAGER,
