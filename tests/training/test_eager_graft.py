@@ -147,7 +147,7 @@ def test_a_checkpoint_of_eager_slots_restores_them_with_their_trained_weights(
     fresh.load_state_dict(eager_payload)
     for name in eager:
         seed = fresh.slots[name].seed
-        assert isinstance(seed, EagerSeed) and seed.seed == 7
+        assert isinstance(seed, EagerSeed) and seed.init_seed == 7
     saved = eager_payload["model"]
     assert all(torch.equal(v, saved[k]) for k, v in fresh.model.state_dict().items())
 

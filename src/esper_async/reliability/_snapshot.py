@@ -105,7 +105,7 @@ def capture_slot(slot: SeedSlot) -> SlotState:
         history=[(a.value, b.value, r) for a, b, r in life.history],
         blueprint_json=None if slot.blueprint is None else slot.blueprint.to_json(),
         kernel_id=slot.kernel_id, alpha=slot.alpha, blend_steps=slot.blend_steps,
-        eager_seed=seed.seed if isinstance(seed, EagerSeed) else None,
+        eager_seed=seed.init_seed if isinstance(seed, EagerSeed) else None,
     )
 
 

@@ -35,16 +35,17 @@ class EagerSeed(nn.Module):
 
     :param module: ``build(blueprint, contract, seed=seed)``, on the slot's device.
     :param blueprint: the blueprint it was built from.
-    :param seed: the init seed it was built with (a checkpoint records it, so that a resumed
-        run rebuilds the same module from the blueprint before loading the trained weights).
+    :param init_seed: the init seed it was built with (a checkpoint records it, so that a
+        resumed run rebuilds the same module from the blueprint before loading the trained
+        weights).
     :ivar module: the eager module (its parameters are the ones the kernel will run on).
     """
 
-    def __init__(self, module: nn.Module, blueprint: Blueprint, seed: int) -> None:
+    def __init__(self, module: nn.Module, blueprint: Blueprint, init_seed: int) -> None:
         super().__init__()
         self.module = module
         self.blueprint = blueprint
-        self.seed = seed
+        self.init_seed = init_seed
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Map host outputs ``(N, *shape)`` to a contribution of the same shape."""
