@@ -181,6 +181,18 @@ def test_the_default_graft_is_eager_except_under_data_parallelism(loss_fn: Any, 
             ea.Trainer(_model(), loss_fn=loss_fn, graft="eager")
 
 
+def test_the_default_graft_is_epoch_on_one_of_several_ranks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A DDP job whose loss is not a StepConsensus (e.g. a plain loss under ddp_wrapper): kernels
+    # swapped in at a different step on each rank would rebuild DDP out of step.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    assert ea.Trainer(_model()).graft == "epoch"
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 1)
+    assert ea.Trainer(_model()).graft == "eager"
+
+
 def test_an_unknown_graft_mode_is_refused_with_the_modes_there_are() -> None:
     with pytest.raises(ValueError, match="'auto', 'epoch', 'step' or 'eager'"):
         ea.Trainer(_model(), graft="later")  # type: ignore[arg-type]
