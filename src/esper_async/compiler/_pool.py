@@ -45,7 +45,6 @@ WORKER_NICENESS = 10
 #: Seconds to wait for a worker whose pipe closed to be reaped: the pipe closes as the process
 #: exits, a moment before its exit code can be read.
 _REAP_TIMEOUT = 5.0
-#: The guard spawn needs in the main module.
 #: Names whose use in the main script counts as a ``__main__`` guard (see
 #: :func:`_unguarded_main`), and the most of a script read to look for them.
 _GUARD_NAMES = frozenset({"__name__", "parent_process", "current_process"})
