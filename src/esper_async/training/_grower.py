@@ -51,7 +51,6 @@ from ..control import (
     HeuristicController,
 )
 from ..errors import (
-    ControllerConfigError,
     LoaderError,
     LossAnomaly,
     SeedRuntimeError,
@@ -66,6 +65,14 @@ from ..surgery import GrowthSchedule, HostGrowthEvent, SurgeryPolicy, SurgeryPol
 from ..telemetry import Telemetry
 from ._compile_queue import CompileQueue
 from ._faults import Faults
+from ._grower_options import (
+    DEFAULT_DEADLINE,
+    Graft,
+    check_options,
+    check_width_slots,
+    model_device,
+    resolve_graft,
+)
 from ._grower_state import GrowerState
 from ._grower_surgery import GrowerSurgery
 from ._guard import StepConsensus
@@ -78,56 +85,6 @@ from ._task import ClassificationTask, Task, task_loss
 __all__ = ("Grower",)
 
 log = structlog.get_logger(__name__)
-
-#: ``graft_deadline_epochs`` with ``graft="step"`` when none is given.
-_DEFAULT_DEADLINE = 2
-#: The graft modes a grower takes (``"auto"`` resolves to ``"eager"`` or ``"epoch"``).
-_GRAFTS = ("auto", "epoch", "step", "eager")
-Graft = Literal["auto", "epoch", "step", "eager"]
-
-
-def _several_ranks() -> bool:
-    """Whether this process is one rank of several (``torch.distributed`` initialised): ranks
-    whose kernels land at different steps would rebuild DDP out of step."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return torch.device("cpu") if param is None else param.device
-
-
-def _check_options(graft: str, deadline: int | None, surgery: Any) -> None:
-    if graft not in _GRAFTS:
-        raise ValueError(f"graft must be 'auto', 'epoch', 'step' or 'eager', got {graft!r}")
-    if graft != "step" and deadline is not None:
-        raise ValueError(
-            f"graft_deadline_epochs applies to graft='step' only (graft={graft!r}: 'epoch' "
-            "grafts at the first epoch boundary after germination, 'eager' and 'auto' never "
-            "wait for a kernel); drop it or use graft='step'"
-        )
-    if deadline is not None and deadline < 1:
-        raise ValueError(f"graft_deadline_epochs must be at least 1, got {deadline}")
-    if surgery is not None and surgery.config.fossil_threshold > 1:
-        raise ValueError(
-            f"surgery fossil_threshold={surgery.config.fossil_threshold} can never be reached: "
-            "fossils are reported per seed slot, and a slot fossilizes at most once; "
-            "use fossil_threshold=1"
-        )
-
-
-def _check_width_slots(controller: Controller, slots: dict[str, SeedSlot]) -> None:
-    """:raises ControllerConfigError: the controller's ``width_slots`` name a slot the model
-    lacks."""
-    if not isinstance(controller, HeuristicController):
-        return
-    unknown = [n for n in controller.config.width_slots or () if n not in slots]
-    if unknown:
-        raise ControllerConfigError(
-            f"ControllerConfig.width_slots names {unknown}, which the model has no slot for; "
-            f"its slots are {sorted(slots)} (wrap the host with those targets or fix the names)"
-        )
 
 
 class Grower(GrowerState):
@@ -196,21 +153,15 @@ class Grower(GrowerState):
     ) -> None:
         if isinstance(surgery, SurgeryPolicyConfig):
             surgery = SurgeryPolicy(surgery, step=lambda: self.step)
-        _check_options(graft, graft_deadline_epochs, surgery)
-        self.device = _model_device(model) if device is None else torch.device(device)
+        check_options(graft, graft_deadline_epochs, surgery)
+        self.device = model_device(model) if device is None else torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.task: Task = task or ClassificationTask()
         loss_fn = task_loss(self.task)
         #: The task's loss when it is a collective over ranks (then decisions are agreed on).
         self.consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
-        if graft == "auto":  # eager, except where kernels must land at the same step everywhere
-            graft = "epoch" if self.consensus is not None or _several_ranks() else "eager"
-        if graft == "eager" and self.consensus is not None:
-            raise ValueError(
-                "graft='eager' swaps each kernel in when it arrives, at a different step on each "
-                "rank (DDP is rebuilt then); under data parallelism use graft='epoch'"
-            )
+        graft = resolve_graft(graft, consensus=self.consensus is not None)
         self.telemetry = telemetry or Telemetry(tracer_provider=TracerProvider())
         self.controller: Controller = controller or HeuristicController(
             seed=seed, telemetry=self.telemetry
@@ -220,11 +171,11 @@ class Grower(GrowerState):
         #: The graft mode in use (``"auto"`` resolved): ``"eager"``, ``"epoch"`` or ``"step"``.
         self.graft: Literal["epoch", "step", "eager"] = graft
         self.graft_deadline_epochs = (
-            1 if graft == "epoch" else graft_deadline_epochs or _DEFAULT_DEADLINE
+            1 if graft == "epoch" else graft_deadline_epochs or DEFAULT_DEADLINE
         )
         self.slots: dict[str, SeedSlot] = find_slots(model)
         if grow:  # a static arm may share a growth arm's controller (and its width_slots)
-            _check_width_slots(self.controller, self.slots)
+            check_width_slots(self.controller, self.slots)
         self.wrap_model = wrap_model
         self.scheduler = scheduler
         self.reliability = rel = reliability or ReliabilityConfig()

@@ -29,7 +29,8 @@ from ..reliability import ReliabilityConfig
 from ..runtime import StepRunner
 from ..surgery import GrowthSchedule, SurgeryPolicy, SurgeryPolicyConfig
 from ..telemetry import SPAN_RUN, MetricLogger, Telemetry, TelemetryConfig
-from ._grower import Graft, Grower
+from ._grower import Grower
+from ._grower_options import Graft
 from ._guard import StepGuard
 from ._host_growth import check_for_trainer
 from ._lagged import LaggedPump
