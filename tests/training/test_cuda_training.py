@@ -10,9 +10,9 @@ import anyio
 import pytest
 import torch
 
-from esper_async.reliability import ReliabilityConfig
 from esper_async.apps.demo import DemoConfig, DigitsHost, run_demo
 from esper_async.control._controller import ControllerConfig
+from esper_async.reliability import ReliabilityConfig
 from esper_async.runtime import BridgeKind, CompletionBridge
 from esper_async.runtime._execution import CudaStepRunner, LoopLagMonitor
 from esper_async.seeds import SeedState

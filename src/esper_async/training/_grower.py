@@ -32,7 +32,7 @@ applies), :meth:`~Grower.snapshot`. A hand-written loop::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Literal
 
@@ -46,12 +46,9 @@ from ..compiler import BlueprintCompiler
 from ..control import (
     Controller,
     Decision,
-    EpochReport,
-    GrowWidth,
     HeuristicController,
 )
 from ..errors import (
-    LoaderError,
     LossAnomaly,
     SeedRuntimeError,
 )
@@ -65,6 +62,7 @@ from ..surgery import GrowthSchedule, HostGrowthEvent, SurgeryPolicy, SurgeryPol
 from ..telemetry import Telemetry
 from ._compile_queue import CompileQueue
 from ._faults import Faults
+from ._grower_epoch import GrowerEpoch
 from ._grower_options import (
     DEFAULT_DEADLINE,
     Graft,
@@ -77,7 +75,6 @@ from ._grower_state import GrowerState
 from ._grower_surgery import GrowerSurgery
 from ._guard import StepConsensus
 from ._host_growth import HostGrowth
-from ._measure import measure_epoch
 from ._run_state import RunState
 from ._seed_actions import SeedActions
 from ._task import ClassificationTask, Task, task_loss
@@ -87,7 +84,7 @@ __all__ = ("Grower",)
 log = structlog.get_logger(__name__)
 
 
-class Grower(GrowerState):
+class Grower(GrowerState, GrowerEpoch):
     """Grow seeds in a wrapped model while any loop trains it.
 
     :param model: the host, wrapped with :func:`esper_async.wrap`.
@@ -270,93 +267,6 @@ class Grower(GrowerState):
                 slot.on_step()  # a step counter: no transition to record
         if self.graft != "epoch":  # "step", "eager": kernels enter at step boundaries
             self.graft_ready()
-
-    async def end_epoch(self, val_loader: Iterable[Any]) -> EpochReport:
-        """Close the epoch: :meth:`measure` on ``val_loader`` (with counterfactuals for blended
-        seeds), :meth:`graft_due`, :meth:`decide` and apply (and surgery), step the scheduler,
-        :meth:`snapshot` when due. The model is left in the mode (train or eval) it was in.
-
-        :param val_loader: validation batches, as the task reads them (at least one).
-        :returns: the epoch's report (also appended to :attr:`result`'s history).
-        :raises LoaderError: ``val_loader`` yielded no batches, or no step was reported with
-            :meth:`after_step` this epoch.
-        :raises GovernorError: every step was dropped for too many epochs in a row.
-        """
-        if self.run.epoch_steps == 0:
-            raise LoaderError(
-                f"epoch {self.epoch} ended with no step reported: call grower.after_step() after "
-                "every optimizer step",
-                loader="training",
-            )
-        self.begin_epoch()
-        training = self.model.training
-        report = await self.measure(val_loader)
-        try:
-            await self.graft_due()
-            await self.decide(report, val_loader)
-        finally:
-            self._close_span(report)
-        self.close_epoch(report)
-        if self.governor.due(self.epoch):
-            await self.snapshot()
-        self.model.train(training)  # as the loop left it (measure switched to eval)
-        return report
-
-    def close_epoch(self, report: EpochReport) -> None:
-        """End the epoch with ``report`` (:meth:`measure`'s): record it in the history and on
-        the epoch's span, step the scheduler; the next :meth:`begin_epoch` opens the next
-        epoch. :meth:`end_epoch` calls it; a loop calling the steps one by one calls it after
-        :meth:`decide` (and :meth:`snapshot` after it, when due).
-
-        :raises GovernorError: every step was dropped for too many epochs in a row.
-        """
-        self._close_span(report)
-        self.result.history.append(report)
-        self.run.ended = True
-        self.faults.stop_if_stalled()
-        if self.scheduler is not None:
-            self.scheduler.step()
-
-    def _close_span(self, report: EpochReport) -> None:
-        if self.run.epoch_open:
-            self.run.epoch_figures(report, self.param_count())
-            self.run.close_epoch(loss=report.val_loss)
-
-    async def measure(self, val_loader: Iterable[Any]) -> EpochReport:
-        """Measure the epoch on ``val_loader`` (with counterfactuals for blended seeds and width
-        trials) and close its training figures: the epoch's report (not yet in the history). A
-        seed that fails in the measurements is culled and they are redone. The model is left in
-        eval mode (:meth:`end_epoch` restores the mode it found).
-
-        :raises LoaderError: ``val_loader`` yielded no batches.
-        """
-        return await measure_epoch(self, val_loader)
-
-    async def decide(self, report: EpochReport, val_loader: Iterable[Any]) -> list[Decision]:
-        """Ask the controller on ``report`` (if growing and the epoch was sound on every rank)
-        and apply its decisions; then the surgery policy's proposal, if any.
-
-        :param report: the epoch's report (:meth:`measure`).
-        :param val_loader: validation batches (surgery and width growth probe the first one).
-        :returns: the decisions applied.
-        """
-        sound = self.faults.judge_epoch(report)
-        decisions: list[Decision] = []
-        if self.grow and self._agreed(sound):
-            decisions = list(self.controller.decide(report, self.result.history, self.slots))
-            for decision in decisions:
-                if isinstance(decision, GrowWidth):
-                    await self.surgeon.grow_width(decision, val_loader)
-                else:
-                    self.apply(decision)
-        if self.surgeon.policy is not None:
-            await self.surgeon.operate(val_loader)
-        return decisions
-
-    def _agreed(self, sound: bool) -> bool:
-        """``sound`` on every rank under data parallelism, so every rank asks its controller or
-        none does (``decide`` may be a collective)."""
-        return self.consensus.agree_all(sound) if self.consensus is not None else sound
 
     async def settle(self, how: Literal["judge", "cull", "keep"]) -> None:
         """Decide the seeds still alive at the end of training.
