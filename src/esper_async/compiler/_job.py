@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..blueprints import Blueprint, SlotContract
+from ..blueprints import Blueprint, SlotContract, SlotKind
 from ..errors import BlueprintError, CompileError
 from ..kernels import export_kernel
 from ..telemetry import SPAN_COMPILE_WORKER, Telemetry, WorkerTelemetrySpec
@@ -135,7 +135,7 @@ def warm_up_worker(device: str, options: OptimizerOptions) -> None:
     """
     request = CompileRequest(
         blueprint_json=Blueprint("mlp", {"hidden_mult": 2}).to_json(),
-        contract_json=SlotContract("linear", (8,)).to_json(),
+        contract_json=SlotContract(SlotKind.LINEAR, (8,)).to_json(),
         seed=0,
         device=device,
         options=options,

@@ -66,6 +66,7 @@ from ._grower_epoch import GrowerEpoch
 from ._grower_options import (
     DEFAULT_DEADLINE,
     Graft,
+    GraftMode,
     check_options,
     check_width_slots,
     model_device,
@@ -158,7 +159,7 @@ class Grower(GrowerState, GrowerEpoch):
         loss_fn = task_loss(self.task)
         #: The task's loss when it is a collective over ranks (then decisions are agreed on).
         self.consensus = loss_fn if isinstance(loss_fn, StepConsensus) else None
-        graft = resolve_graft(graft, consensus=self.consensus is not None)
+        mode = resolve_graft(graft, consensus=self.consensus is not None)
         self.telemetry = telemetry or Telemetry(tracer_provider=TracerProvider())
         self.controller: Controller = controller or HeuristicController(
             seed=seed, telemetry=self.telemetry
@@ -166,9 +167,9 @@ class Grower(GrowerState, GrowerEpoch):
         self.grow = grow
         self.seed = seed
         #: The graft mode in use (``"auto"`` resolved): ``"eager"``, ``"epoch"`` or ``"step"``.
-        self.graft: Literal["epoch", "step", "eager"] = graft
+        self.graft: GraftMode = mode
         self.graft_deadline_epochs = (
-            1 if graft == "epoch" else graft_deadline_epochs or DEFAULT_DEADLINE
+            1 if mode == "epoch" else graft_deadline_epochs or DEFAULT_DEADLINE
         )
         self.slots: dict[str, SeedSlot] = find_slots(model)
         if grow:  # a static arm may share a growth arm's controller (and its width_slots)

@@ -18,9 +18,10 @@ __all__ = ("GrowerEpoch",)
 
 
 class GrowerEpoch:
-    """The epoch's end of :class:`~esper_async.training.Grower` (a mixin)."""
+    """The epoch's end of :class:`~esper_async.training.Grower` (a mixin; its methods take the
+    grower as ``self``, hence the ``misc`` ignores: mypy cannot see a mixin's host class)."""
 
-    async def end_epoch(self: Grower, val_loader: Iterable[Any]) -> EpochReport:
+    async def end_epoch(self: Grower, val_loader: Iterable[Any]) -> EpochReport:  # type: ignore[misc]
         """Close the epoch: :meth:`measure` on ``val_loader`` (with counterfactuals for blended
         seeds), :meth:`graft_due`, :meth:`decide` and apply (and surgery), step the scheduler,
         :meth:`snapshot` when due. The model is left in the mode (train or eval) it was in.
@@ -51,7 +52,7 @@ class GrowerEpoch:
         self.model.train(training)  # as the loop left it (measure switched to eval)
         return report
 
-    def close_epoch(self: Grower, report: EpochReport) -> None:
+    def close_epoch(self: Grower, report: EpochReport) -> None:  # type: ignore[misc]
         """End the epoch with ``report`` (:meth:`measure`'s): record it in the history and on
         the epoch's span, step the scheduler; the next :meth:`begin_epoch` opens the next
         epoch. :meth:`end_epoch` calls it; a loop calling the steps one by one calls it after
@@ -66,12 +67,12 @@ class GrowerEpoch:
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def _close_span(self: Grower, report: EpochReport) -> None:
+    def _close_span(self: Grower, report: EpochReport) -> None:  # type: ignore[misc]
         if self.run.epoch_open:
             self.run.epoch_figures(report, self.param_count())
             self.run.close_epoch(loss=report.val_loss)
 
-    async def measure(self: Grower, val_loader: Iterable[Any]) -> EpochReport:
+    async def measure(self: Grower, val_loader: Iterable[Any]) -> EpochReport:  # type: ignore[misc]
         """Measure the epoch on ``val_loader`` (with counterfactuals for blended seeds and width
         trials) and close its training figures: the epoch's report (not yet in the history). A
         seed that fails in the measurements is culled and they are redone. The model is left in
@@ -81,7 +82,7 @@ class GrowerEpoch:
         """
         return await measure_epoch(self, val_loader)
 
-    async def decide(
+    async def decide(  # type: ignore[misc]
         self: Grower, report: EpochReport, val_loader: Iterable[Any]
     ) -> list[Decision]:
         """Ask the controller on ``report`` (if growing and the epoch was sound on every rank)
@@ -104,7 +105,7 @@ class GrowerEpoch:
             await self.surgeon.operate(val_loader)
         return decisions
 
-    def _agreed(self: Grower, sound: bool) -> bool:
+    def _agreed(self: Grower, sound: bool) -> bool:  # type: ignore[misc]
         """``sound`` on every rank under data parallelism, so every rank asks its controller or
         none does (``decide`` may be a collective)."""
         return self.consensus.agree_all(sound) if self.consensus is not None else sound

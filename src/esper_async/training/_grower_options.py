@@ -26,22 +26,25 @@ DEFAULT_DEADLINE = 2
 #: The graft modes a grower takes (``"auto"`` resolves to ``"eager"`` or ``"epoch"``).
 _GRAFTS = ("auto", "epoch", "step", "eager")
 Graft = Literal["auto", "epoch", "step", "eager"]
+#: A graft mode in use (``"auto"`` resolved).
+GraftMode = Literal["epoch", "step", "eager"]
 
 
-def resolve_graft(graft: str, *, consensus: bool) -> str:
+def resolve_graft(graft: Graft, *, consensus: bool) -> GraftMode:
     """``graft`` with ``"auto"`` resolved: ``"eager"``, or ``"epoch"`` where kernels must land
     at the same step on every rank (a consensus loss, or one rank of several).
 
     :raises ValueError: ``"eager"`` under a consensus loss.
     """
-    if graft == "auto":
-        graft = "epoch" if consensus or _several_ranks() else "eager"
-    if graft == "eager" and consensus:
+    mode: GraftMode = (
+        ("epoch" if consensus or _several_ranks() else "eager") if graft == "auto" else graft
+    )
+    if mode == "eager" and consensus:
         raise ValueError(
             "graft='eager' swaps each kernel in when it arrives, at a different step on each "
             "rank (DDP is rebuilt then); under data parallelism use graft='epoch'"
         )
-    return graft
+    return mode
 
 
 def _several_ranks() -> bool:
