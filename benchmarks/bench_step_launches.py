@@ -112,8 +112,11 @@ def per_step(
             for arm, c in counts.items()
             if arm != "plain"
         },
-        "seeds_over_plain_seeds": {k: counts["seeds"][k] - counts["plain_seeds"][k] for k in plain},
     }
+    if "seeds" in counts:  # a Trainer's arms are not counted on CPU (see the module doc)
+        out["seeds_over_plain_seeds"] = {
+            k: counts["seeds"][k] - counts["plain_seeds"][k] for k in plain
+        }
     print(f"{name} {precision}: {out['per_step']}", file=sys.stderr)
     return out
 
